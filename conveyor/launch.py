@@ -1,0 +1,106 @@
+"""Starting ranks: under torchrun, or spawned by conveyor itself on one machine.
+
+A rank that raises stops the others: the launcher terminates them and raises
+the failing rank's error. A deadline turns a hang into a TimeoutError.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["spawn", "under_torchrun", "init_from_env", "default_backend"]
+
+RankFn = Callable[..., Any]
+
+
+def under_torchrun() -> bool:
+    """True when torchrun (or another launcher) set this process's rank in the environment."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def default_backend(device: str) -> str:
+    """NCCL when every rank can have a GPU of its own, else gloo (CUDA tensors then travel through the host)."""
+    if device.startswith("cuda") and dist.is_nccl_available():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if torch.cuda.device_count() >= world:
+            return "nccl"
+    return "gloo"
+
+
+def init_from_env(backend: str, timeout_s: float = 300) -> tuple[int, int]:
+    """Join the process group torchrun describes; returns (rank, world size)."""
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def spawn(
+    fn: RankFn,
+    world_size: int,
+    args: tuple[Any, ...] = (),
+    *,
+    backend: str = "gloo",
+    threads_per_rank: int | None = 1,
+    timeout_s: float | None = None,
+) -> None:
+    """Run `fn(rank, world_size, *args)` in `world_size` new processes joined in a process group.
+
+    Returns when all ranks return. Raises the first failing rank's error
+    (with its traceback) after stopping the others, or TimeoutError naming the
+    ranks still running after `timeout_s` seconds. `fn` must be importable
+    (a module-level function) because ranks start as fresh interpreters.
+    """
+    with tempfile.TemporaryDirectory(prefix="conveyor-") as scratch:
+        rendezvous = os.path.join(scratch, "rendezvous")
+        context = mp.start_processes(
+            _rank_main,
+            args=(fn, world_size, rendezvous, backend, threads_per_rank, timeout_s, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not context.join(timeout=0.5):
+            if deadline is not None and time.monotonic() > deadline:
+                running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+                for process in context.processes:
+                    if process.is_alive():
+                        process.terminate()
+                for process in context.processes:
+                    process.join(5)
+                    if process.is_alive():
+                        process.kill()
+                raise TimeoutError(f"ranks {running} of {world_size} were still running after {timeout_s:.0f} s")
+
+
+def _rank_main(
+    rank: int,
+    fn: RankFn,
+    world_size: int,
+    rendezvous: str,
+    backend: str,
+    threads_per_rank: int | None,
+    timeout_s: float | None,
+    args: tuple[Any, ...],
+) -> None:
+    if threads_per_rank is not None:
+        torch.set_num_threads(threads_per_rank)
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s or 300),
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()

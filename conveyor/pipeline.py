@@ -1,0 +1,160 @@
+"""The user-facing pipeline: a rank's stages, a schedule, and `step(batch)`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .runtime.executor import Executor
+from .runtime.microbatch import batch_size, microbatch_weights, map_tensors, split_microbatches, tensors_in
+from .runtime.stage import LossFn, Stage
+from .runtime.stage_io import StageIO
+from .runtime.transport import Transport
+from .schedules import Program, build_schedule
+from .split.manual import split_model
+
+__all__ = ["Pipeline", "OptimizerFactory"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Pipeline:
+    """This rank's part of a pipeline-parallel model.
+
+    Every rank of the process group builds a Pipeline with the same schedule
+    and sizes, and calls `step` once per mini-batch: the rank of the first
+    stage passes the inputs, the rank of the last stage the targets (the
+    others may pass them too; they are ignored).
+
+    `modules` maps each stage this rank runs to its module (a single module
+    when the rank runs one stage). `loss_fn(output, target)` must return the
+    mean loss of a micro-batch; each micro-batch's loss is weighted by its
+    share of the samples, so the accumulated gradients and the returned loss
+    equal those of the whole mini-batch. With `optimizer` (a function of a
+    stage's parameters), each stage steps and zeroes its gradients at the
+    end of `step`; without it, gradients accumulate until you step yourself.
+    """
+
+    def __init__(
+        self,
+        modules: nn.Module | Mapping[int, nn.Module],
+        *,
+        num_stages: int,
+        num_microbatches: int,
+        loss_fn: LossFn,
+        schedule: str = "1f1b",
+        optimizer: OptimizerFactory | None = None,
+        device: torch.device | str = "cpu",
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("Pipeline needs torch.distributed to be initialized (see conveyor.launch)")
+        self.rank = dist.get_rank(group)
+        self.device = torch.device(device)
+        self.program: Program = build_schedule(schedule, num_stages, num_microbatches)
+        if self.program.num_ranks != dist.get_world_size(group):
+            raise ValueError(
+                f"schedule {schedule!r} with {num_stages} stages runs on {self.program.num_ranks} ranks,"
+                f" but the process group has {dist.get_world_size(group)}"
+            )
+        local = self.program.stages_of(self.rank)
+        if isinstance(modules, nn.Module):
+            if len(local) != 1:
+                raise ValueError(f"rank {self.rank} runs stages {local}: pass modules as {{stage: module}}")
+            modules = {local[0]: modules}
+        if sorted(modules) != local:
+            raise ValueError(f"rank {self.rank} runs stages {local} of {schedule!r}; got modules for {sorted(modules)}")
+        self.stages = {
+            s: Stage(module.to(self.device), s, num_stages, loss_fn if s == num_stages - 1 else None)
+            for s, module in modules.items()
+        }
+        self.optimizers = {s: optimizer(stage.module.parameters()) for s, stage in self.stages.items()} if optimizer else {}
+        self.num_microbatches = num_microbatches
+        self._group = group
+        io = StageIO(Transport(self.device, group), self.program, self.rank)
+        self.executor = Executor(self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module | Callable[[], nn.Module],
+        *,
+        num_stages: int,
+        layers_per_stage: list[int] | None = None,
+        blocks: str | None = None,
+        **kwargs: Any,
+    ) -> Pipeline:
+        """Split `model` by hand (see `split_model`) and keep this rank's stage."""
+        rank = dist.get_rank(kwargs.get("group"))
+        device = kwargs.get("device", "cpu")
+        module = split_model(model, rank, num_stages, layers_per_stage, blocks=blocks, device=device)
+        return cls(module, num_stages=num_stages, **kwargs)
+
+    @property
+    def first_rank(self) -> int:
+        return self.program.rank_of(0)
+
+    @property
+    def last_rank(self) -> int:
+        return self.program.rank_of(self.program.num_stages - 1)
+
+    def step(self, inputs: Any = None, targets: Any = None, *, loss_on_all_ranks: bool = False) -> torch.Tensor | None:
+        """Run one mini-batch through the pipeline: forward, backward and (with an optimizer) a step.
+
+        Returns the mini-batch loss on the last stage's rank (on every rank
+        with `loss_on_all_ranks`, at the cost of one broadcast), else None.
+        """
+        m = self.num_microbatches
+        input_mbs = target_mbs = weights = None
+        signature = None
+        if 0 in self.stages:
+            if inputs is None:
+                raise ValueError(f"rank {self.rank} runs the first stage: step() needs the inputs")
+            input_mbs = split_microbatches(map_tensors(inputs, lambda t: t.to(self.device)), m)
+            signature = _signature(input_mbs)
+        last = self.program.num_stages - 1
+        if last in self.stages:
+            if targets is None:
+                raise ValueError(f"rank {self.rank} runs the last stage: step() needs the targets")
+            target_mbs = split_microbatches(map_tensors(targets, lambda t: t.to(self.device)), m)
+            weights = microbatch_weights(batch_size(targets), m)
+        self.executor.run(input_mbs, target_mbs, weights, signature)
+        loss = torch.stack(self.stages[last].pop_losses()).sum() if last in self.stages else None
+        if loss_on_all_ranks:
+            buffer = loss if loss is not None else torch.zeros((), device=self.device)
+            if dist.get_backend(self._group) == "gloo" and buffer.is_cuda:
+                buffer = buffer.cpu()
+            dist.broadcast(buffer, src=_global(self._group, self.last_rank), group=self._group)
+            loss = buffer.to(self.device)
+        return loss
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for stage in self.stages.values():
+            yield from stage.module.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters, under their names in the full model."""
+        for stage in self.stages.values():
+            yield from stage.module.named_parameters()
+
+    def zero_grad(self) -> None:
+        for stage in self.stages.values():
+            stage.module.zero_grad(set_to_none=True)
+
+    def _optimizer_step(self, stage: int) -> None:
+        self.optimizers[stage].step()
+        self.optimizers[stage].zero_grad(set_to_none=True)
+
+
+def _signature(microbatches: list[Any]) -> int:
+    """A 63-bit name for the shapes and dtypes of a step's micro-batches (only its equality matters)."""
+    described = tuple(tuple((tuple(t.shape), t.dtype) for t in tensors_in(mb)) for mb in microbatches)
+    return hash(described) & (2**63 - 1)
+
+
+def _global(group: dist.ProcessGroup | None, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)

@@ -1,0 +1,71 @@
+"""Cut a mini-batch into micro-batches along dimension 0, and weigh each one's loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["split_microbatches", "microbatch_weights", "batch_size", "tensors_in", "map_tensors"]
+
+
+def batch_size(batch: Any) -> int:
+    """The size of dimension 0 shared by every tensor in `batch` (a tensor, or a tuple/list/dict of them)."""
+    sizes = {t.shape[0] for t in tensors_in(batch) if t.dim() > 0}
+    if not sizes:
+        raise ValueError("the batch holds no tensor with a batch dimension to split into micro-batches")
+    if len(sizes) > 1:
+        raise ValueError(f"tensors in the batch disagree on the batch size (dimension 0): {sorted(sizes)}")
+    return sizes.pop()
+
+
+def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
+    """Split every tensor of `batch` along dimension 0 into `num_microbatches` parts.
+
+    Tuples, lists and dicts keep their structure; scalars, 0-d tensors and
+    other leaves are given whole to every micro-batch. When the batch size is
+    not a multiple of the count, the first micro-batches get one sample more
+    (like `torch.tensor_split`); `microbatch_weights` weighs their losses.
+    """
+    size = batch_size(batch)
+    if num_microbatches < 1:
+        raise ValueError(f"need at least 1 micro-batch; got {num_microbatches}")
+    if size < num_microbatches:
+        raise ValueError(
+            f"cannot split a batch of {size} samples into {num_microbatches} micro-batches:"
+            f" use at most {size} micro-batches or a larger batch"
+        )
+    return [_select(batch, num_microbatches, index) for index in range(num_microbatches)]
+
+
+def microbatch_weights(size: int, num_microbatches: int) -> list[float]:
+    """Each micro-batch's share of the samples, so that sum(w_k * mean_loss_k) is the full-batch mean loss."""
+    sizes = [len(part) for part in torch.arange(size).tensor_split(num_microbatches)]
+    return [n / size for n in sizes]
+
+
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`batch` with `fn` applied to every tensor, tuples, lists and dicts rebuilt around them."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({key: map_tensors(value, fn) for key, value in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(value, fn) for value in batch)
+    return batch
+
+
+def _select(batch: Any, parts: int, index: int) -> Any:
+    return map_tensors(batch, lambda t: t.tensor_split(parts)[index] if t.dim() > 0 else t)
+
+
+def tensors_in(batch: Any) -> list[torch.Tensor]:
+    """Every tensor in a (possibly nested) tuple, list or dict, in order."""
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for value in batch.values() for t in tensors_in(value)]
+    if isinstance(batch, (tuple, list)):
+        return [t for value in batch for t in tensors_in(value)]
+    return []

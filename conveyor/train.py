@@ -1,0 +1,155 @@
+"""`conveyor train`: a small GPT learns the standard library's source, one byte at a time, in a pipeline."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .data import TextBatches, stdlib_source_bytes
+from .launch import default_backend, init_from_env, spawn, under_torchrun
+from .models import GPT, GPTConfig, lm_loss
+from .pipeline import Pipeline
+from .schedules import SCHEDULES
+from .split import split_model
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stages: int = _option(2, "pipeline stages, one process (rank) each")
+    schedule: str = _option("1f1b", "pipeline schedule")
+    microbatches: int = _option(4, "micro-batches per mini-batch; the batch size need not be a multiple")
+    steps: int = _option(100, "optimizer steps")
+    batch_size: int = _option(16, "sequences per mini-batch")
+    context: int = _option(128, "bytes per sequence")
+    dim: int = _option(256, "model width")
+    layers: int = _option(4, "transformer blocks, split evenly over the stages")
+    heads: int = _option(4, "attention heads")
+    lr: float = _option(1e-3, "AdamW learning rate")
+    device: str = _option("cpu", "cpu or cuda (ranks on one GPU talk through host memory)")
+    seed: int = _option(0, "seed of the weights and of the batches")
+    threads: int = _option(1, "torch threads per rank; 1 keeps two ranks from fighting over two cores")
+    timeout_s: float = _option(600.0, "stop the run if it (or a rank waiting on another) takes longer")
+    progress: bool = _option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        for name in ("stages", "microbatches", "steps", "batch_size", "context", "layers", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.microbatches > self.batch_size:
+            raise ValueError(f"{self.microbatches} micro-batches need a batch size of at least that; got {self.batch_size}")
+
+    @property
+    def model(self) -> GPTConfig:
+        return GPTConfig(context=self.context, dim=self.dim, layers=self.layers, heads=self.heads)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    losses: list[float]
+    tokens_per_s: float
+    seconds: float
+
+
+def train(config: TrainConfig) -> None:
+    """Train under torchrun if it launched us, else spawn one process per stage here."""
+    if under_torchrun():
+        rank, world = init_from_env(default_backend(config.device), config.timeout_s)
+        try:
+            train_rank(rank, world, config)
+        finally:
+            dist.destroy_process_group()
+        return
+    os.environ.setdefault("WORLD_SIZE", str(config.stages))  # lets default_backend count ranks
+    backend = default_backend(config.device)
+    spawn(train_rank, config.stages, (config,), backend=backend, threads_per_rank=config.threads, timeout_s=config.timeout_s)
+
+
+def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None:
+    """One rank's training loop; returns the result on the last stage's rank."""
+    if world != config.stages:
+        raise ValueError(f"{config.stages} stages need {config.stages} ranks; {world} were started")
+    torch.set_num_threads(config.threads)
+    device = _device_for(rank, config.device)
+    model = config.model
+    stage = split_model(lambda: GPT(model), rank, config.stages, device=device, seed=config.seed)
+    pipe = Pipeline(
+        stage,
+        num_stages=config.stages,
+        num_microbatches=config.microbatches,
+        loss_fn=lm_loss,
+        schedule=config.schedule,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
+        device=device,
+    )
+    data = TextBatches(stdlib_source_bytes(), config.context, config.batch_size, seed=config.seed)
+    reporting = rank == pipe.last_rank
+    if reporting:
+        print(f"conveyor train: {_describe(config)}", flush=True)
+    bar = _progress(config, reporting)
+    losses: list[float] = []
+    tokens = config.batch_size * config.context
+    start = time.perf_counter()
+    timed_from, timed_steps = start, 0
+    for step in range(config.steps):
+        inputs, targets = data.next()
+        loss = pipe.step(inputs, targets)
+        if step == 0:  # the first step learns shapes and warms up: keep it out of the throughput
+            timed_from = time.perf_counter()
+        else:
+            timed_steps += 1
+        if loss is not None:
+            losses.append(loss.item())
+            if bar is not None:
+                elapsed = time.perf_counter() - timed_from
+                rate = tokens * timed_steps / elapsed if timed_steps else 0.0
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
+                bar.update()
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    if not reporting:
+        return None
+    rate = tokens * timed_steps / (time.perf_counter() - timed_from) if timed_steps else 0.0
+    result = TrainResult(losses, rate, seconds)
+    window = min(5, len(losses))
+    print(
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {window} steps {sum(losses[-window:]) / window:.4f})"
+        f" | {rate:,.0f} tokens/s | {config.steps} steps in {seconds:.1f} s",
+        flush=True,
+    )
+    return result
+
+
+def _device_for(rank: int, device: str) -> torch.device:
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return torch.device("cuda", local % max(1, torch.cuda.device_count()))
+    return torch.device(device)
+
+
+def _describe(config: TrainConfig) -> str:
+    fields = asdict(config)
+    keys = ("stages", "schedule", "microbatches", "batch_size", "context", "dim", "layers", "steps", "device")
+    params = sum(p.numel() for p in GPT(config.model).parameters())
+    return ", ".join(f"{k}={fields[k]}" for k in keys) + f", {params / 1e6:.1f}M parameters"
+
+
+def _progress(config: TrainConfig, show: bool):  # type: ignore[no-untyped-def]
+    if not (show and config.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)

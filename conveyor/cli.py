@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
 from .schedules import SCHEDULES, build_schedule, render_steps, render_timeline, validate
 from .train import TrainConfig, train
 
@@ -43,7 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = TrainConfig(**values, progress=not args.no_progress)
         except ValueError as error:
             parser.error(str(error))
-        train(config)
+        try:
+            train(config)
+        except (ProcessRaisedException, ProcessExitedException, TimeoutError) as error:
+            # The failing rank's own traceback is in the message; ours would only add noise.
+            print(f"conveyor train failed: {error}", file=sys.stderr)
+            return 1
     elif args.command == "show":
         program = build_schedule(args.schedule, args.stages, args.microbatches)
         print(render_steps(program))

@@ -1,0 +1,437 @@
+"""Step time of one transformer trained three ways: conveyor, torch.distributed.pipelining, and one process.
+
+All three train the same model, from the same weights, on the same batch,
+cut into the same micro-batches:
+
+  A. conveyor: `Pipeline` over the stage modules of `conveyor.split_model`;
+  B. torch: `torch.distributed.pipelining.PipelineStage` wrapping those same
+     stage modules, driven by `Schedule1F1B` or `ScheduleGPipe`;
+  C. one process: the full model, gradients accumulated over the micro-batches.
+
+A and B run one process per stage, started by `conveyor.spawn` (gloo); C runs
+one process. Every process uses one torch thread. Runs are interleaved
+(A, B, C, A, B, C, ...) so that drift of the machine hits all three alike; each
+run's warm-up steps are dropped. A step is a barrier, the pipeline step (or the
+accumulation loop) and an SGD step; its time is the slowest rank's.
+
+    python benchmarks/bench_schedules.py                   # 2 stages, 8 micro-batches, 1f1b
+    python benchmarks/bench_schedules.py --schedule gpipe --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from conveyor import Pipeline, spawn, split_model
+
+METHODS = ("conveyor", "torch", "single")
+TORCH_SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark: the model, the batch, the schedule and how long to measure."""
+
+    stages: int = 2
+    """Pipeline stages, one process each (A and B)."""
+    microbatches: int = 8
+    """Micro-batches per step, in all three methods."""
+    schedule: str = "1f1b"
+    """"1f1b" or "gpipe"; the same schedule for conveyor and torch."""
+    rounds: int = 3
+    """Times each method is run, interleaved A, B, C, A, B, C, ..."""
+    steps: int = 6
+    """Measured steps per run."""
+    warmup: int = 2
+    """Steps per run before measuring (first-step shape exchange, allocator warm-up)."""
+    layers: int = 8
+    """Transformer blocks, split evenly over the stages."""
+    dim: int = 256
+    """Model width."""
+    heads: int = 4
+    """Attention heads."""
+    seq: int = 128
+    """Tokens per sample."""
+    vocab: int = 512
+    """Vocabulary size (embedding and head)."""
+    microbatch_size: int = 4
+    """Samples per micro-batch; the batch holds microbatch_size * microbatches samples."""
+    timeout_s: float = 600
+    """Deadline of one run (spawn raises TimeoutError after it)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in TORCH_SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(TORCH_SCHEDULES)}; got {self.schedule!r}")
+        if self.stages < 2:
+            raise ValueError(f"a pipeline needs at least 2 stages to compare; got --stages {self.stages}")
+        if self.layers < self.stages:
+            raise ValueError(f"--layers {self.layers} cannot fill {self.stages} stages: use --layers >= {self.stages}")
+        if self.microbatches < self.stages:
+            raise ValueError(
+                f"torch's Schedule1F1B needs micro-batches >= stages ({self.stages}); got {self.microbatches}"
+            )
+        if self.dim % self.heads:
+            raise ValueError(f"--dim {self.dim} must be a multiple of --heads {self.heads}")
+        if self.rounds < 1 or self.steps < 1 or self.warmup < 0:
+            raise ValueError("--rounds and --steps must be >= 1 and --warmup >= 0")
+
+    @property
+    def batch_size(self) -> int:
+        return self.microbatch_size * self.microbatches
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Pipeline speedup over one process with equal stages and free transfers: p*m/(m+p-1)."""
+        p, m = self.stages, self.microbatches
+        return p * m / (m + p - 1)
+
+
+# The model: GPT-like, with its blocks in a ModuleList so conveyor.split_model
+# can cut it. Embeddings go to the first stage, norm and head to the last; on
+# other stages they are None and forward skips them.
+
+
+class Block(nn.Module):
+    """Pre-norm causal self-attention and a 4x MLP, each with a residual."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(attn.transpose(1, 2).reshape(b, t, d))
+        return h + self.fc2(F.gelu(self.fc1(self.norm2(h))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.tok_emb: nn.Module | None = nn.Embedding(cfg.vocab, cfg.dim)
+        self.pos_emb: nn.Module | None = nn.Embedding(cfg.seq, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads) for _ in range(cfg.layers))
+        self.norm: nn.Module | None = nn.LayerNorm(cfg.dim)
+        self.head: nn.Module | None = nn.Linear(cfg.dim, cfg.vocab, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.tok_emb is not None and self.pos_emb is not None:
+            h = self.tok_emb(h) + self.pos_emb(torch.arange(h.shape[1], device=h.device))
+        for block in self.blocks:
+            h = block(h)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.head is not None:
+            h = self.head(h)
+        return h
+
+
+def build_model(cfg: Config) -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT(cfg)
+
+
+def make_batch(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and next-token targets, the same in every process."""
+    tokens = torch.randint(cfg.vocab, (cfg.batch_size, cfg.seq + 1), generator=torch.Generator().manual_seed(1))
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of one micro-batch (both pipelines weigh it by 1/m)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# What each process runs. Every rank writes its step times (and the last
+# rank its first-step loss) to `<out>.<rank>.json`; the parent merges them.
+
+
+def _measure(cfg: Config, step: Callable[[], float | None], synced: bool) -> tuple[list[float], float | None]:
+    """Run warm-up and measured steps; returns the measured step times (s) and the first step's loss."""
+    times: list[float] = []
+    first_loss = None
+    for index in range(cfg.warmup + cfg.steps):
+        if synced:
+            dist.barrier()
+        start = time.perf_counter()
+        loss = step()
+        elapsed = time.perf_counter() - start
+        if index == 0:
+            first_loss = loss
+        if index >= cfg.warmup:
+            times.append(elapsed)
+    return times, first_loss
+
+
+def _write(out: str, rank: int, times: list[float], loss: float | None, extra: dict[str, Any] | None = None) -> None:
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump({"times": times, "loss": loss, **(extra or {})}, f)
+
+
+def _sgd(params: list[nn.Parameter]) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(params, lr=1e-2)
+
+    def step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_conveyor(rank: int, world: int, cfg: Config, out: str) -> None:
+    torch.set_num_threads(1)
+    module = split_model(build_model(cfg), rank, world)
+    pipe = Pipeline(module, num_stages=world, num_microbatches=cfg.microbatches, loss_fn=loss_fn, schedule=cfg.schedule)
+    x, y = make_batch(cfg)
+    optimizer_step = _sgd(list(pipe.parameters()))
+
+    def step() -> float | None:
+        loss = pipe.step(x if rank == 0 else None, y if rank == world - 1 else None)
+        optimizer_step()
+        return None if loss is None else loss.item()
+
+    times, loss = _measure(cfg, step, synced=True)
+    _write(out, rank, times, loss)
+
+
+def run_torch(rank: int, world: int, cfg: Config, out: str) -> None:
+    from torch.distributed import pipelining
+
+    torch.set_num_threads(1)
+    module = split_model(build_model(cfg), rank, world)
+    stage = pipelining.PipelineStage(module, rank, world, torch.device("cpu"))
+    schedule_cls = getattr(pipelining, TORCH_SCHEDULES[cfg.schedule])
+    # scale_grads divides the summed micro-batch gradients by m: the same 1/m weight conveyor gives each loss.
+    schedule = schedule_cls(stage, n_microbatches=cfg.microbatches, loss_fn=loss_fn, scale_grads=True)
+    x, y = make_batch(cfg)
+    optimizer_step = _sgd(list(module.parameters()))
+
+    def step() -> float | None:
+        losses: list[torch.Tensor] = []
+        if rank == 0:
+            schedule.step(x, return_outputs=False)
+        elif rank == world - 1:
+            schedule.step(target=y, losses=losses, return_outputs=False)
+        else:
+            schedule.step(return_outputs=False)
+        optimizer_step()
+        return torch.stack(losses).mean().item() if losses else None
+
+    times, loss = _measure(cfg, step, synced=True)
+    _write(out, rank, times, loss)
+
+
+def run_single(rank: int, world: int, cfg: Config, out: str) -> None:
+    torch.set_num_threads(1)
+    model = build_model(cfg)
+    x, y = make_batch(cfg)
+    inputs, targets = x.tensor_split(cfg.microbatches), y.tensor_split(cfg.microbatches)
+    optimizer_step = _sgd(list(model.parameters()))
+
+    def step() -> float:
+        total = 0.0
+        for mb_input, mb_target in zip(inputs, targets):
+            loss = loss_fn(model(mb_input), mb_target) / cfg.microbatches
+            loss.backward()
+            total += loss.item()
+        optimizer_step()
+        return total
+
+    times, loss = _measure(cfg, step, synced=False)
+    _write(out, rank, times, loss)
+
+
+def run_stage_costs(rank: int, world: int, cfg: Config, out: str) -> None:
+    """One thread, no pipeline: each stage's forward + backward of one micro-batch, in milliseconds (median of 5)."""
+    torch.set_num_threads(1)
+    model = build_model(cfg)
+    x, y = make_batch(cfg)
+    mb_input, mb_target = x[: cfg.microbatch_size], y[: cfg.microbatch_size]
+    costs = []
+    h = mb_input
+    for s in range(cfg.stages):
+        module = split_model(model, s, cfg.stages)
+        samples = []
+        for _ in range(6):
+            start = time.perf_counter()
+            inp = h.detach().requires_grad_(h.is_floating_point())
+            output = module(inp)
+            if s == cfg.stages - 1:
+                loss_fn(output, mb_target).backward()
+            else:
+                output.backward(torch.ones_like(output))
+            samples.append(time.perf_counter() - start)
+        costs.append(1e3 * statistics.median(samples[1:]))
+        h = output.detach()
+    _write(out, rank, [], None, {"stage_ms": costs})
+
+
+RUNNERS: dict[str, Callable[..., None]] = {"conveyor": run_conveyor, "torch": run_torch, "single": run_single}
+
+
+# The parent: interleave the runs, merge the ranks, summarize.
+
+
+def _launch(fn: Callable[..., None], world: int, cfg: Config) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        out = os.path.join(scratch, "result")
+        spawn(fn, world, (cfg, out), timeout_s=cfg.timeout_s)
+        results = []
+        for rank in range(world):
+            with open(f"{out}.{rank}.json") as f:
+                results.append(json.load(f))
+        return results
+
+
+def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run everything and return the summary (what --json prints)."""
+    stage_ms = _launch(run_stage_costs, 1, cfg)[0]["stage_ms"]
+    log(f"stage costs (forward+backward of one micro-batch, 1 thread): {', '.join(f'{c:.1f}' for c in stage_ms)} ms")
+    step_times: dict[str, list[list[float]]] = {name: [] for name in METHODS}
+    first_loss: dict[str, float] = {}
+    for round_index in range(cfg.rounds):
+        for name in METHODS:
+            world = 1 if name == "single" else cfg.stages
+            started = time.perf_counter()
+            ranks = _launch(RUNNERS[name], world, cfg)
+            # A step is over when its slowest rank is done.
+            times = [max(per_rank) for per_rank in zip(*(r["times"] for r in ranks))]
+            step_times[name].append(times)
+            first_loss.setdefault(name, ranks[-1]["loss"])
+            log(
+                f"round {round_index + 1}/{cfg.rounds} {name:8s}: median {1e3 * statistics.median(times):8.1f} ms/step"
+                f"  ({time.perf_counter() - started:.1f} s with start-up)"
+            )
+    return summarize(cfg, step_times, first_loss, stage_ms)
+
+
+def summarize(
+    cfg: Config, step_times: dict[str, list[list[float]]], first_loss: dict[str, float], stage_ms: list[float]
+) -> dict[str, Any]:
+    methods = {}
+    for name, runs in step_times.items():
+        pooled = [t for run in runs for t in run]
+        methods[name] = {
+            "median_ms": 1e3 * statistics.median(pooled),
+            "min_ms": 1e3 * min(pooled),
+            "max_ms": 1e3 * max(pooled),
+            "run_medians_ms": [1e3 * statistics.median(run) for run in runs],
+            "first_loss": first_loss[name],
+        }
+    conveyor, torch_ms, single = (methods[n]["median_ms"] for n in METHODS)
+    speedup = single / conveyor
+    # The best any pipeline can do here: m + p - 1 slots of the slowest stage,
+    # against m micro-batches through all stages in one process.
+    p, m = cfg.stages, cfg.microbatches
+    balance_bound = m * sum(stage_ms) / ((m + p - 1) * max(stage_ms))
+    return {
+        "config": dataclasses.asdict(cfg),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "stage_ms": stage_ms,
+        "methods": methods,
+        "ratios": {
+            "conveyor_over_torch": conveyor / torch_ms,
+            "conveyor_speedup": speedup,
+            "torch_speedup": single / torch_ms,
+            "ideal_speedup": cfg.ideal_speedup,
+            "conveyor_fraction_of_ideal": speedup / cfg.ideal_speedup,
+            "torch_fraction_of_ideal": single / torch_ms / cfg.ideal_speedup,
+            "stage_balance_bound_speedup": balance_bound,
+        },
+        "loss_spread": max(first_loss.values()) - min(first_loss.values()),
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    cfg, methods, ratios = summary["config"], summary["methods"], summary["ratios"]
+    labels = {"conveyor": "A conveyor", "torch": "B torch.pipelining", "single": "C one process"}
+    lines = [
+        f"{cfg['stages']} stages x 1 thread, {cfg['microbatches']} micro-batches of {cfg['microbatch_size']}x"
+        f"{cfg['seq']} tokens, schedule {cfg['schedule']}, {cfg['layers']} layers, dim {cfg['dim']};"
+        f" {cfg['rounds']} rounds x {cfg['steps']} steps (+{cfg['warmup']} warm-up)",
+        f"stage cost, forward+backward of one micro-batch: {', '.join(f'{c:.1f}' for c in summary['stage_ms'])} ms",
+        "",
+        f"{'method':20s} {'median ms':>10s} {'min ms':>9s} {'max ms':>9s}  {'per-round medians ms':24s} {'1st loss':>9s}",
+    ]
+    for name in METHODS:
+        m = methods[name]
+        rounds = " ".join(f"{t:.1f}" for t in m["run_medians_ms"])
+        lines.append(
+            f"{labels[name]:20s} {m['median_ms']:10.1f} {m['min_ms']:9.1f} {m['max_ms']:9.1f}  {rounds:24s}"
+            f" {m['first_loss']:9.5f}"
+        )
+    lines += [
+        "",
+        f"conveyor / torch step time:         {ratios['conveyor_over_torch']:.3f}   (target <= 1.0, aim 0.85)",
+        f"conveyor speedup over one process:  {ratios['conveyor_speedup']:.3f}x"
+        f"  = {ratios['conveyor_fraction_of_ideal']:.3f} of ideal {ratios['ideal_speedup']:.3f}x  (target >= 0.8)",
+        f"torch speedup over one process:     {ratios['torch_speedup']:.3f}x"
+        f"  = {ratios['torch_fraction_of_ideal']:.3f} of ideal",
+        f"bound from measured stage balance:  {ratios['stage_balance_bound_speedup']:.3f}x",
+        f"first-step loss spread across methods: {summary['loss_spread']:.2e}",
+    ]
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = Config()
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    args = parser.parse_args(argv)
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(Config)}
+    try:
+        return Config(**values), args.json
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, as_json = parse_args(argv)
+    torch.set_num_threads(1)
+    if cfg.stages > (os.cpu_count() or 1):
+        print(f"warning: {cfg.stages} ranks on {os.cpu_count()} cores: ranks will share cores", file=sys.stderr)
+    summary = run_benchmark(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(summary, indent=2) if as_json else format_table(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -75,7 +75,8 @@ class Pipeline:
         self.optimizers = {s: optimizer(stage.module.parameters()) for s, stage in self.stages.items()} if optimizer else {}
         self.num_microbatches = num_microbatches
         self._group = group
-        io = StageIO(Transport(self.device, group), self.program, self.rank)
+        transport = Transport.open_links(_links(self.program), self.device, group)
+        io = StageIO(transport, self.program, self.rank)
         self.executor = Executor(self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None)
 
     @classmethod
@@ -154,6 +155,16 @@ def _signature(microbatches: list[Any]) -> int:
     """A 63-bit name for the shapes and dtypes of a step's micro-batches (only its equality matters)."""
     described = tuple(tuple((tuple(t.shape), t.dtype) for t in tensors_in(mb)) for mb in microbatches)
     return hash(described) & (2**63 - 1)
+
+
+def _links(program: Program) -> list[tuple[int, int]]:
+    """Every (sender, receiver) pair of ranks that the program's transfers use."""
+    pairs = []
+    for stage in range(program.num_stages - 1):
+        a, b = program.rank_of(stage), program.rank_of(stage + 1)
+        if a != b:
+            pairs += [(a, b), (b, a)]
+    return pairs
 
 
 def _global(group: dist.ProcessGroup | None, rank: int) -> int:

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -295,6 +296,35 @@ RUNNERS: dict[str, Callable[..., None]] = {"conveyor": run_conveyor, "torch": ru
 # The parent: interleave the runs, merge the ranks, summarize.
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds this process and its reaped children used)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    machine = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal; guest time is already in user
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return machine, own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _wait_until_quiet(log: Callable[[str], None], limit_s: float = 300) -> None:
+    """Wait while other processes keep more than a fifth of a core busy, so they do not skew a run."""
+    deadline = time.monotonic() + limit_s
+    warned = False
+    while True:
+        machine0, own0 = _cpu_seconds()
+        time.sleep(0.5)
+        machine1, own1 = _cpu_seconds()
+        foreign = (machine1 - machine0 - (own1 - own0)) / 0.5
+        if foreign < 0.2 or time.monotonic() > deadline:
+            if foreign >= 0.2:
+                log(f"machine still busy ({foreign:.2f} cores used by other processes); measuring anyway")
+            return
+        if not warned:
+            log(f"other processes use {foreign:.2f} cores; waiting for the machine to be quiet")
+            warned = True
+
+
 def _launch(fn: Callable[..., None], world: int, cfg: Config) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         out = os.path.join(scratch, "result")
@@ -311,25 +341,37 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     stage_ms = _launch(run_stage_costs, 1, cfg)[0]["stage_ms"]
     log(f"stage costs (forward+backward of one micro-batch, 1 thread): {', '.join(f'{c:.1f}' for c in stage_ms)} ms")
     step_times: dict[str, list[list[float]]] = {name: [] for name in METHODS}
+    foreign_cores: dict[str, list[float]] = {name: [] for name in METHODS}
     first_loss: dict[str, float] = {}
     for round_index in range(cfg.rounds):
         for name in METHODS:
             world = 1 if name == "single" else cfg.stages
+            _wait_until_quiet(log)
+            machine0, own0 = _cpu_seconds()
             started = time.perf_counter()
             ranks = _launch(RUNNERS[name], world, cfg)
+            wall = time.perf_counter() - started
+            machine1, own1 = _cpu_seconds()
+            # CPU time spent outside this benchmark during the run, in cores: should stay near 0.
+            foreign = max(0.0, machine1 - machine0 - (own1 - own0)) / wall
             # A step is over when its slowest rank is done.
             times = [max(per_rank) for per_rank in zip(*(r["times"] for r in ranks))]
             step_times[name].append(times)
+            foreign_cores[name].append(foreign)
             first_loss.setdefault(name, ranks[-1]["loss"])
             log(
                 f"round {round_index + 1}/{cfg.rounds} {name:8s}: median {1e3 * statistics.median(times):8.1f} ms/step"
-                f"  ({time.perf_counter() - started:.1f} s with start-up)"
+                f"  ({wall:.1f} s with start-up; other processes used {foreign:.2f} cores)"
             )
-    return summarize(cfg, step_times, first_loss, stage_ms)
+    return summarize(cfg, step_times, first_loss, stage_ms, foreign_cores)
 
 
 def summarize(
-    cfg: Config, step_times: dict[str, list[list[float]]], first_loss: dict[str, float], stage_ms: list[float]
+    cfg: Config,
+    step_times: dict[str, list[list[float]]],
+    first_loss: dict[str, float],
+    stage_ms: list[float],
+    foreign_cores: dict[str, list[float]],
 ) -> dict[str, Any]:
     methods = {}
     for name, runs in step_times.items():
@@ -340,6 +382,7 @@ def summarize(
             "max_ms": 1e3 * max(pooled),
             "run_medians_ms": [1e3 * statistics.median(run) for run in runs],
             "first_loss": first_loss[name],
+            "foreign_cores": foreign_cores[name],
         }
     conveyor, torch_ms, single = (methods[n]["median_ms"] for n in METHODS)
     speedup = single / conveyor
@@ -368,6 +411,7 @@ def summarize(
 
 def format_table(summary: dict[str, Any]) -> str:
     cfg, methods, ratios = summary["config"], summary["methods"], summary["ratios"]
+    busiest = [c for m in methods.values() for c in m["foreign_cores"]]
     labels = {"conveyor": "A conveyor", "torch": "B torch.pipelining", "single": "C one process"}
     lines = [
         f"{cfg['stages']} stages x 1 thread, {cfg['microbatches']} micro-batches of {cfg['microbatch_size']}x"
@@ -393,6 +437,8 @@ def format_table(summary: dict[str, Any]) -> str:
         f"  = {ratios['torch_fraction_of_ideal']:.3f} of ideal",
         f"bound from measured stage balance:  {ratios['stage_balance_bound_speedup']:.3f}x",
         f"first-step loss spread across methods: {summary['loss_spread']:.2e}",
+        f"CPU used by other processes during the runs: at most {max(busiest):.2f} cores"
+        + ("  (WARNING: above 0.1, the machine was not quiet)" if max(busiest) > 0.1 else ""),
     ]
     return "\n".join(lines)
 

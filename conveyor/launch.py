@@ -27,12 +27,13 @@ def under_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def default_backend(device: str) -> str:
-    """NCCL when every rank can have a GPU of its own, else gloo (CUDA tensors then travel through the host)."""
-    if device.startswith("cuda") and dist.is_nccl_available():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if torch.cuda.device_count() >= world:
-            return "nccl"
+def default_backend(device: str, world_size: int) -> str:
+    """NCCL when every rank can have a GPU of its own, else gloo (CUDA tensors then travel through the host).
+
+    (NCCL refuses two ranks on one GPU.)
+    """
+    if device.startswith("cuda") and dist.is_nccl_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
     return "gloo"
 
 

@@ -66,15 +66,17 @@ class TrainResult:
 def train(config: TrainConfig) -> None:
     """Train under torchrun if it launched us, else spawn one process per stage here."""
     if under_torchrun():
-        rank, world = init_from_env(default_backend(config.device), config.timeout_s)
+        backend = default_backend(config.device, int(os.environ["WORLD_SIZE"]))
+        rank, world = init_from_env(backend, config.timeout_s)
         try:
             train_rank(rank, world, config)
         finally:
             dist.destroy_process_group()
         return
-    os.environ.setdefault("WORLD_SIZE", str(config.stages))  # lets default_backend count ranks
-    backend = default_backend(config.device)
-    spawn(train_rank, config.stages, (config,), backend=backend, threads_per_rank=config.threads, timeout_s=config.timeout_s)
+    backend = default_backend(config.device, config.stages)
+    spawn(
+        train_rank, config.stages, (config,), backend=backend, threads_per_rank=config.threads, timeout_s=config.timeout_s
+    )
 
 
 def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None:
@@ -125,8 +127,9 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     rate = tokens * timed_steps / (time.perf_counter() - timed_from) if timed_steps else 0.0
     result = TrainResult(losses, rate, seconds)
     window = min(5, len(losses))
+    last_mean = sum(losses[-window:]) / window
     print(
-        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {window} steps {sum(losses[-window:]) / window:.4f})"
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {window} steps {last_mean:.4f})"
         f" | {rate:,.0f} tokens/s | {config.steps} steps in {seconds:.1f} s",
         flush=True,
     )

@@ -1,0 +1,87 @@
+"""The schedule IR: actions, their string form, and programs built from strings."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conveyor.schedules import Action, Kind, Program, parse_action, parse_actions
+
+
+@st.composite
+def actions(draw: st.DrawFn) -> Action:
+    kind = draw(st.sampled_from(list(Kind)))
+    mb = None if kind is Kind.STEP else draw(st.integers(0, 999))
+    return Action(draw(st.integers(0, 999)), kind, mb)
+
+
+@given(actions())
+def test_string_form_round_trips(action: Action) -> None:
+    assert parse_action(str(action)) == action
+
+
+@given(st.lists(actions(), max_size=20))
+def test_lists_of_actions_round_trip(sequence: list[Action]) -> None:
+    assert parse_actions(" ".join(map(str, sequence))) == sequence
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1F3", Action(1, Kind.FORWARD, 3)),
+        ("0B12", Action(0, Kind.BACKWARD, 12)),
+        ("10SF2", Action(10, Kind.SEND_F, 2)),
+        ("2RF0", Action(2, Kind.RECV_F, 0)),
+        ("0SB2", Action(0, Kind.SEND_B, 2)),
+        ("3RB1", Action(3, Kind.RECV_B, 1)),
+        ("1STEP", Action(1, Kind.STEP)),
+        ("  4F5 ", Action(4, Kind.FORWARD, 5)),
+    ],
+)
+def test_parse_known_strings(text: str, expected: Action) -> None:
+    assert parse_action(text) == expected
+    assert str(expected) == text.strip()
+
+
+@pytest.mark.parametrize("text", ["", "F3", "1X3", "1 F 3", "-1F0", "1f3", "1F3x"])
+def test_parse_rejects_malformed_strings(text: str) -> None:
+    with pytest.raises(ValueError, match="not an action"):
+        parse_action(text)
+
+
+def test_step_takes_no_micro_batch_and_others_need_one() -> None:
+    with pytest.raises(ValueError, match="FORWARD needs a micro-batch"):
+        parse_action("1F")
+    with pytest.raises(ValueError, match="STEP takes no micro-batch"):
+        parse_action("1STEP2")
+    with pytest.raises(ValueError, match="STEP takes no micro-batch"):
+        Action(0, Kind.STEP, 1)
+    with pytest.raises(ValueError, match="FORWARD needs a micro-batch"):
+        Action(0, Kind.FORWARD)
+
+
+def test_kind_predicates() -> None:
+    assert {k for k in Kind if k.is_compute} == {Kind.FORWARD, Kind.BACKWARD}
+    assert {k for k in Kind if k.is_send} == {Kind.SEND_F, Kind.SEND_B}
+    assert {k for k in Kind if k.is_recv} == {Kind.RECV_F, Kind.RECV_B}
+
+
+def test_program_from_strings_and_back() -> None:
+    rows = ["0F0 0SF0 0RB0 0B0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"]
+    program = Program.from_strings(rows, placement=(0, 1), num_microbatches=1, name="tiny")
+    assert program.to_strings() == rows
+    assert program.actions[1][1] == Action(1, Kind.FORWARD, 0)
+    assert (program.num_stages, program.num_ranks, program.name) == (2, 2, "tiny")
+    # A mapping of rank -> row works too, and a rank with no row renders as empty.
+    sparse = Program.from_strings({1: "1F0 1B0"}, placement=(0, 1), num_microbatches=1)
+    assert sparse.to_strings() == ["", "1F0 1B0"]
+
+
+def test_placement_queries() -> None:
+    program = Program(placement=(0, 1, 1, 0), num_microbatches=2)
+    assert program.num_stages == 4
+    assert program.num_ranks == 2
+    assert program.stages_of(0) == [0, 3]
+    assert program.stages_of(1) == [1, 2]
+    assert [program.rank_of(s) for s in range(4)] == [0, 1, 1, 0]

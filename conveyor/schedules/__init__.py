@@ -9,12 +9,12 @@ from .gpipe import gpipe
 from .lowering import insert_transfers, lower, prefetch_receives
 from .one_f_one_b import one_f_one_b
 from .render import render_steps, render_timeline
-from .validate import DeadlockError, ScheduleError, Timing, validate
+from .validate import DeadlockError, ScheduleError, Timing, split_backward_stages, validate
 
 __all__ = [
     "Action", "DeadlockError", "Kind", "Program", "SCHEDULES", "ScheduleError", "Timing",
     "build_schedule", "gpipe", "insert_transfers", "lower", "one_f_one_b", "parse_action",
-    "parse_actions", "prefetch_receives", "render_steps", "render_timeline", "validate",
+    "parse_actions", "prefetch_receives", "render_steps", "render_timeline", "split_backward_stages", "validate",
 ]
 
 Generator = Callable[[int, int], Program]

@@ -14,7 +14,8 @@ class Kind(enum.Enum):
     """What an action does. The value is its short form in action strings."""
 
     FORWARD = "F"
-    BACKWARD = "B"
+    BACKWARD = "B"  # the whole backward, or only the input gradient when the stage's W is split off
+    WEIGHT = "W"  # the weight-gradient part of a split backward (zero-bubble schedules)
     SEND_F = "SF"  # send stage's output activations to the next stage
     RECV_F = "RF"  # receive stage's input activations from the previous stage
     SEND_B = "SB"  # send the gradient of stage's input to the previous stage
@@ -23,7 +24,7 @@ class Kind(enum.Enum):
 
     @property
     def is_compute(self) -> bool:
-        return self in (Kind.FORWARD, Kind.BACKWARD)
+        return self in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHT)
 
     @property
     def is_send(self) -> bool:
@@ -58,7 +59,7 @@ class Action:
         return f"Action({self})"
 
 
-_ACTION = re.compile(r"^(\d+)(STEP|SF|RF|SB|RB|F|B)(\d*)$")
+_ACTION = re.compile(r"^(\d+)(STEP|SF|RF|SB|RB|F|B|W)(\d*)$")
 
 
 def parse_action(text: str) -> Action:

@@ -28,7 +28,8 @@ def render_steps(program: Program, mark: Collection[tuple[int, int]] = ()) -> st
     if mark:
         centre = min(index for _, index in mark)
         first, last = max(0, centre - _WINDOW), min(length, centre + _WINDOW + 1)
-    header = "step    " + "".join(f"{i:<{width}}" for i in range(first, last))
+    # Rows cut on the left start with "... "; pad the header alike so step numbers stay above their cells.
+    header = "step    " + ("    " if first else "") + "".join(f"{i:<{width}}" for i in range(first, last))
     lines = [header.rstrip()]
     for rank in ranks:
         actions = program.actions.get(rank, [])

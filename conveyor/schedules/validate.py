@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .actions import Action, Kind, Program
 from .render import render_steps
 
-__all__ = ["DeadlockError", "ScheduleError", "Timing", "validate"]
+__all__ = ["DeadlockError", "ScheduleError", "Timing", "split_backward_stages", "validate"]
 
 # A message is named by what it carries: ("act", s, mb) is stage s's output,
 # ("grad", s, mb) the gradient of stage s's input.
@@ -48,8 +48,11 @@ def unit_cost(action: Action) -> float:
     return 1.0 if action.kind.is_compute else 0.0
 
 
-def validate(program: Program, cost: Callable[[Action], float] = unit_cost) -> Timing:
+def validate(program: Program, cost: Callable[[Action], float] = unit_cost, latency: float = 0.0) -> Timing:
     """Check `program` and return its timing under `cost`; raise ScheduleError if it cannot run.
+
+    `cost(action)` is how long an action keeps its rank busy; a received
+    tensor arrives `latency` after its send.
 
     Catches: actions on a rank that does not own their stage, missing or
     repeated computes, a compute whose input was not produced or received
@@ -60,7 +63,7 @@ def validate(program: Program, cost: Callable[[Action], float] = unit_cost) -> T
     _check_placement(program)
     _check_computes(program)
     _check_channels(program)
-    return _run(program, cost)
+    return _run(program, cost, latency)
 
 
 def _fail(program: Program, rank: int, index: int, why: str, kind: type[ScheduleError] = ScheduleError) -> ScheduleError:
@@ -81,9 +84,21 @@ def _check_placement(program: Program) -> None:
                 raise _fail(program, rank, index, f"no micro-batch {action.mb} (0..{program.num_microbatches - 1})")
 
 
+def split_backward_stages(program: Program) -> set[int]:
+    """Stages whose weight gradients run as separate W actions."""
+    return {a.stage for actions in program.actions.values() for a in actions if a.kind is Kind.WEIGHT}
+
+
 def _check_computes(program: Program) -> None:
-    """Each stage runs each micro-batch's forward and backward exactly once."""
-    wanted = {(s, kind, mb) for s in range(program.num_stages) for kind in (Kind.FORWARD, Kind.BACKWARD) for mb in range(program.num_microbatches)}
+    """Each stage runs each micro-batch's F and B (and W, if it splits them) exactly once."""
+    split = split_backward_stages(program)
+    wanted = {
+        (s, kind, mb)
+        for s in range(program.num_stages)
+        for kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHT)
+        if kind is not Kind.WEIGHT or s in split
+        for mb in range(program.num_microbatches)
+    }
     seen: Counter[tuple[int, Kind, int | None]] = Counter()
     for actions in program.actions.values():
         seen.update((a.stage, a.kind, a.mb) for a in actions if a.kind.is_compute)
@@ -91,7 +106,7 @@ def _check_computes(program: Program) -> None:
     missing = sorted(str(Action(s, k, mb)) for (s, k, mb) in wanted - set(seen))
     if repeated or missing:
         raise ScheduleError(
-            f"{program.name or 'schedule'}: every stage must run each micro-batch's F and B once;"
+            f"{program.name or 'schedule'}: every stage must run each micro-batch's F and B (and W if split) once;"
             f" missing {missing or 'none'}, repeated {repeated or 'none'}\n{render_steps(program)}"
         )
 
@@ -156,7 +171,9 @@ def _check_channels(program: Program) -> None:
                 )
 
 
-def _local_prerequisites(program: Program, action: Action) -> list[tuple[Kind, int, int | None]]:
+def _local_prerequisites(
+    program: Program, action: Action, split: set[int]
+) -> list[tuple[Kind, int, int | None]]:
     """What must already have run on this rank before `action` (as (kind, stage, mb))."""
     s, mb, last = action.stage, action.mb, program.num_stages - 1
     local = program.rank_of(s)
@@ -175,8 +192,11 @@ def _local_prerequisites(program: Program, action: Action) -> list[tuple[Kind, i
         return [(Kind.BACKWARD, s, mb)]
     if action.kind is Kind.RECV_B:
         return [(Kind.FORWARD, s, mb)]  # the gradient's shape is that of the forward's output
+    if action.kind is Kind.WEIGHT:
+        return [(Kind.BACKWARD, s, mb)]
     if action.kind is Kind.STEP:
-        return [(Kind.BACKWARD, s, m) for m in range(program.num_microbatches)]
+        last_part = Kind.WEIGHT if s in split else Kind.BACKWARD
+        return [(last_part, s, m) for m in range(program.num_microbatches)]
     return []
 
 
@@ -192,9 +212,10 @@ def _awaited_message(program: Program, action: Action) -> Message | None:
     return None
 
 
-def _run(program: Program, cost: Callable[[Action], float]) -> Timing:
+def _run(program: Program, cost: Callable[[Action], float], latency: float) -> Timing:
     """Run all ranks on a clock, one action at a time, until done or stuck."""
     ranks = sorted(program.actions)
+    split = split_backward_stages(program)
     position = dict.fromkeys(ranks, 0)
     clock = dict.fromkeys(ranks, 0.0)
     done: dict[int, set[tuple[Kind, int, int | None]]] = {rank: set() for rank in ranks}
@@ -208,7 +229,7 @@ def _run(program: Program, cost: Callable[[Action], float]) -> Timing:
             while position[rank] < len(actions):
                 index = position[rank]
                 action = actions[index]
-                for need in _local_prerequisites(program, action):
+                for need in _local_prerequisites(program, action, split):
                     if need not in done[rank]:
                         what = Action(need[1], need[0], need[2])
                         raise _fail(program, rank, index, f"needs {what}, which has not run on this rank before it")
@@ -220,7 +241,7 @@ def _run(program: Program, cost: Callable[[Action], float]) -> Timing:
                 start[rank].append(begin)
                 end[rank].append(clock[rank])
                 if action.kind.is_send:
-                    sent_at[_message_sent(program, action)[0]] = clock[rank]
+                    sent_at[_message_sent(program, action)[0]] = clock[rank] + latency
                 done[rank].add((action.kind, action.stage, action.mb))
                 position[rank] += 1
                 progressed = True

@@ -1,0 +1,156 @@
+"""The simulator: run a schedule's action lists against a cost model, before spending a GPU-hour.
+
+Pure Python, no torch: it reads the same lowered program the executor runs,
+on the validator's clock (a send takes no time, a received tensor arrives
+`latency` after its send, a compute starts when its rank is free and its
+inputs have arrived).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..schedules import Action, Kind, Program, Timing, split_backward_stages, validate
+
+__all__ = ["CostModel", "Simulation", "StageCosts", "parse_costs", "per_stage", "simulate"]
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """How long one micro-batch's work takes on a stage, and what it keeps for backward."""
+
+    forward: float = 1.0
+    backward: float = 1.0
+    """Backward for the stage's input; the whole backward when the schedule does not split off W."""
+    weight: float = 1.0
+    """Backward for the stage's weights (W), run inside B when the schedule does not split it."""
+    activation_bytes: float | None = None
+    """Bytes one in-flight micro-batch keeps alive on this stage, if known."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-stage costs (one entry, or one per stage) and the point-to-point latency."""
+
+    stages: tuple[StageCosts, ...] = (StageCosts(),)
+    latency: float = 0.0
+
+    def of(self, stage: int) -> StageCosts:
+        if len(self.stages) == 1:
+            return self.stages[0]
+        return self.stages[stage]
+
+    def check(self, num_stages: int) -> None:
+        if len(self.stages) not in (1, num_stages):
+            raise ValueError(f"costs are given for {len(self.stages)} stages; the schedule has {num_stages}")
+
+
+@dataclass
+class Simulation:
+    """What `simulate` predicts for one step."""
+
+    schedule: str
+    stages: int
+    microbatches: int
+    step_time: float
+    """The makespan: the largest span of any rank from its first action's start to its last action's end."""
+    bubble_fraction: float
+    """Mean idle share of the makespan over ranks: (makespan - busy) / makespan, as the zero-bubble paper."""
+    peak_activations: list[int]
+    """Per rank: the most micro-batches whose forward ran and whose backward (W, if split) had not."""
+    peak_activation_bytes: list[float] | None
+    timing: Timing = field(repr=False)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "schedule": self.schedule,
+            "stages": self.stages,
+            "microbatches": self.microbatches,
+            "step_time": self.step_time,
+            "bubble_fraction": self.bubble_fraction,
+            "peak_activations": self.peak_activations,
+            "peak_activation_bytes": self.peak_activation_bytes,
+        }
+
+
+def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
+    """Predict step time, bubble and peak memory of a lowered `program` under `costs`.
+
+    Raises ScheduleError (DeadlockError for a hang) when the program cannot run.
+    """
+    costs.check(program.num_stages)
+    split_backward = split_backward_stages(program)
+
+    def cost(action: Action) -> float:
+        c = costs.of(action.stage)
+        if action.kind is Kind.FORWARD:
+            return c.forward
+        if action.kind is Kind.BACKWARD:
+            return c.backward if action.stage in split_backward else c.backward + c.weight
+        if action.kind is Kind.WEIGHT:
+            return c.weight
+        return 0.0
+
+    timing = validate(program, cost, costs.latency)
+    spans = {
+        rank: (min(timing.start[rank]), max(timing.end[rank])) for rank in timing.start if timing.start[rank]
+    }
+    makespan = max((end - start for start, end in spans.values()), default=0.0)
+    busy = {
+        rank: sum(cost(a) for a in program.actions[rank]) for rank in range(program.num_ranks)
+    }
+    ranks = program.num_ranks
+    bubble = sum(makespan - busy[r] for r in range(ranks)) / (ranks * makespan) if makespan > 0 else 0.0
+    peaks, peak_bytes = _peak_memory(program, costs, split_backward)
+    return Simulation(
+        program.name, program.num_stages, program.num_microbatches, makespan, bubble, peaks, peak_bytes, timing
+    )
+
+
+def _peak_memory(
+    program: Program, costs: CostModel, split_backward: set[int]
+) -> tuple[list[int], list[float] | None]:
+    """Walk each rank's actions in order, counting micro-batches held per stage."""
+    known_bytes = all(costs.of(s).activation_bytes is not None for s in range(program.num_stages))
+    peaks: list[int] = []
+    peak_bytes: list[float] = []
+    for rank in range(program.num_ranks):
+        held: dict[int, int] = {}
+        most, most_bytes = 0, 0.0
+        for action in program.actions.get(rank, []):
+            releases = Kind.WEIGHT if action.stage in split_backward else Kind.BACKWARD
+            if action.kind is Kind.FORWARD:
+                held[action.stage] = held.get(action.stage, 0) + 1
+            elif action.kind is releases:
+                held[action.stage] -= 1
+            most = max(most, sum(held.values()))
+            if known_bytes:
+                now = sum(n * float(costs.of(s).activation_bytes or 0.0) for s, n in held.items())
+                most_bytes = max(most_bytes, now)
+        peaks.append(most)
+        peak_bytes.append(most_bytes)
+    return peaks, peak_bytes if known_bytes else None
+
+
+def parse_costs(text: str, latency: float | None = None) -> CostModel:
+    """Parse ``f=1,b=2,w=1,comm=0.1`` (one set for all stages) or ``f=1,b=2;f=2,b=3`` (one per stage)."""
+    names = {"f": "forward", "b": "backward", "w": "weight", "bytes": "activation_bytes"}
+    stages: list[StageCosts] = []
+    comm = 0.0
+    for part in text.split(";"):
+        values: dict[str, float] = {}
+        for item in filter(None, (p.strip() for p in part.split(","))):
+            key, _, value = item.partition("=")
+            if key == "comm":
+                comm = float(value)
+            elif key in names:
+                values[names[key]] = float(value)
+            else:
+                raise ValueError(f"unknown cost {key!r} in {text!r}; use f, b, w, comm and bytes")
+        stages.append(StageCosts(**values))  # type: ignore[arg-type]
+    return CostModel(tuple(stages), comm if latency is None else latency)
+
+
+def per_stage(costs: Sequence[StageCosts], latency: float = 0.0) -> CostModel:
+    return CostModel(tuple(costs), latency)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -38,6 +39,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--stages", type=int, default=4)
     show.add_argument("--microbatches", type=int, default=8)
 
+    sim = commands.add_parser("simulate", help="predict a schedule's step time, bubble and memory from a cost model")
+    sim.add_argument("--schedule", required=True, choices=list(SCHEDULES))
+    sim.add_argument("--stages", type=int, required=True)
+    sim.add_argument("--microbatches", type=int, required=True)
+    sim.add_argument("--virtual", type=int, default=1, help="stages per rank (default: 1)")
+    sim.add_argument(
+        "--costs", default="f=1,b=1,w=1,comm=0",
+        help="per-stage durations: 'f=1,b=2,w=1,comm=0.1,bytes=1e6' for all stages, ';' between stages"
+        " for one set each, or a profile JSON file written by `conveyor profile` (default: %(default)s)",
+    )
+    sim.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sim.add_argument("--plot", metavar="PNG", help="also draw the timeline to this image")
+
     args = parser.parse_args(argv)
     if args.command == "train":
         values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "progress"}
@@ -51,11 +65,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The failing rank's own traceback is in the message; ours would only add noise.
             print(f"conveyor train failed: {error}", file=sys.stderr)
             return 1
+    elif args.command == "simulate":
+        return _simulate(args, parser)
     elif args.command == "show":
         program = build_schedule(args.schedule, args.stages, args.microbatches)
         print(render_steps(program))
         print()
         print(render_timeline(program, validate(program)))
+    return 0
+
+
+def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .observe.simulate import load_costs, simulate
+
+    if args.virtual != 1:
+        parser.error(f"schedule {args.schedule!r} runs one stage per rank: --virtual must be 1")
+    try:
+        program = build_schedule(args.schedule, args.stages, args.microbatches)
+        costs = load_costs(args.costs)
+        result = simulate(program, costs)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(f"{args.schedule}: {args.stages} stages, {args.microbatches} micro-batches")
+        print(f"step time        {result.step_time:.6g}")
+        print(f"bubble fraction  {result.bubble_fraction:.4f}")
+        print(f"peak activations {result.peak_activations} (micro-batches, per rank)")
+        if result.peak_activation_bytes is not None:
+            print(f"peak bytes       {[f'{b:.4g}' for b in result.peak_activation_bytes]}")
+    if args.plot:
+        from .observe.timeline import draw_timeline, spans_from_timing
+
+        title = f"{args.schedule}, {args.stages} stages, {args.microbatches} micro-batches (simulated)"
+        path = draw_timeline(spans_from_timing(program, result.timing), args.plot, title)
+        print(f"timeline written to {path}", file=sys.stderr)
     return 0
 
 

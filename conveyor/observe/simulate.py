@@ -8,12 +8,13 @@ inputs have arrived).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ..schedules import Action, Kind, Program, Timing, split_backward_stages, validate
 
-__all__ = ["CostModel", "Simulation", "StageCosts", "parse_costs", "per_stage", "simulate"]
+__all__ = ["CostModel", "Simulation", "StageCosts", "load_costs", "parse_costs", "save_costs", "simulate"]
 
 
 @dataclass(frozen=True)
@@ -152,5 +153,16 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
     return CostModel(tuple(stages), comm if latency is None else latency)
 
 
-def per_stage(costs: Sequence[StageCosts], latency: float = 0.0) -> CostModel:
-    return CostModel(tuple(costs), latency)
+def load_costs(spec: str) -> CostModel:
+    """A cost model from a profile JSON file (see `save_costs`) or from the text form of `parse_costs`."""
+    path = Path(spec)
+    if spec.endswith(".json") or path.is_file():
+        data = json.loads(path.read_text())
+        stages = tuple(StageCosts(**stage) for stage in data["stages"])
+        return CostModel(stages, float(data.get("latency", 0.0)))
+    return parse_costs(spec)
+
+
+def save_costs(costs: CostModel, path: str | Path) -> None:
+    data = {"stages": [asdict(stage) for stage in costs.stages], "latency": costs.latency}
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")

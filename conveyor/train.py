@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ import torch.distributed as dist
 from .data import TextBatches, stdlib_source_bytes
 from .launch import default_backend, init_from_env, spawn, under_torchrun
 from .models import GPT, GPTConfig, lm_loss
+from .observe.timeline import Span, draw_timeline
+from .observe.trace import Recorder, gather_spans, write_chrome_trace
 from .pipeline import Pipeline
 from .schedules import SCHEDULES
 from .split import split_model
@@ -40,6 +43,8 @@ class TrainConfig:
     seed: int = _option(0, "seed of the weights and of the batches")
     threads: int = _option(1, "torch threads per rank; 1 keeps two ranks from fighting over two cores")
     timeout_s: float = _option(600.0, "stop the run if it (or a rank waiting on another) takes longer")
+    trace: str = _option("", "folder for a Chrome trace (trace.json) and a timeline (timeline.png) of the last steps")
+    trace_steps: int = _option(2, "how many of the last steps --trace records")
     progress: bool = _option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -105,7 +110,15 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     tokens = config.batch_size * config.context
     start = time.perf_counter()
     timed_from, timed_steps = start, 0
+    recorder = None
+    first_traced = max(1, config.steps - config.trace_steps) if config.trace else config.steps
     for step in range(config.steps):
+        if step == first_traced:
+            recorder = Recorder(rank)
+            recorder.start()
+            pipe.executor.tracer = recorder
+        if recorder is not None:
+            recorder.step = step
         inputs, targets = data.next()
         loss = pipe.step(inputs, targets)
         if step == 0:  # the first step learns shapes and warms up: keep it out of the throughput
@@ -122,6 +135,10 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    if recorder is not None:
+        spans = gather_spans(recorder, dst=pipe.last_rank)
+        if reporting:
+            _write_trace(spans, Path(config.trace), config)
     if not reporting:
         return None
     rate = tokens * timed_steps / (time.perf_counter() - timed_from) if timed_steps else 0.0
@@ -134,6 +151,17 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         flush=True,
     )
     return result
+
+
+def _write_trace(spans: list[tuple[int, Span]], folder: Path, config: TrainConfig) -> None:
+    trace = write_chrome_trace(spans, folder / "trace.json")
+    last_step = max(step for step, _ in spans)
+    shown = [span for step, span in spans if step == last_step]
+    title = f"{config.schedule}, {config.stages} stages, {config.microbatches} micro-batches: step {last_step} (measured)"
+    origin = min(span.start for span in shown)
+    in_ms = [replace(s, start=(s.start - origin) * 1e3, end=(s.end - origin) * 1e3) for s in shown]
+    picture = draw_timeline(in_ms, folder / "timeline.png", title, unit="ms")
+    print(f"trace written to {trace} (open in https://ui.perfetto.dev), timeline to {picture}", flush=True)
 
 
 def _device_for(rank: int, device: str) -> torch.device:

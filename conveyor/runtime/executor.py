@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -11,7 +13,17 @@ from ..schedules import Action, Kind, Program
 from .stage import Stage
 from .stage_io import StageIO
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "Tracer"]
+
+
+class Tracer(Protocol):
+    """Told when each action starts and ends, and how long it waited on a receive."""
+
+    def action_started(self, action: Action) -> None: ...
+
+    def action_ended(self, action: Action) -> None: ...
+
+    def waited(self, action: Action, start: float, end: float) -> None: ...
 
 
 class Executor:
@@ -38,7 +50,7 @@ class Executor:
         self.io = io
         self.optimizer_step = optimizer_step
         self.actions = program.actions.get(rank, [])
-        self.on_action: Callable[[Action, str], None] | None = None  # tracing hook: (action, "start" | "end")
+        self.tracer: Tracer | None = None
 
     def run(
         self,
@@ -53,12 +65,14 @@ class Executor:
         self._handoff: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         self._to_send: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         self.io.begin_step(signature)
+        tracer = self.tracer
         for action in self.actions:
-            if self.on_action is not None:
-                self.on_action(action, "start")
-            self._do(action)
-            if self.on_action is not None:
-                self.on_action(action, "end")
+            if tracer is None:
+                self._do(action)
+            else:
+                tracer.action_started(action)
+                self._do(action)
+                tracer.action_ended(action)
         self.io.end_step()
         assert not self._to_send and not self._handoff, "a result was produced but never used"
 
@@ -92,7 +106,7 @@ class Executor:
         elif self.program.rank_of(s - 1) == self.rank:
             inputs = [_as_stage_input(t) for t in self._handoff.pop(("act", s, mb))]
         else:
-            inputs = self.io.wait_activations(s, mb)
+            inputs = self._received(Action(s, Kind.FORWARD, mb), self.io.wait_activations)
         target = weight = None
         if stage.is_last:
             assert self._targets is not None and self._weights is not None, "the last stage's rank must be given targets"
@@ -112,7 +126,7 @@ class Executor:
             if self.program.rank_of(s + 1) == self.rank:
                 grads = self._handoff.pop(("grad", s, mb))
             else:
-                grads = self.io.wait_gradients(s, mb)
+                grads = self._received(Action(s, Kind.BACKWARD, mb), self.io.wait_gradients)
         input_grads = stage.backward(mb, grads)
         if stage.is_first:
             return
@@ -120,6 +134,16 @@ class Executor:
             self._handoff[("grad", s - 1, mb)] = input_grads
         else:
             self._to_send[("grad", s, mb)] = input_grads
+
+
+    def _received(self, action: Action, wait: Callable[[int, int], list[torch.Tensor]]) -> list[torch.Tensor]:
+        assert action.mb is not None
+        if self.tracer is None:
+            return wait(action.stage, action.mb)
+        start = time.perf_counter()
+        tensors = wait(action.stage, action.mb)
+        self.tracer.waited(action, start, time.perf_counter())
+        return tensors
 
 
 def _as_stage_input(tensor: torch.Tensor) -> torch.Tensor:

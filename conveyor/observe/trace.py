@@ -1,0 +1,95 @@
+"""Traces of real runs: when each action ran on every rank, and how long it waited on receives.
+
+A `Recorder` is attached to a rank's executor (`executor.tracer = recorder`).
+`gather_spans` collects every rank's spans on one rank, which writes a Chrome
+trace (`write_chrome_trace`, opens in Perfetto or chrome://tracing) and a
+timeline picture (`observe.timeline.draw_timeline`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch.distributed as dist
+
+from ..schedules import Action
+from .timeline import Span
+
+__all__ = ["Recorder", "gather_spans", "write_chrome_trace"]
+
+
+class Recorder:
+    """Records this rank's actions as spans, times relative to `start()` (in seconds).
+
+    The compute part of an action that waited on a receive starts when the
+    data arrived; the wait is a span of its own, of kind "wait".
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.step = 0
+        self.spans: list[tuple[int, Span]] = []  # (step, span)
+        self._origin = time.perf_counter()
+        self._started = 0.0
+        self._waited_until: float | None = None
+
+    def start(self, group: dist.ProcessGroup | None = None) -> None:
+        """Zero the clock right after a barrier, so ranks' times line up."""
+        if dist.is_initialized():
+            dist.barrier(group)
+        self._origin = time.perf_counter()
+
+    def action_started(self, action: Action) -> None:
+        self._started = time.perf_counter()
+        self._waited_until = None
+
+    def waited(self, action: Action, start: float, end: float) -> None:
+        self._add(Span(self.rank, "wait", action.stage, action.mb, start - self._origin, end - self._origin))
+        self._waited_until = end
+
+    def action_ended(self, action: Action) -> None:
+        if not action.kind.is_compute:
+            return
+        start = self._waited_until if self._waited_until is not None else self._started
+        end = time.perf_counter()
+        self._add(Span(self.rank, action.kind.value, action.stage, action.mb, start - self._origin, end - self._origin))
+
+    def _add(self, span: Span) -> None:
+        self.spans.append((self.step, span))
+
+
+def gather_spans(recorder: Recorder, dst: int = 0, group: dist.ProcessGroup | None = None) -> list[tuple[int, Span]]:
+    """Every rank's spans on rank `dst` (an empty list elsewhere). Collective."""
+    gathered: list[list[tuple[int, Span]]] | None = [[] for _ in range(dist.get_world_size(group))]
+    if dist.get_rank(group) != dst:
+        gathered = None
+    dist.gather_object(recorder.spans, gathered, dst=dst, group=group)
+    return [item for spans in gathered or [] for item in spans]
+
+
+def write_chrome_trace(spans: Sequence[tuple[int, Span]], path: str | Path) -> Path:
+    """Write spans as Chrome trace events: a process per rank, waits on a track of their own."""
+    events: list[dict[str, object]] = []
+    for rank in sorted({span.rank for _, span in spans}):
+        events.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
+        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": "compute"}})
+        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 1, "args": {"name": "waiting on receives"}})
+    for step, span in spans:
+        name = f"{span.stage}{span.kind}{span.mb}" if span.kind != "wait" else f"wait {span.stage}:{span.mb}"
+        events.append({
+            "name": name,
+            "cat": span.kind,
+            "ph": "X",
+            "ts": span.start * 1e6,
+            "dur": (span.end - span.start) * 1e6,
+            "pid": span.rank,
+            "tid": 1 if span.kind == "wait" else 0,
+            "args": {"step": step, "stage": span.stage, "micro-batch": span.mb},
+        })
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    return path

@@ -11,7 +11,7 @@ from torch import nn
 
 from .tensor_meta import TensorMeta
 
-__all__ = ["Stage", "LossFn"]
+__all__ = ["LossFn", "Stage", "call_module"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -60,7 +60,7 @@ class Stage:
         if mb in self._stash:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
         with torch.enable_grad():
-            output = _call(self.module, inputs)
+            output = call_module(self.module, inputs)
             if self.is_last:
                 assert self.loss_fn is not None
                 loss = self.loss_fn(output, target)
@@ -109,7 +109,8 @@ class Stage:
         return len(self._stash)
 
 
-def _call(module: nn.Module, inputs: Any) -> Any:
+def call_module(module: nn.Module, inputs: Any) -> Any:
+    """Call a stage's module the way a stage does: a dict as keyword arguments, a tuple or list as positional ones."""
     if isinstance(inputs, Mapping):
         return module(**inputs)
     if isinstance(inputs, (tuple, list)):

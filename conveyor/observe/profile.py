@@ -1,0 +1,127 @@
+"""Costs from a real model: time F, B and W of each stage and the bytes it keeps for backward.
+
+The stages run one after another in this process, on one micro-batch, the
+way a rank would run them (same threads). B is the backward to the stage's
+input only; W the rest of the backward (the weight gradients), measured as
+the full backward minus B. The first stage has no input gradient to compute,
+so its B is 0 and its whole backward counts as W. Schedules that do not split
+the backward run B + W as one action, so only the sum matters for them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..runtime.microbatch import map_tensors, tensors_in
+from ..runtime.stage import LossFn, call_module
+from .simulate import CostModel, StageCosts
+
+__all__ = ["profile_stages", "saved_activation_bytes"]
+
+
+def profile_stages(
+    modules: Sequence[nn.Module],
+    example_input: Any,
+    example_target: Any,
+    loss_fn: LossFn,
+    *,
+    repeats: int = 5,
+    warmup: int = 2,
+    latency: float = 0.0,
+) -> CostModel:
+    """Measure each stage of a split model (stage order) on one micro-batch; times in seconds."""
+    costs = []
+    stage_input: Any = example_input
+    for index, module in enumerate(modules):
+        last = index == len(modules) - 1
+        if index > 0:  # later stages get leaves that require grad, as the runtime gives them
+            stage_input = _as_leaves(stage_input)
+        run = _stage_runner(module, stage_input, example_target if last else None, loss_fn if last else None)
+        forward, backward, full = [], [], []
+        for repeat in range(warmup + repeats):
+            f, b, fb = run()
+            if repeat >= warmup:
+                forward.append(f)
+                backward.append(b)
+                full.append(fb)
+        b_median, full_median = statistics.median(backward), statistics.median(full)
+        activation = saved_activation_bytes(module, stage_input, example_target if last else None, loss_fn if last else None)
+        costs.append(StageCosts(statistics.median(forward), b_median, max(0.0, full_median - b_median), activation))
+        with torch.no_grad():
+            stage_input = _as_tuple(call_module(module, stage_input))
+    return CostModel(tuple(costs), latency)
+
+
+def saved_activation_bytes(module: nn.Module, inputs: Any, target: Any = None, loss_fn: LossFn | None = None) -> float:
+    """Bytes the forward of `inputs` keeps alive for backward: saved tensors, inputs and outputs, not parameters."""
+    parameters = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    inputs = _fresh_inputs(inputs)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = call_module(module, inputs)
+        if loss_fn is not None:
+            output = loss_fn(output, target)
+    kept = [t for t in (*tensors_in(inputs), *tensors_in(output)) if t.requires_grad]
+    for tensor in kept:
+        seen.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+    return float(sum(seen.values()))
+
+
+def _stage_runner(
+    module: nn.Module, inputs: Any, target: Any, loss_fn: LossFn | None
+) -> Callable[[], tuple[float, float, float]]:
+    """A function that times one forward, one input-only backward and one full backward."""
+
+    def forward() -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+        fresh = _fresh_inputs(inputs)
+        start = time.perf_counter()
+        output = call_module(module, fresh)
+        if loss_fn is not None:
+            output = loss_fn(output, target)
+        elapsed = time.perf_counter() - start
+        outputs = [t for t in tensors_in(output) if t.requires_grad]
+        return outputs, [t for t in tensors_in(fresh) if t.requires_grad], elapsed
+
+    def run() -> tuple[float, float, float]:
+        outputs, leaves, f = forward()
+        grads = [torch.ones_like(t) for t in outputs]
+        b = 0.0
+        if leaves:
+            start = time.perf_counter()
+            torch.autograd.grad(outputs, leaves, grads)
+            b = time.perf_counter() - start
+        outputs, _, _ = forward()
+        start = time.perf_counter()
+        torch.autograd.backward(outputs, grads)
+        full = time.perf_counter() - start
+        module.zero_grad(set_to_none=True)
+        return f, b, full
+
+    return run
+
+
+def _as_leaves(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Stage inputs as the runtime gives them: floating tensors become leaves that require grad."""
+    return tuple(t.detach().requires_grad_(t.is_floating_point()) for t in inputs)
+
+
+def _fresh_inputs(inputs: Any) -> Any:
+    """New leaves for each run, so that no graph is shared between runs."""
+    return map_tensors(inputs, lambda t: t.detach().requires_grad_(t.requires_grad))
+
+
+def _as_tuple(output: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(output) if isinstance(output, (tuple, list)) else (output,)

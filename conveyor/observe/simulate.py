@@ -94,9 +94,11 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
         return 0.0
 
     timing = validate(program, cost, costs.latency)
-    spans = {
-        rank: (min(timing.start[rank]), max(timing.end[rank])) for rank in timing.start if timing.start[rank]
-    }
+    spans = {}  # per rank, from its first compute's start to its last compute's end
+    for rank, actions in program.actions.items():
+        times = [(b, e) for a, b, e in zip(actions, timing.start[rank], timing.end[rank], strict=True) if a.kind.is_compute]
+        if times:
+            spans[rank] = (min(b for b, _ in times), max(e for _, e in times))
     makespan = max((end - start for start, end in spans.values()), default=0.0)
     busy = {
         rank: sum(cost(a) for a in program.actions[rank]) for rank in range(program.num_ranks)

@@ -72,10 +72,15 @@ class Pipeline:
             s: Stage(module.to(self.device), s, num_stages, loss_fn if s == num_stages - 1 else None)
             for s, module in modules.items()
         }
-        self.optimizers = {s: optimizer(stage.module.parameters()) for s, stage in self.stages.items()} if optimizer else {}
+        # A stage without parameters (say, only an activation) gets no optimizer: torch refuses an empty list.
+        self.optimizers = {
+            s: optimizer(params)
+            for s, stage in self.stages.items()
+            if optimizer and (params := list(stage.module.parameters()))
+        }
         self.num_microbatches = num_microbatches
         self._group = group
-        transport = Transport.open_links(_links(self.program), self.device, group)
+        transport = Transport.open(self.program.links(), self.device, group)
         io = StageIO(transport, self.program, self.rank)
         self.executor = Executor(self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None)
 
@@ -147,24 +152,15 @@ class Pipeline:
             stage.module.zero_grad(set_to_none=True)
 
     def _optimizer_step(self, stage: int) -> None:
-        self.optimizers[stage].step()
-        self.optimizers[stage].zero_grad(set_to_none=True)
+        if stage in self.optimizers:
+            self.optimizers[stage].step()
+            self.optimizers[stage].zero_grad(set_to_none=True)
 
 
 def _signature(microbatches: list[Any]) -> int:
     """A 63-bit name for the shapes and dtypes of a step's micro-batches (only its equality matters)."""
     described = tuple(tuple((tuple(t.shape), t.dtype) for t in tensors_in(mb)) for mb in microbatches)
     return hash(described) & (2**63 - 1)
-
-
-def _links(program: Program) -> list[tuple[int, int]]:
-    """Every (sender, receiver) pair of ranks that the program's transfers use."""
-    pairs = []
-    for stage in range(program.num_stages - 1):
-        a, b = program.rank_of(stage), program.rank_of(stage + 1)
-        if a != b:
-            pairs += [(a, b), (b, a)]
-    return pairs
 
 
 def _global(group: dist.ProcessGroup | None, rank: int) -> int:

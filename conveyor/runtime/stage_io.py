@@ -3,7 +3,7 @@
 A receiver must know shapes and dtypes before it posts a buffer. At the start
 of each step the first stage names the step's *input signature* (the shapes and
 dtypes of its micro-batches) and the signature travels down the pipeline, one
-8-byte message per link. The first time a link sees a signature, each
+8-byte message per activation link. The first time a link sees a signature, each
 activation transfer is preceded by a metadata message; the receiver caches
 what it learned, so later steps with the same signature send only the data and
 can post receives early. Gradients need no metadata: their shapes are those of
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schedules import Program
+from ..schedules import Link, Program
 from .tensor_meta import HEADER_LENGTH, TensorMeta, decode_metas, encode_metas
 from .transport import Incoming, Transport
 
@@ -30,9 +30,9 @@ Key = tuple[int, int, int]
 
 @dataclass
 class _Receive:
-    """One stage input or output gradient on its way from `src`."""
+    """One stage input or output gradient on its way over `link`."""
 
-    src: int
+    link: Link
     metas: list[TensorMeta] | None  # None until the metadata message arrives
     cache_key: Key | None = None  # where to remember the metadata once it arrives
     incoming: list[Incoming] | None = None  # None until the buffers are posted
@@ -48,26 +48,24 @@ class StageIO:
         self.signature = 0
         self._metas_in: dict[Key, list[TensorMeta]] = {}  # learned from senders
         self._metas_out: dict[Key, list[TensorMeta]] = {}  # already described to receivers
-        self._queues: dict[int, deque[_Receive]] = {}  # not yet posted, per source rank
+        self._queues: dict[Link, deque[_Receive]] = {}  # not yet posted, per link
         self._posted: dict[tuple[str, int, int], _Receive] = {}
 
     def begin_step(self, signature: int | None) -> None:
-        """Agree on this step's input signature: given on the first stage's rank, received elsewhere."""
+        """Agree on this step's input signature: given on the first stage's rank, received elsewhere.
+
+        Stages are visited in order, so each rank receives from a lower stage
+        before it sends on: the messages cannot wait on each other in a cycle.
+        """
         program, rank = self.program, self.rank
-        heard_from: set[int] = set()
-        told: set[int] = set()
         for stage in program.stages_of(rank):
             if stage == 0:
                 assert signature is not None, "the first stage's rank must give the step's input signature"
                 self.signature = signature
-            elif program.rank_of(stage - 1) != rank and program.rank_of(stage - 1) not in heard_from:
-                src = program.rank_of(stage - 1)
-                self.signature = int(self.transport.recv_now((1,), torch.int64, src).item())
-                heard_from.add(src)
-            if stage + 1 < program.num_stages and program.rank_of(stage + 1) not in (rank, *told):
-                dst = program.rank_of(stage + 1)
-                self.transport.send(torch.tensor([self.signature], dtype=torch.int64), dst)
-                told.add(dst)
+            elif program.rank_of(stage - 1) != rank:
+                self.signature = int(self.transport.recv_now((1,), torch.int64, ("act", stage - 1)).item())
+            if stage + 1 < program.num_stages and program.rank_of(stage + 1) != rank:
+                self.transport.send(torch.tensor([self.signature], dtype=torch.int64), ("act", stage))
 
     def end_step(self) -> None:
         assert not self._posted and not any(self._queues.values()), "a receive was posted but never used"
@@ -79,9 +77,9 @@ class StageIO:
         metas = [TensorMeta.of(t) for t in tensors]
         key = (self.signature, stage + 1, mb)
         described = self._metas_out.get(key)
-        dst = self.program.rank_of(stage + 1)
+        link = ("act", stage)
         if described is None:
-            self.transport.send(encode_metas(metas, f"stage {stage} output"), dst)
+            self.transport.send(encode_metas(metas, f"stage {stage} output"), link)
             self._metas_out[key] = metas
         elif described != metas:
             raise RuntimeError(
@@ -90,13 +88,12 @@ class StageIO:
                 " only on its input shapes"
             )
         for tensor in tensors:
-            self.transport.send(tensor, dst)
+            self.transport.send(tensor, link)
 
     def post_activations(self, stage: int, mb: int) -> None:
         """Post the receive of `stage`'s inputs (from stage - 1) for micro-batch `mb`."""
-        src = self.program.rank_of(stage - 1)
         key = (self.signature, stage, mb)
-        self._post(("act", stage, mb), _Receive(src, self._metas_in.get(key), cache_key=key))
+        self._post(("act", stage, mb), _Receive(("act", stage - 1), self._metas_in.get(key), cache_key=key))
 
     def wait_activations(self, stage: int, mb: int) -> list[torch.Tensor]:
         receive = self._wait(("act", stage, mb))
@@ -106,47 +103,45 @@ class StageIO:
     # Gradients: the gradient of `stage`'s input goes back to stage - 1.
 
     def send_gradients(self, stage: int, grads: Sequence[torch.Tensor]) -> None:
-        dst = self.program.rank_of(stage - 1)
         for grad in grads:
-            self.transport.send(grad, dst)
+            self.transport.send(grad, ("grad", stage))
 
     def post_gradients(self, stage: int, mb: int, metas: list[TensorMeta]) -> None:
         """Post the receive of the gradients of `stage`'s outputs described by `metas`."""
-        src = self.program.rank_of(stage + 1)
-        self._post(("grad", stage, mb), _Receive(src, metas))
+        self._post(("grad", stage, mb), _Receive(("grad", stage + 1), metas))
 
     def wait_gradients(self, stage: int, mb: int) -> list[torch.Tensor]:
         return self._tensors(self._wait(("grad", stage, mb)))
 
-    # Receives from one rank are posted in program order, because messages
-    # between two ranks match in posting order. A receive whose shapes are not
-    # known yet holds back the ones behind it until its metadata arrives.
+    # Receives on one link are posted in program order, because a link's
+    # messages match in posting order. A receive whose shapes are not known
+    # yet holds back the ones behind it until its metadata arrives.
 
     def _post(self, name: tuple[str, int, int], receive: _Receive) -> None:
         self._posted[name] = receive
-        self._queues.setdefault(receive.src, deque()).append(receive)
-        self._pump(receive.src, until=None)
+        self._queues.setdefault(receive.link, deque()).append(receive)
+        self._pump(receive.link, until=None)
 
     def _wait(self, name: tuple[str, int, int]) -> _Receive:
         receive = self._posted.pop(name, None)
         if receive is None:
             raise RuntimeError(f"rank {self.rank}: {name[0]} of stage {name[1]}, micro-batch {name[2]} was never posted")
-        self._pump(receive.src, until=receive)
+        self._pump(receive.link, until=receive)
         return receive
 
-    def _pump(self, src: int, until: _Receive | None) -> None:
-        """Post queued receives from `src` in order; block on metadata only up to `until`."""
-        queue = self._queues[src]
+    def _pump(self, link: Link, until: _Receive | None) -> None:
+        """Post queued receives of `link` in order; block on metadata only up to `until`."""
+        queue = self._queues[link]
         while queue:
             head = queue[0]
             if head.metas is None:
                 if until is None or until.incoming is not None:
                     return
-                header = self.transport.recv_now((HEADER_LENGTH,), torch.int64, src)
+                header = self.transport.recv_now((HEADER_LENGTH,), torch.int64, link)
                 head.metas = decode_metas(header)
                 assert head.cache_key is not None
                 self._metas_in[head.cache_key] = head.metas
-            head.incoming = [self.transport.recv(m.shape, m.dtype, src) for m in head.metas]
+            head.incoming = [self.transport.recv(m.shape, m.dtype, link) for m in head.metas]
             queue.popleft()
 
     def _tensors(self, receive: _Receive) -> list[torch.Tensor]:

@@ -4,22 +4,25 @@ Sends and receives are asynchronous: `send` returns at once, `recv` posts a
 buffer and returns a handle whose `wait()` gives the tensor. With the gloo
 backend, CUDA tensors travel through host memory (gloo only moves CPU tensors).
 
-Each direction of each link (sender, receiver) gets a process group of its
-own. NCCL runs all operations between two ranks of one group in order on one
-stream, and a send there blocks until its receive is posted: with both
-directions on one stream, a rank's pending send can hold back the receive its
-peer is waiting for, and the two deadlock even though the schedule is sound.
-With a group per direction, a send waits only for its own receive, which is
-exactly what the validator assumes.
+Each link (see `conveyor.schedules.Link`: stage s's activations to s + 1,
+or its input gradients to s - 1) gets a process group of its own. NCCL runs
+all operations of one group between two ranks in order on one stream, and a
+send there blocks until its receive is posted: were two links to share a
+group, a pending send on one could hold back the receive the peer waits for
+on the other, and the ranks would deadlock although the schedule is sound.
+With a group per link, a send waits only for its own receive, which is
+exactly what the validator assumes; and a link's messages always match in
+order, which the validator checks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from ..schedules import Link
 
 __all__ = ["Transport", "Incoming"]
 
@@ -41,59 +44,61 @@ class Incoming:
 
 @dataclass
 class Transport:
-    """Sends and receives tensors to and from other ranks of `group` (ranks are group ranks).
+    """Sends and receives tensors over links; ranks are ranks of `group`.
 
-    `links` maps (sender, receiver) to the process group that carries that
-    direction; see `open_links`. Pairs not in it use `group`.
+    `links` maps each link to its (sender, receiver) ranks, `groups` each link
+    this rank is on to the process group that carries it (see `open`).
     """
 
     device: torch.device
     group: dist.ProcessGroup | None = None
-    links: dict[tuple[int, int], dist.ProcessGroup] = field(default_factory=dict)
+    links: dict[Link, tuple[int, int]] = field(default_factory=dict)
+    groups: dict[Link, dist.ProcessGroup | None] = field(default_factory=dict)
     _in_flight: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
-    def open_links(
-        cls, pairs: Iterable[tuple[int, int]], device: torch.device, group: dist.ProcessGroup | None = None
+    def open(
+        cls, links: dict[Link, tuple[int, int]], device: torch.device, group: dist.ProcessGroup | None = None
     ) -> Transport:
-        """A transport with one process group per (sender, receiver) in `pairs`.
+        """A transport with one process group per link.
 
-        Collective: every rank of the default group must call it with the same pairs.
+        Collective: every rank of the default group must call it with the same links.
         """
         rank = dist.get_rank(group)
-        links = {}
-        for src, dst in sorted(set(pairs)):
-            members = [_global(group, src), _global(group, dst)]
-            link = dist.new_group(members)  # every rank must call new_group, member or not
+        groups: dict[Link, dist.ProcessGroup | None] = {}
+        for link in sorted(links):
+            src, dst = links[link]
+            created = dist.new_group([_global(group, src), _global(group, dst)])  # called by every rank
             if rank in (src, dst):
-                assert link is not None
-                links[(src, dst)] = link
-        return cls(device, group, links)
+                groups[link] = created
+        return cls(device, group, dict(links), groups)
 
     @property
     def stages_through_host(self) -> bool:
         """Gloo cannot move device memory, so CUDA tensors are copied to the host and back."""
         return self.device.type != "cpu" and dist.get_backend(self.group) == "gloo"
 
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        """Start sending `tensor` to `dst`; the tensor is kept alive until the send completes."""
+    def send(self, tensor: torch.Tensor, link: Link) -> None:
+        """Start sending `tensor` over `link`; the tensor is kept alive until the send completes."""
         payload = tensor.detach()
         payload = payload.cpu() if self.stages_through_host else payload.to(self.device)
         payload = payload.contiguous()
-        work = dist.isend(payload, dst=_global(self.group, dst), group=self._link(self.rank, dst))
+        dst = self.links[link][1]
+        work = dist.isend(payload, dst=_global(self.group, dst), group=self.groups.get(link, self.group))
         assert work is not None
         self._in_flight.append((work, payload))
         self._forget_finished()
 
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> Incoming:
-        """Post a receive of a tensor of `shape` and `dtype` from `src`."""
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, link: Link) -> Incoming:
+        """Post a receive of a tensor of `shape` and `dtype` over `link`."""
         on_host = self.stages_through_host
         buffer = torch.empty(shape, dtype=dtype, device="cpu" if on_host else self.device)
-        work = dist.irecv(buffer, src=_global(self.group, src), group=self._link(src, self.rank))
+        src = self.links[link][0]
+        work = dist.irecv(buffer, src=_global(self.group, src), group=self.groups.get(link, self.group))
         return Incoming(buffer, work, self.device)
 
-    def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
-        return self.recv(shape, dtype, src).wait()
+    def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype, link: Link) -> torch.Tensor:
+        return self.recv(shape, dtype, link).wait()
 
     def flush(self) -> None:
         """Wait until every send has left this rank (the end of a step)."""
@@ -105,13 +110,6 @@ class Transport:
         # Drop references to sent buffers early so their memory can be reused.
         if len(self._in_flight) > 8:
             self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank(self.group)
-
-    def _link(self, src: int, dst: int) -> dist.ProcessGroup | None:
-        return self.links.get((src, dst), self.group)
 
 
 def _global(group: dist.ProcessGroup | None, rank: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .actions import Action, Kind, Program, parse_action, parse_actions
+from .actions import Action, Kind, Link, Program, parse_action, parse_actions
 from .gpipe import gpipe
 from .lowering import insert_transfers, lower, prefetch_receives
 from .one_f_one_b import one_f_one_b
@@ -12,7 +12,7 @@ from .render import render_steps, render_timeline
 from .validate import DeadlockError, ScheduleError, Timing, split_backward_stages, validate
 
 __all__ = [
-    "Action", "DeadlockError", "Kind", "Program", "SCHEDULES", "ScheduleError", "Timing",
+    "Action", "DeadlockError", "Kind", "Link", "Program", "SCHEDULES", "ScheduleError", "Timing",
     "build_schedule", "gpipe", "insert_transfers", "lower", "one_f_one_b", "parse_action",
     "parse_actions", "prefetch_receives", "render_steps", "render_timeline", "split_backward_stages", "validate",
 ]

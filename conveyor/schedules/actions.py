@@ -7,7 +7,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Action", "Kind", "Program", "parse_action", "parse_actions"]
+__all__ = ["Action", "Kind", "Link", "Program", "parse_action", "parse_actions"]
+
+# A one-way link between neighbouring stages on different ranks: ("act", s) carries
+# stage s's outputs to stage s + 1, ("grad", s) carries stage s's input gradients to
+# stage s - 1. Each link carries its micro-batches in order, on its own channel.
+Link = tuple[str, int]
 
 
 class Kind(enum.Enum):
@@ -110,6 +115,16 @@ class Program:
         """Build a program from one action string per rank (handy in tests)."""
         items = rows.items() if isinstance(rows, Mapping) else enumerate(rows)
         return cls(tuple(placement), num_microbatches, {rank: parse_actions(row) for rank, row in items}, name)
+
+    def links(self) -> dict[Link, tuple[int, int]]:
+        """Every link between stages on different ranks, with its (sender, receiver) ranks."""
+        found: dict[Link, tuple[int, int]] = {}
+        for stage in range(self.num_stages - 1):
+            a, b = self.rank_of(stage), self.rank_of(stage + 1)
+            if a != b:
+                found[("act", stage)] = (a, b)
+                found[("grad", stage + 1)] = (b, a)
+        return found
 
     def to_strings(self) -> list[str]:
         return [" ".join(str(a) for a in self.actions.get(rank, [])) for rank in range(self.num_ranks)]

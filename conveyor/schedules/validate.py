@@ -2,9 +2,10 @@
 
 Semantics, shared with the executor: a send never blocks; a receive posts a
 buffer and never blocks; a compute that reads a received tensor waits until the
-matching send has run. Messages between two ranks match in the order they are
-posted (NCCL ignores tags), so each channel's sends and receives must agree in
-order, not just as sets.
+matching send has run. Each link (stage s's activations to s + 1, or its input
+gradients to s - 1) is a channel of its own whose messages match in the order
+they are posted (NCCL ignores tags), so each link's sends and receives must
+agree in order, not just as sets.
 """
 
 from __future__ import annotations
@@ -134,9 +135,9 @@ def _has_neighbour(program: Program, action: Action) -> bool:
 
 
 def _check_channels(program: Program) -> None:
-    """Every send meets one receive, in the same order on each (sender, receiver) channel."""
-    sends: dict[tuple[int, int], list[tuple[Message, int, int]]] = {}
-    recvs: dict[tuple[int, int], list[tuple[Message, int, int]]] = {}
+    """Every send meets one receive, in the same order on each link."""
+    sends: dict[tuple[str, int], list[tuple[Message, int, int]]] = {}
+    recvs: dict[tuple[str, int], list[tuple[Message, int, int]]] = {}
     for rank, actions in program.actions.items():
         for index, action in enumerate(actions):
             if not (action.kind.is_send or action.kind.is_recv):
@@ -145,29 +146,30 @@ def _check_channels(program: Program) -> None:
                 raise _fail(program, rank, index, "there is no neighbouring stage on that side to talk to")
             if action.kind.is_send:
                 message, peer = _message_sent(program, action)
-                channel, book = (rank, peer), sends
+                book = sends
             else:
                 message, peer = _message_received(program, action)
-                channel, book = (peer, rank), recvs
+                book = recvs
             if peer == rank:
                 raise _fail(program, rank, index, "both stages live on this rank: they hand over in memory, not by a transfer")
-            book.setdefault(channel, []).append((message, rank, index))
-    for channel in sorted(set(sends) | set(recvs)):
-        sent, received = sends.get(channel, []), recvs.get(channel, [])
+            book.setdefault(message[:2], []).append((message, rank, index))
+    for link in sorted(set(sends) | set(recvs)):
+        sent, received = sends.get(link, []), recvs.get(link, [])
+        what = f"link {link[0]} of stage {link[1]}"
         for position in range(max(len(sent), len(received))):
             if position >= len(received):
                 message, rank, index = sent[position]
-                raise _fail(program, rank, index, f"send has no matching receive on rank {channel[1]}")
+                raise _fail(program, rank, index, f"send has no matching receive ({what})")
             if position >= len(sent):
                 message, rank, index = received[position]
-                raise _fail(program, rank, index, f"receive has no matching send on rank {channel[0]}")
+                raise _fail(program, rank, index, f"receive has no matching send ({what})")
             if sent[position][0] != received[position][0]:
                 _, rank, index = received[position]
+                sender, at = sent[position][1:]
                 raise _fail(
                     program, rank, index,
-                    f"message {position} from rank {channel[0]} to rank {channel[1]} is sent as"
-                    f" {program.actions[channel[0]][sent[position][2]]} but received as this action:"
-                    " messages between two ranks match in posting order",
+                    f"message {position} on {what} is sent as {program.actions[sender][at]} (rank {sender}) but"
+                    " received as this action: a link's messages match in posting order",
                 )
 
 

@@ -87,9 +87,12 @@ def stage_plan(layout: Layout, num_stages: int, layers_per_stage: Sequence[int] 
         if stage == num_stages - 1:
             owned = [*owned, *layout.last]
         if not owned:
+            # An even split leaves stages without blocks at the end, where only the last one has `last`
+            # modules to own; explicit counts can also give a stage of its own to the `first` modules.
+            most = len(layout.blocks) + bool(layout.last) + (bool(layout.first) if layers_per_stage is not None else 0)
             raise ValueError(
                 f"stage {stage} would own no layers (layers_per_stage {counts}, {len(layout.blocks)} layers):"
-                f" use at most {len(layout.blocks) + bool(layout.first) + bool(layout.last)} stages or give it a layer"
+                f" use at most {most} stages or give it a layer"
             )
         plan.append(owned)
     return plan

@@ -36,14 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     show = commands.add_parser("show", help="print a schedule's per-rank actions and its timeline on a unit clock")
     show.add_argument("schedule", choices=list(SCHEDULES))
-    show.add_argument("--stages", type=int, default=4)
+    show.add_argument("--stages", type=int, default=4, help="pipeline ranks P (default: 4)")
     show.add_argument("--microbatches", type=int, default=8)
+    show.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
 
     sim = commands.add_parser("simulate", help="predict a schedule's step time, bubble and memory from a cost model")
     sim.add_argument("--schedule", required=True, choices=list(SCHEDULES))
     sim.add_argument("--stages", type=int, required=True)
     sim.add_argument("--microbatches", type=int, required=True)
-    sim.add_argument("--virtual", type=int, default=1, help="stages per rank (default: 1)")
+    sim.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     sim.add_argument(
         "--costs", default="f=1,b=1,w=1,comm=0",
         help="per-stage durations: 'f=1,b=2,w=1,comm=0.1,bytes=1e6' for all stages, ';' between stages"
@@ -68,7 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "simulate":
         return _simulate(args, parser)
     elif args.command == "show":
-        program = build_schedule(args.schedule, args.stages, args.microbatches)
+        try:
+            program = build_schedule(args.schedule, args.stages, args.microbatches, args.virtual)
+        except ValueError as error:
+            parser.error(str(error))
         print(render_steps(program))
         print()
         print(render_timeline(program, validate(program)))
@@ -78,10 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .observe.simulate import load_costs, simulate
 
-    if args.virtual != 1:
-        parser.error(f"schedule {args.schedule!r} runs one stage per rank: --virtual must be 1")
     try:
-        program = build_schedule(args.schedule, args.stages, args.microbatches)
+        program = build_schedule(args.schedule, args.stages, args.microbatches, args.virtual)
         costs = load_costs(args.costs)
         result = simulate(program, costs)
     except (ValueError, OSError) as error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -69,17 +70,31 @@ def spawn(
             start_method="spawn",
         )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not context.join(timeout=0.5):
-            if deadline is not None and time.monotonic() > deadline:
-                running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-                for process in context.processes:
-                    if process.is_alive():
-                        process.terminate()
-                for process in context.processes:
-                    process.join(5)
-                    if process.is_alive():
-                        process.kill()
-                raise TimeoutError(f"ranks {running} of {world_size} were still running after {timeout_s:.0f} s")
+        try:
+            while not context.join(timeout=0.5):
+                if deadline is not None and time.monotonic() > deadline:
+                    running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+                    for process in context.processes:
+                        if process.is_alive():
+                            process.terminate()
+                    for process in context.processes:
+                        process.join(5)
+                        if process.is_alive():
+                            process.kill()
+                    raise TimeoutError(f"ranks {running} of {world_size} were still running after {timeout_s:.0f} s")
+        except mp.ProcessRaisedException as error:
+            # torch names the rank whose process ended first, which may be a peer that lost
+            # its link to the rank that really failed: name the rank that failed first.
+            first = _first_failure(rendezvous)
+            if first is None or first[0] == error.error_index:
+                raise
+            rank, trace = first
+            raise mp.ProcessRaisedException(
+                f"\n\n-- Process {rank} terminated with the following error:\n{trace}"
+                f"(process {error.error_index} failed after it)",
+                rank,
+                context.processes[rank].pid,
+            ) from None
 
 
 def _rank_main(
@@ -103,5 +118,26 @@ def _rank_main(
     )
     try:
         fn(rank, world_size, *args)
+    except Exception:
+        _note_failure(rendezvous, rank, traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _note_failure(rendezvous: str, rank: int, trace: str) -> None:
+    """Record the first rank to fail (before its links close and its peers fail in turn)."""
+    try:
+        with open(f"{rendezvous}.first-failure", "x") as file:
+            file.write(f"{rank}\n{trace}")
+    except FileExistsError:
+        pass
+
+
+def _first_failure(rendezvous: str) -> tuple[int, str] | None:
+    try:
+        with open(f"{rendezvous}.first-failure") as file:
+            rank, trace = file.read().split("\n", 1)
+    except (FileNotFoundError, ValueError):
+        return None
+    return int(rank), trace

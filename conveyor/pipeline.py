@@ -31,7 +31,9 @@ class Pipeline:
     others may pass them too; they are ignored).
 
     `modules` maps each stage this rank runs to its module (a single module
-    when the rank runs one stage). `loss_fn(output, target)` must return the
+    when the rank runs one stage). The model is cut into `num_stages` stages,
+    `num_stages / ranks` per rank, placed as the schedule says
+    (`program.stages_of(rank)`). `loss_fn(output, target)` must return the
     mean loss of a micro-batch; each micro-batch's loss is weighted by its
     share of the samples, so the accumulated gradients and the returned loss
     equal those of the whole mini-batch. With `optimizer` (a function of a
@@ -55,12 +57,10 @@ class Pipeline:
             raise RuntimeError("Pipeline needs torch.distributed to be initialized (see conveyor.launch)")
         self.rank = dist.get_rank(group)
         self.device = torch.device(device)
-        self.program: Program = build_schedule(schedule, num_stages, num_microbatches)
-        if self.program.num_ranks != dist.get_world_size(group):
-            raise ValueError(
-                f"schedule {schedule!r} with {num_stages} stages runs on {self.program.num_ranks} ranks,"
-                f" but the process group has {dist.get_world_size(group)}"
-            )
+        ranks = dist.get_world_size(group)
+        if num_stages % ranks:
+            raise ValueError(f"{num_stages} stages cannot be spread evenly over {ranks} ranks")
+        self.program: Program = build_schedule(schedule, ranks, num_microbatches, num_stages // ranks)
         local = self.program.stages_of(self.rank)
         if isinstance(modules, nn.Module):
             if len(local) != 1:
@@ -94,11 +94,17 @@ class Pipeline:
         blocks: str | None = None,
         **kwargs: Any,
     ) -> Pipeline:
-        """Split `model` by hand (see `split_model`) and keep this rank's stage."""
-        rank = dist.get_rank(kwargs.get("group"))
-        device = kwargs.get("device", "cpu")
-        module = split_model(model, rank, num_stages, layers_per_stage, blocks=blocks, device=device)
-        return cls(module, num_stages=num_stages, **kwargs)
+        """Split `model` by hand (see `split_model`) and keep the stages this rank runs."""
+        group = kwargs.get("group")
+        ranks = dist.get_world_size(group)
+        placement = build_schedule(
+            kwargs.get("schedule", "1f1b"), ranks, kwargs["num_microbatches"], max(1, num_stages // ranks)
+        )
+        modules = {
+            stage: split_model(model, stage, num_stages, layers_per_stage, blocks=blocks, device=kwargs.get("device", "cpu"))
+            for stage in placement.stages_of(dist.get_rank(group))
+        }
+        return cls(modules, num_stages=num_stages, **kwargs)
 
     @property
     def first_rank(self) -> int:

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from .actions import Action, Kind, Link, Program, parse_action, parse_actions
+from .catalog import SCHEDULES, ScheduleInfo, build_schedule, schedule_info
+from .dualpipe import dualpipev
 from .gpipe import gpipe
+from .interleaved import interleaved_1f1b, looped_bfs
 from .lowering import insert_transfers, lower, prefetch_receives
 from .one_f_one_b import one_f_one_b
 from .render import render_steps, render_timeline
 from .validate import DeadlockError, ScheduleError, Timing, split_backward_stages, validate
+from .zero_bubble import zb_h1, zb_h2, zbv
 
 __all__ = [
-    "Action", "DeadlockError", "Kind", "Link", "Program", "SCHEDULES", "ScheduleError", "Timing",
-    "build_schedule", "gpipe", "insert_transfers", "lower", "one_f_one_b", "parse_action",
-    "parse_actions", "prefetch_receives", "render_steps", "render_timeline", "split_backward_stages", "validate",
+    "Action", "DeadlockError", "Kind", "Link", "Program", "SCHEDULES", "ScheduleError", "ScheduleInfo", "Timing",
+    "build_schedule", "dualpipev", "gpipe", "insert_transfers", "interleaved_1f1b", "looped_bfs", "lower",
+    "one_f_one_b", "parse_action", "parse_actions", "prefetch_receives", "render_steps", "render_timeline",
+    "schedule_info", "split_backward_stages", "validate", "zb_h1", "zb_h2", "zbv",
 ]
-
-Generator = Callable[[int, int], Program]
-
-SCHEDULES: dict[str, Generator] = {
-    "gpipe": gpipe,
-    "1f1b": one_f_one_b,
-}
-
-
-def build_schedule(name: str, num_stages: int, num_microbatches: int, prefetch: bool = True) -> Program:
-    """The lowered, validated program of schedule `name`, ready for the executor."""
-    try:
-        generator = SCHEDULES[name]
-    except KeyError:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
-    program = lower(generator(num_stages, num_microbatches), prefetch=prefetch)
-    validate(program)
-    return program

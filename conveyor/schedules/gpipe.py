@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .actions import Action, Kind, Program
+from .placement import check_sizes
 
 __all__ = ["gpipe"]
 
@@ -12,17 +13,10 @@ def gpipe(num_stages: int, num_microbatches: int) -> Program:
 
     Bubble fraction with equal stage costs: (p - 1) / (m + p - 1).
     """
-    _check_sizes(num_stages, num_microbatches)
+    check_sizes("gpipe", num_stages, num_microbatches)
     program = Program(tuple(range(num_stages)), num_microbatches, name="gpipe")
     for stage in range(num_stages):
         forwards = [Action(stage, Kind.FORWARD, mb) for mb in range(num_microbatches)]
         backwards = [Action(stage, Kind.BACKWARD, mb) for mb in range(num_microbatches)]
         program.actions[stage] = [*forwards, *backwards, Action(stage, Kind.STEP)]
     return program
-
-
-def _check_sizes(num_stages: int, num_microbatches: int) -> None:
-    if num_stages < 1:
-        raise ValueError(f"a schedule needs at least 1 stage; got {num_stages}")
-    if num_microbatches < 1:
-        raise ValueError(f"a schedule needs at least 1 micro-batch; got {num_microbatches}")

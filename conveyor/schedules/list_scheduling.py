@@ -27,6 +27,8 @@ def list_schedule(
     in_flight_limits: Sequence[int],
     split_backward: bool,
     deferred_w_limits: Sequence[int] | None = None,
+    released_by: Kind = Kind.BACKWARD,
+    deepest_forward_first: bool = True,
 ) -> Program:
     """The program that the greedy rules produce.
 
@@ -76,7 +78,7 @@ def list_schedule(
         if deferred_w_limits is not None and len(pending_w[r]) > deferred_w_limits[r]:
             s, mb = pending_w[r][0]
             return now, Action(s, Kind.WEIGHT, mb)
-        ready_f = min(((-s, s) for t, _, s in forwards if t <= now), default=None)
+        ready_f = min(((-s if deepest_forward_first else s, s) for t, _, s in forwards if t <= now), default=None)
         if ready_f is not None:
             return now, Action(ready_f[1], Kind.FORWARD, next_f[ready_f[1]])
         if pending_w[r]:
@@ -107,12 +109,15 @@ def list_schedule(
             free_at[rank] = when + b_cost
             backward_end[(s, mb)] = free_at[rank]
             next_b[s] += 1
-            in_flight[rank] -= 1
+            if not split_backward or released_by is Kind.BACKWARD:
+                in_flight[rank] -= 1
             if split_backward:
                 pending_w[rank].append((s, mb))
         else:
             free_at[rank] = when + 1.0
             pending_w[rank].popleft()
+            if released_by is Kind.WEIGHT:
+                in_flight[rank] -= 1
         program.actions[rank].append(action)
     for r in range(ranks):
         program.actions[r] += [Action(s, Kind.STEP) for s in local[r]]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .actions import Action, Kind, Program
-from .gpipe import _check_sizes
+from .placement import check_sizes
 
 __all__ = ["one_f_one_b"]
 
@@ -15,7 +15,7 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> Program:
     m >= 1 is accepted: with m < p the warm-up is cut to m forwards, which is
     correct but leaves most of the pipeline idle (use m >= p for speed).
     """
-    _check_sizes(num_stages, num_microbatches)
+    check_sizes("1f1b", num_stages, num_microbatches)
     m = num_microbatches
     program = Program(tuple(range(num_stages)), m, name="1f1b")
     for stage in range(num_stages):

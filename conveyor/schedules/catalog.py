@@ -1,0 +1,94 @@
+"""Every schedule conveyor offers, what it needs and what it costs: the one place a name is looked up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .actions import Program
+from .dualpipe import dualpipev
+from .gpipe import gpipe
+from .interleaved import interleaved_1f1b, looped_bfs
+from .lowering import lower
+from .one_f_one_b import one_f_one_b
+from .validate import validate
+from .zero_bubble import zb_h1, zb_h2, zbv
+
+__all__ = ["SCHEDULES", "ScheduleInfo", "build_schedule", "schedule_info"]
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    name: str
+    generate: Callable[[int, int, int], Program]
+    """(ranks P, micro-batches m, stages per rank v) -> the generator's program."""
+    stages_per_rank: str
+    microbatches: str
+    memory: str
+    """Peak activations held, in micro-batches of one stage, on the busiest rank."""
+    bubble: str
+    """Bubble fraction with equal F, B, W costs (B + W = 2F when the backward is not split)."""
+    default_virtual: int = 1
+    allowed_virtual: tuple[int, ...] | None = (1,)
+    """None: any v >= 2."""
+
+    def check_virtual(self, virtual: int) -> None:
+        allowed = self.allowed_virtual
+        if allowed is None and virtual < 2:
+            raise ValueError(f"{self.name} runs at least 2 stages per rank; got {virtual}")
+        if allowed is not None and virtual not in allowed:
+            raise ValueError(f"{self.name} runs {' or '.join(map(str, allowed))} stages per rank; got {virtual}")
+
+
+def _single(generator: Callable[[int, int], Program]) -> Callable[[int, int, int], Program]:
+    return lambda ranks, m, virtual: generator(ranks, m)
+
+
+SCHEDULES: dict[str, ScheduleInfo] = {
+    info.name: info
+    for info in [
+        ScheduleInfo("gpipe", _single(gpipe), "1", "any m >= 1", "m", "(P-1)/(m+P-1)"),
+        ScheduleInfo("1f1b", _single(one_f_one_b), "1", "any m >= 1 (m >= P fills the pipe)", "min(P, m)", "(P-1)/(m+P-1)"),
+        ScheduleInfo(
+            "interleaved-1f1b", interleaved_1f1b, "v >= 2, looped (stage s on rank s mod P)", "a multiple of P",
+            "v P + P - 1", "(P-1)/(v m + P-1)", default_virtual=2, allowed_virtual=None,
+        ),
+        ScheduleInfo(
+            "looped-bfs", looped_bfs, "v >= 1, looped (stage s on rank s mod P)", "any m >= 1", "v m",
+            "(P-1)/(v m + P-1)", default_virtual=2, allowed_virtual=None,
+        ),
+        ScheduleInfo("zb-h1", _single(zb_h1), "1, split backward", "any m >= 1", "min(P, m)", "(P-1)/(3m+P-1), a third of 1F1B's bubble time"),
+        ScheduleInfo("zb-h2", _single(zb_h2), "1, split backward", "any m >= 1 (m >= 2P-1: no bubble)", "2P - 1", "0 for m >= 2P-1"),
+        ScheduleInfo(
+            "zbv", _single(zbv), "2, V-shape (rank r: stages r and 2P-1-r), split backward", "m >= 2P-1", "2P (= P full-size)",
+            "0 for m >= 2P-1", default_virtual=2, allowed_virtual=(2,),
+        ),
+        ScheduleInfo(
+            "dualpipev", _single(dualpipev), "2, V-shape, part split backward", "m >= 2P", "2P + 1",
+            "near 0; `conveyor simulate` tells", default_virtual=2, allowed_virtual=(2,),
+        ),
+    ]
+}
+
+
+def schedule_info(name: str) -> ScheduleInfo:
+    try:
+        return SCHEDULES[name]
+    except KeyError:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
+
+
+def build_schedule(
+    name: str, num_ranks: int, num_microbatches: int, virtual: int | None = None, prefetch: bool = True
+) -> Program:
+    """The lowered, validated program of schedule `name` on `num_ranks` ranks, ready for the executor.
+
+    `virtual` is the number of stages per rank (the schedule's default if
+    None), so the model is split into num_ranks * virtual stages.
+    """
+    info = schedule_info(name)
+    v = info.default_virtual if virtual is None else virtual
+    info.check_virtual(v)
+    program = lower(info.generate(num_ranks, num_microbatches, v), prefetch=prefetch)
+    validate(program)
+    return program

@@ -17,7 +17,9 @@ from .runtime.transport import Transport
 from .schedules import Program, build_schedule
 from .split.manual import split_model
 
-__all__ = ["Pipeline", "OptimizerFactory"]
+__all__ = ["Pipeline", "OptimizerFactory", "RECOMPUTE"]
+
+RECOMPUTE = ("none", "full", "all-but-last-stage")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -39,6 +41,12 @@ class Pipeline:
     equal those of the whole mini-batch. With `optimizer` (a function of a
     stage's parameters), each stage steps and zeroes its gradients at the
     end of `step`; without it, gradients accumulate until you step yourself.
+
+    `recompute` is GPipe's re-materialization: "full" keeps only each
+    stage's inputs and runs its forward again during backward;
+    "all-but-last-stage" spares the last stage, whose backward follows its
+    forward at once. `track_memory` counts the bytes each stage holds for
+    backward (`Stage.peak_held_bytes`), at a small cost per forward.
     """
 
     def __init__(
@@ -50,6 +58,8 @@ class Pipeline:
         loss_fn: LossFn,
         schedule: str = "1f1b",
         optimizer: OptimizerFactory | None = None,
+        recompute: str = "none",
+        track_memory: bool = False,
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -68,8 +78,15 @@ class Pipeline:
             modules = {local[0]: modules}
         if sorted(modules) != local:
             raise ValueError(f"rank {self.rank} runs stages {local} of {schedule!r}; got modules for {sorted(modules)}")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {recompute!r}")
+        last = num_stages - 1
         self.stages = {
-            s: Stage(module.to(self.device), s, num_stages, loss_fn if s == num_stages - 1 else None)
+            s: Stage(
+                module.to(self.device), s, num_stages, loss_fn if s == last else None,
+                recompute=recompute == "full" or (recompute == "all-but-last-stage" and s != last),
+                track_memory=track_memory,
+            )
             for s, module in modules.items()
         }
         # A stage without parameters (say, only an activation) gets no optimizer: torch refuses an empty list.

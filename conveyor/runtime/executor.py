@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..schedules import Action, Kind, Program
+from ..schedules import Action, Kind, Program, split_backward_stages
 from .stage import Stage
 from .stage_io import StageIO
 
@@ -50,6 +50,7 @@ class Executor:
         self.io = io
         self.optimizer_step = optimizer_step
         self.actions = program.actions.get(rank, [])
+        self.split_stages = split_backward_stages(program)
         self.tracer: Tracer | None = None
 
     def run(
@@ -87,6 +88,8 @@ class Executor:
             self._forward(s, mb)
         elif kind is Kind.BACKWARD:
             self._backward(s, mb)
+        elif kind is Kind.WEIGHT:
+            self.stages[s].weight(mb)
         elif kind is Kind.SEND_F:
             self.io.send_activations(s, mb, self._to_send.pop(("act", s, mb)))
         elif kind is Kind.SEND_B:
@@ -127,7 +130,7 @@ class Executor:
                 grads = self._handoff.pop(("grad", s, mb))
             else:
                 grads = self._received(Action(s, Kind.BACKWARD, mb), self.io.wait_gradients)
-        input_grads = stage.backward(mb, grads)
+        input_grads = stage.backward(mb, grads, split=s in self.split_stages)
         if stage.is_first:
             return
         if self.program.rank_of(s - 1) == self.rank:

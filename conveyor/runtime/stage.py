@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from .microbatch import tensors_in
+from .split_backward import WeightWork, backward_input
 from .tensor_meta import TensorMeta
 
 __all__ = ["LossFn", "Stage", "call_module"]
@@ -22,6 +26,7 @@ class _Stash:
 
     inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
+    bytes: int = 0  # held for backward, when the stage counts them
 
 
 class Stage:
@@ -31,16 +36,36 @@ class Stage:
     of positional arguments or a dict of keyword arguments); later stages with
     the previous stage's outputs as positional arguments. The last stage's
     output goes to `loss_fn(output, target)`.
+
+    With `recompute`, the forward keeps only the stage's inputs and runs again
+    during backward (`torch.utils.checkpoint`, RNG state preserved, so dropout
+    draws the same mask). With `track_memory`, the stage counts the bytes each
+    micro-batch holds for backward (saved tensors, inputs and outputs, not
+    parameters) in `held_bytes` and `peak_held_bytes`.
     """
 
-    def __init__(self, module: nn.Module, index: int, num_stages: int, loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        index: int,
+        num_stages: int,
+        loss_fn: LossFn | None = None,
+        *,
+        recompute: bool = False,
+        track_memory: bool = False,
+    ) -> None:
         if index == num_stages - 1 and loss_fn is None:
             raise ValueError(f"stage {index} is the last stage and needs a loss function")
         self.module = module
         self.index = index
         self.num_stages = num_stages
         self.loss_fn = loss_fn
+        self.recompute = recompute
+        self.track_memory = track_memory
+        self.held_bytes = 0
+        self.peak_held_bytes = 0
         self._stash: dict[int, _Stash] = {}
+        self._weight_work: dict[int, tuple[WeightWork, int]] = {}
         self.losses: dict[int, torch.Tensor] = {}
 
     @property
@@ -57,10 +82,14 @@ class Stage:
         On the last stage the loss, times `loss_weight`, is kept for backward
         and for the step's reported loss.
         """
-        if mb in self._stash:
+        if mb in self._stash or mb in self._weight_work:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
-        with torch.enable_grad():
-            output = call_module(self.module, inputs)
+        counter = _SavedBytes(self.module) if self.track_memory else None
+        with torch.enable_grad(), counter or contextlib.nullcontext():
+            if self.recompute:
+                output = checkpoint(call_module, self.module, inputs, use_reentrant=False)
+            else:
+                output = call_module(self.module, inputs)
             if self.is_last:
                 assert self.loss_fn is not None
                 loss = self.loss_fn(output, target)
@@ -68,35 +97,52 @@ class Stage:
                     raise TypeError(f"the loss function must return a scalar tensor; got {type(loss).__name__}")
                 loss = loss.reshape(()) * loss_weight
                 self.losses[mb] = loss.detach()
-                self._stash[mb] = _Stash(_grad_leaves(inputs), [loss])
-                return []
-        outputs = _flatten_output(output, self.index)
-        self._stash[mb] = _Stash(_grad_leaves(inputs), outputs)
-        return outputs
+        outputs = [loss] if self.is_last else _flatten_output(output, self.index)
+        stash = _Stash(_grad_leaves(inputs), outputs)
+        if counter is not None:
+            stash.bytes = counter.total(tensors_in(inputs), outputs)
+            self._hold(stash.bytes)
+        self._stash[mb] = stash
+        return [] if self.is_last else outputs
 
     def output_metas(self, mb: int) -> list[TensorMeta]:
         """Shapes of the outputs of `mb` that will receive a gradient from the next stage."""
         return [TensorMeta.of(t) for t in self._stash[mb].outputs if t.requires_grad]
 
-    def backward(self, mb: int, output_grads: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
-        """Backpropagate micro-batch `mb`, accumulating parameter gradients.
+    def backward(self, mb: int, output_grads: Sequence[torch.Tensor] = (), split: bool = False) -> list[torch.Tensor]:
+        """Backpropagate micro-batch `mb` and return the gradients of its inputs that require grad.
 
         `output_grads` matches the outputs that require grad (empty on the last
-        stage). Returns the gradients of the inputs that require grad, for the
-        previous stage, and frees everything `mb` kept.
+        stage). Without `split` this is the whole backward: parameter gradients
+        accumulate and everything `mb` kept is freed. With `split` it is only
+        B, the input gradients: `weight(mb)` must follow, and frees it.
         """
         stash = self._stash.pop(mb, None)
         if stash is None:
             raise RuntimeError(f"stage {self.index}: backward of micro-batch {mb} before its forward")
         outputs = [t for t in stash.outputs if t.requires_grad]
-        grads: Sequence[torch.Tensor | None] = [None] if self.is_last else output_grads
+        grads = [torch.ones_like(outputs[0])] if self.is_last else list(output_grads)
         if len(grads) != len(outputs):
             raise RuntimeError(
                 f"stage {self.index}, micro-batch {mb}: got {len(grads)} output gradients for {len(outputs)} outputs"
             )
+        if split:
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            input_grads, work = backward_input(outputs, grads, stash.inputs, params)
+            self._weight_work[mb] = (work, stash.bytes)
+            return [g if g is not None else torch.zeros_like(t) for g, t in zip(input_grads, stash.inputs, strict=True)]
         if outputs:
             torch.autograd.backward(outputs, grads)
+        self._hold(-stash.bytes)
         return [t.grad if t.grad is not None else torch.zeros_like(t) for t in stash.inputs]
+
+    def weight(self, mb: int) -> None:
+        """W: accumulate the weight gradients of micro-batch `mb`, whose B ran with `split`, and free it."""
+        work = self._weight_work.pop(mb, None)
+        if work is None:
+            raise RuntimeError(f"stage {self.index}: weight gradient of micro-batch {mb} before its split backward")
+        work[0].run()
+        self._hold(-work[1])
 
     def pop_losses(self) -> list[torch.Tensor]:
         losses = [self.losses[mb] for mb in sorted(self.losses)]
@@ -105,8 +151,36 @@ class Stage:
 
     @property
     def activations_held(self) -> int:
-        """Micro-batches whose forward ran and whose backward has not."""
-        return len(self._stash)
+        """Micro-batches whose forward ran and whose backward (W, if split) has not."""
+        return len(self._stash) + len(self._weight_work)
+
+    def _hold(self, change: int) -> None:
+        self.held_bytes += change
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the distinct storages a forward saves for backward, parameters excepted."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        self._storages: dict[int, int] = {}
+        super().__init__(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._params:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def total(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> int:
+        """Saved bytes, plus the inputs and outputs the stage keeps, each storage counted once."""
+        storages = dict(self._storages)
+        for tensor in (*inputs, *outputs):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self._params:
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
 
 def call_module(module: nn.Module, inputs: Any) -> Any:

@@ -11,6 +11,7 @@ from dataclasses import fields
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from .schedules import SCHEDULES, build_schedule, render_steps, render_timeline, validate
+from .pipeline import RECOMPUTE
 from .train import TrainConfig, train
 
 __all__ = ["main"]
@@ -28,11 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         flag = "--" + field.name.replace("_", "-")
         kind = type(getattr(defaults, field.name))
         help_text = f"{field.metadata['help']} (default: {getattr(defaults, field.name)})"
-        if field.name == "schedule":
+        if field.name == "recompute":
+            train_parser.add_argument(flag, choices=list(RECOMPUTE), default=defaults.recompute, help=help_text)
+        elif field.name == "schedule":
             train_parser.add_argument(flag, choices=list(SCHEDULES), default=defaults.schedule, help=help_text)
         else:
             train_parser.add_argument(flag, type=kind, default=getattr(defaults, field.name), help=help_text)
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    commands.add_parser("schedules", help="list every schedule with its constraints, memory and bubble")
 
     show = commands.add_parser("show", help="print a schedule's per-rank actions and its timeline on a unit clock")
     show.add_argument("schedule", choices=list(SCHEDULES))
@@ -66,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The failing rank's own traceback is in the message; ours would only add noise.
             print(f"conveyor train failed: {error}", file=sys.stderr)
             return 1
+    elif args.command == "schedules":
+        _list_schedules()
     elif args.command == "simulate":
         return _simulate(args, parser)
     elif args.command == "show":
@@ -77,6 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(render_timeline(program, validate(program)))
     return 0
+
+
+def _list_schedules() -> None:
+    columns = ("name", "stages per rank", "micro-batches", "peak activations", "bubble (equal F, B, W)")
+    rows = [(i.name, i.stages_per_rank, i.microbatches, i.memory, i.bubble) for i in SCHEDULES.values()]
+    widths = [max(len(str(row[k])) for row in [columns, *rows]) for k in range(len(columns))]
+    for row in [columns, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip())
+    print("\nP: ranks, m: micro-batches, v: stages per rank. Activations in micro-batches of one stage, busiest rank.")
 
 
 def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

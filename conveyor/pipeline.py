@@ -109,6 +109,7 @@ class Pipeline:
         num_stages: int,
         layers_per_stage: list[int] | None = None,
         blocks: str | None = None,
+        seed: int = 0,
         **kwargs: Any,
     ) -> Pipeline:
         """Split `model` by hand (see `split_model`) and keep the stages this rank runs."""
@@ -118,7 +119,9 @@ class Pipeline:
             kwargs.get("schedule", "1f1b"), ranks, kwargs["num_microbatches"], max(1, num_stages // ranks)
         )
         modules = {
-            stage: split_model(model, stage, num_stages, layers_per_stage, blocks=blocks, device=kwargs.get("device", "cpu"))
+            stage: split_model(
+                model, stage, num_stages, layers_per_stage, blocks=blocks, device=kwargs.get("device", "cpu"), seed=seed
+            )
             for stage in placement.stages_of(dist.get_rank(group))
         }
         return cls(modules, num_stages=num_stages, **kwargs)

@@ -16,9 +16,8 @@ from .launch import default_backend, init_from_env, spawn, under_torchrun
 from .models import GPT, GPTConfig, lm_loss
 from .observe.timeline import Span, draw_timeline
 from .observe.trace import Recorder, gather_spans, write_chrome_trace
-from .pipeline import Pipeline
+from .pipeline import RECOMPUTE, Pipeline
 from .schedules import SCHEDULES
-from .split import split_model
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -29,8 +28,10 @@ def _option(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stages: int = _option(2, "pipeline stages, one process (rank) each")
-    schedule: str = _option("1f1b", "pipeline schedule")
+    stages: int = _option(2, "pipeline ranks (processes); the model is cut into stages x virtual stages")
+    schedule: str = _option("1f1b", "pipeline schedule (`conveyor schedules` lists them)")
+    virtual: int = _option(0, "stages per rank; 0 takes the schedule's default (1, or 2 for looped and V schedules)")
+    recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
     microbatches: int = _option(4, "micro-batches per mini-batch; the batch size need not be a multiple")
     steps: int = _option(100, "optimizer steps")
     batch_size: int = _option(16, "sequences per mini-batch")
@@ -53,8 +54,20 @@ class TrainConfig:
         for name in ("stages", "microbatches", "steps", "batch_size", "context", "layers", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
+        SCHEDULES[self.schedule].check_virtual(self.stages_per_rank)
+        if self.layers < self.stages * self.stages_per_rank:
+            raise ValueError(
+                f"{self.layers} layers cannot fill {self.stages * self.stages_per_rank} stages: use --layers"
+                f" {self.stages * self.stages_per_rank} or more"
+            )
         if self.microbatches > self.batch_size:
             raise ValueError(f"{self.microbatches} micro-batches need a batch size of at least that; got {self.batch_size}")
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.virtual or SCHEDULES[self.schedule].default_virtual
 
     @property
     def model(self) -> GPTConfig:
@@ -91,13 +104,14 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     torch.set_num_threads(config.threads)
     device = _device_for(rank, config.device)
     model = config.model
-    stage = split_model(lambda: GPT(model), rank, config.stages, device=device, seed=config.seed)
-    pipe = Pipeline(
-        stage,
-        num_stages=config.stages,
+    pipe = Pipeline.from_model(
+        lambda: GPT(model),
+        num_stages=config.stages * config.stages_per_rank,
+        seed=config.seed,
         num_microbatches=config.microbatches,
         loss_fn=lm_loss,
         schedule=config.schedule,
+        recompute=config.recompute,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
         device=device,
     )
@@ -173,7 +187,7 @@ def _device_for(rank: int, device: str) -> torch.device:
 
 def _describe(config: TrainConfig) -> str:
     fields = asdict(config)
-    keys = ("stages", "schedule", "microbatches", "batch_size", "context", "dim", "layers", "steps", "device")
+    keys = ("stages", "schedule", "virtual", "microbatches", "batch_size", "context", "dim", "layers", "steps", "device")
     params = sum(p.numel() for p in GPT(config.model).parameters())
     return ", ".join(f"{k}={fields[k]}" for k in keys) + f", {params / 1e6:.1f}M parameters"
 

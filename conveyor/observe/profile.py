@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from ..runtime.microbatch import map_tensors, tensors_in
 from ..runtime.stage import LossFn, call_module
 from .simulate import CostModel, StageCosts
 
-__all__ = ["profile_stages", "saved_activation_bytes"]
+__all__ = ["measure_latency", "profile_stages", "saved_activation_bytes"]
 
 
 def profile_stages(
@@ -125,3 +126,35 @@ def _fresh_inputs(inputs: Any) -> Any:
 
 def _as_tuple(output: Any) -> tuple[torch.Tensor, ...]:
     return tuple(output) if isinstance(output, (tuple, list)) else (output,)
+
+
+def measure_latency(nbytes: int, repeats: int = 20, timeout_s: float = 60) -> float:
+    """One-way time (seconds) of an `nbytes` point-to-point message between two spawned gloo ranks.
+
+    Measured as half of a median round trip; the simulator adds it to every cross-rank dependency.
+    """
+    import tempfile
+
+    from ..launch import spawn
+
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        spawn(_ping_pong, 2, (nbytes, repeats, out.name), timeout_s=timeout_s)
+        return float(Path(out.name).read_text())
+
+
+def _ping_pong(rank: int, world: int, nbytes: int, repeats: int, out: str) -> None:
+    import torch.distributed as dist
+
+    payload = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
+    rounds = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(payload, 1)
+            dist.recv(payload, 1)
+        else:
+            dist.recv(payload, 0)
+            dist.send(payload, 0)
+        rounds.append(time.perf_counter() - start)
+    if rank == 0:
+        Path(out).write_text(str(statistics.median(rounds[2:]) / 2))

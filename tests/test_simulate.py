@@ -1,0 +1,127 @@
+"""The simulator against closed forms (F = B = W, no latency), and the `conveyor simulate` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conveyor.cli import main
+from conveyor.observe.simulate import CostModel, StageCosts, load_costs, parse_costs, save_costs, simulate
+from conveyor.schedules import DeadlockError, Program, build_schedule
+
+EQUAL = parse_costs("f=1,b=1,w=1")
+
+
+def bubble_time(result) -> float:  # type: ignore[no-untyped-def]
+    return result.bubble_fraction * result.step_time
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 16])
+def test_gpipe_and_1f1b_bubble_is_p_minus_1_over_m_plus_p_minus_1(name: str, p: int, m: int) -> None:
+    result = simulate(build_schedule(name, p, m), EQUAL)
+    assert result.bubble_fraction == pytest.approx((p - 1) / (m + p - 1))
+    assert result.step_time == pytest.approx(3 * (m + p - 1))
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 8])
+@pytest.mark.parametrize("m_per_p", [1, 2, 3])
+def test_zb_h1_bubble_time_is_a_third_of_1f1b(p: int, m_per_p: int) -> None:
+    m = p * m_per_p
+    one_f_one_b = simulate(build_schedule("1f1b", p, m), EQUAL)
+    zb_h1 = simulate(build_schedule("zb-h1", p, m), EQUAL)
+    assert bubble_time(zb_h1) == pytest.approx(bubble_time(one_f_one_b) / 3)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 6, 8])
+def test_zb_h2_has_no_bubble_from_2p_minus_1_micro_batches(p: int) -> None:
+    for m in range(2 * p - 1, 4 * p + 1):
+        assert bubble_time(simulate(build_schedule("zb-h2", p, m), EQUAL)) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
+def test_zbv_has_no_bubble_from_2p_minus_1_micro_batches(p: int) -> None:
+    half = parse_costs("f=0.5,b=0.5,w=0.5")  # two stages per rank, each half the model
+    for m in range(2 * p - 1, 4 * p + 1):
+        assert bubble_time(simulate(build_schedule("zbv", p, m), half)) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("v", [2, 3, 4])
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_interleaved_bubble_time_is_1_over_v_of_1f1b(p: int, v: int, rounds: int) -> None:
+    m = p * rounds
+    share = parse_costs(f"f={1 / v},b={1 / v},w={1 / v}")  # v stages per rank share the rank's work
+    interleaved = simulate(build_schedule("interleaved-1f1b", p, m, v), share)
+    one_f_one_b = simulate(build_schedule("1f1b", p, m), EQUAL)
+    assert bubble_time(interleaved) == pytest.approx(bubble_time(one_f_one_b) / v)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_peak_activations(p: int, m: int) -> None:
+    assert simulate(build_schedule("1f1b", p, m), EQUAL).peak_activations == [min(p - i, m) for i in range(p)]
+    assert simulate(build_schedule("gpipe", p, m), EQUAL).peak_activations == [m] * p
+    assert max(simulate(build_schedule("zb-h1", p, m), EQUAL).peak_activations) <= min(p, m)
+    assert max(simulate(build_schedule("zb-h2", p, m), EQUAL).peak_activations) <= 2 * p - 1
+
+
+def test_peak_bytes_weigh_each_stage() -> None:
+    costs = CostModel((StageCosts(activation_bytes=100.0), StageCosts(activation_bytes=7.0)))
+    result = simulate(build_schedule("1f1b", 2, 4), costs)
+    assert result.peak_activations == [2, 1]
+    assert result.peak_activation_bytes == [200.0, 7.0]
+
+
+def test_latency_and_per_stage_costs_lengthen_the_step() -> None:
+    base = simulate(build_schedule("gpipe", 2, 1), parse_costs("f=1,b=1,w=0"))
+    assert base.step_time == pytest.approx(4.0)  # F0 F1 B1 B0 in a chain
+    slow = simulate(build_schedule("gpipe", 2, 1), parse_costs("f=1,b=1,w=0;f=3,b=2,w=0,comm=0.5"))
+    assert slow.step_time == pytest.approx(1 + 0.5 + 3 + 2 + 0.5 + 1)
+
+
+def test_costs_for_the_wrong_number_of_stages_are_refused() -> None:
+    with pytest.raises(ValueError, match="3 stages; the schedule has 2"):
+        simulate(build_schedule("1f1b", 2, 2), parse_costs("f=1;f=1;f=1"))
+
+
+def test_unknown_cost_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown cost 'x'"):
+        parse_costs("f=1,x=2")
+
+
+def test_a_deadlocking_program_is_reported_with_its_ranks_and_actions() -> None:
+    # Rank 0 sends its activation only after its backward, which needs rank 1's gradient.
+    program = Program.from_strings(
+        ["0F0 0RB0 0B0 0SF0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"], placement=[0, 1], num_microbatches=1
+    )
+    with pytest.raises(DeadlockError) as error:
+        simulate(program, EQUAL)
+    message = str(error.value)
+    assert "rank 0 waits at 0B0 for 1SB0 on rank 1" in message
+    assert "rank 1 waits at 1F0 for 0SF0 on rank 0" in message
+
+
+def test_cost_files_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    costs = CostModel((StageCosts(0.1, 0.2, 0.05, 1e6), StageCosts(0.2, 0.1, 0.1, 2e6)), latency=0.001)
+    path = tmp_path / "costs.json"
+    save_costs(costs, path)
+    assert load_costs(str(path)) == costs
+
+
+def test_cli_json(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["simulate", "--schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["schedule"] == "1f1b" and report["stages"] == 4 and report["microbatches"] == 8
+    assert report["bubble_fraction"] == pytest.approx(3 / 11)
+    assert report["peak_activations"] == [4, 3, 2, 1]
+    assert report["step_time"] == pytest.approx(33.0)
+
+
+def test_cli_plot_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "timeline.png"
+    assert main(["simulate", "--schedule", "zbv", "--stages", "2", "--microbatches", "4", "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -84,7 +84,7 @@ class Stage:
         """
         if mb in self._stash or mb in self._weight_work:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
-        counter = _SavedBytes(self.module) if self.track_memory else None
+        counter = _SavedBytes(self.module, tensors_in(inputs)) if self.track_memory else None
         with torch.enable_grad(), counter or contextlib.nullcontext():
             if self.recompute:
                 output = checkpoint(call_module, self.module, inputs, use_reentrant=False)
@@ -100,7 +100,7 @@ class Stage:
         outputs = [loss] if self.is_last else _flatten_output(output, self.index)
         stash = _Stash(_grad_leaves(inputs), outputs)
         if counter is not None:
-            stash.bytes = counter.total(tensors_in(inputs), outputs)
+            stash.bytes = counter.total(outputs)
             self._hold(stash.bytes)
         self._stash[mb] = stash
         return [] if self.is_last else outputs
@@ -160,27 +160,38 @@ class Stage:
 
 
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the distinct storages a forward saves for backward, parameters excepted."""
+    """Counts the bytes a forward keeps for backward: saved tensors, inputs and outputs, parameters excepted.
 
-    def __init__(self, module: nn.Module) -> None:
+    Each storage counts once. A micro-batch of the first stage is a view of
+    the whole batch's storage, so for storages of the inputs only the viewed
+    bytes count.
+    """
+
+    def __init__(self, module: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
         self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        self._storages: dict[int, int] = {}
+        self._inputs = {t.untyped_storage().data_ptr() for t in inputs}
+        self._counted: dict[tuple[int, int], int] = {}
+        for tensor in inputs:
+            self._count(tensor)
         super().__init__(self._pack, lambda tensor: tensor)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self._params:
-            self._storages[storage.data_ptr()] = storage.nbytes()
+        self._count(tensor)
         return tensor
 
-    def total(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> int:
-        """Saved bytes, plus the inputs and outputs the stage keeps, each storage counted once."""
-        storages = dict(self._storages)
-        for tensor in (*inputs, *outputs):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in self._params:
-                storages[storage.data_ptr()] = storage.nbytes()
-        return sum(storages.values())
+    def _count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in self._params:
+            return
+        if storage.data_ptr() in self._inputs:
+            self._counted[(tensor.data_ptr(), tensor.nbytes)] = tensor.nbytes
+        else:
+            self._counted[(storage.data_ptr(), -1)] = storage.nbytes()
+
+    def total(self, outputs: Sequence[torch.Tensor]) -> int:
+        for tensor in outputs:
+            self._count(tensor)
+        return sum(self._counted.values())
 
 
 def call_module(module: nn.Module, inputs: Any) -> Any:

@@ -61,10 +61,13 @@ def test_step_takes_no_micro_batch_and_others_need_one() -> None:
         Action(0, Kind.FORWARD)
 
 
-def test_kind_predicates() -> None:
-    assert {k for k in Kind if k.is_compute} == {Kind.FORWARD, Kind.BACKWARD}
+def test_kind_predicates_partition_the_kinds() -> None:
+    assert Kind.FORWARD.is_compute and Kind.BACKWARD.is_compute
     assert {k for k in Kind if k.is_send} == {Kind.SEND_F, Kind.SEND_B}
     assert {k for k in Kind if k.is_recv} == {Kind.RECV_F, Kind.RECV_B}
+    for kind in Kind:
+        roles = [kind.is_compute, kind.is_send, kind.is_recv, kind is Kind.STEP]
+        assert sum(roles) == 1, kind
 
 
 def test_program_from_strings_and_back() -> None:

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 import pytest
 
-from conveyor.schedules import SCHEDULES, Kind, Program, build_schedule, gpipe, lower, one_f_one_b, validate
+from conveyor.schedules import (
+    SCHEDULES,
+    Kind,
+    Program,
+    build_schedule,
+    gpipe,
+    lower,
+    one_f_one_b,
+    schedule_info,
+    split_backward_stages,
+    validate,
+)
 
-MAX_STAGES, MAX_MICROBATCHES = 8, 32
+MAX_RANKS, MAX_MICROBATCHES = 8, 32
 
 
 def test_gpipe_three_stages_three_microbatches() -> None:
@@ -42,17 +56,17 @@ def test_one_f_one_b_with_fewer_microbatches_than_stages_cuts_the_warmup() -> No
     ]
 
 
-def test_generators_place_one_stage_per_rank_and_name_the_program() -> None:
-    for name, generator in SCHEDULES.items():
-        program = generator(3, 2)
-        assert program.placement == (0, 1, 2)
-        assert program.num_microbatches == 2
-        assert program.name == name
+@pytest.mark.parametrize("generator", [gpipe, one_f_one_b])
+def test_single_stage_generators_place_one_stage_per_rank(generator: Callable[[int, int], Program]) -> None:
+    program = generator(3, 2)
+    assert program.placement == (0, 1, 2)
+    assert program.num_microbatches == 2
+    assert program.name == {gpipe: "gpipe", one_f_one_b: "1f1b"}[generator]
 
 
 @pytest.mark.parametrize("generator", [gpipe, one_f_one_b])
-def test_generators_reject_empty_sizes(generator) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="at least 1 stage; got 0"):
+def test_generators_reject_empty_sizes(generator: Callable[[int, int], Program]) -> None:
+    with pytest.raises(ValueError, match="at least 1 rank; got 0"):
         generator(0, 4)
     with pytest.raises(ValueError, match="at least 1 micro-batch; got 0"):
         generator(2, 0)
@@ -68,43 +82,95 @@ def test_build_schedule_returns_the_lowered_program() -> None:
     assert build_schedule("gpipe", 2, 2, prefetch=False).to_strings() == lower(gpipe(2, 2), prefetch=False).to_strings()
 
 
-def peak_in_flight(program: Program, rank: int) -> int:
-    """The most forwards on `rank` whose backward has not run yet: the activations it must keep."""
-    held = peak = 0
-    for action in program.actions[rank]:
-        if action.kind is Kind.FORWARD:
-            held += 1
-            peak = max(peak, held)
-        elif action.kind is Kind.BACKWARD:
-            held -= 1
-    return peak
+def test_single_stage_schedules_refuse_virtual_stages() -> None:
+    with pytest.raises(ValueError, match="1f1b runs 1 stages? per rank; got 2"):
+        build_schedule("1f1b", 2, 4, virtual=2)
 
 
-EXPECTED_PEAK = {
-    "gpipe": lambda p, rank, m: m,
-    "1f1b": lambda p, rank, m: min(p - rank, m),
+# What each schedule accepts, and the peak activations its busiest rank holds (in micro-batches
+# of one stage, released by B, or by W where the backward is split), as the catalog states them.
+ACCEPTS: dict[str, Callable[[int, int], bool]] = {
+    "interleaved-1f1b": lambda p, m: m % p == 0,
+    "zbv": lambda p, m: m >= 2 * p - 1,
+    "dualpipev": lambda p, m: m >= 2 * p,
+}
+PEAK: dict[str, Callable[[int, int, int], int]] = {
+    "gpipe": lambda p, m, v: m,
+    "1f1b": lambda p, m, v: min(p, m),
+    "interleaved-1f1b": lambda p, m, v: min(v * m, v * p + p - 1),
+    "looped-bfs": lambda p, m, v: v * m,
+    "zb-h1": lambda p, m, v: min(p, m),
+    "zb-h2": lambda p, m, v: min(2 * p - 1, m),
+    "zbv": lambda p, m, v: 2 * p,
+    "dualpipev": lambda p, m, v: 2 * p + 1,
 }
 
 
-def test_every_schedule_has_a_stated_memory_bound() -> None:
-    # A new schedule must state its activation bound here to be covered by the sweep below.
-    assert set(EXPECTED_PEAK) == set(SCHEDULES)
+def peaks_held(program: Program) -> list[int]:
+    """Per rank, the most micro-batch activations held at once (summed over the rank's stages)."""
+    split = split_backward_stages(program)
+    peaks = []
+    for rank in range(program.num_ranks):
+        held: Counter[int] = Counter()
+        peak = 0
+        for action in program.actions[rank]:
+            if action.kind is Kind.FORWARD:
+                held[action.stage] += 1
+            elif action.kind is (Kind.WEIGHT if action.stage in split else Kind.BACKWARD):
+                held[action.stage] -= 1
+            peak = max(peak, sum(held.values()))
+        peaks.append(peak)
+    return peaks
+
+
+def test_every_schedule_states_its_invariants() -> None:
+    # A new schedule must state its memory bound here to be covered by the sweep below.
+    assert set(PEAK) == set(SCHEDULES)
+
+
+def virtual_counts(name: str) -> tuple[int, ...]:
+    allowed = schedule_info(name).allowed_virtual
+    return allowed if allowed is not None else (2, 3)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_every_size_builds_validates_and_keeps_its_invariants(name: str) -> None:
     """All p in 1..8 and m in 1..32 (exhaustive: cheaper than sampling, and it misses nothing)."""
-    for p in range(1, MAX_STAGES + 1):
+    accepts = ACCEPTS.get(name, lambda p, m: True)
+    for v in virtual_counts(name):
+        for p in range(1, MAX_RANKS + 1):
+            for m in range(1, MAX_MICROBATCHES + 1):
+                where = f"{name} p={p} m={m} v={v}"
+                if not accepts(p, m):
+                    with pytest.raises(ValueError, match=name):
+                        build_schedule(name, p, m, v)
+                    continue
+                program = build_schedule(name, p, m, v)  # raises ScheduleError if the program does not validate
+                assert program.num_ranks == p and program.num_stages == p * v, where
+                assert all(len(program.stages_of(rank)) == v for rank in range(p)), where
+                if name in PEAK:
+                    assert max(peaks_held(program)) == PEAK[name](p, m, v), where
+                for rank in range(p):
+                    steps = [a.stage for a in program.actions[rank] if a.kind is Kind.STEP]
+                    assert sorted(steps) == program.stages_of(rank), f"{where} rank {rank}: one step per stage"
+
+
+def test_one_f_one_b_rank_peaks_and_makespan() -> None:
+    """Rank i holds min(p - i, m) activations (GPipe: m), and both take 2(m + p - 1) unit ticks,
+    i.e. the documented bubble (p - 1) / (m + p - 1)."""
+    for p in range(1, MAX_RANKS + 1):
         for m in range(1, MAX_MICROBATCHES + 1):
-            where = f"{name} p={p} m={m}"
-            program = build_schedule(name, p, m)  # raises if the program does not validate
-            timing = validate(program)
-            # Unit costs: (m + p - 1) forward ticks plus as many backward ticks,
-            # i.e. the documented bubble fraction (p - 1) / (m + p - 1).
-            assert timing.makespan == 2 * (m + p - 1), where
-            # Prefetching moves free receives only: it must not change the timing.
-            assert validate(lower(SCHEDULES[name](p, m), prefetch=False)).makespan == timing.makespan, where
-            for rank in range(p):
-                assert peak_in_flight(program, rank) == EXPECTED_PEAK[name](p, rank, m), f"{where} rank {rank}"
-                steps = [a for a in program.actions[rank] if a.kind is Kind.STEP]
-                assert program.actions[rank][-1].kind is Kind.STEP and len(steps) == 1, f"{where} rank {rank}"
+            one_f_one_b_program, gpipe_program = build_schedule("1f1b", p, m), build_schedule("gpipe", p, m)
+            assert peaks_held(one_f_one_b_program) == [min(p - rank, m) for rank in range(p)], (p, m)
+            assert peaks_held(gpipe_program) == [m] * p, (p, m)
+            assert validate(one_f_one_b_program).makespan == 2 * (m + p - 1), (p, m)
+            assert validate(gpipe_program).makespan == 2 * (m + p - 1), (p, m)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_prefetching_receives_does_not_change_the_timing(name: str) -> None:
+    info = schedule_info(name)
+    for p in (1, 2, 3, 4):
+        m = 2 * p
+        generated = info.generate(p, m, info.default_virtual)
+        assert validate(lower(generated)).makespan == validate(lower(generated, prefetch=False)).makespan, (p, m)

@@ -1,0 +1,86 @@
+"""The launcher: a failing rank stops the others and its error comes back; a hang becomes a TimeoutError."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny_models import mlp, mlp_batch
+
+from conveyor import Pipeline, spawn, split_model
+from conveyor.launch import default_backend, under_torchrun
+
+
+def _rank_one_raises(rank: int, world: int) -> None:
+    if rank == 1:
+        raise ValueError("boom from rank 1")
+    dist.recv(torch.zeros(1), src=1)  # would wait forever for rank 1
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_rank_raises_its_error_instead_of_hanging() -> None:
+    started = time.monotonic()
+    expected = "(?s)Process 1 terminated.*ValueError: boom from rank 1"
+    with pytest.raises(mp.ProcessRaisedException, match=expected) as raised:
+        spawn(_rank_one_raises, 2, timeout_s=45)
+    assert "_rank_one_raises" in str(raised.value), "the rank's traceback should come back"
+    assert time.monotonic() - started < 30, "the failing rank should stop the run long before the deadline"
+
+
+def _loss_fails_on_the_last_rank(rank: int, world: int) -> None:
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("loss exploded")
+
+    pipe = Pipeline(split_model(mlp(), rank, world), num_stages=world, num_microbatches=2, loss_fn=loss_fn)
+    pipe.step(*mlp_batch(4))  # ranks 0 and 1 then wait for gradients that never come
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_failing_mid_step_stops_the_pipeline() -> None:
+    with pytest.raises(mp.ProcessRaisedException, match="(?s)Process 2 terminated.*RuntimeError: loss exploded"):
+        spawn(_loss_fails_on_the_last_rank, 3, timeout_s=45)
+
+
+def _rank_one_hangs(rank: int, world: int, pid_file: str) -> None:
+    if rank == 1:
+        Path(pid_file).write_text(str(os.getpid()))
+        time.sleep(600)
+
+
+@pytest.mark.timeout(60)
+def test_a_hanging_rank_gives_a_timeout_error_and_is_stopped(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    with pytest.raises(TimeoutError, match=r"ranks \[1\] of 2 were still running after 5 s"):
+        spawn(_rank_one_hangs, 2, (str(pid_file),), timeout_s=5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)  # the hanging rank was terminated and reaped
+
+
+def _returns(rank: int, world: int, out: str) -> None:
+    Path(out, f"{rank}-of-{world}").write_text(str(torch.get_num_threads()))
+
+
+@pytest.mark.timeout(60)
+def test_spawn_runs_every_rank_with_its_arguments(tmp_path: Path) -> None:
+    spawn(_returns, 2, (str(tmp_path),), timeout_s=45)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0-of-2", "1-of-2"]
+    assert (tmp_path / "0-of-2").read_text() == "1"  # threads_per_rank defaults to 1
+
+
+def test_under_torchrun_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "0" if name != "MASTER_ADDR" else "localhost")
+    assert under_torchrun()
+    monkeypatch.delenv("MASTER_PORT")
+    assert not under_torchrun()
+
+
+def test_default_backend_on_cpu_is_gloo() -> None:
+    assert default_backend("cpu", 2) == "gloo"
+    if not torch.cuda.is_available():
+        assert default_backend("cuda", 2) == "gloo"

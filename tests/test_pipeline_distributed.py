@@ -1,0 +1,203 @@
+"""Real multi-process runs over gloo, each rank checked against a single-process reference it builds itself.
+
+Starting a process group costs seconds, so each test spawns once and loops over
+the cases inside the ranks; assertion messages name the case, the rank and the
+parameter that differs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import (
+    MODELS,
+    TinyTransformer,
+    assert_close,
+    assert_grads_match,
+    assert_params_match,
+    token_batch,
+    token_loss,
+    transformer,
+    two_stream,
+)
+
+from conveyor import Pipeline, spawn, split_model
+
+SCHEDULES = ("gpipe", "1f1b")
+MICROBATCHES = (1, 2, 3, 4, 8)
+BATCH = 10  # not a multiple of 3, 4 or 8: uneven micro-batches
+
+
+def _one_step_matches_the_reference(rank: int, world: int) -> None:
+    for schedule in SCHEDULES:
+        for m in MICROBATCHES:
+            for kind, (build, make_batch, loss_fn) in MODELS.items():
+                where = f"{schedule} p={world} m={m} {kind}, rank {rank}"
+                x, y = make_batch(BATCH)
+                reference = build()
+                expected = loss_fn(reference(x), y)
+                expected.backward()
+
+                pipe = Pipeline(
+                    split_model(build(), rank, world), num_stages=world, num_microbatches=m, loss_fn=loss_fn,
+                    schedule=schedule,
+                )
+                # Only the first stage's rank gets inputs and only the last's gets targets.
+                loss = pipe.step(x if rank == 0 else None, y if rank == world - 1 else None)
+
+                if rank == world - 1:
+                    assert loss is not None, f"{where}: the last rank must return the loss"
+                    assert_close(loss, expected, f"{where}: loss")
+                else:
+                    assert loss is None, f"{where}: only the last rank returns the loss without loss_on_all_ranks"
+                assert_grads_match(pipe.named_parameters(), reference, where)
+                for stage in pipe.stages.values():
+                    assert stage.activations_held == 0, f"{where}: stage {stage.index} kept activations"
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_one_step_matches_the_reference(world: int) -> None:
+    """Loss and every gradient, for gpipe and 1f1b, m in 1, 2, 3, 4, 8, an MLP and a Transformer."""
+    spawn(_one_step_matches_the_reference, world, timeout_s=120)
+
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+}
+
+
+def _training_follows_the_reference(rank: int, world: int) -> None:
+    m, steps = 4, 10
+    for schedule in SCHEDULES:
+        for kind, optimizer_name in (("mlp", "sgd"), ("transformer", "adam")):
+            build, make_batch, loss_fn = MODELS[kind]
+            optimizer = OPTIMIZERS[optimizer_name]
+            where = f"{schedule} p={world} m={m} {kind} {optimizer_name}, rank {rank}"
+            reference = build()
+            reference_optimizer = optimizer(reference.parameters())
+            pipe = Pipeline(
+                split_model(build(), rank, world), num_stages=world, num_microbatches=m, loss_fn=loss_fn,
+                schedule=schedule, optimizer=optimizer,
+            )
+            for step in range(steps):
+                x, y = make_batch(BATCH, seed=100 + step)
+                reference_optimizer.zero_grad()
+                expected = loss_fn(reference(x), y)
+                expected.backward()
+                reference_optimizer.step()
+                loss = pipe.step(x, y)
+                if loss is not None:
+                    assert_close(loss, expected, f"{where}: loss of step {step}")
+                # The pipeline steps and zeroes its gradients itself.
+                assert all(p.grad is None for p in pipe.parameters()), f"{where}: gradients left after step {step}"
+            assert_params_match(pipe.named_parameters(), reference, f"{where}: after {steps} steps", tol=1e-5)
+            initial = dict(build().named_parameters())
+            moved = [n for n, p in pipe.named_parameters() if not torch.equal(p, initial[n])]
+            assert moved, f"{where}: training did not change any parameter"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_training_follows_the_reference(world: int) -> None:
+    """Ten optimizer steps (an MLP with SGD and momentum, a Transformer with Adam): losses and final parameters."""
+    spawn(_training_follows_the_reference, world, timeout_s=100)
+
+
+def _features(rank: int, world: int) -> None:
+    last = world - 1
+    for schedule in SCHEDULES:
+        # loss_on_all_ranks: every rank gets the mini-batch loss.
+        build, make_batch, loss_fn = MODELS["transformer"]
+        x, y = make_batch(BATCH)
+        reference = build()
+        expected = loss_fn(reference(x), y)
+        expected.backward()
+        pipe = Pipeline(split_model(build(), rank, world), num_stages=world, num_microbatches=3, loss_fn=loss_fn,
+                        schedule=schedule)
+        loss = pipe.step(x, y, loss_on_all_ranks=True)
+        assert loss is not None, f"{schedule} rank {rank}: loss_on_all_ranks gave None"
+        assert_close(loss, expected, f"{schedule} rank {rank}: loss_on_all_ranks")
+        assert_grads_match(pipe.named_parameters(), reference, f"{schedule} loss_on_all_ranks, rank {rank}")
+
+        # Gradients accumulate over steps until zeroed: a second batch adds its gradients.
+        x2, y2 = make_batch(BATCH, seed=7)
+        loss_fn(reference(x2), y2).backward()
+        pipe.step(x2, y2)
+        assert_grads_match(pipe.named_parameters(), reference, f"{schedule} accumulated, rank {rank}")
+
+        # A first stage called with keyword arguments, one of them not a tensor.
+        tokens, targets = token_batch(BATCH, seed=3)
+        offset = torch.randn(BATCH, 1, 8, generator=torch.Generator().manual_seed(4))
+        inputs = {"tokens": tokens, "offset": offset, "scale": 0.5}
+        reference = transformer()
+        expected = token_loss(reference(**inputs), targets)
+        expected.backward()
+        pipe = Pipeline(split_model(transformer(), rank, world), num_stages=world, num_microbatches=4,
+                        loss_fn=token_loss, schedule=schedule)
+        loss = pipe.step(inputs if rank == 0 else None, targets if rank == last else None)
+        if rank == last:
+            assert_close(loss, expected, f"{schedule} dict input: loss")
+        assert_grads_match(pipe.named_parameters(), reference, f"{schedule} dict input, rank {rank}")
+
+        # Stages that pass three tensors on; a float mask and int64 positions carry no gradient.
+        reference = two_stream()
+        expected = token_loss(reference(tokens), targets)
+        expected.backward()
+        pipe = Pipeline(split_model(two_stream(), rank, world), num_stages=world, num_microbatches=3,
+                        loss_fn=token_loss, schedule=schedule)
+        loss = pipe.step(tokens, targets)
+        if rank == last:
+            assert_close(loss, expected, f"{schedule} two streams: loss")
+        assert_grads_match(pipe.named_parameters(), reference, f"{schedule} two streams, rank {rank}")
+
+        # The batch size may change between steps (new shapes travel once, then are cached) and come back.
+        reference = transformer()
+        pipe = Pipeline(split_model(transformer(), rank, world), num_stages=world, num_microbatches=3,
+                        loss_fn=token_loss, schedule=schedule)
+        for step, size in enumerate((10, 7, 10, 7, 3)):
+            tokens, targets = token_batch(size, seed=20 + step)
+            reference.zero_grad(set_to_none=True)
+            pipe.zero_grad()
+            expected = token_loss(reference(tokens), targets)
+            expected.backward()
+            loss = pipe.step(tokens, targets)
+            if rank == last:
+                assert_close(loss, expected, f"{schedule} batch of {size}: loss")
+            where = f"{schedule} step {step}, batch of {size}, rank {rank}"
+            assert_grads_match(pipe.named_parameters(), reference, where)
+
+        # from_model with a function: built on the meta device, each rank materializing its own stage.
+        reference = split_model(TinyTransformer, 0, 1)
+        expected = token_loss(reference(tokens), targets)
+        expected.backward()
+        pipe = Pipeline.from_model(TinyTransformer, num_stages=world, num_microbatches=2, loss_fn=token_loss,
+                                   schedule=schedule)
+        assert all(p.device.type == "cpu" for p in pipe.parameters())
+        loss = pipe.step(tokens, targets, loss_on_all_ranks=True)
+        assert_close(loss, expected, f"{schedule} from_model: loss, rank {rank}")
+        assert_grads_match(pipe.named_parameters(), reference, f"{schedule} from_model, rank {rank}")
+
+    # A stage with no parameters (stage 1 holds only a Tanh), trained with an optimizer.
+    build, make_batch, loss_fn = MODELS["mlp"]
+    reference = build()
+    reference_optimizer = OPTIMIZERS["sgd"](reference.parameters())
+    pipe = Pipeline(split_model(build(), rank, world, [3, 1, 3]), num_stages=world, num_microbatches=2,
+                    loss_fn=loss_fn, optimizer=OPTIMIZERS["sgd"])
+    assert (rank == 1) == (not list(pipe.parameters()))
+    for step in range(3):
+        x, y = make_batch(BATCH, seed=30 + step)
+        reference_optimizer.zero_grad()
+        expected = loss_fn(reference(x), y)
+        expected.backward()
+        reference_optimizer.step()
+        loss = pipe.step(x, y, loss_on_all_ranks=True)
+        assert_close(loss, expected, f"parameterless stage: loss of step {step}, rank {rank}")
+    assert_params_match(pipe.named_parameters(), reference, f"parameterless stage, rank {rank}", tol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_features_on_three_ranks() -> None:
+    """loss_on_all_ranks, accumulation, keyword inputs, several tensors between stages, changing batch sizes, ..."""
+    spawn(_features, 3, timeout_s=100)

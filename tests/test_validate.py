@@ -1,0 +1,210 @@
+"""The validator: hand-broken programs are rejected with messages that point at the culprit."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conveyor.schedules import (
+    SCHEDULES,
+    DeadlockError,
+    Kind,
+    Program,
+    ScheduleError,
+    build_schedule,
+    render_steps,
+    validate,
+)
+
+
+def program(rows: list[str], num_microbatches: int = 1, name: str = "") -> Program:
+    return Program.from_strings(rows, placement=range(len(rows)), num_microbatches=num_microbatches, name=name)
+
+
+def rejects(broken: Program, error: type[ScheduleError] = ScheduleError) -> str:
+    with pytest.raises(error) as raised:
+        validate(broken)
+    return str(raised.value)
+
+
+def grid_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("step ", "rank "))]
+
+
+def test_a_sound_program_passes_and_is_timed() -> None:
+    timing = validate(program(["0F0 0SF0 0RB0 0B0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"]))
+    assert timing.start == {0: [0, 1, 1, 3, 4], 1: [0, 1, 2, 3, 3]}
+    assert timing.makespan == 4
+
+
+def test_custom_costs_change_the_timing() -> None:
+    gpipe = build_schedule("gpipe", 2, 2)
+    timing = validate(gpipe, cost=lambda a: {Kind.FORWARD: 1.0, Kind.BACKWARD: 2.0}.get(a.kind, 0.0))
+    assert timing.makespan == 3 * 1.0 + 3 * 2.0  # (m + p - 1) forwards and backwards on the critical path
+
+
+def test_send_without_matching_receive() -> None:
+    # Rank 1 forgot to post 1RF0: rank 0's 0SF0 has nobody to meet.
+    broken = program(["0F0 0SF0 0RB0 0B0 0STEP", "1F0 1B0 1SB0 1STEP"], name="broken")
+    message = rejects(broken)
+    assert message.startswith("broken: rank 0, action 1 (0SF0): send has no matching receive (link act of stage 0)")
+    assert "[0SF0]" in message
+    assert grid_lines(message) == render_steps(broken, mark={(0, 1)}).splitlines()
+
+
+def test_receive_without_matching_send() -> None:
+    broken = program(["0F0 0RB0 0B0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"])
+    message = rejects(broken)
+    assert "rank 1, action 0 (1RF0): receive has no matching send (link act of stage 0)" in message
+    assert grid_lines(message) == render_steps(broken, mark={(1, 0)}).splitlines()
+
+
+def test_missing_transfer_altogether() -> None:
+    # Neither 0SF0 nor 1RF0: rank 1's forward has no input.
+    broken = program(["0F0 0RB0 0B0 0STEP", "1F0 1B0 1SB0 1STEP"])
+    message = rejects(broken)
+    assert "rank 1, action 0 (1F0): needs 1RF0, which has not run on this rank before it" in message
+    assert "[1F0]" in message
+
+
+def test_missing_gradient_receive() -> None:
+    # 0RB0 dropped while 1SB0 stays: the gradient would have nowhere to land.
+    broken = program(["0F0 0SF0 0B0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"])
+    message = rejects(broken)
+    assert "rank 1, action 3 (1SB0): send has no matching receive (link grad of stage 1)" in message
+    assert "[1SB0]" in message
+
+
+def test_backward_before_its_forward() -> None:
+    message = rejects(program(["0B0 0F0 0STEP"]))
+    assert "rank 0, action 0 (0B0): needs 0F0, which has not run on this rank before it" in message
+    assert "[0B0]" in message
+
+
+def test_backward_before_its_forward_on_a_later_rank() -> None:
+    broken = program(["0F0 0SF0 0RB0 0B0 0STEP", "1RF0 1B0 1F0 1SB0 1STEP"])
+    message = rejects(broken)
+    assert "rank 1, action 1 (1B0): needs 1F0" in message
+    assert grid_lines(message) == render_steps(broken, mark={(1, 1)}).splitlines()
+
+
+def test_step_before_the_last_backward() -> None:
+    message = rejects(program(["0F0 0F1 0B0 0STEP 0B1"], num_microbatches=2))
+    assert "rank 0, action 3 (0STEP): needs 0B1" in message
+
+
+def test_send_before_the_compute_that_produces_it() -> None:
+    message = rejects(program(["0SF0 0F0 0RB0 0B0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"]))
+    assert "rank 0, action 0 (0SF0): needs 0F0" in message
+
+
+def test_receives_matched_out_of_order_on_a_channel() -> None:
+    # Rank 0 sends micro-batch 0 then 1; rank 1 posts 1 then 0. Messages match in posting order.
+    broken = program(
+        ["0F0 0SF0 0F1 0SF1 0RB0 0B0 0RB1 0B1 0STEP", "1RF1 1RF0 1F0 1F1 1B0 1SB0 1B1 1SB1 1STEP"],
+        num_microbatches=2,
+    )
+    message = rejects(broken)
+    assert (
+        "rank 1, action 0 (1RF1): message 0 on link act of stage 0 is sent as 0SF0 (rank 0) but received as this action"
+        in message
+    )
+    assert grid_lines(message) == render_steps(broken, mark={(1, 0)}).splitlines()
+
+
+def test_two_ranks_waiting_on_each_other_deadlock() -> None:
+    # Rank 0 waits for rank 1's gradient before sending rank 1 the activation it needs.
+    broken = program(["0F0 0RB0 0B0 0SF0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"], name="crossed")
+    message = rejects(broken, DeadlockError)
+    assert message.startswith("crossed deadlocks: ranks 0, 1 wait on each other in a cycle")
+    assert "rank 0 waits at 0B0 for 1SB0 on rank 1" in message
+    assert "rank 1 waits at 1F0 for 0SF0 on rank 0" in message
+    assert grid_lines(message) == render_steps(broken, mark={(0, 2), (1, 1)}).splitlines()
+
+
+def test_deadlock_names_only_the_ranks_in_the_cycle() -> None:
+    # Ranks 1 and 2 wait on each other; rank 0 merely waits on rank 1 and is not part of the cycle.
+    broken = program([
+        "0F0 0SF0 0RB0 0B0 0STEP",
+        "1RF0 1F0 1RB0 1B0 1SF0 1SB0 1STEP",
+        "2RF0 2F0 2B0 2SB0 2STEP",
+    ])
+    message = rejects(broken, DeadlockError)
+    assert "ranks 1, 2 wait on each other in a cycle" in message
+    assert "rank 1 waits at 1B0 for 2SB0 on rank 2" in message
+    assert "rank 2 waits at 2F0 for 1SF0 on rank 1" in message
+    assert "rank 0 waits" not in message
+    # The grid marks every stuck rank, rank 0 included.
+    assert "[0B0]" in message and "[1B0]" in message and "[2F0]" in message
+
+
+def test_missing_and_repeated_computes_are_listed() -> None:
+    message = rejects(program(["0F0 0F0 0B0 0STEP", "1B0 1STEP"]))
+    assert "missing ['1F0']" in message
+    assert "repeated ['0F0']" in message
+    assert grid_lines(message) == render_steps(program(["0F0 0F0 0B0 0STEP", "1B0 1STEP"])).splitlines()
+
+
+def test_action_on_a_rank_that_does_not_own_its_stage() -> None:
+    message = rejects(program(["0F0 1F0 0B0 0STEP", "1B0 1STEP"]))
+    assert "rank 0, action 1 (1F0): stage 1 lives on rank 1, not rank 0" in message
+
+
+def test_unknown_stage_and_micro_batch() -> None:
+    assert "there is no stage 3 (stages 0..1)" in rejects(program(["0F0 3F0", "1F0"]))
+    assert "rank 1, action 1 (1B2): no micro-batch 2 (0..1)" in rejects(program(["0F0", "1F0 1B2"], 2))
+
+
+def test_transfer_to_a_stage_that_does_not_exist() -> None:
+    message = rejects(program(["0RF0 0F0 0B0 0STEP"]))
+    assert "rank 0, action 0 (0RF0): there is no neighbouring stage on that side to talk to" in message
+
+
+def test_transfer_between_stages_on_the_same_rank() -> None:
+    same_rank = Program.from_strings(["0F0 0SF0 1RF0 1F0 1B0 0B0"], placement=(0, 0), num_microbatches=1)
+    assert "both stages live on this rank" in rejects(same_rank)
+
+
+@st.composite
+def sound_programs(draw: st.DrawFn) -> Program:
+    """A lowered program of any schedule, at sizes it accepts."""
+    name = draw(st.sampled_from(sorted(SCHEDULES)))
+    p = draw(st.integers(1, 4))
+    m = draw(st.integers(2 * p, 2 * p + 4)) if name in ("zbv", "dualpipev") else draw(st.integers(1, 6))
+    if name == "interleaved-1f1b":
+        m = p * draw(st.integers(1, 2))
+    return build_schedule(name, p, m)
+
+
+@given(sound_programs(), st.data())
+def test_removing_any_compute_or_transfer_is_caught(sound: Program, data: st.DataObject) -> None:
+    rank = data.draw(st.integers(0, sound.num_ranks - 1))
+    # STEP is left alone: the validator does not require one (an asynchronous schedule steps more often).
+    # So is a stage's only W: without it the stage simply does not split its backward, which is sound.
+    weights = Counter(a.stage for a in sound.actions[rank] if a.kind is Kind.WEIGHT)
+    removable = [
+        i for i, a in enumerate(sound.actions[rank])
+        if a.kind is not Kind.STEP and not (a.kind is Kind.WEIGHT and weights[a.stage] == 1)
+    ]
+    index = data.draw(st.sampled_from(removable))
+    rows = sound.to_strings()
+    words = rows[rank].split()
+    rows[rank] = " ".join(words[:index] + words[index + 1 :])
+    broken = Program.from_strings(rows, sound.placement, sound.num_microbatches, sound.name)
+    with pytest.raises(ScheduleError) as raised:
+        validate(broken)
+    # The message points into the grid it shows (or lists the missing compute above it).
+    assert "rank " in str(raised.value) and "step " in str(raised.value), sound.actions[rank][index]
+
+
+@given(sound_programs(), st.data())
+def test_repeating_any_compute_is_caught(sound: Program, data: st.DataObject) -> None:
+    rank = data.draw(st.integers(0, sound.num_ranks - 1))
+    twice = data.draw(st.sampled_from([a for a in sound.actions[rank] if a.kind.is_compute]))
+    rows = sound.to_strings()
+    rows[rank] += f" {twice}"
+    with pytest.raises(ScheduleError, match=f"repeated \\['{twice}'\\]"):
+        validate(Program.from_strings(rows, sound.placement, sound.num_microbatches, sound.name))

@@ -1,0 +1,43 @@
+"""`conveyor train` end to end on spawned ranks: the loss falls, and --trace writes a Chrome trace and a timeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conveyor.cli import main
+
+
+@pytest.mark.timeout(240)
+def test_train_lowers_the_loss_and_traces(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    trace = tmp_path / "trace"
+    argv = [
+        "train", "--steps", "12", "--dim", "64", "--layers", "2", "--heads", "2", "--context", "32",
+        "--batch-size", "8", "--microbatches", "4", "--lr", "3e-3", "--no-progress", "--trace", str(trace),
+        "--timeout-s", "200",
+    ]
+    assert main(argv) == 0
+    out = capfd.readouterr().out  # the ranks are other processes: read their file descriptors
+    line = next(line for line in out.splitlines() if line.startswith("loss "))
+    first, last = (float(word) for word in line.split()[1:4:2])
+    assert last < first, line
+
+    events = json.loads((trace / "trace.json").read_text())["traceEvents"]
+    work = [e for e in events if e.get("ph") == "X"]
+    assert {e["pid"] for e in work} == {0, 1}
+    assert {e["cat"] for e in work} >= {"F", "B"}
+    for rank in (0, 1):  # every traced step runs each micro-batch's F and B once per rank
+        steps = {e["args"]["step"] for e in work if e["pid"] == rank}
+        forwards = [e for e in work if e["pid"] == rank and e["cat"] == "F"]
+        assert len(forwards) == 4 * len(steps)
+    assert all(e["dur"] >= 0 for e in work)
+    assert (trace / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_refuses_a_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--schedule", "zbv", "--virtual", "3"])
+    assert "zbv runs 2 stages per rank; got 3" in capsys.readouterr().err

@@ -107,7 +107,8 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        print(f"{args.schedule}: {args.stages} stages, {args.microbatches} micro-batches")
+        v = program.num_stages // program.num_ranks
+        print(f"{args.schedule}: {args.stages} ranks x {v} stage(s), {args.microbatches} micro-batches")
         print(f"step time        {result.step_time:.6g}")
         print(f"bubble fraction  {result.bubble_fraction:.4f}")
         print(f"peak activations {result.peak_activations} (micro-batches, per rank)")
@@ -116,7 +117,7 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.plot:
         from .observe.timeline import draw_timeline, spans_from_timing
 
-        title = f"{args.schedule}, {args.stages} stages, {args.microbatches} micro-batches (simulated)"
+        title = f"{args.schedule}, {args.stages} ranks, {args.microbatches} micro-batches (simulated)"
         path = draw_timeline(spans_from_timing(program, result.timing), args.plot, title)
         print(f"timeline written to {path}", file=sys.stderr)
     return 0

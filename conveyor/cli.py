@@ -12,6 +12,7 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from .schedules import SCHEDULES, build_schedule, render_steps, render_timeline, validate
 from .pipeline import RECOMPUTE
+from .models import lm_loss
 from .train import TrainConfig, train
 
 __all__ = ["main"]
@@ -38,6 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     commands.add_parser("schedules", help="list every schedule with its constraints, memory and bubble")
+
+    prof = commands.add_parser(
+        "profile", help="measure F, B, W per stage and activation bytes of `conveyor train`'s model, for simulate"
+    )
+    for name in ("stages", "virtual", "microbatches", "batch_size", "context", "dim", "layers", "heads", "threads"):
+        prof.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    prof.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="fixes stages per rank")
+    prof.add_argument("--latency", action="store_true", help="also measure the transfer time of one activation")
+    prof.add_argument("--out", default="costs.json", help="cost file for `conveyor simulate --costs` (default: %(default)s)")
 
     show = commands.add_parser("show", help="print a schedule's per-rank actions and its timeline on a unit clock")
     show.add_argument("schedule", choices=list(SCHEDULES))
@@ -71,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The failing rank's own traceback is in the message; ours would only add noise.
             print(f"conveyor train failed: {error}", file=sys.stderr)
             return 1
+    elif args.command == "profile":
+        return _profile(args, parser)
     elif args.command == "schedules":
         _list_schedules()
     elif args.command == "simulate":
@@ -83,6 +95,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(render_steps(program))
         print()
         print(render_timeline(program, validate(program)))
+    return 0
+
+
+def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from .models import GPT
+    from .observe.profile import measure_latency, profile_stages
+    from .observe.simulate import CostModel, save_costs
+    from .split import split_model
+
+    values = {k: getattr(args, k) for k in ("stages", "schedule", "virtual", "microbatches", "batch_size", "context")}
+    try:
+        config = TrainConfig(**values, dim=args.dim, layers=args.layers, heads=args.heads, threads=args.threads)
+    except ValueError as error:
+        parser.error(str(error))
+    torch.set_num_threads(config.threads)
+    stages = config.stages * config.stages_per_rank
+    modules = [split_model(lambda: GPT(config.model), s, stages) for s in range(stages)]
+    micro = -(-config.batch_size // config.microbatches)  # the largest micro-batch
+    tokens = torch.randint(0, config.model.vocab_size, (micro, config.context + 1))
+    costs = profile_stages(modules, tokens[:, :-1], tokens[:, 1:], lm_loss)
+    if args.latency:
+        costs = CostModel(costs.stages, measure_latency(micro * config.context * config.dim * 4))
+    save_costs(costs, args.out)
+    for index, stage in enumerate(costs.stages):
+        print(
+            f"stage {index}: F {stage.forward * 1e3:.2f} ms, B {stage.backward * 1e3:.2f} ms,"
+            f" W {stage.weight * 1e3:.2f} ms, {(stage.activation_bytes or 0) / 2**20:.1f} MiB held per micro-batch"
+        )
+    print(f"latency {costs.latency * 1e3:.3f} ms; written to {args.out}")
     return 0
 
 

@@ -66,40 +66,44 @@ def zbv(num_ranks: int, num_microbatches: int) -> Program:
         raise ValueError(f"zbv needs at least 2P - 1 = {2 * p - 1} micro-batches for {p} ranks; got {m}")
     program = Program(v_shape(p), m, name="zbv")
     for rank in range(p):
-        down, up = rank, 2 * p - 1 - rank
-        counts = {(s, k): 0 for s in (down, up) for k in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHT)}
-        actions: list[Action] = []
-
-        def run(stage: int, kind: Kind) -> None:
-            actions.append(Action(stage, kind, counts[(stage, kind)]))
-            counts[(stage, kind)] += 1
-
-        for _ in range(2 * (p - rank) - 1):
-            run(down, Kind.FORWARD)
-        for _ in range(rank):
-            run(up, Kind.FORWARD)
-            run(down, Kind.FORWARD)
-        for _ in range(p - rank):
-            run(up, Kind.FORWARD)
-            run(up, Kind.BACKWARD)
-            run(up, Kind.WEIGHT)
-        while counts[(up, Kind.FORWARD)] < m:
-            if counts[(down, Kind.FORWARD)] < m:
-                run(down, Kind.FORWARD)
-            run(down, Kind.BACKWARD)
-            run(down, Kind.WEIGHT)
-            run(up, Kind.FORWARD)
-            run(up, Kind.BACKWARD)
-            run(up, Kind.WEIGHT)
-        for _ in range(rank):
-            run(down, Kind.BACKWARD)
-            run(up, Kind.BACKWARD)
-        for _ in range(p - rank):
-            run(down, Kind.BACKWARD)
-            run(down, Kind.WEIGHT)
-        while counts[(up, Kind.WEIGHT)] < m:
-            run(up, Kind.WEIGHT)
-        while counts[(down, Kind.WEIGHT)] < m:
-            run(down, Kind.WEIGHT)
-        program.actions[rank] = [*actions, Action(down, Kind.STEP), Action(up, Kind.STEP)]
+        program.actions[rank] = _zbv_rank(p, m, rank)
     return program
+
+
+def _zbv_rank(p: int, m: int, rank: int) -> list[Action]:
+    down, up = rank, 2 * p - 1 - rank
+    counts = {(s, k): 0 for s in (down, up) for k in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHT)}
+    actions: list[Action] = []
+
+    def run(stage: int, kind: Kind) -> None:
+        actions.append(Action(stage, kind, counts[(stage, kind)]))
+        counts[(stage, kind)] += 1
+
+    for _ in range(2 * (p - rank) - 1):
+        run(down, Kind.FORWARD)
+    for _ in range(rank):
+        run(up, Kind.FORWARD)
+        run(down, Kind.FORWARD)
+    for _ in range(p - rank):
+        run(up, Kind.FORWARD)
+        run(up, Kind.BACKWARD)
+        run(up, Kind.WEIGHT)
+    while counts[(up, Kind.FORWARD)] < m:
+        if counts[(down, Kind.FORWARD)] < m:
+            run(down, Kind.FORWARD)
+        run(down, Kind.BACKWARD)
+        run(down, Kind.WEIGHT)
+        run(up, Kind.FORWARD)
+        run(up, Kind.BACKWARD)
+        run(up, Kind.WEIGHT)
+    for _ in range(rank):
+        run(down, Kind.BACKWARD)
+        run(up, Kind.BACKWARD)
+    for _ in range(p - rank):
+        run(down, Kind.BACKWARD)
+        run(down, Kind.WEIGHT)
+    while counts[(up, Kind.WEIGHT)] < m:
+        run(up, Kind.WEIGHT)
+    while counts[(down, Kind.WEIGHT)] < m:
+        run(down, Kind.WEIGHT)
+    return [*actions, Action(down, Kind.STEP), Action(up, Kind.STEP)]

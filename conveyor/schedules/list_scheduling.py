@@ -26,15 +26,12 @@ def list_schedule(
     num_microbatches: int,
     in_flight_limits: Sequence[int],
     split_backward: bool,
-    deferred_w_limits: Sequence[int] | None = None,
-    released_by: Kind = Kind.BACKWARD,
-    deepest_forward_first: bool = True,
 ) -> Program:
     """The program that the greedy rules produce.
 
-    `in_flight_limits[r]` caps the micro-batch-stages rank r may hold between
-    their F and their B: the schedule's activation-memory budget (a pending W
-    keeps less: mostly the inputs of the layers whose weights it updates).
+    `in_flight_limits[r]` caps the micro-batch-stages rank r may hold, from
+    their F until their backward is complete (W, when split): the schedule's
+    activation-memory budget.
     Priorities at each free moment of a rank: a ready B (the oldest first),
     then a ready F (the deepest stage first, so micro-batches reach the loss
     soon), then a pending W (the oldest first); if none is ready the rank
@@ -75,10 +72,7 @@ def list_schedule(
         ready_b = min((c for c in backwards if c[0] <= now), default=None)
         if ready_b is not None:
             return now, Action(ready_b[2], Kind.BACKWARD, next_b[ready_b[2]])
-        if deferred_w_limits is not None and len(pending_w[r]) > deferred_w_limits[r]:
-            s, mb = pending_w[r][0]
-            return now, Action(s, Kind.WEIGHT, mb)
-        ready_f = min(((-s if deepest_forward_first else s, s) for t, _, s in forwards if t <= now), default=None)
+        ready_f = min(((-s, s) for t, _, s in forwards if t <= now), default=None)
         if ready_f is not None:
             return now, Action(ready_f[1], Kind.FORWARD, next_f[ready_f[1]])
         if pending_w[r]:
@@ -109,15 +103,14 @@ def list_schedule(
             free_at[rank] = when + b_cost
             backward_end[(s, mb)] = free_at[rank]
             next_b[s] += 1
-            if not split_backward or released_by is Kind.BACKWARD:
-                in_flight[rank] -= 1
             if split_backward:
                 pending_w[rank].append((s, mb))
+            else:
+                in_flight[rank] -= 1
         else:
             free_at[rank] = when + 1.0
             pending_w[rank].popleft()
-            if released_by is Kind.WEIGHT:
-                in_flight[rank] -= 1
+            in_flight[rank] -= 1
         program.actions[rank].append(action)
     for r in range(ranks):
         program.actions[r] += [Action(s, Kind.STEP) for s in local[r]]

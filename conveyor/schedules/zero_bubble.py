@@ -48,7 +48,7 @@ def zb_h2(num_ranks: int, num_microbatches: int) -> Program:
     """
     check_sizes("zb-h2", num_ranks, num_microbatches)
     limits = [2 * num_ranks - 1] * num_ranks
-    return list_schedule("zb-h2", range(num_ranks), num_microbatches, limits, True, released_by=Kind.WEIGHT)
+    return list_schedule("zb-h2", range(num_ranks), num_microbatches, limits, split_backward=True)
 
 
 def zbv(num_ranks: int, num_microbatches: int) -> Program:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from tiny_models import TinyTransformer, mlp, mlp_batch, token_batch, transformer
 from torch import nn
 
@@ -43,6 +45,13 @@ def test_even_split() -> None:
     assert even_split(5, 2) == [3, 2]
     assert even_split(4, 4) == [1, 1, 1, 1]
     assert even_split(10, 4) == [3, 3, 2, 2]
+
+
+@given(st.integers(0, 200), st.integers(1, 64))
+def test_even_split_properties(num_layers: int, num_stages: int) -> None:
+    counts = even_split(num_layers, num_stages)
+    assert len(counts) == num_stages and sum(counts) == num_layers
+    assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
 
 
 def test_stage_plan_puts_the_end_modules_on_the_end_stages() -> None:

@@ -50,7 +50,7 @@ def test_send_without_matching_receive() -> None:
     # Rank 1 forgot to post 1RF0: rank 0's 0SF0 has nobody to meet.
     broken = program(["0F0 0SF0 0RB0 0B0 0STEP", "1F0 1B0 1SB0 1STEP"], name="broken")
     message = rejects(broken)
-    assert message.startswith("broken: rank 0, action 1 (0SF0): send has no matching receive (link act of stage 0)")
+    assert message.startswith("broken: rank 0, action 1 (0SF0): send has no matching receive on rank 1 (link act of stage 0)")
     assert "[0SF0]" in message
     assert grid_lines(message) == render_steps(broken, mark={(0, 1)}).splitlines()
 
@@ -58,7 +58,7 @@ def test_send_without_matching_receive() -> None:
 def test_receive_without_matching_send() -> None:
     broken = program(["0F0 0RB0 0B0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"])
     message = rejects(broken)
-    assert "rank 1, action 0 (1RF0): receive has no matching send (link act of stage 0)" in message
+    assert "rank 1, action 0 (1RF0): receive has no matching send on rank 0 (link act of stage 0)" in message
     assert grid_lines(message) == render_steps(broken, mark={(1, 0)}).splitlines()
 
 
@@ -74,7 +74,7 @@ def test_missing_gradient_receive() -> None:
     # 0RB0 dropped while 1SB0 stays: the gradient would have nowhere to land.
     broken = program(["0F0 0SF0 0B0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"])
     message = rejects(broken)
-    assert "rank 1, action 3 (1SB0): send has no matching receive (link grad of stage 1)" in message
+    assert "rank 1, action 3 (1SB0): send has no matching receive on rank 0 (link grad of stage 1)" in message
     assert "[1SB0]" in message
 
 
@@ -208,3 +208,9 @@ def test_repeating_any_compute_is_caught(sound: Program, data: st.DataObject) ->
     rows[rank] += f" {twice}"
     with pytest.raises(ScheduleError, match=f"repeated \\['{twice}'\\]"):
         validate(Program.from_strings(rows, sound.placement, sound.num_microbatches, sound.name))
+
+
+def test_a_repeated_step_is_rejected() -> None:
+    program = Program.from_strings(["0F0 0B0 0STEP 0STEP"], placement=[0], num_microbatches=1)
+    with pytest.raises(ScheduleError, match=r"repeated \['0STEP'\]"):
+        validate(program)

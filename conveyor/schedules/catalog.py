@@ -37,7 +37,8 @@ class ScheduleInfo:
         if allowed is None and virtual < 2:
             raise ValueError(f"{self.name} runs at least 2 stages per rank; got {virtual}")
         if allowed is not None and virtual not in allowed:
-            raise ValueError(f"{self.name} runs {' or '.join(map(str, allowed))} stages per rank; got {virtual}")
+            counts = " or ".join(map(str, allowed))
+            raise ValueError(f"{self.name} runs {counts} stage{'' if allowed == (1,) else 's'} per rank; got {virtual}")
 
 
 def _single(generator: Callable[[int, int], Program]) -> Callable[[int, int, int], Program]:

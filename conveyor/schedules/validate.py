@@ -103,11 +103,16 @@ def _check_computes(program: Program) -> None:
     seen: Counter[tuple[int, Kind, int | None]] = Counter()
     for actions in program.actions.values():
         seen.update((a.stage, a.kind, a.mb) for a in actions if a.kind.is_compute)
+    # STEP is optional (a program may accumulate gradients over several runs), but never repeated.
+    for actions in program.actions.values():
+        seen.update((a.stage, a.kind, None) for a in actions if a.kind is Kind.STEP)
+    wanted |= {key for key in seen if key[1] is Kind.STEP}
     repeated = sorted(str(Action(s, k, mb)) for (s, k, mb), n in seen.items() if n > 1)
     missing = sorted(str(Action(s, k, mb)) for (s, k, mb) in wanted - set(seen))
     if repeated or missing:
         raise ScheduleError(
-            f"{program.name or 'schedule'}: every stage must run each micro-batch's F and B (and W if split) once;"
+            f"{program.name or 'schedule'}: every stage must run each micro-batch's F and B (and W if split) once,"
+            " and STEP at most once;"
             f" missing {missing or 'none'}, repeated {repeated or 'none'}\n{render_steps(program)}"
         )
 
@@ -156,13 +161,14 @@ def _check_channels(program: Program) -> None:
     for link in sorted(set(sends) | set(recvs)):
         sent, received = sends.get(link, []), recvs.get(link, [])
         what = f"link {link[0]} of stage {link[1]}"
+        sender_rank, receiver_rank = program.links()[link]
         for position in range(max(len(sent), len(received))):
             if position >= len(received):
                 message, rank, index = sent[position]
-                raise _fail(program, rank, index, f"send has no matching receive ({what})")
+                raise _fail(program, rank, index, f"send has no matching receive on rank {receiver_rank} ({what})")
             if position >= len(sent):
                 message, rank, index = received[position]
-                raise _fail(program, rank, index, f"receive has no matching send ({what})")
+                raise _fail(program, rank, index, f"receive has no matching send on rank {sender_rank} ({what})")
             if sent[position][0] != received[position][0]:
                 _, rank, index = received[position]
                 sender, at = sent[position][1:]

@@ -53,21 +53,25 @@ def main() -> None:
         program = build_schedule(name, args.ranks, args.microbatches)
         predicted = simulate(program, costs).step_time
         measured = measure(name, config, stages, args)
-        rows.append({
-            "schedule": name,
-            "predicted_s": predicted,
-            "measured_s": measured,
-            "error": (predicted - measured) / measured,
-            "costs": [vars(stage) for stage in costs.stages],
-            "latency_s": costs.latency,
-        })
+        rows.append(
+            {
+                "schedule": name,
+                "predicted_s": predicted,
+                "measured_s": measured,
+                "error": (predicted - measured) / measured,
+                "costs": [vars(stage) for stage in costs.stages],
+                "latency_s": costs.latency,
+            }
+        )
     if args.json:
         print(json.dumps({"machine": platform.processor() or platform.machine(), "rows": rows}, indent=2))
         return
-    print(f"{args.ranks} ranks, {args.microbatches} micro-batches of {args.batch_size // args.microbatches} x {args.context}")
+    micro = args.batch_size // args.microbatches
+    print(f"{args.ranks} ranks, {args.microbatches} micro-batches of {micro} x {args.context} tokens")
     print(f"{'schedule':<12} {'predicted':>10} {'measured':>10} {'error':>8}")
     for row in rows:
-        print(f"{row['schedule']:<12} {row['predicted_s'] * 1e3:>8.1f}ms {row['measured_s'] * 1e3:>8.1f}ms {row['error']:>+8.1%}")
+        predicted, measured = row["predicted_s"] * 1e3, row["measured_s"] * 1e3
+        print(f"{row['schedule']:<12} {predicted:>8.1f}ms {measured:>8.1f}ms {row['error']:>+8.1%}")
 
 
 def profile(config: GPTConfig, stages: int, args: argparse.Namespace) -> CostModel:
@@ -91,7 +95,9 @@ def _measure_rank(
     pipe = Pipeline.from_model(
         lambda: GPT(config), num_stages=stages, num_microbatches=args.microbatches, loss_fn=lm_loss, schedule=name
     )
-    tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.context + 1), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, config.vocab_size, (args.batch_size, args.context + 1), generator=torch.Generator().manual_seed(0)
+    )
     times = []
     for step in range(args.steps + 2):
         dist.barrier()

@@ -6,8 +6,16 @@ from .schedules import SCHEDULES, Action, Kind, Program, ScheduleError, build_sc
 from .split import split_model
 
 __all__ = [
-    "SCHEDULES", "Action", "Kind", "Pipeline", "Program", "ScheduleError", "build_schedule", "spawn",
-    "split_model", "validate",
+    "SCHEDULES",
+    "Action",
+    "Kind",
+    "Pipeline",
+    "Program",
+    "ScheduleError",
+    "build_schedule",
+    "spawn",
+    "split_model",
+    "validate",
 ]
 
 __version__ = "0.1.0"

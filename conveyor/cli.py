@@ -10,9 +10,9 @@ from dataclasses import fields
 
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from .schedules import SCHEDULES, build_schedule, render_steps, render_timeline, validate
-from .pipeline import RECOMPUTE
 from .models import lm_loss
+from .pipeline import RECOMPUTE
+from .schedules import SCHEDULES, build_schedule, render_steps, render_timeline, validate
 from .train import TrainConfig, train
 
 __all__ = ["main"]
@@ -47,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prof.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     prof.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="fixes stages per rank")
     prof.add_argument("--latency", action="store_true", help="also measure the transfer time of one activation")
-    prof.add_argument("--out", default="costs.json", help="cost file for `conveyor simulate --costs` (default: %(default)s)")
+    prof.add_argument(
+        "--out", default="costs.json", help="cost file for `conveyor simulate --costs` (default: %(default)s)"
+    )
 
     show = commands.add_parser("show", help="print a schedule's per-rank actions and its timeline on a unit clock")
     show.add_argument("schedule", choices=list(SCHEDULES))
@@ -61,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--microbatches", type=int, required=True)
     sim.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     sim.add_argument(
-        "--costs", default="f=1,b=1,w=1,comm=0",
+        "--costs",
+        default="f=1,b=1,w=1,comm=0",
         help="per-stage durations: 'f=1,b=2,w=1,comm=0.1,bytes=1e6' for all stages, ';' between stages"
         " for one set each, or a profile JSON file written by `conveyor profile` (default: %(default)s)",
     )

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .runtime.executor import Executor
-from .runtime.microbatch import batch_size, microbatch_weights, map_tensors, split_microbatches, tensors_in
+from .runtime.microbatch import batch_size, map_tensors, microbatch_weights, split_microbatches, tensors_in
 from .runtime.stage import LossFn, Stage
 from .runtime.stage_io import StageIO
 from .runtime.transport import Transport
@@ -83,7 +83,10 @@ class Pipeline:
         last = num_stages - 1
         self.stages = {
             s: Stage(
-                module.to(self.device), s, num_stages, loss_fn if s == last else None,
+                module.to(self.device),
+                s,
+                num_stages,
+                loss_fn if s == last else None,
                 recompute=recompute == "full" or (recompute == "all-but-last-stage" and s != last),
                 track_memory=track_memory,
             )

@@ -63,7 +63,9 @@ class TrainConfig:
                 f" {self.stages * self.stages_per_rank} or more"
             )
         if self.microbatches > self.batch_size:
-            raise ValueError(f"{self.microbatches} micro-batches need a batch size of at least that; got {self.batch_size}")
+            raise ValueError(
+                f"{self.microbatches} micro-batches need a batch size of at least that; got {self.batch_size}"
+            )
 
     @property
     def stages_per_rank(self) -> int:
@@ -93,7 +95,12 @@ def train(config: TrainConfig) -> None:
         return
     backend = default_backend(config.device, config.stages)
     spawn(
-        train_rank, config.stages, (config,), backend=backend, threads_per_rank=config.threads, timeout_s=config.timeout_s
+        train_rank,
+        config.stages,
+        (config,),
+        backend=backend,
+        threads_per_rank=config.threads,
+        timeout_s=config.timeout_s,
     )
 
 
@@ -171,7 +178,9 @@ def _write_trace(spans: list[tuple[int, Span]], folder: Path, config: TrainConfi
     trace = write_chrome_trace(spans, folder / "trace.json")
     last_step = max(step for step, _ in spans)
     shown = [span for step, span in spans if step == last_step]
-    title = f"{config.schedule}, {config.stages} stages, {config.microbatches} micro-batches: step {last_step} (measured)"
+    title = (
+        f"{config.schedule}, {config.stages} stages, {config.microbatches} micro-batches: step {last_step} (measured)"
+    )
     origin = min(span.start for span in shown)
     in_ms = [replace(s, start=(s.start - origin) * 1e3, end=(s.end - origin) * 1e3) for s in shown]
     picture = draw_timeline(in_ms, folder / "timeline.png", title, unit="ms")
@@ -187,7 +196,18 @@ def _device_for(rank: int, device: str) -> torch.device:
 
 def _describe(config: TrainConfig) -> str:
     fields = asdict(config)
-    keys = ("stages", "schedule", "virtual", "microbatches", "batch_size", "context", "dim", "layers", "steps", "device")
+    keys = (
+        "stages",
+        "schedule",
+        "virtual",
+        "microbatches",
+        "batch_size",
+        "context",
+        "dim",
+        "layers",
+        "steps",
+        "device",
+    )
     params = sum(p.numel() for p in GPT(config.model).parameters())
     return ", ".join(f"{k}={fields[k]}" for k in keys) + f", {params / 1e6:.1f}M parameters"
 

@@ -39,7 +39,10 @@ def _one_step_matches_the_reference(rank: int, world: int) -> None:
                 expected.backward()
 
                 pipe = Pipeline(
-                    split_model(build(), rank, world), num_stages=world, num_microbatches=m, loss_fn=loss_fn,
+                    split_model(build(), rank, world),
+                    num_stages=world,
+                    num_microbatches=m,
+                    loss_fn=loss_fn,
                     schedule=schedule,
                 )
                 # Only the first stage's rank gets inputs and only the last's gets targets.
@@ -78,8 +81,12 @@ def _training_follows_the_reference(rank: int, world: int) -> None:
             reference = build()
             reference_optimizer = optimizer(reference.parameters())
             pipe = Pipeline(
-                split_model(build(), rank, world), num_stages=world, num_microbatches=m, loss_fn=loss_fn,
-                schedule=schedule, optimizer=optimizer,
+                split_model(build(), rank, world),
+                num_stages=world,
+                num_microbatches=m,
+                loss_fn=loss_fn,
+                schedule=schedule,
+                optimizer=optimizer,
             )
             for step in range(steps):
                 x, y = make_batch(BATCH, seed=100 + step)
@@ -114,8 +121,9 @@ def _features(rank: int, world: int) -> None:
         reference = build()
         expected = loss_fn(reference(x), y)
         expected.backward()
-        pipe = Pipeline(split_model(build(), rank, world), num_stages=world, num_microbatches=3, loss_fn=loss_fn,
-                        schedule=schedule)
+        pipe = Pipeline(
+            split_model(build(), rank, world), num_stages=world, num_microbatches=3, loss_fn=loss_fn, schedule=schedule
+        )
         loss = pipe.step(x, y, loss_on_all_ranks=True)
         assert loss is not None, f"{schedule} rank {rank}: loss_on_all_ranks gave None"
         assert_close(loss, expected, f"{schedule} rank {rank}: loss_on_all_ranks")
@@ -134,8 +142,13 @@ def _features(rank: int, world: int) -> None:
         reference = transformer()
         expected = token_loss(reference(**inputs), targets)
         expected.backward()
-        pipe = Pipeline(split_model(transformer(), rank, world), num_stages=world, num_microbatches=4,
-                        loss_fn=token_loss, schedule=schedule)
+        pipe = Pipeline(
+            split_model(transformer(), rank, world),
+            num_stages=world,
+            num_microbatches=4,
+            loss_fn=token_loss,
+            schedule=schedule,
+        )
         loss = pipe.step(inputs if rank == 0 else None, targets if rank == last else None)
         if rank == last:
             assert_close(loss, expected, f"{schedule} dict input: loss")
@@ -145,8 +158,13 @@ def _features(rank: int, world: int) -> None:
         reference = two_stream()
         expected = token_loss(reference(tokens), targets)
         expected.backward()
-        pipe = Pipeline(split_model(two_stream(), rank, world), num_stages=world, num_microbatches=3,
-                        loss_fn=token_loss, schedule=schedule)
+        pipe = Pipeline(
+            split_model(two_stream(), rank, world),
+            num_stages=world,
+            num_microbatches=3,
+            loss_fn=token_loss,
+            schedule=schedule,
+        )
         loss = pipe.step(tokens, targets)
         if rank == last:
             assert_close(loss, expected, f"{schedule} two streams: loss")
@@ -154,8 +172,13 @@ def _features(rank: int, world: int) -> None:
 
         # The batch size may change between steps (new shapes travel once, then are cached) and come back.
         reference = transformer()
-        pipe = Pipeline(split_model(transformer(), rank, world), num_stages=world, num_microbatches=3,
-                        loss_fn=token_loss, schedule=schedule)
+        pipe = Pipeline(
+            split_model(transformer(), rank, world),
+            num_stages=world,
+            num_microbatches=3,
+            loss_fn=token_loss,
+            schedule=schedule,
+        )
         for step, size in enumerate((10, 7, 10, 7, 3)):
             tokens, targets = token_batch(size, seed=20 + step)
             reference.zero_grad(set_to_none=True)
@@ -172,8 +195,9 @@ def _features(rank: int, world: int) -> None:
         reference = split_model(TinyTransformer, 0, 1)
         expected = token_loss(reference(tokens), targets)
         expected.backward()
-        pipe = Pipeline.from_model(TinyTransformer, num_stages=world, num_microbatches=2, loss_fn=token_loss,
-                                   schedule=schedule)
+        pipe = Pipeline.from_model(
+            TinyTransformer, num_stages=world, num_microbatches=2, loss_fn=token_loss, schedule=schedule
+        )
         assert all(p.device.type == "cpu" for p in pipe.parameters())
         loss = pipe.step(tokens, targets, loss_on_all_ranks=True)
         assert_close(loss, expected, f"{schedule} from_model: loss, rank {rank}")
@@ -183,8 +207,13 @@ def _features(rank: int, world: int) -> None:
     build, make_batch, loss_fn = MODELS["mlp"]
     reference = build()
     reference_optimizer = OPTIMIZERS["sgd"](reference.parameters())
-    pipe = Pipeline(split_model(build(), rank, world, [3, 1, 3]), num_stages=world, num_microbatches=2,
-                    loss_fn=loss_fn, optimizer=OPTIMIZERS["sgd"])
+    pipe = Pipeline(
+        split_model(build(), rank, world, [3, 1, 3]),
+        num_stages=world,
+        num_microbatches=2,
+        loss_fn=loss_fn,
+        optimizer=OPTIMIZERS["sgd"],
+    )
     assert (rank == 1) == (not list(pipe.parameters()))
     for step in range(3):
         x, y = make_batch(BATCH, seed=30 + step)

@@ -9,11 +9,13 @@ from conveyor.schedules import build_schedule, render_steps, render_timeline, va
 
 def test_render_steps_one_f_one_b() -> None:
     program = build_schedule("1f1b", 2, 2)
-    assert render_steps(program) == "\n".join([
-        "step    0      1      2      3      4      5      6      7      8",
-        "rank 0   0F0    0SF0   0RB0   0F1    0SF1   0RB1   0B0    0B1    0STEP",
-        "rank 1   1RF0   1F0    1RF1   1B0    1SB0   1F1    1B1    1SB1   1STEP",
-    ])
+    assert render_steps(program) == "\n".join(
+        [
+            "step    0      1      2      3      4      5      6      7      8",
+            "rank 0   0F0    0SF0   0RB0   0F1    0SF1   0RB1   0B0    0B1    0STEP",
+            "rank 1   1RF0   1F0    1RF1   1B0    1SB0   1F1    1B1    1SB1   1STEP",
+        ]
+    )
 
 
 def test_render_steps_marks_a_cell_in_brackets() -> None:
@@ -25,21 +27,25 @@ def test_render_steps_marks_a_cell_in_brackets() -> None:
 
 def test_render_timeline_gpipe_shows_the_bubble() -> None:
     program = build_schedule("gpipe", 3, 3)
-    assert render_timeline(program, validate(program)) == "\n".join([
-        "tick    0   1   2   3   4   5   6   7   8   9",
-        "rank 0  0F0 0F1 0F2 ... ... ... ... 0B0 0B1 0B2",
-        "rank 1  ... 1F0 1F1 1F2 ... ... 1B0 1B1 1B2 ...",
-        "rank 2  ... ... 2F0 2F1 2F2 2B0 2B1 2B2 ... ...",
-    ])
+    assert render_timeline(program, validate(program)) == "\n".join(
+        [
+            "tick    0   1   2   3   4   5   6   7   8   9",
+            "rank 0  0F0 0F1 0F2 ... ... ... ... 0B0 0B1 0B2",
+            "rank 1  ... 1F0 1F1 1F2 ... ... 1B0 1B1 1B2 ...",
+            "rank 2  ... ... 2F0 2F1 2F2 2B0 2B1 2B2 ... ...",
+        ]
+    )
 
 
 def test_render_timeline_one_f_one_b() -> None:
     program = build_schedule("1f1b", 2, 2)
-    assert render_timeline(program, validate(program)) == "\n".join([
-        "tick    0   1   2   3   4   5",
-        "rank 0  0F0 0F1 ... 0B0 ... 0B1",
-        "rank 1  ... 1F0 1B0 1F1 1B1 ...",
-    ])
+    assert render_timeline(program, validate(program)) == "\n".join(
+        [
+            "tick    0   1   2   3   4   5",
+            "rank 0  0F0 0F1 ... 0B0 ... 0B1",
+            "rank 1  ... 1F0 1B0 1F1 1B1 ...",
+        ]
+    )
 
 
 def _columns(header: str) -> dict[int, int]:

@@ -59,8 +59,13 @@ def _train_every_schedule(rank: int, world: int) -> None:
         for recompute in ("none", "full"):
             for m in micro_batch_counts(name, world):
                 pipe = Pipeline.from_model(
-                    build(stages), num_stages=stages, num_microbatches=m, loss_fn=F.mse_loss, schedule=name,
-                    recompute=recompute, optimizer=lambda params: torch.optim.SGD(params, lr=LR),
+                    build(stages),
+                    num_stages=stages,
+                    num_microbatches=m,
+                    loss_fn=F.mse_loss,
+                    schedule=name,
+                    recompute=recompute,
+                    optimizer=lambda params: torch.optim.SGD(params, lr=LR),
                 )
                 case = f"{name}, {world} ranks, m={m}, recompute={recompute}"
                 for step in range(STEPS):
@@ -86,15 +91,22 @@ def _peak_micro_batches(rank: int, world: int, name: str, m: int, recompute: str
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32)) for _ in range(stages)])
     pipe = Pipeline.from_model(
-        model, num_stages=stages, num_microbatches=m, loss_fn=lambda o, t: o.pow(2).mean(), schedule=name,
-        recompute=recompute, track_memory=True,
+        model,
+        num_stages=stages,
+        num_microbatches=m,
+        loss_fn=lambda o, t: o.pow(2).mean(),
+        schedule=name,
+        recompute=recompute,
+        track_memory=True,
     )
     x = torch.randn(8 * m, 32)
     pipe.step(x, x)
     per_stage = {}
     for index, stage in pipe.stages.items():
         # One micro-batch alone, on a fresh stage that counts the same way.
-        probe = type(stage)(stage.module, index, stage.num_stages, stage.loss_fn, recompute=stage.recompute, track_memory=True)
+        probe = type(stage)(
+            stage.module, index, stage.num_stages, stage.loss_fn, recompute=stage.recompute, track_memory=True
+        )
         inputs = torch.randn(8, 32, requires_grad=index > 0)
         probe.forward(0, inputs, torch.zeros(8, 32))
         per_stage[index] = probe.held_bytes
@@ -118,7 +130,9 @@ def test_peak_memory_matches_the_schedule(tmp_path, name, m, recompute, theory) 
     out = {rank: str(tmp_path / f"rank{rank}.pt") for rank in range(world)}
     spawn(_peak_micro_batches, world, (name, m, recompute, out), timeout_s=100)
     first_rank = torch.load(out[0])["micro-batches"]
-    assert first_rank == pytest.approx(theory(world, m), rel=0.10), f"{name}: first rank held {first_rank:.2f} micro-batches"
+    assert first_rank == pytest.approx(theory(world, m), rel=0.10), (
+        f"{name}: first rank held {first_rank:.2f} micro-batches"
+    )
 
 
 @pytest.mark.timeout(120)

@@ -58,7 +58,9 @@ def test_stage_plan_puts_the_end_modules_on_the_end_stages() -> None:
     layout = layout_of(transformer())
     assert stage_plan(layout, 2) == [["embed", "layers.0", "layers.1"], ["layers.2", "layers.3", "norm", "head"]]
     assert stage_plan(layout, 3, [1, 3, 0]) == [
-        ["embed", "layers.0"], ["layers.1", "layers.2", "layers.3"], ["norm", "head"]
+        ["embed", "layers.0"],
+        ["layers.1", "layers.2", "layers.3"],
+        ["norm", "head"],
     ]
 
 
@@ -76,7 +78,8 @@ def test_transformer_stages_keep_the_original_names() -> None:
     model = transformer()
     first, second = (split_model(model, s, 2) for s in range(2))
     assert {n.split(".")[0] + "." + n.split(".")[1] for n in names(first) if n.startswith("layers.")} == {
-        "layers.0", "layers.1"
+        "layers.0",
+        "layers.1",
     }
     second_names = names(second)
     # Stage 1 of 2 holds layers.2 and layers.3 under those names, not renumbered from 0.

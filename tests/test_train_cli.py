@@ -15,9 +15,28 @@ def test_train_lowers_the_loss_and_traces(tmp_path: Path, capfd: pytest.CaptureF
     pytest.importorskip("matplotlib")
     trace = tmp_path / "trace"
     argv = [
-        "train", "--steps", "12", "--dim", "64", "--layers", "2", "--heads", "2", "--context", "32",
-        "--batch-size", "8", "--microbatches", "4", "--lr", "3e-3", "--no-progress", "--trace", str(trace),
-        "--timeout-s", "200",
+        "train",
+        "--steps",
+        "12",
+        "--dim",
+        "64",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--context",
+        "32",
+        "--batch-size",
+        "8",
+        "--microbatches",
+        "4",
+        "--lr",
+        "3e-3",
+        "--no-progress",
+        "--trace",
+        str(trace),
+        "--timeout-s",
+        "200",
     ]
     assert main(argv) == 0
     out = capfd.readouterr().out  # the ranks are other processes: read their file descriptors

@@ -50,7 +50,9 @@ def test_send_without_matching_receive() -> None:
     # Rank 1 forgot to post 1RF0: rank 0's 0SF0 has nobody to meet.
     broken = program(["0F0 0SF0 0RB0 0B0 0STEP", "1F0 1B0 1SB0 1STEP"], name="broken")
     message = rejects(broken)
-    assert message.startswith("broken: rank 0, action 1 (0SF0): send has no matching receive on rank 1 (link act of stage 0)")
+    assert message.startswith(
+        "broken: rank 0, action 1 (0SF0): send has no matching receive on rank 1 (link act of stage 0)"
+    )
     assert "[0SF0]" in message
     assert grid_lines(message) == render_steps(broken, mark={(0, 1)}).splitlines()
 
@@ -127,11 +129,13 @@ def test_two_ranks_waiting_on_each_other_deadlock() -> None:
 
 def test_deadlock_names_only_the_ranks_in_the_cycle() -> None:
     # Ranks 1 and 2 wait on each other; rank 0 merely waits on rank 1 and is not part of the cycle.
-    broken = program([
-        "0F0 0SF0 0RB0 0B0 0STEP",
-        "1RF0 1F0 1RB0 1B0 1SF0 1SB0 1STEP",
-        "2RF0 2F0 2B0 2SB0 2STEP",
-    ])
+    broken = program(
+        [
+            "0F0 0SF0 0RB0 0B0 0STEP",
+            "1RF0 1F0 1RB0 1B0 1SF0 1SB0 1STEP",
+            "2RF0 2F0 2B0 2SB0 2STEP",
+        ]
+    )
     message = rejects(broken, DeadlockError)
     assert "ranks 1, 2 wait on each other in a cycle" in message
     assert "rank 1 waits at 1B0 for 2SB0 on rank 2" in message
@@ -186,7 +190,8 @@ def test_removing_any_compute_or_transfer_is_caught(sound: Program, data: st.Dat
     # So is a stage's only W: without it the stage simply does not split its backward, which is sound.
     weights = Counter(a.stage for a in sound.actions[rank] if a.kind is Kind.WEIGHT)
     removable = [
-        i for i, a in enumerate(sound.actions[rank])
+        i
+        for i, a in enumerate(sound.actions[rank])
         if a.kind is not Kind.STEP and not (a.kind is Kind.WEIGHT and weights[a.stage] == 1)
     ]
     index = data.draw(st.sampled_from(removable))

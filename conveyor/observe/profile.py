@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,7 +52,9 @@ def profile_stages(
                 backward.append(b)
                 full.append(fb)
         b_median, full_median = statistics.median(backward), statistics.median(full)
-        activation = saved_activation_bytes(module, stage_input, example_target if last else None, loss_fn if last else None)
+        activation = saved_activation_bytes(
+            module, stage_input, example_target if last else None, loss_fn if last else None
+        )
         costs.append(StageCosts(statistics.median(forward), b_median, max(0.0, full_median - b_median), activation))
         with torch.no_grad():
             stage_input = _as_tuple(call_module(module, stage_input))

@@ -96,13 +96,13 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
     timing = validate(program, cost, costs.latency)
     spans = {}  # per rank, from its first compute's start to its last compute's end
     for rank, actions in program.actions.items():
-        times = [(b, e) for a, b, e in zip(actions, timing.start[rank], timing.end[rank], strict=True) if a.kind.is_compute]
+        times = [
+            (b, e) for a, b, e in zip(actions, timing.start[rank], timing.end[rank], strict=True) if a.kind.is_compute
+        ]
         if times:
             spans[rank] = (min(b for b, _ in times), max(e for _, e in times))
     makespan = max((end - start for start, end in spans.values()), default=0.0)
-    busy = {
-        rank: sum(cost(a) for a in program.actions[rank]) for rank in range(program.num_ranks)
-    }
+    busy = {rank: sum(cost(a) for a in program.actions[rank]) for rank in range(program.num_ranks)}
     ranks = program.num_ranks
     bubble = sum(makespan - busy[r] for r in range(ranks)) / (ranks * makespan) if makespan > 0 else 0.0
     peaks, peak_bytes = _peak_memory(program, costs, split_backward)
@@ -111,9 +111,7 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
     )
 
 
-def _peak_memory(
-    program: Program, costs: CostModel, split_backward: set[int]
-) -> tuple[list[int], list[float] | None]:
+def _peak_memory(program: Program, costs: CostModel, split_backward: set[int]) -> tuple[list[int], list[float] | None]:
     """Walk each rank's actions in order, counting micro-batches held per stage."""
     known_bytes = all(costs.of(s).activation_bytes is not None for s in range(program.num_stages))
     peaks: list[int] = []

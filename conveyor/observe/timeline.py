@@ -59,10 +59,21 @@ def draw_timeline(spans: Sequence[Span], path: str | Path, title: str = "", unit
         row = ranks.index(span.rank)
         left, length = span.start - origin, span.end - span.start
         # Later virtual stages of a rank are drawn darker, so looped schedules stay readable.
-        shade = 1.0 if stages_per_rank == 1 else 0.55 + 0.45 * (1 - (span.stage // len(ranks)) / max(1, stages_per_rank - 1))
+        shade = (
+            1.0
+            if stages_per_rank == 1
+            else 0.55 + 0.45 * (1 - (span.stage // len(ranks)) / max(1, stages_per_rank - 1))
+        )
         axes.barh(
-            row, length, left=left, height=0.8, color=COLOURS.get(span.kind, "#999999"),
-            edgecolor="black", linewidth=0.4, alpha=shade, hatch="//" if span.kind == "wait" else None,
+            row,
+            length,
+            left=left,
+            height=0.8,
+            color=COLOURS.get(span.kind, "#999999"),
+            edgecolor="black",
+            linewidth=0.4,
+            alpha=shade,
+            hatch="//" if span.kind == "wait" else None,
         )
         if span.mb is not None and span.kind != "wait" and length > width / 120:
             axes.text(left + length / 2, row, str(span.mb), ha="center", va="center", fontsize=7)
@@ -72,8 +83,11 @@ def draw_timeline(spans: Sequence[Span], path: str | Path, title: str = "", unit
     axes.set_xlabel(f"time{f' ({unit})' if unit else ''}")
     kinds = [k for k in COLOURS if any(s.kind == k for s in spans)]
     axes.legend(
-        handles=[Patch(color=COLOURS[k], label=k) for k in kinds], loc="lower right", bbox_to_anchor=(1.0, 1.0),
-        ncol=len(kinds), frameon=False,
+        handles=[Patch(color=COLOURS[k], label=k) for k in kinds],
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncol=len(kinds),
+        frameon=False,
     )
     if title:
         axes.set_title(title)

@@ -76,19 +76,23 @@ def write_chrome_trace(spans: Sequence[tuple[int, Span]], path: str | Path) -> P
     for rank in sorted({span.rank for _, span in spans}):
         events.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
         events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": "compute"}})
-        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 1, "args": {"name": "waiting on receives"}})
+        events.append(
+            {"name": "thread_name", "ph": "M", "pid": rank, "tid": 1, "args": {"name": "waiting on receives"}}
+        )
     for step, span in spans:
         name = f"{span.stage}{span.kind}{span.mb}" if span.kind != "wait" else f"wait {span.stage}:{span.mb}"
-        events.append({
-            "name": name,
-            "cat": span.kind,
-            "ph": "X",
-            "ts": span.start * 1e6,
-            "dur": (span.end - span.start) * 1e6,
-            "pid": span.rank,
-            "tid": 1 if span.kind == "wait" else 0,
-            "args": {"step": step, "stage": span.stage, "micro-batch": span.mb},
-        })
+        events.append(
+            {
+                "name": name,
+                "cat": span.kind,
+                "ph": "X",
+                "ts": span.start * 1e6,
+                "dur": (span.end - span.start) * 1e6,
+                "pid": span.rank,
+                "tid": 1 if span.kind == "wait" else 0,
+                "args": {"step": step, "stage": span.stage, "micro-batch": span.mb},
+            }
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

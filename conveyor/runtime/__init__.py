@@ -7,6 +7,12 @@ from .stage_io import StageIO
 from .transport import Transport
 
 __all__ = [
-    "Executor", "Stage", "StageIO", "Transport", "batch_size", "map_tensors", "microbatch_weights",
+    "Executor",
+    "Stage",
+    "StageIO",
+    "Transport",
+    "batch_size",
+    "map_tensors",
+    "microbatch_weights",
     "split_microbatches",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -112,7 +111,9 @@ class Executor:
             inputs = self._received(Action(s, Kind.FORWARD, mb), self.io.wait_activations)
         target = weight = None
         if stage.is_last:
-            assert self._targets is not None and self._weights is not None, "the last stage's rank must be given targets"
+            assert self._targets is not None and self._weights is not None, (
+                "the last stage's rank must be given targets"
+            )
             target, weight = self._targets[mb], self._weights[mb]
         outputs = stage.forward(mb, inputs, target, 1.0 if weight is None else weight)
         if stage.is_last:
@@ -137,7 +138,6 @@ class Executor:
             self._handoff[("grad", s - 1, mb)] = input_grads
         else:
             self._to_send[("grad", s, mb)] = input_grads
-
 
     def _received(self, action: Action, wait: Callable[[int, int], list[torch.Tensor]]) -> list[torch.Tensor]:
         assert action.mb is not None

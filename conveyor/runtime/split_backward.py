@@ -71,7 +71,11 @@ def backward_input(
     direct = [(t, g) for t, g in zip(outputs, grads, strict=True) if t.grad_fn is not None and t.grad_fn not in on_path]
     results = torch.autograd.grad(outputs, [*inputs, *edges], grads, retain_graph=True, allow_unused=True)
     input_grads = list(results[: len(inputs)])
-    work = [(edge, g, below) for edge, g, below in zip(edges, results[len(inputs) :], owner_of_edge, strict=True) if g is not None]
+    work = [
+        (edge, g, below)
+        for edge, g, below in zip(edges, results[len(inputs) :], owner_of_edge, strict=True)
+        if g is not None
+    ]
     for tensor, grad in direct:
         below = _params_below(tensor.grad_fn, set(), param_of) if tensor.grad_fn is not None else []
         if below:

@@ -98,7 +98,10 @@ class StageIO:
     def wait_activations(self, stage: int, mb: int) -> list[torch.Tensor]:
         receive = self._wait(("act", stage, mb))
         assert receive.metas is not None
-        return [t.requires_grad_(m.requires_grad and t.is_floating_point()) for t, m in zip(self._tensors(receive), receive.metas)]
+        return [
+            t.requires_grad_(m.requires_grad and t.is_floating_point())
+            for t, m in zip(self._tensors(receive), receive.metas, strict=True)
+        ]
 
     # Gradients: the gradient of `stage`'s input goes back to stage - 1.
 
@@ -125,7 +128,9 @@ class StageIO:
     def _wait(self, name: tuple[str, int, int]) -> _Receive:
         receive = self._posted.pop(name, None)
         if receive is None:
-            raise RuntimeError(f"rank {self.rank}: {name[0]} of stage {name[1]}, micro-batch {name[2]} was never posted")
+            raise RuntimeError(
+                f"rank {self.rank}: {name[0]} of stage {name[1]}, micro-batch {name[2]} was never posted"
+            )
         self._pump(receive.link, until=receive)
         return receive
 

@@ -49,7 +49,9 @@ def render_timeline(program: Program, timing: Timing) -> str:
     lines = ["tick    " + "".join(f"{t:<{width}}" for t in range(ticks)).rstrip()]
     for rank in range(program.num_ranks):
         row = ["." * (width - 1) + " "] * ticks
-        for action, begin, finish in zip(program.actions.get(rank, []), timing.start[rank], timing.end[rank]):
+        for action, begin, finish in zip(
+            program.actions.get(rank, []), timing.start[rank], timing.end[rank], strict=True
+        ):
             if action.kind.is_compute:
                 for tick in range(int(begin), int(finish)):
                     row[tick] = f"{str(action):<{width}}"

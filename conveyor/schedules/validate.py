@@ -67,7 +67,9 @@ def validate(program: Program, cost: Callable[[Action], float] = unit_cost, late
     return _run(program, cost, latency)
 
 
-def _fail(program: Program, rank: int, index: int, why: str, kind: type[ScheduleError] = ScheduleError) -> ScheduleError:
+def _fail(
+    program: Program, rank: int, index: int, why: str, kind: type[ScheduleError] = ScheduleError
+) -> ScheduleError:
     action = program.actions[rank][index]
     grid = render_steps(program, mark={(rank, index)})
     return kind(f"{program.name or 'schedule'}: rank {rank}, action {index} ({action}): {why}\n{grid}")
@@ -77,7 +79,9 @@ def _check_placement(program: Program) -> None:
     for rank, actions in program.actions.items():
         for index, action in enumerate(actions):
             if not 0 <= action.stage < program.num_stages:
-                raise _fail(program, rank, index, f"there is no stage {action.stage} (stages 0..{program.num_stages - 1})")
+                raise _fail(
+                    program, rank, index, f"there is no stage {action.stage} (stages 0..{program.num_stages - 1})"
+                )
             if program.rank_of(action.stage) != rank:
                 owner = program.rank_of(action.stage)
                 raise _fail(program, rank, index, f"stage {action.stage} lives on rank {owner}, not rank {rank}")
@@ -156,7 +160,9 @@ def _check_channels(program: Program) -> None:
                 message, peer = _message_received(program, action)
                 book = recvs
             if peer == rank:
-                raise _fail(program, rank, index, "both stages live on this rank: they hand over in memory, not by a transfer")
+                raise _fail(
+                    program, rank, index, "both stages live on this rank: they hand over in memory, not by a transfer"
+                )
             book.setdefault(message[:2], []).append((message, rank, index))
     for link in sorted(set(sends) | set(recvs)):
         sent, received = sends.get(link, []), recvs.get(link, [])
@@ -173,15 +179,15 @@ def _check_channels(program: Program) -> None:
                 _, rank, index = received[position]
                 sender, at = sent[position][1:]
                 raise _fail(
-                    program, rank, index,
+                    program,
+                    rank,
+                    index,
                     f"message {position} on {what} is sent as {program.actions[sender][at]} (rank {sender}) but"
                     " received as this action: a link's messages match in posting order",
                 )
 
 
-def _local_prerequisites(
-    program: Program, action: Action, split: set[int]
-) -> list[tuple[Kind, int, int | None]]:
+def _local_prerequisites(program: Program, action: Action, split: set[int]) -> list[tuple[Kind, int, int | None]]:
     """What must already have run on this rank before `action` (as (kind, stage, mb))."""
     s, mb, last = action.stage, action.mb, program.num_stages - 1
     local = program.rank_of(s)
@@ -275,7 +281,7 @@ def _deadlock(program: Program, position: dict[int, int]) -> DeadlockError:
     while rank not in path and rank in waiting_on:
         path.append(rank)
         rank = waiting_on[rank][0]
-    cycle = path[path.index(rank):] if rank in path else path
+    cycle = path[path.index(rank) :] if rank in path else path
     lines = [
         f"rank {r} waits at {program.actions[r][position[r]]} for {waiting_on[r][1]} on rank {waiting_on[r][0]}"
         for r in cycle

@@ -59,7 +59,9 @@ def layout_of(model: nn.Module, blocks: str | None = None) -> Layout:
         raise ValueError(f"{type(model).__name__} has no block container {blocks!r}; its children are {names}")
     at = names.index(blocks)
     container = getattr(model, blocks)
-    return Layout(blocks, tuple(name for name, _ in container.named_children()), tuple(names[:at]), tuple(names[at + 1 :]))
+    return Layout(
+        blocks, tuple(name for name, _ in container.named_children()), tuple(names[:at]), tuple(names[at + 1 :])
+    )
 
 
 def even_split(num_layers: int, num_stages: int) -> list[int]:
@@ -135,7 +137,11 @@ def split_model(
 
 
 def _keep_only(
-    model: nn.Module, stage: int, num_stages: int, layers_per_stage: Sequence[int] | None, blocks: str | None,
+    model: nn.Module,
+    stage: int,
+    num_stages: int,
+    layers_per_stage: Sequence[int] | None,
+    blocks: str | None,
     copy_weights: bool,
 ) -> nn.Module:
     layout = layout_of(model, blocks)
@@ -162,7 +168,9 @@ def _keep_only(
 def _reset_by_name(module: nn.Module, seed: int) -> None:
     uncovered = []
     for name, sub in module.named_modules():
-        has_own_state = any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False))
+        has_own_state = any(True for _ in sub.parameters(recurse=False)) or any(
+            True for _ in sub.buffers(recurse=False)
+        )
         if not has_own_state:
             continue
         reset = getattr(sub, "reset_parameters", None)

@@ -50,7 +50,7 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(batch, torch.Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({key: map_tensors(value, fn) for key, value in batch.items()})
+        return type(batch)({key: map_tensors(value, fn) for key, value in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
         return type(batch)(map_tensors(value, fn) for value in batch)
     return batch

@@ -63,14 +63,15 @@ def backward_input(
     branches = [(node, below) for node, below in branches if below]
     owners = [p for _, below in branches for p in below]
     if len(owners) != len(set(owners)):  # a parameter under two joins: W could not tell their shares apart
-        input_grads = torch.autograd.grad(outputs, list(inputs), grads, retain_graph=True, allow_unused=True)
-        return list(input_grads), WeightWork([], (list(outputs), list(grads)))
+        only_inputs = torch.autograd.grad(outputs, list(inputs), grads, retain_graph=True, allow_unused=True)
+        return list(only_inputs), WeightWork([], (list(outputs), list(grads)))
     edges = [GradientEdge(node, i) for node, _ in branches for i in range(len(node._input_metadata))]
     owner_of_edge = [below for node, below in branches for _ in range(len(node._input_metadata))]
     # Outputs that do not depend on the inputs are weight branches of their own, with known gradients.
     direct = [(t, g) for t, g in zip(outputs, grads, strict=True) if t.grad_fn is not None and t.grad_fn not in on_path]
-    results = torch.autograd.grad(outputs, [*inputs, *edges], grads, retain_graph=True, allow_unused=True)
-    input_grads = list(results[: len(inputs)])
+    wanted: list[torch.Tensor | GradientEdge] = [*inputs, *edges]
+    results = torch.autograd.grad(outputs, wanted, grads, retain_graph=True, allow_unused=True)  # type: ignore[arg-type]
+    input_grads: list[torch.Tensor | None] = list(results[: len(inputs)])
     work = [
         (edge, g, below)
         for edge, g, below in zip(edges, results[len(inputs) :], owner_of_edge, strict=True)
@@ -89,7 +90,9 @@ def _grad_node(tensor: torch.Tensor) -> Node:
         return tensor.grad_fn
     node = tensor.view_as(tensor).grad_fn
     assert node is not None, "a stage input or parameter that does not require grad"
-    return node.next_functions[0][0]
+    accumulator = node.next_functions[0][0]
+    assert accumulator is not None
+    return accumulator
 
 
 def _children(node: Node) -> list[Node]:

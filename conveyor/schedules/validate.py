@@ -97,7 +97,7 @@ def split_backward_stages(program: Program) -> set[int]:
 def _check_computes(program: Program) -> None:
     """Each stage runs each micro-batch's F and B (and W, if it splits them) exactly once."""
     split = split_backward_stages(program)
-    wanted = {
+    wanted: set[tuple[int, Kind, int | None]] = {
         (s, kind, mb)
         for s in range(program.num_stages)
         for kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHT)

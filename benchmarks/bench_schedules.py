@@ -1,6 +1,6 @@
 """Step time of one transformer trained three ways: conveyor, torch.distributed.pipelining, and one process.
 
-All three train the same model, from the same weights, on the same batch,
+All three train the same model (`conveyor.models.gpt.GPT`), from the same weights, on the same batch,
 cut into the same micro-batches:
 
   A. conveyor: `Pipeline` over the stage modules of `conveyor.split_model`;
@@ -12,7 +12,11 @@ A and B run one process per stage, started by `conveyor.spawn` (gloo); C runs
 one process. Every process uses one torch thread. Runs are interleaved
 (A, B, C, A, B, C, ...) so that drift of the machine hits all three alike; each
 run's warm-up steps are dropped. A step is a barrier, the pipeline step (or the
-accumulation loop) and an SGD step; its time is the slowest rank's.
+accumulation loop) and an SGD step; its time is the slowest rank's. When other
+processes used the CPU during a run, its steps in which they held up a rank
+(the kernel's run-queue delay of the rank's main thread) are set aside, and a
+run with too few steps left is measured again, so a shared machine skews the
+medians less.
 
     python benchmarks/bench_schedules.py                   # 2 stages, 8 micro-batches, 1f1b
     python benchmarks/bench_schedules.py --schedule gpipe --json
@@ -21,14 +25,18 @@ accumulation loop) and an SGD step; its time is the slowest rank's.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
+import math
 import os
 import platform
 import resource
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,12 +44,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from conveyor import Pipeline, spawn, split_model
+from conveyor.models.gpt import GPT, GPTConfig, lm_loss
 
 METHODS = ("conveyor", "torch", "single")
+QUIET_CORES = 0.1  # CPU (in cores) other processes may use around a run before its steps are checked one by one
+DISTURBED = 0.10  # a step whose main thread queued for a CPU longer than this fraction of it is set aside
 TORCH_SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe"}
 
 
@@ -54,10 +64,10 @@ class Config:
     microbatches: int = 8
     """Micro-batches per step, in all three methods."""
     schedule: str = "1f1b"
-    """"1f1b" or "gpipe"; the same schedule for conveyor and torch."""
-    rounds: int = 3
+    """1f1b or gpipe: the same schedule for conveyor and torch."""
+    rounds: int = 5
     """Times each method is run, interleaved A, B, C, A, B, C, ..."""
-    steps: int = 6
+    steps: int = 8
     """Measured steps per run."""
     warmup: int = 2
     """Steps per run before measuring (first-step shape exchange, allocator warm-up)."""
@@ -69,10 +79,12 @@ class Config:
     """Attention heads."""
     seq: int = 128
     """Tokens per sample."""
-    vocab: int = 512
+    vocab: int = 256
     """Vocabulary size (embedding and head)."""
-    microbatch_size: int = 4
+    microbatch_size: int = 2
     """Samples per micro-batch; the batch holds microbatch_size * microbatches samples."""
+    retries: int = 3
+    """Times a run is measured again when other processes disturbed more than half its steps."""
     timeout_s: float = 600
     """Deadline of one run (spawn raises TimeoutError after it)."""
 
@@ -89,8 +101,8 @@ class Config:
             )
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} must be a multiple of --heads {self.heads}")
-        if self.rounds < 1 or self.steps < 1 or self.warmup < 0:
-            raise ValueError("--rounds and --steps must be >= 1 and --warmup >= 0")
+        if self.rounds < 1 or self.steps < 1 or self.warmup < 0 or self.retries < 0:
+            raise ValueError("--rounds and --steps must be >= 1, --warmup and --retries >= 0")
 
     @property
     def batch_size(self) -> int:
@@ -103,56 +115,10 @@ class Config:
         return p * m / (m + p - 1)
 
 
-# The model: GPT-like, with its blocks in a ModuleList so conveyor.split_model
-# can cut it. Embeddings go to the first stage, norm and head to the last; on
-# other stages they are None and forward skips them.
-
-
-class Block(nn.Module):
-    """Pre-norm causal self-attention and a 4x MLP, each with a residual."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 4 * dim)
-        self.fc2 = nn.Linear(4 * dim, dim)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, t, d = h.shape
-        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.proj(attn.transpose(1, 2).reshape(b, t, d))
-        return h + self.fc2(F.gelu(self.fc1(self.norm2(h))))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.tok_emb: nn.Module | None = nn.Embedding(cfg.vocab, cfg.dim)
-        self.pos_emb: nn.Module | None = nn.Embedding(cfg.seq, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads) for _ in range(cfg.layers))
-        self.norm: nn.Module | None = nn.LayerNorm(cfg.dim)
-        self.head: nn.Module | None = nn.Linear(cfg.dim, cfg.vocab, bias=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.tok_emb is not None and self.pos_emb is not None:
-            h = self.tok_emb(h) + self.pos_emb(torch.arange(h.shape[1], device=h.device))
-        for block in self.blocks:
-            h = block(h)
-        if self.norm is not None:
-            h = self.norm(h)
-        if self.head is not None:
-            h = self.head(h)
-        return h
-
-
-def build_model(cfg: Config) -> TinyGPT:
+def build_model(cfg: Config) -> GPT:
+    """conveyor's small GPT: embeddings, a ModuleList of attention+MLP blocks, norm, head; seeded."""
     torch.manual_seed(0)
-    return TinyGPT(cfg)
+    return GPT(GPTConfig(vocab_size=cfg.vocab, context=cfg.seq, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads))
 
 
 def make_batch(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,22 +127,37 @@ def make_batch(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of one micro-batch (both pipelines weigh it by 1/m)."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+# Mean cross-entropy of one micro-batch; both pipelines weigh it by 1/m.
+loss_fn = lm_loss
 
 
 # What each process runs. Every rank writes its step times (and the last
 # rank its first-step loss) to `<out>.<rank>.json`; the parent merges them.
 
 
-def _measure(cfg: Config, step: Callable[[], float | None], synced: bool) -> tuple[list[float], float | None]:
-    """Run warm-up and measured steps; returns the measured step times (s) and the first step's loss."""
+def _run_delay() -> float:
+    """Seconds this thread has spent ready to run but waiting for a CPU (the kernel's schedstat; 0 without it)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _measure(cfg: Config, step: Callable[[], float | None], synced: bool) -> dict[str, Any]:
+    """Run warm-up and measured steps.
+
+    Returns the measured step times (s), how long the main thread (which does
+    all compute, with one torch thread) queued for a CPU during each, and the
+    first step's loss.
+    """
     times: list[float] = []
+    queued: list[float] = []
     first_loss = None
     for index in range(cfg.warmup + cfg.steps):
         if synced:
             dist.barrier()
+        delay = _run_delay()
         start = time.perf_counter()
         loss = step()
         elapsed = time.perf_counter() - start
@@ -184,12 +165,13 @@ def _measure(cfg: Config, step: Callable[[], float | None], synced: bool) -> tup
             first_loss = loss
         if index >= cfg.warmup:
             times.append(elapsed)
-    return times, first_loss
+            queued.append(_run_delay() - delay)
+    return {"times": times, "queued": queued, "loss": first_loss}
 
 
-def _write(out: str, rank: int, times: list[float], loss: float | None, extra: dict[str, Any] | None = None) -> None:
+def _write(out: str, rank: int, result: dict[str, Any]) -> None:
     with open(f"{out}.{rank}.json", "w") as f:
-        json.dump({"times": times, "loss": loss, **(extra or {})}, f)
+        json.dump(result, f)
 
 
 def _sgd(params: list[nn.Parameter]) -> Callable[[], None]:
@@ -214,8 +196,7 @@ def run_conveyor(rank: int, world: int, cfg: Config, out: str) -> None:
         optimizer_step()
         return None if loss is None else loss.item()
 
-    times, loss = _measure(cfg, step, synced=True)
-    _write(out, rank, times, loss)
+    _write(out, rank, _measure(cfg, step, synced=True))
 
 
 def run_torch(rank: int, world: int, cfg: Config, out: str) -> None:
@@ -241,8 +222,7 @@ def run_torch(rank: int, world: int, cfg: Config, out: str) -> None:
         optimizer_step()
         return torch.stack(losses).mean().item() if losses else None
 
-    times, loss = _measure(cfg, step, synced=True)
-    _write(out, rank, times, loss)
+    _write(out, rank, _measure(cfg, step, synced=True))
 
 
 def run_single(rank: int, world: int, cfg: Config, out: str) -> None:
@@ -254,15 +234,14 @@ def run_single(rank: int, world: int, cfg: Config, out: str) -> None:
 
     def step() -> float:
         total = 0.0
-        for mb_input, mb_target in zip(inputs, targets):
+        for mb_input, mb_target in zip(inputs, targets, strict=True):
             loss = loss_fn(model(mb_input), mb_target) / cfg.microbatches
             loss.backward()
             total += loss.item()
         optimizer_step()
         return total
 
-    times, loss = _measure(cfg, step, synced=False)
-    _write(out, rank, times, loss)
+    _write(out, rank, _measure(cfg, step, synced=False))
 
 
 def run_stage_costs(rank: int, world: int, cfg: Config, out: str) -> None:
@@ -287,7 +266,7 @@ def run_stage_costs(rank: int, world: int, cfg: Config, out: str) -> None:
             samples.append(time.perf_counter() - start)
         costs.append(1e3 * statistics.median(samples[1:]))
         h = output.detach()
-    _write(out, rank, [], None, {"stage_ms": costs})
+    _write(out, rank, {"stage_ms": costs})
 
 
 RUNNERS: dict[str, Callable[..., None]] = {"conveyor": run_conveyor, "torch": run_torch, "single": run_single}
@@ -307,8 +286,8 @@ def _cpu_seconds() -> tuple[float, float]:
     return machine, own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _wait_until_quiet(log: Callable[[str], None], limit_s: float = 300) -> None:
-    """Wait while other processes keep more than a fifth of a core busy, so they do not skew a run."""
+def _wait_until_quiet(log: Callable[[str], None], limit_s: float = 60) -> None:
+    """Wait while other processes keep the CPU busy, so they do not skew the next run."""
     deadline = time.monotonic() + limit_s
     warned = False
     while True:
@@ -316,8 +295,8 @@ def _wait_until_quiet(log: Callable[[str], None], limit_s: float = 300) -> None:
         time.sleep(0.5)
         machine1, own1 = _cpu_seconds()
         foreign = (machine1 - machine0 - (own1 - own0)) / 0.5
-        if foreign < 0.2 or time.monotonic() > deadline:
-            if foreign >= 0.2:
+        if foreign < QUIET_CORES or time.monotonic() > deadline:
+            if foreign >= QUIET_CORES:
                 log(f"machine still busy ({foreign:.2f} cores used by other processes); measuring anyway")
             return
         if not warned:
@@ -340,51 +319,86 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     """Run everything and return the summary (what --json prints)."""
     stage_ms = _launch(run_stage_costs, 1, cfg)[0]["stage_ms"]
     log(f"stage costs (forward+backward of one micro-batch, 1 thread): {', '.join(f'{c:.1f}' for c in stage_ms)} ms")
-    step_times: dict[str, list[list[float]]] = {name: [] for name in METHODS}
-    foreign_cores: dict[str, list[float]] = {name: [] for name in METHODS}
+    runs: dict[str, list[Run]] = {name: [] for name in METHODS}
     first_loss: dict[str, float] = {}
     for round_index in range(cfg.rounds):
         for name in METHODS:
             world = 1 if name == "single" else cfg.stages
-            _wait_until_quiet(log)
-            machine0, own0 = _cpu_seconds()
-            started = time.perf_counter()
-            ranks = _launch(RUNNERS[name], world, cfg)
-            wall = time.perf_counter() - started
-            machine1, own1 = _cpu_seconds()
-            # CPU time spent outside this benchmark during the run, in cores: should stay near 0.
-            foreign = max(0.0, machine1 - machine0 - (own1 - own0)) / wall
-            # A step is over when its slowest rank is done.
-            times = [max(per_rank) for per_rank in zip(*(r["times"] for r in ranks))]
-            step_times[name].append(times)
-            foreign_cores[name].append(foreign)
+            for attempt in range(1 + cfg.retries):
+                _wait_until_quiet(log)
+                machine0, own0 = _cpu_seconds()
+                started = time.perf_counter()
+                ranks = _launch(RUNNERS[name], world, cfg)
+                wall = time.perf_counter() - started
+                machine1, own1 = _cpu_seconds()
+                run = Run(
+                    # A step is over when its slowest rank is done; it was disturbed if any rank queued.
+                    times=[max(per_rank) for per_rank in zip(*(r["times"] for r in ranks), strict=True)],
+                    queued=[max(per_rank) for per_rank in zip(*(r["queued"] for r in ranks), strict=True)],
+                    foreign_cores=max(0.0, machine1 - machine0 - (own1 - own0)) / wall,
+                )
+                log(
+                    f"round {round_index + 1}/{cfg.rounds} {name:8s}: median {1e3 * statistics.median(run.times):7.1f}"
+                    f" ms/step, {1e3 * statistics.median(run.clean_times or [math.nan]):7.1f} over"
+                    f" {len(run.clean_times)}/{cfg.steps} undisturbed steps  ({wall:.1f} s with start-up;"
+                    f" other processes used {run.foreign_cores:.2f} cores)"
+                )
+                if 2 * len(run.clean_times) >= cfg.steps:
+                    break
+                if attempt < cfg.retries:
+                    log("  fewer than half the steps were undisturbed: measuring this run again")
+            runs[name].append(run)
             first_loss.setdefault(name, ranks[-1]["loss"])
-            log(
-                f"round {round_index + 1}/{cfg.rounds} {name:8s}: median {1e3 * statistics.median(times):8.1f} ms/step"
-                f"  ({wall:.1f} s with start-up; other processes used {foreign:.2f} cores)"
-            )
-    return summarize(cfg, step_times, first_loss, stage_ms, foreign_cores)
+    return summarize(cfg, runs, first_loss, stage_ms)
+
+
+@dataclass
+class Run:
+    """One run of one method: per measured step, its time and the longest any rank's main thread queued for a CPU."""
+
+    times: list[float]
+    queued: list[float]
+    foreign_cores: float
+    """CPU used by processes outside the benchmark during the run, in cores."""
+
+    @property
+    def clean_times(self) -> list[float]:
+        """Times of the steps that other processes did not disturb.
+
+        On a quiet machine a rank's main thread queues for up to ~10% of a step
+        (its own gloo threads share the cores), which is the method's own cost:
+        such runs keep every step. When other processes used the CPU during the
+        run, steps in which some rank queued longer than DISTURBED of the step
+        are set aside.
+        """
+        if self.foreign_cores <= QUIET_CORES:
+            return list(self.times)
+        return [t for t, q in zip(self.times, self.queued, strict=True) if q <= DISTURBED * t]
 
 
 def summarize(
-    cfg: Config,
-    step_times: dict[str, list[list[float]]],
-    first_loss: dict[str, float],
-    stage_ms: list[float],
-    foreign_cores: dict[str, list[float]],
+    cfg: Config, runs: dict[str, list[Run]], first_loss: dict[str, float], stage_ms: list[float]
 ) -> dict[str, Any]:
-    methods = {}
-    for name, runs in step_times.items():
-        pooled = [t for run in runs for t in run]
+    methods: dict[str, dict[str, Any]] = {}
+    for name, method_runs in runs.items():
+        clean = [t for run in method_runs for t in run.clean_times]
+        pooled = clean or [t for run in method_runs for t in run.times]
         methods[name] = {
             "median_ms": 1e3 * statistics.median(pooled),
             "min_ms": 1e3 * min(pooled),
             "max_ms": 1e3 * max(pooled),
-            "run_medians_ms": [1e3 * statistics.median(run) for run in runs],
+            "steps": len(pooled),
+            "disturbed_steps": sum(len(run.times) for run in method_runs) - len(clean),
+            "all_disturbed": not clean,
+            "run_medians_ms": [1e3 * statistics.median(run.clean_times or run.times) for run in method_runs],
             "first_loss": first_loss[name],
-            "foreign_cores": foreign_cores[name],
+            "foreign_cores": [run.foreign_cores for run in method_runs],
+            "runs": [
+                {"times_ms": [1e3 * t for t in run.times], "queued_ms": [1e3 * q for q in run.queued]}
+                for run in method_runs
+            ],
         }
-    conveyor, torch_ms, single = (methods[n]["median_ms"] for n in METHODS)
+    conveyor, torch_ms, single = (float(methods[n]["median_ms"]) for n in METHODS)
     speedup = single / conveyor
     # The best any pipeline can do here: m + p - 1 slots of the slowest stage,
     # against m micro-batches through all stages in one process.
@@ -392,8 +406,12 @@ def summarize(
     balance_bound = m * sum(stage_ms) / ((m + p - 1) * max(stage_ms))
     return {
         "config": dataclasses.asdict(cfg),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "stage_ms": stage_ms,
         "methods": methods,
         "ratios": {
@@ -411,23 +429,25 @@ def summarize(
 
 def format_table(summary: dict[str, Any]) -> str:
     cfg, methods, ratios = summary["config"], summary["methods"], summary["ratios"]
-    busiest = [c for m in methods.values() for c in m["foreign_cores"]]
     labels = {"conveyor": "A conveyor", "torch": "B torch.pipelining", "single": "C one process"}
     lines = [
         f"{cfg['stages']} stages x 1 thread, {cfg['microbatches']} micro-batches of {cfg['microbatch_size']}x"
-        f"{cfg['seq']} tokens, schedule {cfg['schedule']}, {cfg['layers']} layers, dim {cfg['dim']};"
-        f" {cfg['rounds']} rounds x {cfg['steps']} steps (+{cfg['warmup']} warm-up)",
+        f"{cfg['seq']} tokens, schedule {cfg['schedule']}, GPT {cfg['layers']} layers, dim {cfg['dim']},"
+        f" vocab {cfg['vocab']}; {cfg['rounds']} rounds x {cfg['steps']} steps (+{cfg['warmup']} warm-up)",
         f"stage cost, forward+backward of one micro-batch: {', '.join(f'{c:.1f}' for c in summary['stage_ms'])} ms",
         "",
-        f"{'method':20s} {'median ms':>10s} {'min ms':>9s} {'max ms':>9s}  {'per-round medians ms':24s} {'1st loss':>9s}",
+        f"{'method':20s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'steps':>6s}"
+        f"  {'per-round medians ms':32s} {'1st loss':>8s}",
     ]
     for name in METHODS:
         m = methods[name]
         rounds = " ".join(f"{t:.1f}" for t in m["run_medians_ms"])
         lines.append(
-            f"{labels[name]:20s} {m['median_ms']:10.1f} {m['min_ms']:9.1f} {m['max_ms']:9.1f}  {rounds:24s}"
-            f" {m['first_loss']:9.5f}"
+            f"{labels[name]:20s} {m['median_ms']:10.1f} {m['min_ms']:8.1f} {m['max_ms']:8.1f} {m['steps']:6d}"
+            f"  {rounds:32s} {m['first_loss']:8.5f}"
         )
+    disturbed = sum(m["disturbed_steps"] for m in methods.values())
+    fell_back = any(m["all_disturbed"] for m in methods.values())
     lines += [
         "",
         f"conveyor / torch step time:         {ratios['conveyor_over_torch']:.3f}   (target <= 1.0, aim 0.85)",
@@ -435,10 +455,11 @@ def format_table(summary: dict[str, Any]) -> str:
         f"  = {ratios['conveyor_fraction_of_ideal']:.3f} of ideal {ratios['ideal_speedup']:.3f}x  (target >= 0.8)",
         f"torch speedup over one process:     {ratios['torch_speedup']:.3f}x"
         f"  = {ratios['torch_fraction_of_ideal']:.3f} of ideal",
-        f"bound from measured stage balance:  {ratios['stage_balance_bound_speedup']:.3f}x",
+        f"best speedup the stage costs c allow: {ratios['stage_balance_bound_speedup']:.3f}x"
+        "  (m*sum(c) / ((m+p-1)*max(c)))",
         f"first-step loss spread across methods: {summary['loss_spread']:.2e}",
-        f"CPU used by other processes during the runs: at most {max(busiest):.2f} cores"
-        + ("  (WARNING: above 0.1, the machine was not quiet)" if max(busiest) > 0.1 else ""),
+        f"steps set aside because other processes took the CPU: {disturbed}"
+        + ("  (WARNING: no undisturbed step for some method; its numbers use all steps)" if fell_back else ""),
     ]
     return "\n".join(lines)
 
@@ -454,13 +475,26 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, for --help."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs = {}
+    for node, after in zip(body.body, body.body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr):
+            if isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = after.value.value
+    return docs
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Config()
+    docs = _field_docs(Config)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+        parser.add_argument(flag, type=type(default), default=default, help=f"{docs.get(field.name, '')} ({default})")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     args = parser.parse_args(argv)
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(Config)}

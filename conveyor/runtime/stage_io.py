@@ -3,7 +3,9 @@
 A receiver must know shapes and dtypes before it posts a buffer. At the start
 of each step the first stage names the step's *input signature* (the shapes and
 dtypes of its micro-batches) and the signature travels down the pipeline, one
-8-byte message per activation link. The first time a link sees a signature, each
+8-byte message per activation link. Its receive is posted at the end of the
+previous step: with gloo, a receive posted after its send has arrived costs
+the receiver milliseconds of handshake (docs/benchmarks.md). The first time a link sees a signature, each
 activation transfer is preceded by a metadata message; the receiver caches
 what it learned, so later steps with the same signature send only the data and
 can post receives early. Gradients need no metadata: their shapes are those of
@@ -50,6 +52,7 @@ class StageIO:
         self._metas_out: dict[Key, list[TensorMeta]] = {}  # already described to receivers
         self._queues: dict[Link, deque[_Receive]] = {}  # not yet posted, per link
         self._posted: dict[tuple[str, int, int], _Receive] = {}
+        self._next_signature: dict[Link, Incoming] = {}  # posted at the end of the previous step
 
     def begin_step(self, signature: int | None) -> None:
         """Agree on this step's input signature: given on the first stage's rank, received elsewhere.
@@ -63,13 +66,19 @@ class StageIO:
                 assert signature is not None, "the first stage's rank must give the step's input signature"
                 self.signature = signature
             elif program.rank_of(stage - 1) != rank:
-                self.signature = int(self.transport.recv_now((1,), torch.int64, ("act", stage - 1)).item())
+                link = ("act", stage - 1)
+                incoming = self._next_signature.pop(link, None) or self.transport.recv((1,), torch.int64, link)
+                self.signature = int(incoming.wait().item())
             if stage + 1 < program.num_stages and program.rank_of(stage + 1) != rank:
                 self.transport.send(torch.tensor([self.signature], dtype=torch.int64), ("act", stage))
 
     def end_step(self) -> None:
         assert not self._posted and not any(self._queues.values()), "a receive was posted but never used"
         self.transport.flush()
+        for stage in self.program.stages_of(self.rank):
+            if stage > 0 and self.program.rank_of(stage - 1) != self.rank:
+                link = ("act", stage - 1)
+                self._next_signature[link] = self.transport.recv((1,), torch.int64, link)
 
     # Activations: the output of `stage` goes to stage + 1.
 

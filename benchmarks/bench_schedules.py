@@ -5,8 +5,13 @@ cut into the same micro-batches:
 
   A. conveyor: `Pipeline` over the stage modules of `conveyor.split_model`;
   B. torch: `torch.distributed.pipelining.PipelineStage` wrapping those same
-     stage modules, driven by `Schedule1F1B` or `ScheduleGPipe`;
-  C. one process: the full model, gradients accumulated over the micro-batches.
+     stage modules (one per stage, placed as conveyor places them), driven by
+     torch's schedule of the same name (`Schedule1F1B`, `ScheduleGPipe`,
+     `ScheduleInterleaved1F1B`, `ScheduleLoopedBFS`, `ScheduleZBVZeroBubble`,
+     `ScheduleDualPipeV`; torch has no single-stage ZB-H1, so zb-h1 meets
+     `Schedule1F1B`);
+  C. one process: the full model, gradients accumulated over the micro-batches;
+  D. with --baseline NAME: conveyor again, with schedule NAME (zb-h1 against 1f1b, say).
 
 A and B run one process per stage, started by `conveyor.spawn` (gloo); C runs
 one process. Every process uses one torch thread. Runs are interleaved
@@ -20,6 +25,8 @@ medians less.
 
     python benchmarks/bench_schedules.py                   # 2 stages, 8 micro-batches, 1f1b
     python benchmarks/bench_schedules.py --schedule gpipe --json
+    python benchmarks/bench_schedules.py --schedule zb-h1 --baseline 1f1b
+    python benchmarks/bench_schedules.py --schedule zbv    # 2 ranks x 2 stages
 """
 
 from __future__ import annotations
@@ -48,11 +55,20 @@ from torch import nn
 
 from conveyor import Pipeline, spawn, split_model
 from conveyor.models.gpt import GPT, GPTConfig, lm_loss
+from conveyor.schedules import SCHEDULES, build_schedule
 
-METHODS = ("conveyor", "torch", "single")
+METHODS = ("conveyor", "torch", "single", "baseline")
 QUIET_CORES = 0.1  # CPU (in cores) other processes may use around a run before its steps are checked one by one
 DISTURBED = 0.10  # a step whose main thread queued for a CPU longer than this fraction of it is set aside
-TORCH_SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe"}
+TORCH_SCHEDULES = {
+    "1f1b": "Schedule1F1B",
+    "gpipe": "ScheduleGPipe",
+    "interleaved-1f1b": "ScheduleInterleaved1F1B",
+    "looped-bfs": "ScheduleLoopedBFS",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
+    "zb-h1": "Schedule1F1B",
+}
 
 
 @dataclass(frozen=True)
@@ -60,11 +76,13 @@ class Config:
     """One benchmark: the model, the batch, the schedule and how long to measure."""
 
     stages: int = 2
-    """Pipeline stages, one process each (A and B)."""
+    """Pipeline ranks, one process each (A and B); each runs the schedule's stages per rank."""
     microbatches: int = 8
     """Micro-batches per step, in all three methods."""
     schedule: str = "1f1b"
-    """1f1b or gpipe: the same schedule for conveyor and torch."""
+    """The schedule, for conveyor and (by the same name) torch; see TORCH_SCHEDULES."""
+    baseline: str = ""
+    """A second conveyor schedule to run side by side (method D), or none."""
     rounds: int = 5
     """Times each method is run, interleaved A, B, C, A, B, C, ..."""
     steps: int = 8
@@ -93,16 +111,25 @@ class Config:
             raise ValueError(f"--schedule must be one of {', '.join(TORCH_SCHEDULES)}; got {self.schedule!r}")
         if self.stages < 2:
             raise ValueError(f"a pipeline needs at least 2 stages to compare; got --stages {self.stages}")
-        if self.layers < self.stages:
-            raise ValueError(f"--layers {self.layers} cannot fill {self.stages} stages: use --layers >= {self.stages}")
+        if self.baseline and self.baseline not in SCHEDULES:
+            raise ValueError(f"--baseline must be a conveyor schedule; got {self.baseline!r}")
+        if self.layers < self.num_stages:
+            raise ValueError(f"--layers {self.layers} cannot fill {self.num_stages} stages: use more")
         if self.microbatches < self.stages:
-            raise ValueError(
-                f"torch's Schedule1F1B needs micro-batches >= stages ({self.stages}); got {self.microbatches}"
-            )
+            raise ValueError(f"torch's schedules need micro-batches >= ranks ({self.stages}); got {self.microbatches}")
+        build_schedule(self.schedule, self.stages, self.microbatches)  # conveyor's own constraints
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} must be a multiple of --heads {self.heads}")
         if self.rounds < 1 or self.steps < 1 or self.warmup < 0 or self.retries < 0:
             raise ValueError("--rounds and --steps must be >= 1, --warmup and --retries >= 0")
+
+    @property
+    def num_stages(self) -> int:
+        return self.stages * SCHEDULES[self.schedule].default_virtual
+
+    def local_stages(self, rank: int, schedule: str | None = None) -> list[int]:
+        """The stages `rank` runs, placed the same way by conveyor and torch."""
+        return build_schedule(schedule or self.schedule, self.stages, self.microbatches).stages_of(rank)
 
     @property
     def batch_size(self) -> int:
@@ -184,41 +211,56 @@ def _sgd(params: list[nn.Parameter]) -> Callable[[], None]:
     return step
 
 
-def run_conveyor(rank: int, world: int, cfg: Config, out: str) -> None:
+def run_conveyor(rank: int, world: int, cfg: Config, out: str, schedule: str = "") -> None:
     torch.set_num_threads(1)
-    module = split_model(build_model(cfg), rank, world)
-    pipe = Pipeline(module, num_stages=world, num_microbatches=cfg.microbatches, loss_fn=loss_fn, schedule=cfg.schedule)
+    name = schedule or cfg.schedule
+    num_stages = world * SCHEDULES[name].default_virtual
+    model = build_model(cfg)
+    modules = {s: split_model(model, s, num_stages) for s in cfg.local_stages(rank, name)}
+    pipe = Pipeline(modules, num_stages=num_stages, num_microbatches=cfg.microbatches, loss_fn=loss_fn, schedule=name)
     x, y = make_batch(cfg)
     optimizer_step = _sgd(list(pipe.parameters()))
 
     def step() -> float | None:
-        loss = pipe.step(x if rank == 0 else None, y if rank == world - 1 else None)
+        loss = pipe.step(x, y)  # each rank uses what its stages need
         optimizer_step()
         return None if loss is None else loss.item()
 
     _write(out, rank, _measure(cfg, step, synced=True))
 
 
+def run_baseline(rank: int, world: int, cfg: Config, out: str) -> None:
+    run_conveyor(rank, world, cfg, out, schedule=cfg.baseline)
+
+
 def run_torch(rank: int, world: int, cfg: Config, out: str) -> None:
     from torch.distributed import pipelining
 
     torch.set_num_threads(1)
-    module = split_model(build_model(cfg), rank, world)
-    stage = pipelining.PipelineStage(module, rank, world, torch.device("cpu"))
+    model = build_model(cfg)
+    num_stages = torch_num_stages(cfg)
+    local = cfg.local_stages(rank) if cfg.schedule != "zb-h1" else [rank]
+    modules = [split_model(model, s, num_stages) for s in local]
+    stages = [
+        pipelining.PipelineStage(m, s, num_stages, torch.device("cpu")) for m, s in zip(modules, local, strict=True)
+    ]
     schedule_cls = getattr(pipelining, TORCH_SCHEDULES[cfg.schedule])
+    single = issubclass(schedule_cls, pipelining.schedules.PipelineScheduleSingle)
     # scale_grads divides the summed micro-batch gradients by m: the same 1/m weight conveyor gives each loss.
-    schedule = schedule_cls(stage, n_microbatches=cfg.microbatches, loss_fn=loss_fn, scale_grads=True)
+    schedule = schedule_cls(
+        stages[0] if single else stages, n_microbatches=cfg.microbatches, loss_fn=loss_fn, scale_grads=True
+    )
     x, y = make_batch(cfg)
-    optimizer_step = _sgd(list(module.parameters()))
+    optimizer_step = _sgd([p for m in modules for p in m.parameters()])
+    first, last = 0 in local, num_stages - 1 in local
 
     def step() -> float | None:
         losses: list[torch.Tensor] = []
-        if rank == 0:
-            schedule.step(x, return_outputs=False)
-        elif rank == world - 1:
-            schedule.step(target=y, losses=losses, return_outputs=False)
+        args = (x,) if first else ()
+        if last:
+            schedule.step(*args, target=y, losses=losses, return_outputs=False)
         else:
-            schedule.step(return_outputs=False)
+            schedule.step(*args, return_outputs=False)
         optimizer_step()
         return torch.stack(losses).mean().item() if losses else None
 
@@ -252,14 +294,14 @@ def run_stage_costs(rank: int, world: int, cfg: Config, out: str) -> None:
     mb_input, mb_target = x[: cfg.microbatch_size], y[: cfg.microbatch_size]
     costs = []
     h = mb_input
-    for s in range(cfg.stages):
-        module = split_model(model, s, cfg.stages)
+    for s in range(cfg.num_stages):
+        module = split_model(model, s, cfg.num_stages)
         samples = []
         for _ in range(6):
             start = time.perf_counter()
             inp = h.detach().requires_grad_(h.is_floating_point())
             output = module(inp)
-            if s == cfg.stages - 1:
+            if s == cfg.num_stages - 1:
                 loss_fn(output, mb_target).backward()
             else:
                 output.backward(torch.ones_like(output))
@@ -269,7 +311,20 @@ def run_stage_costs(rank: int, world: int, cfg: Config, out: str) -> None:
     _write(out, rank, {"stage_ms": costs})
 
 
-RUNNERS: dict[str, Callable[..., None]] = {"conveyor": run_conveyor, "torch": run_torch, "single": run_single}
+RUNNERS: dict[str, Callable[..., None]] = {
+    "conveyor": run_conveyor,
+    "torch": run_torch,
+    "single": run_single,
+    "baseline": run_baseline,
+}
+
+
+def torch_num_stages(cfg: Config) -> int:
+    return cfg.stages if cfg.schedule == "zb-h1" else cfg.num_stages
+
+
+def methods_of(cfg: Config) -> tuple[str, ...]:
+    return METHODS if cfg.baseline else METHODS[:3]
 
 
 # The parent: interleave the runs, merge the ranks, summarize.
@@ -319,10 +374,10 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     """Run everything and return the summary (what --json prints)."""
     stage_ms = _launch(run_stage_costs, 1, cfg)[0]["stage_ms"]
     log(f"stage costs (forward+backward of one micro-batch, 1 thread): {', '.join(f'{c:.1f}' for c in stage_ms)} ms")
-    runs: dict[str, list[Run]] = {name: [] for name in METHODS}
+    runs: dict[str, list[Run]] = {name: [] for name in methods_of(cfg)}
     first_loss: dict[str, float] = {}
     for round_index in range(cfg.rounds):
-        for name in METHODS:
+        for name in methods_of(cfg):
             world = 1 if name == "single" else cfg.stages
             for attempt in range(1 + cfg.retries):
                 _wait_until_quiet(log)
@@ -348,7 +403,8 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
                 if attempt < cfg.retries:
                     log("  fewer than half the steps were undisturbed: measuring this run again")
             runs[name].append(run)
-            first_loss.setdefault(name, ranks[-1]["loss"])
+            # The rank of the last stage reports the loss (rank 0 in a V-shaped placement).
+            first_loss.setdefault(name, next(r["loss"] for r in ranks if r["loss"] is not None))
     return summarize(cfg, runs, first_loss, stage_ms)
 
 
@@ -398,12 +454,13 @@ def summarize(
                 for run in method_runs
             ],
         }
-    conveyor, torch_ms, single = (float(methods[n]["median_ms"]) for n in METHODS)
+    conveyor, torch_ms, single = (float(methods[n]["median_ms"]) for n in METHODS[:3])
     speedup = single / conveyor
-    # The best any pipeline can do here: m + p - 1 slots of the slowest stage,
-    # against m micro-batches through all stages in one process.
+    # The best a one-stage-per-rank pipeline can do here: m + p - 1 slots of the
+    # slowest rank, against m micro-batches through all stages in one process.
     p, m = cfg.stages, cfg.microbatches
-    balance_bound = m * sum(stage_ms) / ((m + p - 1) * max(stage_ms))
+    per_rank = [sum(stage_ms[s] for s in cfg.local_stages(rank)) for rank in range(p)]
+    balance_bound = m * sum(per_rank) / ((m + p - 1) * max(per_rank))
     return {
         "config": dataclasses.asdict(cfg),
         "machine": {
@@ -422,6 +479,11 @@ def summarize(
             "conveyor_fraction_of_ideal": speedup / cfg.ideal_speedup,
             "torch_fraction_of_ideal": single / torch_ms / cfg.ideal_speedup,
             "stage_balance_bound_speedup": balance_bound,
+            **(
+                {"conveyor_over_baseline": conveyor / float(methods["baseline"]["median_ms"])}
+                if "baseline" in methods
+                else {}
+            ),
         },
         "loss_spread": max(first_loss.values()) - min(first_loss.values()),
     }
@@ -429,21 +491,26 @@ def summarize(
 
 def format_table(summary: dict[str, Any]) -> str:
     cfg, methods, ratios = summary["config"], summary["methods"], summary["ratios"]
-    labels = {"conveyor": "A conveyor", "torch": "B torch.pipelining", "single": "C one process"}
+    labels = {
+        "conveyor": f"A conveyor {cfg['schedule']}",
+        "torch": f"B torch {TORCH_SCHEDULES[cfg['schedule']]}",
+        "single": "C one process",
+        "baseline": f"D conveyor {cfg['baseline']}",
+    }
     lines = [
-        f"{cfg['stages']} stages x 1 thread, {cfg['microbatches']} micro-batches of {cfg['microbatch_size']}x"
+        f"{cfg['stages']} ranks x 1 thread, {cfg['microbatches']} micro-batches of {cfg['microbatch_size']}x"
         f"{cfg['seq']} tokens, schedule {cfg['schedule']}, GPT {cfg['layers']} layers, dim {cfg['dim']},"
         f" vocab {cfg['vocab']}; {cfg['rounds']} rounds x {cfg['steps']} steps (+{cfg['warmup']} warm-up)",
         f"stage cost, forward+backward of one micro-batch: {', '.join(f'{c:.1f}' for c in summary['stage_ms'])} ms",
         "",
-        f"{'method':20s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'steps':>6s}"
+        f"{'method':32s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'steps':>6s}"
         f"  {'per-round medians ms':32s} {'1st loss':>8s}",
     ]
-    for name in METHODS:
+    for name in methods:
         m = methods[name]
         rounds = " ".join(f"{t:.1f}" for t in m["run_medians_ms"])
         lines.append(
-            f"{labels[name]:20s} {m['median_ms']:10.1f} {m['min_ms']:8.1f} {m['max_ms']:8.1f} {m['steps']:6d}"
+            f"{labels[name]:32s} {m['median_ms']:10.1f} {m['min_ms']:8.1f} {m['max_ms']:8.1f} {m['steps']:6d}"
             f"  {rounds:32s} {m['first_loss']:8.5f}"
         )
     disturbed = sum(m["disturbed_steps"] for m in methods.values())
@@ -457,6 +524,11 @@ def format_table(summary: dict[str, Any]) -> str:
         f"  = {ratios['torch_fraction_of_ideal']:.3f} of ideal",
         f"best speedup the stage costs c allow: {ratios['stage_balance_bound_speedup']:.3f}x"
         "  (m*sum(c) / ((m+p-1)*max(c)))",
+        *(
+            [f"conveyor {cfg['schedule']} / {cfg['baseline']}:  {ratios['conveyor_over_baseline']:.3f}"]
+            if "conveyor_over_baseline" in ratios
+            else []
+        ),
         f"first-step loss spread across methods: {summary['loss_spread']:.2e}",
         f"steps set aside because other processes took the CPU: {disturbed}"
         + ("  (WARNING: no undisturbed step for some method; its numbers use all steps)" if fell_back else ""),

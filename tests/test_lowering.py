@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from conveyor.schedules import Program, gpipe, insert_transfers, lower, one_f_one_b, prefetch_receives, validate
+from conveyor.schedules import (
+    Program,
+    fuse_backwards,
+    gpipe,
+    insert_transfers,
+    lower,
+    one_f_one_b,
+    prefetch_receives,
+    validate,
+)
 
 
 def test_insert_transfers_gpipe() -> None:
@@ -95,3 +104,10 @@ def test_passes_do_not_modify_their_input() -> None:
     before = program.to_strings()
     lower(program)
     assert program.to_strings() == before
+
+
+def test_fuse_backwards_drops_a_w_right_after_its_own_b() -> None:
+    program = Program.from_strings(["0F0 0F1 0B0 0W0 0B1 0W1 0STEP"], [0], 2)
+    fused = fuse_backwards(Program.from_strings(["0F0 0F1 0B1 0B0 0W0 0W1 0STEP"], [0], 2))
+    assert fused.to_strings() == ["0F0 0F1 0B1 0B0 0W1 0STEP"]
+    assert fuse_backwards(program).to_strings() == ["0F0 0F1 0B0 0B1 0STEP"]

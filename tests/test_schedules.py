@@ -16,7 +16,7 @@ from conveyor.schedules import (
     lower,
     one_f_one_b,
     schedule_info,
-    split_backward_stages,
+    split_backwards,
     validate,
 )
 
@@ -108,7 +108,7 @@ PEAK: dict[str, Callable[[int, int, int], int]] = {
 
 def peaks_held(program: Program) -> list[int]:
     """Per rank, the most micro-batch activations held at once (summed over the rank's stages)."""
-    split = split_backward_stages(program)
+    split = split_backwards(program)
     peaks = []
     for rank in range(program.num_ranks):
         held: Counter[int] = Counter()
@@ -116,7 +116,7 @@ def peaks_held(program: Program) -> list[int]:
         for action in program.actions[rank]:
             if action.kind is Kind.FORWARD:
                 held[action.stage] += 1
-            elif action.kind is (Kind.WEIGHT if action.stage in split else Kind.BACKWARD):
+            elif action.kind is (Kind.WEIGHT if (action.stage, action.mb) in split else Kind.BACKWARD):
                 held[action.stage] -= 1
             peak = max(peak, sum(held.values()))
         peaks.append(peak)

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..schedules import Action, Kind, Program, Timing, split_backward_stages, validate
+from ..schedules import Action, Kind, Program, Timing, split_backwards, validate
 
 __all__ = ["CostModel", "Simulation", "StageCosts", "load_costs", "parse_costs", "save_costs", "simulate"]
 
@@ -81,14 +81,14 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
     Raises ScheduleError (DeadlockError for a hang) when the program cannot run.
     """
     costs.check(program.num_stages)
-    split_backward = split_backward_stages(program)
+    split = split_backwards(program)
 
     def cost(action: Action) -> float:
         c = costs.of(action.stage)
         if action.kind is Kind.FORWARD:
             return c.forward
         if action.kind is Kind.BACKWARD:
-            return c.backward if action.stage in split_backward else c.backward + c.weight
+            return c.backward if (action.stage, action.mb) in split else c.backward + c.weight
         if action.kind is Kind.WEIGHT:
             return c.weight
         return 0.0
@@ -105,13 +105,15 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
     busy = {rank: sum(cost(a) for a in program.actions[rank]) for rank in range(program.num_ranks)}
     ranks = program.num_ranks
     bubble = sum(makespan - busy[r] for r in range(ranks)) / (ranks * makespan) if makespan > 0 else 0.0
-    peaks, peak_bytes = _peak_memory(program, costs, split_backward)
+    peaks, peak_bytes = _peak_memory(program, costs, split)
     return Simulation(
         program.name, program.num_stages, program.num_microbatches, makespan, bubble, peaks, peak_bytes, timing
     )
 
 
-def _peak_memory(program: Program, costs: CostModel, split_backward: set[int]) -> tuple[list[int], list[float] | None]:
+def _peak_memory(
+    program: Program, costs: CostModel, split: set[tuple[int, int | None]]
+) -> tuple[list[int], list[float] | None]:
     """Walk each rank's actions in order, counting micro-batches held per stage."""
     known_bytes = all(costs.of(s).activation_bytes is not None for s in range(program.num_stages))
     peaks: list[int] = []
@@ -120,7 +122,7 @@ def _peak_memory(program: Program, costs: CostModel, split_backward: set[int]) -
         held: dict[int, int] = {}
         most, most_bytes = 0, 0.0
         for action in program.actions.get(rank, []):
-            releases = Kind.WEIGHT if action.stage in split_backward else Kind.BACKWARD
+            releases = Kind.WEIGHT if (action.stage, action.mb) in split else Kind.BACKWARD
             if action.kind is Kind.FORWARD:
                 held[action.stage] = held.get(action.stage, 0) + 1
             elif action.kind is releases:

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..schedules import Action, Kind, Program, split_backward_stages
+from ..schedules import Action, Kind, Program, split_backwards
 from .stage import Stage
 from .stage_io import StageIO
 
@@ -49,7 +49,7 @@ class Executor:
         self.io = io
         self.optimizer_step = optimizer_step
         self.actions = program.actions.get(rank, [])
-        self.split_stages = split_backward_stages(program)
+        self.split = split_backwards(program)
         self.tracer: Tracer | None = None
 
     def run(
@@ -131,7 +131,7 @@ class Executor:
                 grads = self._handoff.pop(("grad", s, mb))
             else:
                 grads = self._received(Action(s, Kind.BACKWARD, mb), self.io.wait_gradients)
-        input_grads = stage.backward(mb, grads, split=s in self.split_stages)
+        input_grads = stage.backward(mb, grads, split=(s, mb) in self.split)
         if stage.is_first:
             return
         if self.program.rank_of(s - 1) == self.rank:

@@ -7,10 +7,10 @@ from .catalog import SCHEDULES, ScheduleInfo, build_schedule, schedule_info
 from .dualpipe import dualpipev
 from .gpipe import gpipe
 from .interleaved import interleaved_1f1b, looped_bfs
-from .lowering import insert_transfers, lower, prefetch_receives
+from .lowering import fuse_backwards, insert_transfers, lower, prefetch_receives
 from .one_f_one_b import one_f_one_b
 from .render import render_steps, render_timeline
-from .validate import DeadlockError, ScheduleError, Timing, split_backward_stages, validate
+from .validate import DeadlockError, ScheduleError, Timing, split_backwards, validate
 from .zero_bubble import zb_h1, zb_h2, zbv
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Timing",
     "build_schedule",
     "dualpipev",
+    "fuse_backwards",
     "gpipe",
     "insert_transfers",
     "interleaved_1f1b",
@@ -37,7 +38,7 @@ __all__ = [
     "render_steps",
     "render_timeline",
     "schedule_info",
-    "split_backward_stages",
+    "split_backwards",
     "validate",
     "zb_h1",
     "zb_h2",

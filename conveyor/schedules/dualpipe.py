@@ -17,10 +17,11 @@ def dualpipev(num_ranks: int, num_microbatches: int) -> Program:
     original overlaps a forward of one stage with a backward of the other
     (to hide MoE all-to-all); here the pair runs back to back, in the same
     order. Some backwards are split (B now, W queued, run later to fill a
-    gap); the others run B and W back to back. Needs m >= 2P.
+    gap); the others run whole. Needs m >= 2P.
 
     Phases of rank r (F0 = forward of the down stage, B1 = input-gradient of
-    the up stage, W = the oldest queued weight-gradient; "full" = B then W):
+    the up stage, W = the oldest queued weight-gradient; "full" = a B that is
+    the whole backward, with no W):
 
     1. 2(P-r-1) x F0          5. P-r-1 x (full B1, F1, full B0)
     2. r+1 x (F0, F1)          6. r+1 x (B1, B0), split from the middle on
@@ -51,12 +52,9 @@ def _rank_actions(p: int, m: int, rank: int) -> list[Action]:
     def backward(chunk: int, split: bool = False) -> None:
         mb = backwards[chunk]
         backwards[chunk] += 1
-        actions.append(Action(stage[chunk], Kind.BACKWARD, mb))
-        weight = Action(stage[chunk], Kind.WEIGHT, mb)
+        actions.append(Action(stage[chunk], Kind.BACKWARD, mb))  # without a W: the whole backward
         if split:
-            queued.append(weight)
-        else:
-            actions.append(weight)
+            queued.append(Action(stage[chunk], Kind.WEIGHT, mb))
 
     def weight() -> None:
         actions.append(queued.popleft())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .actions import Action, Kind, Program
 from .render import render_steps
 
-__all__ = ["DeadlockError", "ScheduleError", "Timing", "split_backward_stages", "validate"]
+__all__ = ["DeadlockError", "ScheduleError", "Timing", "split_backwards", "validate"]
 
 # A message is named by what it carries: ("act", s, mb) is stage s's output,
 # ("grad", s, mb) the gradient of stage s's input.
@@ -89,28 +89,29 @@ def _check_placement(program: Program) -> None:
                 raise _fail(program, rank, index, f"no micro-batch {action.mb} (0..{program.num_microbatches - 1})")
 
 
-def split_backward_stages(program: Program) -> set[int]:
-    """Stages whose weight gradients run as separate W actions."""
-    return {a.stage for actions in program.actions.values() for a in actions if a.kind is Kind.WEIGHT}
+def split_backwards(program: Program) -> set[tuple[int, int | None]]:
+    """The (stage, micro-batch) pairs whose backward is split: a W action exists for them.
+
+    For every other pair, B is the whole backward.
+    """
+    return {(a.stage, a.mb) for actions in program.actions.values() for a in actions if a.kind is Kind.WEIGHT}
 
 
 def _check_computes(program: Program) -> None:
-    """Each stage runs each micro-batch's F and B (and W, if it splits them) exactly once."""
-    split = split_backward_stages(program)
+    """Each stage runs each micro-batch's F and B exactly once (and W at most once: if it splits the backward)."""
     wanted: set[tuple[int, Kind, int | None]] = {
         (s, kind, mb)
         for s in range(program.num_stages)
-        for kind in (Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHT)
-        if kind is not Kind.WEIGHT or s in split
+        for kind in (Kind.FORWARD, Kind.BACKWARD)
         for mb in range(program.num_microbatches)
     }
     seen: Counter[tuple[int, Kind, int | None]] = Counter()
     for actions in program.actions.values():
         seen.update((a.stage, a.kind, a.mb) for a in actions if a.kind.is_compute)
-    # STEP is optional (a program may accumulate gradients over several runs), but never repeated.
+    # W and STEP are optional (a program may accumulate gradients over several runs), but never repeated.
     for actions in program.actions.values():
         seen.update((a.stage, a.kind, None) for a in actions if a.kind is Kind.STEP)
-    wanted |= {key for key in seen if key[1] is Kind.STEP}
+    wanted |= {key for key in seen if key[1] in (Kind.WEIGHT, Kind.STEP)}
     repeated = sorted(str(Action(s, k, mb)) for (s, k, mb), n in seen.items() if n > 1)
     missing = sorted(str(Action(s, k, mb)) for (s, k, mb) in wanted - set(seen))
     if repeated or missing:
@@ -209,8 +210,7 @@ def _local_prerequisites(program: Program, action: Action, split: set[int]) -> l
     if action.kind is Kind.WEIGHT:
         return [(Kind.BACKWARD, s, mb)]
     if action.kind is Kind.STEP:
-        last_part = Kind.WEIGHT if s in split else Kind.BACKWARD
-        return [(last_part, s, m) for m in range(program.num_microbatches)]
+        return [(Kind.WEIGHT if (s, m) in split else Kind.BACKWARD, s, m) for m in range(program.num_microbatches)]
     return []
 
 
@@ -229,7 +229,7 @@ def _awaited_message(program: Program, action: Action) -> Message | None:
 def _run(program: Program, cost: Callable[[Action], float], latency: float) -> Timing:
     """Run all ranks on a clock, one action at a time, until done or stuck."""
     ranks = sorted(program.actions)
-    split = split_backward_stages(program)
+    split = split_backwards(program)
     position = dict.fromkeys(ranks, 0)
     clock = dict.fromkeys(ranks, 0.0)
     done: dict[int, set[tuple[Kind, int, int | None]]] = {rank: set() for rank in ranks}

@@ -188,7 +188,9 @@ def _check_channels(program: Program) -> None:
                 )
 
 
-def _local_prerequisites(program: Program, action: Action, split: set[int]) -> list[tuple[Kind, int, int | None]]:
+def _local_prerequisites(
+    program: Program, action: Action, split: set[tuple[int, int | None]]
+) -> list[tuple[Kind, int, int | None]]:
     """What must already have run on this rank before `action` (as (kind, stage, mb))."""
     s, mb, last = action.stage, action.mb, program.num_stages - 1
     local = program.rank_of(s)

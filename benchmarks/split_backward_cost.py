@@ -1,0 +1,47 @@
+"""What splitting the backward costs: B then W against one whole backward, for one stage of the benchmark GPT.
+
+One thread, one process: a middle stage (2 of the 8 layers, dim 256) on a micro-batch of 2 x 128 tokens.
+
+    python benchmarks/split_backward_cost.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from conveyor.models import GPT, GPTConfig
+from conveyor.runtime.stage import Stage
+from conveyor.split import split_model
+
+
+def backward_ms(stage: Stage, x: torch.Tensor, split: bool, repeats: int = 12) -> tuple[float, float]:
+    """Median milliseconds of B (or the whole backward) and of W."""
+    b_times, w_times = [], []
+    for _ in range(repeats):
+        (output,) = stage.forward(0, x.clone().requires_grad_())
+        start = time.perf_counter()
+        stage.backward(0, [torch.ones_like(output)], split=split)
+        middle = time.perf_counter()
+        if split:
+            stage.weight(0)
+        b_times.append(middle - start)
+        w_times.append(time.perf_counter() - middle)
+    return 1e3 * statistics.median(b_times[2:]), 1e3 * statistics.median(w_times[2:])
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    module = split_model(lambda: GPT(GPTConfig(dim=256, layers=8, heads=4, context=128)), 1, 4)
+    stage = Stage(module, 1, 4)
+    x = torch.randn(2, 128, 256)
+    for _ in range(3):
+        whole, _ = backward_ms(stage, x, split=False)
+        b, w = backward_ms(stage, x, split=True)
+        print(f"whole backward {whole:.1f} ms;  B {b:.1f} ms + W {w:.1f} ms = {b + w:.1f} ms ({(b + w) / whole - 1:+.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -40,7 +40,8 @@ def main() -> None:
     for _ in range(3):
         whole, _ = backward_ms(stage, x, split=False)
         b, w = backward_ms(stage, x, split=True)
-        print(f"whole backward {whole:.1f} ms;  B {b:.1f} ms + W {w:.1f} ms = {b + w:.1f} ms ({(b + w) / whole - 1:+.1%})")
+        extra = (b + w) / whole - 1
+        print(f"whole backward {whole:.1f} ms;  B {b:.1f} ms + W {w:.1f} ms = {b + w:.1f} ms ({extra:+.1%})")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ class WeightWork:
             outputs, grads = self.full
             torch.autograd.backward(outputs, grads)
         for edge, grad, params in self.joins:
-            for param, g in zip(params, torch.autograd.grad([edge], params, [grad]), strict=True):
-                param.grad = g if param.grad is None else param.grad + g
+            # `inputs` keeps autograd on this join's weight branch; it accumulates into .grad in place.
+            torch.autograd.backward([edge], [grad], inputs=params)  # type: ignore[arg-type]
         self.joins, self.full = [], None
 
 

@@ -100,8 +100,10 @@ class Pipeline:
         }
         self.num_microbatches = num_microbatches
         self._group = group
-        transport = Transport.open(self.program.links(), self.device, group)
-        io = StageIO(transport, self.program, self.rank)
+        # Besides the schedule's links, one from the last stage's rank to each other rank, for its loss.
+        loss_links = {("loss", r): (self.last_rank, r) for r in range(ranks) if r != self.last_rank}
+        self.transport = Transport.open({**self.program.links(), **loss_links}, self.device, group)
+        io = StageIO(self.transport, self.program, self.rank)
         self.executor = Executor(self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None)
 
     @classmethod
@@ -141,7 +143,7 @@ class Pipeline:
         """Run one mini-batch through the pipeline: forward, backward and (with an optimizer) a step.
 
         Returns the mini-batch loss on the last stage's rank (on every rank
-        with `loss_on_all_ranks`, at the cost of one broadcast), else None.
+        with `loss_on_all_ranks`, at the cost of one message per rank), else None.
         """
         m = self.num_microbatches
         input_mbs = target_mbs = weights = None
@@ -160,12 +162,24 @@ class Pipeline:
         self.executor.run(input_mbs, target_mbs, weights, signature)
         loss = torch.stack(self.stages[last].pop_losses()).sum() if last in self.stages else None
         if loss_on_all_ranks:
-            buffer = loss if loss is not None else torch.zeros((), device=self.device)
-            if dist.get_backend(self._group) == "gloo" and buffer.is_cuda:
-                buffer = buffer.cpu()
-            dist.broadcast(buffer, src=_global(self._group, self.last_rank), group=self._group)
-            loss = buffer.to(self.device)
+            loss = self._share_loss(loss)
         return loss
+
+    def _share_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """The last stage's loss on every rank, in float32 elsewhere.
+
+        Point-to-point messages rather than a broadcast: gloo runs a collective
+        on a worker thread that drops its tensors after the caller has gone on,
+        and a rank that exits right after its last step can then abort in that
+        thread ("terminate called without an active exception").
+        """
+        if loss is not None:
+            for link in self.transport.links:
+                if link[0] == "loss":
+                    self.transport.send(loss.detach().float(), link)
+            self.transport.flush()
+            return loss
+        return self.transport.recv_now((), torch.float32, ("loss", self.rank))
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for stage in self.stages.values():
@@ -190,7 +204,3 @@ def _signature(microbatches: list[Any]) -> int:
     """A 63-bit name for the shapes and dtypes of a step's micro-batches (only its equality matters)."""
     described = tuple(tuple((tuple(t.shape), t.dtype) for t in tensors_in(mb)) for mb in microbatches)
     return hash(described) & (2**63 - 1)
-
-
-def _global(group: dist.ProcessGroup | None, rank: int) -> int:
-    return rank if group is None else dist.get_global_rank(group, rank)

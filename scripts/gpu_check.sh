@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU (one is enough), run from the repository root:
+#   bash scripts/gpu_check.sh
+# 1. tests/test_cuda.py: every schedule with all stages in one process (NCCL), two ranks sharing
+#    the GPU over gloo (tensors staged through host memory), CUDA dropout under recompute;
+# 2. `conveyor train --device cuda` both ways, to compare with the same runs on CPU;
+# 3. the whole CPU suite under that machine's torch (it may be older than the one CI uses).
+# Logs go to $OUT (or ./gpu-check); the exit status is 1 if anything failed.
+set -uo pipefail
+out=${OUT:-gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+status=0
+python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))" \
+    | tee "$out/versions.txt" || status=1
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda-tests.log" || status=1
+for run in "--stages 2 --schedule zbv" "--stages 2 --schedule 1f1b" "--stages 1 --schedule interleaved-1f1b --virtual 2"; do
+    name=$(echo "$run" | tr -d '-' | tr ' ' '_')
+    # shellcheck disable=SC2086  # $run holds several options
+    python3 -m conveyor train --device cuda $run --steps 30 --no-progress 2>&1 | tee "$out/train_$name.log" || status=1
+done
+python3 -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py tests 2>&1 | tee "$out/cpu-tests.log" || status=1
+exit $status

@@ -97,3 +97,20 @@ def test_recompute_replays_cuda_dropout() -> None:
         grads.append([input_grad, *(p.grad.clone() for p in module.parameters())])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_a_stage_built_on_the_gpu_starts_with_the_cpu_weights() -> None:
+    """The same seed gives the same weights on every device (a GPU's generator would draw other numbers)."""
+    from conveyor import split_model
+    from conveyor.models import GPT, GPTConfig
+
+    def build() -> GPT:
+        return GPT(GPTConfig(dim=32, heads=2, layers=4, context=16))
+
+    for stage in range(2):
+        on_cpu = dict(split_model(build, stage, 2, seed=3).named_parameters())
+        on_gpu = dict(split_model(build, stage, 2, seed=3, device="cuda").named_parameters())
+        assert on_cpu.keys() == on_gpu.keys()
+        for name, param in on_gpu.items():
+            assert param.is_cuda, f"stage {stage}: {name} is not on the GPU"
+            torch.testing.assert_close(param.cpu(), on_cpu[name], rtol=0, atol=0, msg=f"stage {stage}: {name}")

@@ -55,8 +55,9 @@ def _rank_one_hangs(rank: int, world: int, pid_file: str) -> None:
 @pytest.mark.timeout(60)
 def test_a_hanging_rank_gives_a_timeout_error_and_is_stopped(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
-    with pytest.raises(TimeoutError, match=r"ranks \[1\] of 2 were still running after 5 s"):
-        spawn(_rank_one_hangs, 2, (str(pid_file),), timeout_s=5)
+    # 15 s: rank 0 must have started and finished by then, also where starting a process is slow.
+    with pytest.raises(TimeoutError, match=r"ranks \[1\] of 2 were still running after 15 s"):
+        spawn(_rank_one_hangs, 2, (str(pid_file),), timeout_s=15)
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)  # the hanging rank was terminated and reaped
 

@@ -116,10 +116,11 @@ def split_model(
     `model` is either a built model (its kept layers are copied, with their
     weights; the model itself is left as it is) or a function that builds it.
     A function is called on the meta device, so the full model never takes
-    memory: only the stage's own layers are materialized on `device` and
-    initialized, by `init(stage_module)` if given, else by each submodule's
-    `reset_parameters()` seeded from `seed` and the submodule's name (so a
-    layer starts with the same weights whatever the number of stages).
+    memory: only the stage's own layers are materialized and initialized
+    (on the CPU, then moved to `device`), by `init(stage_module)` if given,
+    else by each submodule's `reset_parameters()` seeded from `seed` and the
+    submodule's name (so a layer starts with the same weights whatever the
+    number of stages, and whatever the device).
     """
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} does not exist in a {num_stages}-stage pipeline")
@@ -128,12 +129,14 @@ def split_model(
     with torch.device("meta"):
         full = model()
     kept = _keep_only(full, stage, num_stages, layers_per_stage, blocks, copy_weights=False)
-    kept.to_empty(device=device)
+    # Initialized on the CPU whatever `device` is: a GPU's generator draws other numbers from the same
+    # seed, and the same seed should give the same weights on every device.
+    kept.to_empty(device="cpu")
     if init is not None:
         init(kept)
     else:
         _reset_by_name(kept, seed)
-    return kept
+    return kept.to(device)
 
 
 def _keep_only(

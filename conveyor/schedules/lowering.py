@@ -8,10 +8,16 @@ __all__ = ["fuse_backwards", "insert_transfers", "prefetch_receives", "lower"]
 
 
 def fuse_backwards(program: Program) -> Program:
-    """Drop each W that directly follows its own B: that backward runs whole, as one B.
+    """Run a backward whole where splitting it gains nothing: a W right after its own B,
+    when B's input gradient does not leave the rank.
 
-    A split backward costs more than a whole one (two passes through
-    autograd, a few percent here), which only pays when W moves into a gap.
+    A split backward costs more than a whole one (two passes through autograd:
+    7-13 % more backward on CPU, docs/benchmarks.md); it pays only when W moves
+    into a gap, or when B's input gradient is sent on before W runs. When W
+    directly follows its B and that gradient goes to no other rank (the first
+    stage has none; at the bottom of a V the rank hands it to its own next
+    stage, which runs after W anyway), one whole backward in B's place ends when
+    W would have, minus the split's cost, so no action anywhere starts later.
     Runs on a generator's compute-only program.
     """
     fused = Program(program.placement, program.num_microbatches, {}, program.name)
@@ -19,11 +25,20 @@ def fuse_backwards(program: Program) -> Program:
         out: list[Action] = []
         for action in actions:
             previous = out[-1] if out else None
-            if action.kind is Kind.WEIGHT and previous == Action(action.stage, Kind.BACKWARD, action.mb):
+            if (
+                action.kind is Kind.WEIGHT
+                and previous == Action(action.stage, Kind.BACKWARD, action.mb)
+                and _gradient_stays(program, action.stage)
+            ):
                 continue
             out.append(action)
         fused.actions[rank] = out
     return fused
+
+
+def _gradient_stays(program: Program, stage: int) -> bool:
+    """Whether stage's input gradient stays on its rank (or there is none, on the first stage)."""
+    return stage == 0 or program.rank_of(stage - 1) == program.rank_of(stage)
 
 
 def insert_transfers(program: Program) -> Program:
@@ -81,12 +96,11 @@ def prefetch_receives(program: Program) -> Program:
     return moved
 
 
-def lower(program: Program, prefetch: bool = True, fuse: bool = False) -> Program:
-    """The lowering the executor expects: transfers, then (by default) prefetching.
+def lower(program: Program, prefetch: bool = True, fuse: bool = True) -> Program:
+    """The lowering the executor expects: (by default) fusing, transfers, then (by default) prefetching.
 
-    With `fuse`, a W right after its own B is dropped first (see `fuse_backwards`): measured
-    on ZBV (docs/benchmarks.md) it saved about 2 % of a step on CPU, but with equal costs it
-    adds a bubble the schedule was built to avoid, so it is off unless asked for.
+    `fuse` runs `fuse_backwards` first, which never delays an action; turn it
+    off to see a generator's program exactly as it was written.
     """
     lowered = insert_transfers(fuse_backwards(program) if fuse else program)
     return prefetch_receives(lowered) if prefetch else lowered

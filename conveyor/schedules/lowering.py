@@ -12,7 +12,7 @@ def fuse_backwards(program: Program) -> Program:
     when B's input gradient does not leave the rank.
 
     A split backward costs more than a whole one (two passes through autograd:
-    7-13 % more backward on CPU, docs/benchmarks.md); it pays only when W moves
+    7-14 % more backward on CPU, docs/benchmarks.md); it pays only when W moves
     into a gap, or when B's input gradient is sent on before W runs. When W
     directly follows its B and that gradient goes to no other rank (the first
     stage has none; at the bottom of a V the rank hands it to its own next

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from tiny_models import (
     MODELS,
     TinyTransformer,
@@ -230,3 +231,25 @@ def _features(rank: int, world: int) -> None:
 def test_features_on_three_ranks() -> None:
     """loss_on_all_ranks, accumulation, keyword inputs, several tensors between stages, changing batch sizes, ..."""
     spawn(_features, 3, timeout_s=100)
+
+
+def _own_messages_after_pipelines(rank: int, world: int) -> None:
+    build, make_batch, loss_fn = MODELS["mlp"]
+    x, y = make_batch(BATCH)
+    for schedule in ("1f1b", "zbv"):
+        stages = 2 * world if schedule == "zbv" else world
+        pipe = Pipeline.from_model(build(), num_stages=stages, num_microbatches=4, loss_fn=loss_fn, schedule=schedule)
+        pipe.step(x, y)
+    # The pipelines left the next step's signature receives posted; the user's tag-0 messages must pass them by.
+    message = torch.arange(5.0)
+    if rank == 0:
+        dist.send(message, dst=1)
+    elif rank == 1:
+        received = torch.zeros(5)
+        dist.recv(received, src=0)
+        assert torch.equal(received, message), f"rank 1 received {received.tolist()}"
+
+
+@pytest.mark.timeout(90)
+def test_the_users_own_messages_on_the_same_group_still_arrive() -> None:
+    spawn(_own_messages_after_pipelines, 2, timeout_s=60)

@@ -21,7 +21,9 @@ in order. How that is kept depends on the backend:
   as many cores as ranks each wake-up pre-empts a rank's compute
   (docs/benchmarks.md). Each transport opened on a group takes fresh tags, so
   a receive left posted by an earlier pipeline (the next step's signature)
-  never catches a later pipeline's message.
+  never catches a later pipeline's message; and the tags start at FIRST_TAG,
+  far above the small tags (0 by default) of the user's own messages on that
+  group.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class Transport:
             self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
 
 
+FIRST_TAG = 1 << 20
+
 # Tags handed out so far per group (by name): ranks open transports in the same order, so they agree.
 _tags_taken: dict[str, int] = {}
 
@@ -137,7 +141,7 @@ _tags_taken: dict[str, int] = {}
 def _take_tags(group: dist.ProcessGroup | None, count: int) -> int:
     """The first of `count` tags no earlier transport on `group` used."""
     name = group.group_name if group is not None else "default"
-    first = _tags_taken.get(name, 0)
+    first = _tags_taken.get(name, FIRST_TAG)
     _tags_taken[name] = first + count
     return first
 

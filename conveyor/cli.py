@@ -65,8 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument(
         "--costs",
         default="f=1,b=1,w=1,comm=0",
-        help="per-stage durations: 'f=1,b=2,w=1,comm=0.1,bytes=1e6' for all stages, ';' between stages"
-        " for one set each, or a profile JSON file written by `conveyor profile` (default: %(default)s)",
+        help="per-stage durations: 'f=1,b=2,w=1,comm=0.1,bytes=1e6' for all stages (whole=X: a backward"
+        " run whole, default b+w), ';' between stages for one set each, or a profile JSON file written by"
+        " `conveyor profile` (default: %(default)s)",
     )
     sim.add_argument("--json", action="store_true", help="print JSON instead of text")
     sim.add_argument("--plot", metavar="PNG", help="also draw the timeline to this image")
@@ -126,7 +127,8 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for index, stage in enumerate(costs.stages):
         print(
             f"stage {index}: F {stage.forward * 1e3:.2f} ms, B {stage.backward * 1e3:.2f} ms,"
-            f" W {stage.weight * 1e3:.2f} ms, {(stage.activation_bytes or 0) / 2**20:.1f} MiB held per micro-batch"
+            f" W {stage.weight * 1e3:.2f} ms, whole backward {stage.whole_backward * 1e3:.2f} ms,"
+            f" {(stage.activation_bytes or 0) / 2**20:.1f} MiB held per micro-batch"
         )
     print(f"latency {costs.latency * 1e3:.3f} ms; written to {args.out}")
     return 0

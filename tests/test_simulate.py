@@ -105,7 +105,7 @@ def test_a_deadlocking_program_is_reported_with_its_ranks_and_actions() -> None:
 
 
 def test_cost_files_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    costs = CostModel((StageCosts(0.1, 0.2, 0.05, 1e6), StageCosts(0.2, 0.1, 0.1, 2e6)), latency=0.001)
+    costs = CostModel((StageCosts(0.1, 0.2, 0.05, 1e6, 0.22), StageCosts(0.2, 0.1, 0.1, 2e6)), latency=0.001)
     path = tmp_path / "costs.json"
     save_costs(costs, path)
     assert load_costs(str(path)) == costs
@@ -125,3 +125,31 @@ def test_cli_plot_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def
     out = tmp_path / "timeline.png"
     assert main(["simulate", "--schedule", "zbv", "--stages", "2", "--microbatches", "4", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_whole_backward_costs_what_the_model_says() -> None:
+    """Unsplit backwards (all of 1f1b's, zbv's fused ones) cost `whole`, split ones B and W."""
+    cheaper = parse_costs("f=1,b=1,w=1,whole=1.5")
+    assert cheaper.of(0).whole_backward == 1.5 and parse_costs("f=1,b=1,w=1").of(0).whole_backward == 2.0
+    one_f_one_b = build_schedule("1f1b", 4, 8)
+    assert simulate(one_f_one_b, cheaper).step_time == pytest.approx((8 + 4 - 1) * (1 + 1.5))
+    zbv = build_schedule("zbv", 2, 8)  # lowering ran stage 0's and stage 2's backwards whole
+    assert simulate(zbv, cheaper).step_time < simulate(zbv, parse_costs("f=1,b=1,w=1")).step_time
+
+
+def test_profile_times_f_b_w_and_a_whole_backward() -> None:
+    import torch
+    from torch import nn
+
+    from conveyor.observe.profile import profile_stages
+
+    torch.manual_seed(0)
+    stages = [nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)) for _ in range(2)]
+    x, y = torch.randn(64, 256), torch.randn(64, 256)
+    costs = profile_stages(stages, x, y, nn.functional.mse_loss, repeats=3, warmup=1)
+    first, second = costs.stages
+    for stage in costs.stages:
+        assert stage.forward > 0 and stage.weight > 0 and stage.whole is not None and stage.whole > 0
+    # The first stage has no input gradient: its B returns at once and its W is the whole backward.
+    assert first.backward < 0.2 * first.weight
+    assert second.backward > 0.2 * second.weight  # the second computes its input's gradient in B

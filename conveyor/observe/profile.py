@@ -1,11 +1,11 @@
-"""Costs from a real model: time F, B and W of each stage and the bytes it keeps for backward.
+"""Costs from a real model: time F, B, W and a whole backward of each stage, and the bytes it keeps.
 
 The stages run one after another in this process, on one micro-batch, the
-way a rank would run them (same threads). B is the backward to the stage's
-input only; W the rest of the backward (the weight gradients), measured as
-the full backward minus B. The first stage has no input gradient to compute,
-so its B is 0 and its whole backward counts as W. Schedules that do not split
-the backward run B + W as one action, so only the sum matters for them.
+way a rank would run them (same threads). B and W are timed as the runtime
+splits a backward (`runtime/split_backward.py`: B the gradient of the stage's
+input, W the weight gradients afterwards), and a whole backward on its own,
+because a split costs more than one whole backward. The first stage has no
+input gradient to compute, so its B is 0 and its W is a whole backward.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..runtime.microbatch import map_tensors, tensors_in
+from ..runtime.split_backward import backward_input
 from ..runtime.stage import LossFn, call_module
 from .simulate import CostModel, StageCosts
 
@@ -44,18 +45,16 @@ def profile_stages(
         if index > 0:  # later stages get leaves that require grad, as the runtime gives them
             stage_input = _as_leaves(stage_input)
         run = _stage_runner(module, stage_input, example_target if last else None, loss_fn if last else None)
-        forward, backward, full = [], [], []
+        samples: list[tuple[float, float, float, float]] = []  # (F, B, W, whole backward)
         for repeat in range(warmup + repeats):
-            f, b, fb = run()
+            sample = run()
             if repeat >= warmup:
-                forward.append(f)
-                backward.append(b)
-                full.append(fb)
-        b_median, full_median = statistics.median(backward), statistics.median(full)
+                samples.append(sample)
+        f, b, w, whole = (statistics.median(column) for column in zip(*samples, strict=True))
         activation = saved_activation_bytes(
             module, stage_input, example_target if last else None, loss_fn if last else None
         )
-        costs.append(StageCosts(statistics.median(forward), b_median, max(0.0, full_median - b_median), activation))
+        costs.append(StageCosts(f, b, w, activation, whole))
         with torch.no_grad():
             stage_input = _as_tuple(call_module(module, stage_input))
     return CostModel(tuple(costs), latency)
@@ -85,8 +84,9 @@ def saved_activation_bytes(module: nn.Module, inputs: Any, target: Any = None, l
 
 def _stage_runner(
     module: nn.Module, inputs: Any, target: Any, loss_fn: LossFn | None
-) -> Callable[[], tuple[float, float, float]]:
-    """A function that times one forward, one input-only backward and one full backward."""
+) -> Callable[[], tuple[float, float, float, float]]:
+    """A function that times one forward, a split backward (B, then W) and one whole backward."""
+    params = [p for p in module.parameters() if p.requires_grad]
 
     def forward() -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
         fresh = _fresh_inputs(inputs)
@@ -98,20 +98,20 @@ def _stage_runner(
         outputs = [t for t in tensors_in(output) if t.requires_grad]
         return outputs, [t for t in tensors_in(fresh) if t.requires_grad], elapsed
 
-    def run() -> tuple[float, float, float]:
+    def run() -> tuple[float, float, float, float]:
         outputs, leaves, f = forward()
         grads = [torch.ones_like(t) for t in outputs]
-        b = 0.0
-        if leaves:
-            start = time.perf_counter()
-            torch.autograd.grad(outputs, leaves, grads)
-            b = time.perf_counter() - start
-        outputs, _, _ = forward()
         start = time.perf_counter()
+        _, weight_work = backward_input(outputs, grads, leaves, params)
+        middle = time.perf_counter()
+        weight_work.run()
+        end = time.perf_counter()
+        outputs, _, _ = forward()
+        start_whole = time.perf_counter()
         torch.autograd.backward(outputs, grads)
-        full = time.perf_counter() - start
+        whole = time.perf_counter() - start_whole
         module.zero_grad(set_to_none=True)
-        return f, b, full
+        return f, middle - start, end - middle, whole
 
     return run
 

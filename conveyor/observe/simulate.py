@@ -23,11 +23,18 @@ class StageCosts:
 
     forward: float = 1.0
     backward: float = 1.0
-    """Backward for the stage's input; the whole backward when the schedule does not split off W."""
+    """B: the backward for the stage's input, when W is split off."""
     weight: float = 1.0
-    """Backward for the stage's weights (W), run inside B when the schedule does not split it."""
+    """W: the backward for the stage's weights, after its B."""
     activation_bytes: float | None = None
     """Bytes one in-flight micro-batch keeps alive on this stage, if known."""
+    whole: float | None = None
+    """A backward run whole (a B with no W of its own). None: backward + weight; a split
+    costs more than that on real hardware, so profiles measure it."""
+
+    @property
+    def whole_backward(self) -> float:
+        return self.backward + self.weight if self.whole is None else self.whole
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
         if action.kind is Kind.FORWARD:
             return c.forward
         if action.kind is Kind.BACKWARD:
-            return c.backward if (action.stage, action.mb) in split else c.backward + c.weight
+            return c.backward if (action.stage, action.mb) in split else c.whole_backward
         if action.kind is Kind.WEIGHT:
             return c.weight
         return 0.0
@@ -137,8 +144,11 @@ def _peak_memory(
 
 
 def parse_costs(text: str, latency: float | None = None) -> CostModel:
-    """Parse ``f=1,b=2,w=1,comm=0.1`` (one set for all stages) or ``f=1,b=2;f=2,b=3`` (one per stage)."""
-    names = {"f": "forward", "b": "backward", "w": "weight", "bytes": "activation_bytes"}
+    """Parse ``f=1,b=2,w=1,comm=0.1`` (one set for all stages) or ``f=1,b=2;f=2,b=3`` (one per stage).
+
+    Keys: f, b, w, whole (a backward run whole; default b + w), bytes (held per micro-batch), comm (latency).
+    """
+    names = {"f": "forward", "b": "backward", "w": "weight", "whole": "whole", "bytes": "activation_bytes"}
     stages: list[StageCosts] = []
     comm = 0.0
     for part in text.split(";"):
@@ -150,7 +160,7 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
             elif key in names:
                 values[names[key]] = float(value)
             else:
-                raise ValueError(f"unknown cost {key!r} in {text!r}; use f, b, w, comm and bytes")
+                raise ValueError(f"unknown cost {key!r} in {text!r}; use f, b, w, whole, comm and bytes")
         stages.append(StageCosts(**values))  # type: ignore[arg-type]
     return CostModel(tuple(stages), comm if latency is None else latency)
 

@@ -2,9 +2,10 @@
 # The checks that need a CUDA GPU (one is enough), run from the repository root:
 #   bash scripts/gpu_check.sh
 # 1. tests/test_cuda.py: every schedule with all stages in one process (NCCL), two ranks sharing
-#    the GPU over gloo (tensors staged through host memory), CUDA dropout under recompute;
+#    the GPU over gloo (tensors staged through host memory), weights equal on CPU and GPU;
 # 2. `conveyor train --device cuda` both ways, to compare with the same runs on CPU;
-# 3. the whole CPU suite under that machine's torch (it may be older than the one CI uses).
+# 3. the rest of the suite under that machine's torch (it may be older than the one CI uses),
+#    with the CUDA cases other files hold (dropout replayed by recompute on the GPU).
 # Logs go to $OUT (or ./gpu-check); the exit status is 1 if anything failed.
 set -uo pipefail
 out=${OUT:-gpu-check}

@@ -3,6 +3,7 @@
 Skipped without a GPU. One GPU is enough: NCCL refuses two ranks on one GPU,
 so these tests run every stage in one process (NCCL, world size 1), or two
 ranks sharing the GPU over gloo, where tensors travel through host memory.
+(Dropout replayed on the GPU is in test_split_backward.py, beside the CPU case.)
 
 Tolerance: 1e-4 relative. Micro-batches sum their losses in another order than
 one full batch, and GPU kernels (TF32 is switched off) do not promise the
@@ -14,10 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import MODELS, assert_close, assert_grads_match
-from torch import nn
 
 from conveyor import Pipeline, spawn
-from conveyor.runtime.stage import Stage
 from conveyor.schedules import SCHEDULES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,26 +76,6 @@ def _two_ranks_through_host(rank: int, world: int) -> None:
 def test_two_ranks_share_one_gpu_through_host_memory() -> None:
     """Gloo cannot move CUDA tensors: activations, gradients and the loss are staged through the host."""
     spawn(_two_ranks_through_host, 2, backend="gloo", timeout_s=240)
-
-
-def test_recompute_replays_cuda_dropout() -> None:
-    """The recomputed forward draws the same dropout mask from the CUDA generator."""
-    device = torch.device("cuda", 0)
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.GELU(), nn.Linear(32, 6)).to(device)
-    x = torch.randn(5, 6, device=device)
-    grads = []
-    for recompute in (False, True):
-        module.zero_grad(set_to_none=True)
-        stage = Stage(module, 1, 3, recompute=recompute)
-        torch.manual_seed(3)
-        (output,) = stage.forward(0, x.clone().requires_grad_())
-        torch.manual_seed(99)  # the RNG moves on before backward, as it would in a pipeline
-        (input_grad,) = stage.backward(0, [torch.ones_like(output)], split=True)
-        stage.weight(0)
-        grads.append([input_grad, *(p.grad.clone() for p in module.parameters())])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
 def test_a_stage_built_on_the_gpu_starts_with_the_cpu_weights() -> None:

@@ -111,12 +111,16 @@ def test_memory_is_released_at_w_for_split_stages() -> None:
     assert stage.held_bytes == 0 and stage.peak_held_bytes == held
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("split", [False, True])
-def test_recompute_replays_dropout(split: bool) -> None:
-    """The recomputed forward draws the same dropout mask, so gradients equal those without recompute."""
+def test_recompute_replays_dropout(split: bool, device: str) -> None:
+    """The recomputed forward draws the same dropout mask (from the CPU or the CUDA generator)."""
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.GELU(), nn.Linear(32, 6))
-    x = torch.randn(5, 6)
+    module = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.GELU(), nn.Linear(32, 6)).to(device)
+    x = torch.randn(5, 6, device=device)
     grads = []
     for recompute in (False, True):
         module.zero_grad(set_to_none=True)

@@ -253,3 +253,26 @@ def _own_messages_after_pipelines(rank: int, world: int) -> None:
 @pytest.mark.timeout(90)
 def test_the_users_own_messages_on_the_same_group_still_arrive() -> None:
     spawn(_own_messages_after_pipelines, 2, timeout_s=60)
+
+
+def _two_pipelines_on_subgroups(rank: int, world: int) -> None:
+    # Ranks {0, 1} and {2, 3} each run a 2-stage pipeline on their own group, as data-parallel replicas would.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    group = groups[rank // 2]
+    local = dist.get_rank(group)
+    build, make_batch, loss_fn = MODELS["transformer"]
+    x, y = make_batch(BATCH, seed=1 + rank // 2)  # each replica its own batch
+    reference = build()
+    expected = loss_fn(reference(x), y)
+    expected.backward()
+    pipe = Pipeline(split_model(build(), local, 2), num_stages=2, num_microbatches=4, loss_fn=loss_fn, group=group)
+    loss = pipe.step(x, y, loss_on_all_ranks=True)
+    where = f"replica {rank // 2}, rank {rank} (rank {local} of its group)"
+    assert loss is not None
+    assert_close(loss, expected, f"{where}: loss")
+    assert_grads_match(pipe.named_parameters(), reference, where)
+
+
+@pytest.mark.timeout(120)
+def test_pipelines_on_subgroups_match_the_reference() -> None:
+    spawn(_two_pipelines_on_subgroups, 4, timeout_s=90)

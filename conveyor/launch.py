@@ -6,7 +6,9 @@ the failing rank's error. A deadline turns a hang into a TimeoutError.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -123,6 +125,22 @@ def _rank_main(
         raise
     finally:
         dist.destroy_process_group()
+    _exit_without_finalizing()
+
+
+def _exit_without_finalizing() -> None:
+    """End a rank that finished its work, skipping Python's shutdown.
+
+    Threads that torch.distributed leaves behind (gloo's workers and network
+    threads) can still be dropping a tensor, which takes the GIL; while Python
+    shuts down that aborts the process ("terminate called without an active
+    exception"), as this project's tests saw now and then after a rank's last
+    collective. A rank has nothing left to do at exit but flush its output.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _note_failure(rendezvous: str, rank: int, trace: str) -> None:

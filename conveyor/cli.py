@@ -10,6 +10,7 @@ from dataclasses import fields
 
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+from .launch import exit_rank, under_torchrun
 from .models import lm_loss
 from .pipeline import RECOMPUTE
 from .schedules import SCHEDULES, build_schedule, render_steps, render_timeline, validate
@@ -85,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The failing rank's own traceback is in the message; ours would only add noise.
             print(f"conveyor train failed: {error}", file=sys.stderr)
             return 1
+        if under_torchrun():
+            exit_rank()  # this process is a rank that is done: end it as spawned ranks end
     elif args.command == "profile":
         return _profile(args, parser)
     elif args.command == "schedules":

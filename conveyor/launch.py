@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["spawn", "under_torchrun", "init_from_env", "default_backend"]
+__all__ = ["spawn", "under_torchrun", "init_from_env", "default_backend", "exit_rank"]
 
 RankFn = Callable[..., Any]
 
@@ -125,10 +125,10 @@ def _rank_main(
         raise
     finally:
         dist.destroy_process_group()
-    _exit_without_finalizing()
+    exit_rank()
 
 
-def _exit_without_finalizing() -> None:
+def exit_rank() -> None:
     """End a rank that finished its work, skipping Python's shutdown.
 
     Threads that torch.distributed leaves behind (gloo's workers and network

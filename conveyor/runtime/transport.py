@@ -75,7 +75,8 @@ class Transport:
     ) -> Transport:
         """A transport whose links cannot hold each other up: a tag per link (gloo) or a group per link (others).
 
-        Collective: every rank of the default group must call it with the same links.
+        Every rank of `group` must open its transports in the same order and with the same links, so
+        that their tags agree; with NCCL every rank of the default group must call it (it creates groups).
         """
         ordered = sorted(links)
         if dist.get_backend(group) == "gloo":

@@ -165,6 +165,22 @@ class Pipeline:
             loss = self._share_loss(loss)
         return loss
 
+    def close(self) -> None:
+        """End the messages left waiting for a next step (see `StageIO.close`); every rank calls it after the same step.
+
+        Without it, a rank keeps one receive posted after the last step for each
+        of its stages that another rank feeds. `with Pipeline(...) as pipe:`
+        closes when the block ends without an error. A later step still works.
+        """
+        self.executor.io.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is None:  # after an error the other ranks may never answer: do not wait on them
+            self.close()
+
     def _share_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
         """The last stage's loss on every rank, in float32 elsewhere.
 

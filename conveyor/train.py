@@ -154,6 +154,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
                 bar.update()
     seconds = time.perf_counter() - start
+    pipe.close()
     if bar is not None:
         bar.close()
     if recorder is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from tiny_models import (
     MODELS,
     TinyTransformer,
@@ -276,3 +277,46 @@ def _two_pipelines_on_subgroups(rank: int, world: int) -> None:
 @pytest.mark.timeout(120)
 def test_pipelines_on_subgroups_match_the_reference() -> None:
     spawn(_two_pipelines_on_subgroups, 4, timeout_s=90)
+
+
+def _close_answers_what_was_left_posted(rank: int, world: int) -> None:
+    build, make_batch, loss_fn = MODELS["mlp"]
+    x, y = make_batch(BATCH)
+    for schedule in ("1f1b", "zbv"):
+        stages = 2 * world if schedule == "zbv" else world
+        where = f"{schedule}, rank {rank}"
+        with Pipeline.from_model(
+            build(), num_stages=stages, num_microbatches=2 * world, loss_fn=loss_fn, schedule=schedule
+        ) as pipe:
+            io = pipe.executor.io
+            assert io.receives_posted == 0, f"{where}: nothing is posted before the first step"
+            pipe.step(x, y)
+            fed_by_others = [s for s in pipe.stages if s > 0 and pipe.program.rank_of(s - 1) != rank]
+            assert io.receives_posted == len(fed_by_others), f"{where}: one signature receive per stage fed by a peer"
+        assert io.receives_posted == 0, f"{where}: close() left a receive posted"
+        pipe.step(x, y)  # a step after close() still works
+        pipe.close()
+        pipe.close()  # a second close() does nothing
+        assert io.receives_posted == 0, f"{where}: close() after a later step left a receive posted"
+
+
+@pytest.mark.timeout(90)
+def test_close_answers_the_receives_left_for_a_next_step() -> None:
+    spawn(_close_answers_what_was_left_posted, 3, timeout_s=60)
+
+
+def _rank_zero_closes_while_rank_one_steps(rank: int, world: int) -> None:
+    build, make_batch, loss_fn = MODELS["mlp"]
+    x, y = make_batch(BATCH)
+    pipe = Pipeline(split_model(build(), rank, world), num_stages=world, num_microbatches=2, loss_fn=loss_fn)
+    pipe.step(x, y)
+    if rank == 0:
+        pipe.close()
+    else:
+        pipe.step(x, y)
+
+
+@pytest.mark.timeout(90)
+def test_closing_on_one_rank_only_is_a_clear_error() -> None:
+    with pytest.raises(mp.ProcessRaisedException, match="rank 0 closed the pipeline while this rank began a step"):
+        spawn(_rank_zero_closes_while_rank_one_steps, 2, timeout_s=60)

@@ -29,6 +29,8 @@ __all__ = ["StageIO"]
 # (signature, receiving stage, micro-batch)
 Key = tuple[int, int, int]
 
+CLOSED = -1  # sent instead of a next step's signature by `close` (signatures are never negative)
+
 
 @dataclass
 class _Receive:
@@ -53,6 +55,12 @@ class StageIO:
         self._queues: dict[Link, deque[_Receive]] = {}  # not yet posted, per link
         self._posted: dict[tuple[str, int, int], _Receive] = {}
         self._next_signature: dict[Link, Incoming] = {}  # posted at the end of the previous step
+        self._between_steps = False  # a step ended, and no other began or closed the pipeline
+
+    @property
+    def receives_posted(self) -> int:
+        """Receives posted and not yet waited on, those left for the next step's signature included."""
+        return len(self._posted) + sum(len(q) for q in self._queues.values()) + len(self._next_signature)
 
     def begin_step(self, signature: int | None) -> None:
         """Agree on this step's input signature: given on the first stage's rank, received elsewhere.
@@ -61,6 +69,7 @@ class StageIO:
         before it sends on: the messages cannot wait on each other in a cycle.
         """
         program, rank = self.program, self.rank
+        self._between_steps = False
         for stage in program.stages_of(rank):
             if stage == 0:
                 assert signature is not None, "the first stage's rank must give the step's input signature"
@@ -69,6 +78,11 @@ class StageIO:
                 link = ("act", stage - 1)
                 incoming = self._next_signature.pop(link, None) or self.transport.recv((1,), torch.int64, link)
                 self.signature = int(incoming.wait().item())
+                if self.signature == CLOSED:
+                    raise RuntimeError(
+                        f"rank {rank}: rank {program.rank_of(stage - 1)} closed the pipeline while this rank began"
+                        " a step; every rank must call close() after the same step"
+                    )
             if stage + 1 < program.num_stages and program.rank_of(stage + 1) != rank:
                 self.transport.send(torch.tensor([self.signature], dtype=torch.int64), ("act", stage))
 
@@ -84,6 +98,31 @@ class StageIO:
                     # After the last step the sender may already have closed its process group.
                     # If a next step comes, begin_step posts the receive again and reports any real failure.
                     pass
+        self._between_steps = True
+
+    def close(self) -> None:
+        """Answer the receives `end_step` left posted for a next step that will not come.
+
+        Where a rank would send the next step's signature it sends CLOSED, and
+        where it posted that receive it waits for CLOSED. Every rank of the
+        pipeline must call it after the same step; before any step, or a second
+        time, it does nothing. A later step still works.
+        """
+        if not self._between_steps:
+            return
+        self._between_steps = False
+        program, rank = self.program, self.rank
+        for stage in program.stages_of(rank):
+            if stage + 1 < program.num_stages and program.rank_of(stage + 1) != rank:
+                self.transport.send(torch.tensor([CLOSED], dtype=torch.int64), ("act", stage))
+        for link, incoming in self._next_signature.items():
+            if int(incoming.wait().item()) != CLOSED:
+                raise RuntimeError(
+                    f"rank {rank}: a step began over {link} while this rank closed the pipeline;"
+                    " every rank must call close() after the same step"
+                )
+        self._next_signature.clear()
+        self.transport.flush()
 
     # Activations: the output of `stage` goes to stage + 1.
 

@@ -234,13 +234,17 @@ def test_features_on_three_ranks() -> None:
     spawn(_features, 3, timeout_s=100)
 
 
+def _mlp_pipeline(schedule: str, world: int, m: int) -> Pipeline:
+    """The MLP on `world` ranks (two stages per rank under zbv)."""
+    build, _, loss_fn = MODELS["mlp"]
+    stages = 2 * world if schedule == "zbv" else world
+    return Pipeline.from_model(build(), num_stages=stages, num_microbatches=m, loss_fn=loss_fn, schedule=schedule)
+
+
 def _own_messages_after_pipelines(rank: int, world: int) -> None:
-    build, make_batch, loss_fn = MODELS["mlp"]
-    x, y = make_batch(BATCH)
+    x, y = MODELS["mlp"][1](BATCH)
     for schedule in ("1f1b", "zbv"):
-        stages = 2 * world if schedule == "zbv" else world
-        pipe = Pipeline.from_model(build(), num_stages=stages, num_microbatches=4, loss_fn=loss_fn, schedule=schedule)
-        pipe.step(x, y)
+        _mlp_pipeline(schedule, world, 4).step(x, y)
     # The pipelines left the next step's signature receives posted; the user's tag-0 messages must pass them by.
     message = torch.arange(5.0)
     if rank == 0:
@@ -280,14 +284,10 @@ def test_pipelines_on_subgroups_match_the_reference() -> None:
 
 
 def _close_answers_what_was_left_posted(rank: int, world: int) -> None:
-    build, make_batch, loss_fn = MODELS["mlp"]
-    x, y = make_batch(BATCH)
+    x, y = MODELS["mlp"][1](BATCH)
     for schedule in ("1f1b", "zbv"):
-        stages = 2 * world if schedule == "zbv" else world
         where = f"{schedule}, rank {rank}"
-        with Pipeline.from_model(
-            build(), num_stages=stages, num_microbatches=2 * world, loss_fn=loss_fn, schedule=schedule
-        ) as pipe:
+        with _mlp_pipeline(schedule, world, 2 * world) as pipe:
             io = pipe.executor.io
             assert io.receives_posted == 0, f"{where}: nothing is posted before the first step"
             pipe.step(x, y)

@@ -12,8 +12,9 @@ from conveyor.schedules import Action, Kind, Program, parse_action, parse_action
 @st.composite
 def actions(draw: st.DrawFn) -> Action:
     kind = draw(st.sampled_from(list(Kind)))
-    mb = None if kind is Kind.STEP else draw(st.integers(0, 999))
-    return Action(draw(st.integers(0, 999)), kind, mb)
+    mb = draw(st.none() | st.integers(0, 999)) if kind.optional_mb else draw(st.integers(0, 999))
+    peer = draw(st.integers(0, 999)) if kind.is_transfer else None
+    return Action(draw(st.integers(0, 999)), kind, mb, peer)
 
 
 @given(actions())
@@ -31,11 +32,14 @@ def test_lists_of_actions_round_trip(sequence: list[Action]) -> None:
     [
         ("1F3", Action(1, Kind.FORWARD, 3)),
         ("0B12", Action(0, Kind.BACKWARD, 12)),
-        ("10SF2", Action(10, Kind.SEND_F, 2)),
-        ("2RF0", Action(2, Kind.RECV_F, 0)),
-        ("0SB2", Action(0, Kind.SEND_B, 2)),
-        ("3RB1", Action(3, Kind.RECV_B, 1)),
+        ("10SF2>11", Action(10, Kind.SEND_F, 2, 11)),
+        ("2RF0<1", Action(2, Kind.RECV_F, 0, 1)),
+        ("3SB2>0", Action(3, Kind.SEND_B, 2, 0)),
+        ("3RB1<4", Action(3, Kind.RECV_B, 1, 4)),
         ("1STEP", Action(1, Kind.STEP)),
+        ("1STEP7", Action(1, Kind.STEP, 7)),
+        ("0RD", Action(0, Kind.REDUCE)),
+        ("5RD2", Action(5, Kind.REDUCE, 2)),
         ("  4F5 ", Action(4, Kind.FORWARD, 5)),
     ],
 )
@@ -44,21 +48,29 @@ def test_parse_known_strings(text: str, expected: Action) -> None:
     assert str(expected) == text.strip()
 
 
-@pytest.mark.parametrize("text", ["", "F3", "1X3", "1 F 3", "-1F0", "1f3", "1F3x"])
+@pytest.mark.parametrize(
+    "text", ["", "F3", "1X3", "1 F 3", "-1F0", "1f3", "1F3x", "1SF3", "1SF3<2", "1RF3>0", "1F3>2", "1RD>2"]
+)
 def test_parse_rejects_malformed_strings(text: str) -> None:
     with pytest.raises(ValueError, match="not an action"):
         parse_action(text)
 
 
-def test_step_takes_no_micro_batch_and_others_need_one() -> None:
+def test_computes_and_transfers_need_a_micro_batch_and_transfers_a_peer() -> None:
     with pytest.raises(ValueError, match="FORWARD needs a micro-batch"):
         parse_action("1F")
-    with pytest.raises(ValueError, match="STEP takes no micro-batch"):
-        parse_action("1STEP2")
-    with pytest.raises(ValueError, match="STEP takes no micro-batch"):
-        Action(0, Kind.STEP, 1)
     with pytest.raises(ValueError, match="FORWARD needs a micro-batch"):
         Action(0, Kind.FORWARD)
+    with pytest.raises(ValueError, match="SEND_F needs the stage at the other end"):
+        Action(0, Kind.SEND_F, 1)
+    with pytest.raises(ValueError, match="FORWARD has no peer"):
+        Action(0, Kind.FORWARD, 1, 2)
+
+
+def test_a_link_names_its_edge_in_forward_order_whichever_end_speaks() -> None:
+    # Stage 1 feeds stage 3: both ends of each direction name the same link.
+    assert parse_action("1SF0>3").link == parse_action("3RF0<1").link == ("act", 1, 3)
+    assert parse_action("3SB0>1").link == parse_action("1RB0<3").link == ("grad", 1, 3)
 
 
 def test_kind_predicates_partition_the_kinds() -> None:
@@ -66,12 +78,12 @@ def test_kind_predicates_partition_the_kinds() -> None:
     assert {k for k in Kind if k.is_send} == {Kind.SEND_F, Kind.SEND_B}
     assert {k for k in Kind if k.is_recv} == {Kind.RECV_F, Kind.RECV_B}
     for kind in Kind:
-        roles = [kind.is_compute, kind.is_send, kind.is_recv, kind is Kind.STEP]
+        roles = [kind.is_compute, kind.is_send, kind.is_recv, kind in (Kind.STEP, Kind.REDUCE)]
         assert sum(roles) == 1, kind
 
 
 def test_program_from_strings_and_back() -> None:
-    rows = ["0F0 0SF0 0RB0 0B0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"]
+    rows = ["0F0 0SF0>1 0RB0<1 0B0 0STEP", "1RF0<0 1F0 1B0 1SB0>0 1STEP"]
     program = Program.from_strings(rows, placement=(0, 1), num_microbatches=1, name="tiny")
     assert program.to_strings() == rows
     assert program.actions[1][1] == Action(1, Kind.FORWARD, 0)

@@ -11,9 +11,9 @@ def test_render_steps_one_f_one_b() -> None:
     program = build_schedule("1f1b", 2, 2)
     assert render_steps(program) == "\n".join(
         [
-            "step    0      1      2      3      4      5      6      7      8",
-            "rank 0   0F0    0SF0   0RB0   0F1    0SF1   0RB1   0B0    0B1    0STEP",
-            "rank 1   1RF0   1F0    1RF1   1B0    1SB0   1F1    1B1    1SB1   1STEP",
+            "step    0       1       2       3       4       5       6       7       8",
+            "rank 0   0F0     0SF0>1  0RB0<1  0F1     0SF1>1  0RB1<1  0B0     0B1     0STEP",
+            "rank 1   1RF0<0  1F0     1RF1<0  1B0     1SB0>0  1F1     1B1     1SB1>0  1STEP",
         ]
     )
 
@@ -21,7 +21,7 @@ def test_render_steps_one_f_one_b() -> None:
 def test_render_steps_marks_a_cell_in_brackets() -> None:
     program = build_schedule("1f1b", 2, 2)
     assert render_steps(program, mark={(1, 2)}).splitlines()[2] == (
-        "rank 1   1RF0   1F0   [1RF1]  1B0    1SB0   1F1    1B1    1SB1   1STEP"
+        "rank 1   1RF0<0  1F0    [1RF1<0] 1B0     1SB0>0  1F1     1B1     1SB1>0  1STEP"
     )
 
 

@@ -95,13 +95,13 @@ def test_unknown_cost_name_is_refused() -> None:
 def test_a_deadlocking_program_is_reported_with_its_ranks_and_actions() -> None:
     # Rank 0 sends its activation only after its backward, which needs rank 1's gradient.
     program = Program.from_strings(
-        ["0F0 0RB0 0B0 0SF0 0STEP", "1RF0 1F0 1B0 1SB0 1STEP"], placement=[0, 1], num_microbatches=1
+        ["0F0 0RB0<1 0B0 0SF0>1 0STEP", "1RF0<0 1F0 1B0 1SB0>0 1STEP"], placement=[0, 1], num_microbatches=1
     )
     with pytest.raises(DeadlockError) as error:
         simulate(program, EQUAL)
     message = str(error.value)
-    assert "rank 0 waits at 0B0 for 1SB0 on rank 1" in message
-    assert "rank 1 waits at 1F0 for 0SF0 on rank 0" in message
+    assert "rank 0 waits at 0B0 for 1SB0>0 on rank 1" in message
+    assert "rank 1 waits at 1F0 for 0SF0>1 on rank 0" in message
 
 
 def test_cost_files_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]

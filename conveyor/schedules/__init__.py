@@ -6,8 +6,9 @@ from .actions import Action, Kind, Link, Program, parse_action, parse_actions
 from .catalog import SCHEDULES, ScheduleInfo, build_schedule, schedule_info
 from .dualpipe import dualpipev
 from .gpipe import gpipe
+from .graph import Edge, StageGraph, Tie
 from .interleaved import interleaved_1f1b, looped_bfs
-from .lowering import fuse_backwards, insert_transfers, lower, prefetch_receives
+from .lowering import forward_only, fuse_backwards, insert_reductions, insert_transfers, lower, prefetch_receives
 from .one_f_one_b import one_f_one_b
 from .render import render_steps, render_timeline
 from .validate import DeadlockError, ScheduleError, Timing, split_backwards, validate
@@ -16,17 +17,22 @@ from .zero_bubble import zb_h1, zb_h2, zbv
 __all__ = [
     "Action",
     "DeadlockError",
+    "Edge",
     "Kind",
     "Link",
     "Program",
     "SCHEDULES",
+    "StageGraph",
     "ScheduleError",
     "ScheduleInfo",
+    "Tie",
     "Timing",
     "build_schedule",
     "dualpipev",
+    "forward_only",
     "fuse_backwards",
     "gpipe",
+    "insert_reductions",
     "insert_transfers",
     "interleaved_1f1b",
     "looped_bfs",

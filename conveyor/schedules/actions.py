@@ -7,12 +7,16 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .graph import StageGraph
+
 __all__ = ["Action", "Kind", "Link", "Program", "parse_action", "parse_actions"]
 
-# A one-way link between neighbouring stages on different ranks: ("act", s) carries
-# stage s's outputs to stage s + 1, ("grad", s) carries stage s's input gradients to
-# stage s - 1. Each link carries its micro-batches in order, on its own channel.
-Link = tuple[str, int]
+# A one-way channel of an edge (src, dst) of the stage graph between stages on different
+# ranks: ("act", src, dst) carries src's outputs to dst, ("grad", src, dst) carries the
+# gradients of dst's inputs back to src. The pair is always the edge, in forward order, so a
+# link names the same two ends wherever it appears. Each link carries its micro-batches in
+# order, on a channel of its own.
+Link = tuple[str, int, int]
 
 
 class Kind(enum.Enum):
@@ -21,10 +25,11 @@ class Kind(enum.Enum):
     FORWARD = "F"
     BACKWARD = "B"  # the whole backward, or only the input gradient when the stage's W is split off
     WEIGHT = "W"  # the weight-gradient part of a split backward (zero-bubble schedules)
-    SEND_F = "SF"  # send stage's output activations to the next stage
-    RECV_F = "RF"  # receive stage's input activations from the previous stage
-    SEND_B = "SB"  # send the gradient of stage's input to the previous stage
-    RECV_B = "RB"  # receive the gradient of stage's output from the next stage
+    SEND_F = "SF"  # send the stage's outputs to the stage `peer`
+    RECV_F = "RF"  # receive the stage's inputs from the stage `peer`
+    SEND_B = "SB"  # send the gradient of the stage's inputs back to the stage `peer` they came from
+    RECV_B = "RB"  # receive the gradient of the stage's outputs from the stage `peer` that used them
+    REDUCE = "RD"  # sum the gradients of parameters the stage shares with other stages (tied weights)
     STEP = "STEP"  # optimizer step of the stage's parameters
 
     @property
@@ -39,60 +44,113 @@ class Kind(enum.Enum):
     def is_recv(self) -> bool:
         return self in (Kind.RECV_F, Kind.RECV_B)
 
+    @property
+    def is_transfer(self) -> bool:
+        return self.is_send or self.is_recv
+
+    @property
+    def optional_mb(self) -> bool:
+        """STEP and REDUCE cover a whole mini-batch, or (asynchronous schedules) follow one micro-batch."""
+        return self in (Kind.STEP, Kind.REDUCE)
+
 
 @dataclass(frozen=True, order=True)
 class Action:
     """One step of a rank's program: `kind` applied to micro-batch `mb` of `stage`.
 
-    Written as ``<stage><kind><mb>``: ``1F3`` is the forward of micro-batch 3 on
-    stage 1, ``0SB2`` sends stage 0's input gradient of micro-batch 2, and
-    ``1STEP`` steps stage 1's optimizer (STEP has no micro-batch).
+    Written as ``<stage><kind><mb>``, and a transfer adds the stage at the
+    other end: ``1F3`` is the forward of micro-batch 3 on stage 1, ``1SF3>2``
+    sends its outputs to stage 2, ``2RF3<1`` receives them there, ``2SB3>1``
+    sends the gradient of stage 2's inputs back to stage 1, ``1RB3<2``
+    receives it. ``1STEP`` steps stage 1's optimizer and ``0RD`` sums the
+    gradients stage 0 shares with other stages, once per mini-batch; an
+    asynchronous schedule writes them after one micro-batch (``1STEP3``).
     """
 
     stage: int
     kind: Kind
     mb: int | None = None
+    peer: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.kind is Kind.STEP) != (self.mb is None):
-            raise ValueError(f"{self.kind.name} {'takes no' if self.kind is Kind.STEP else 'needs a'} micro-batch")
+        if self.mb is None and not self.kind.optional_mb:
+            raise ValueError(f"{self.kind.name} needs a micro-batch")
+        if (self.peer is None) == self.kind.is_transfer:
+            raise ValueError(
+                f"{self.kind.name} {'needs the stage at the other end' if self.kind.is_transfer else 'has no peer'}"
+            )
+
+    @property
+    def link(self) -> Link:
+        """The link a transfer uses: its edge in forward order, and which way the data goes."""
+        assert self.peer is not None, f"{self} is not a transfer"
+        s, peer = self.stage, self.peer
+        return {
+            Kind.SEND_F: ("act", s, peer),
+            Kind.RECV_F: ("act", peer, s),
+            Kind.SEND_B: ("grad", peer, s),
+            Kind.RECV_B: ("grad", s, peer),
+        }[self.kind]
 
     def __str__(self) -> str:
-        return f"{self.stage}{self.kind.value}{'' if self.mb is None else self.mb}"
+        mb = "" if self.mb is None else str(self.mb)
+        peer = "" if self.peer is None else (">" if self.kind.is_send else "<") + str(self.peer)
+        return f"{self.stage}{self.kind.value}{mb}{peer}"
 
     def __repr__(self) -> str:
         return f"Action({self})"
 
 
-_ACTION = re.compile(r"^(\d+)(STEP|SF|RF|SB|RB|F|B|W)(\d*)$")
+_ACTION = re.compile(r"^(\d+)(STEP|RD|SF|RF|SB|RB|F|B|W)(\d*)(?:([<>])(\d+))?$")
 
 
 def parse_action(text: str) -> Action:
-    """Parse the string form written by `str(action)`, e.g. ``"1F3"``."""
+    """Parse the string form written by `str(action)`, e.g. ``"1F3"`` or ``"1SF3>2"``."""
     match = _ACTION.match(text.strip())
     if match is None:
-        raise ValueError(f"not an action: {text!r} (expected e.g. '1F3', '0SB2', '1STEP')")
-    stage, kind, mb = match.groups()
-    return Action(int(stage), Kind(kind), int(mb) if mb else None)
+        raise ValueError(f"not an action: {text!r} (expected e.g. '1F3', '1SF3>2', '2RB0<3', '1STEP')")
+    stage, kind_text, mb, arrow, peer = match.groups()
+    kind = Kind(kind_text)
+    if kind.is_transfer and arrow != (">" if kind.is_send else "<"):
+        raise ValueError(f"not an action: {text!r} (a send names its peer with '>', a receive with '<')")
+    try:
+        return Action(int(stage), kind, int(mb) if mb else None, int(peer) if peer else None)
+    except ValueError as error:
+        raise ValueError(f"not an action: {text!r} ({error})") from None
 
 
 def parse_actions(text: str) -> list[Action]:
-    """Parse a whitespace-separated list of actions, e.g. ``"0F0 0F1 0B0 0B1"``."""
+    """Parse a whitespace-separated list of actions, e.g. ``"0F0 0SF0>1 0RB0<1 0B0"``."""
     return [parse_action(word) for word in text.split()]
 
 
 @dataclass
 class Program:
-    """A schedule: one list of actions per rank, and where each stage lives.
+    """A schedule: one list of actions per rank, where each stage lives, and the stage graph.
 
-    `placement[s]` is the rank that owns stage `s`. A program fresh from a
-    generator holds only compute and STEP actions; `lower` adds the transfers.
+    `placement[s]` is the rank that owns stage `s`. `graph` says which stage's
+    outputs go to which stage and which parameters several stages share; a
+    chain (stage s feeds s + 1) unless given. A program fresh from a generator
+    holds only compute and STEP actions; `lower` adds the transfers and
+    reductions. A `forward_only` program (evaluation, inference) has no
+    backward and no step.
     """
 
     placement: tuple[int, ...]
     num_microbatches: int
     actions: dict[int, list[Action]] = field(default_factory=dict)
     name: str = ""
+    graph: StageGraph = None  # type: ignore[assignment]  # filled with a chain in __post_init__
+    forward_only: bool = False
+
+    def __post_init__(self) -> None:
+        self.placement = tuple(self.placement)
+        if self.graph is None:
+            self.graph = StageGraph.chain(len(self.placement))
+        if self.graph.num_stages != len(self.placement):
+            raise ValueError(
+                f"the stage graph has {self.graph.num_stages} stages but the placement places {len(self.placement)}"
+            )
 
     @property
     def num_stages(self) -> int:
@@ -108,22 +166,43 @@ class Program:
     def rank_of(self, stage: int) -> int:
         return self.placement[stage]
 
+    def same_rank(self, a: int, b: int) -> bool:
+        return self.placement[a] == self.placement[b]
+
+    def derive(self, actions: dict[int, list[Action]], name: str | None = None) -> Program:
+        """This program's placement, graph and sizes with other actions (what each lowering pass returns)."""
+        return Program(
+            self.placement,
+            self.num_microbatches,
+            actions,
+            self.name if name is None else name,
+            self.graph,
+            self.forward_only,
+        )
+
     @classmethod
     def from_strings(
-        cls, rows: Mapping[int, str] | Sequence[str], placement: Iterable[int], num_microbatches: int, name: str = ""
+        cls,
+        rows: Mapping[int, str] | Sequence[str],
+        placement: Iterable[int],
+        num_microbatches: int,
+        name: str = "",
+        graph: StageGraph | None = None,
     ) -> Program:
         """Build a program from one action string per rank (handy in tests)."""
         items = rows.items() if isinstance(rows, Mapping) else enumerate(rows)
-        return cls(tuple(placement), num_microbatches, {rank: parse_actions(row) for rank, row in items}, name)
+        actions = {rank: parse_actions(row) for rank, row in items}
+        return cls(tuple(placement), num_microbatches, actions, name, graph)  # type: ignore[arg-type]
 
     def links(self) -> dict[Link, tuple[int, int]]:
         """Every link between stages on different ranks, with its (sender, receiver) ranks."""
         found: dict[Link, tuple[int, int]] = {}
-        for stage in range(self.num_stages - 1):
-            a, b = self.rank_of(stage), self.rank_of(stage + 1)
+        for edge in self.graph.edges:
+            a, b = self.rank_of(edge.src), self.rank_of(edge.dst)
             if a != b:
-                found[("act", stage)] = (a, b)
-                found[("grad", stage + 1)] = (b, a)
+                found[("act", edge.src, edge.dst)] = (a, b)
+                if edge.grad and not self.forward_only:
+                    found[("grad", edge.src, edge.dst)] = (b, a)
         return found
 
     def to_strings(self) -> list[str]:

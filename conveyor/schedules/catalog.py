@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .actions import Program
 from .dualpipe import dualpipev
 from .gpipe import gpipe
+from .graph import StageGraph
 from .interleaved import interleaved_1f1b, looped_bfs
+from .lowering import forward_only as drop_backwards
 from .lowering import lower
 from .one_f_one_b import one_f_one_b
 from .validate import validate
@@ -120,16 +122,37 @@ def schedule_info(name: str) -> ScheduleInfo:
 
 
 def build_schedule(
-    name: str, num_ranks: int, num_microbatches: int, virtual: int | None = None, prefetch: bool = True
+    name: str,
+    num_ranks: int,
+    num_microbatches: int,
+    virtual: int | None = None,
+    prefetch: bool = True,
+    *,
+    graph: StageGraph | None = None,
+    forward_only: bool = False,
 ) -> Program:
     """The lowered, validated program of schedule `name` on `num_ranks` ranks, ready for the executor.
 
     `virtual` is the number of stages per rank (the schedule's default if
-    None), so the model is split into num_ranks * virtual stages.
+    None), so the model is split into num_ranks * virtual stages. `graph` is
+    the split's stage graph (a chain if None): its edges become the program's
+    transfers and its tied parameters its reductions. With `forward_only`, the
+    program keeps only the schedule's forwards, in its order and placement (for
+    evaluation and inference).
     """
     info = schedule_info(name)
     v = info.default_virtual if virtual is None else virtual
     info.check_virtual(v)
-    program = lower(info.generate(num_ranks, num_microbatches, v), prefetch=prefetch)
+    generated = info.generate(num_ranks, num_microbatches, v)
+    if graph is not None:
+        if graph.num_stages != generated.num_stages:
+            raise ValueError(
+                f"{name} on {num_ranks} ranks with {v} stage(s) per rank runs {generated.num_stages} stages;"
+                f" the model was split into {graph.num_stages}"
+            )
+        generated = replace(generated, graph=graph)
+    if forward_only:
+        generated = drop_backwards(generated)
+    program = lower(generated, prefetch=prefetch)
     validate(program)
     return program

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from .actions import Action, Kind, Program
 
-__all__ = ["fuse_backwards", "insert_transfers", "prefetch_receives", "lower"]
+__all__ = ["forward_only", "fuse_backwards", "insert_reductions", "insert_transfers", "lower", "prefetch_receives"]
+
+
+def forward_only(program: Program) -> Program:
+    """The forwards of a generator's program, in its order, for evaluation and inference.
+
+    Dropping every backward and step keeps a sound program sound: a forward
+    waits only on forwards, which keep their relative order on every rank.
+    """
+    actions = {rank: [a for a in acts if a.kind is Kind.FORWARD] for rank, acts in program.actions.items()}
+    kept = program.derive(actions, f"{program.name} (forward only)" if program.name else "")
+    kept.forward_only = True
+    return kept
 
 
 def fuse_backwards(program: Program) -> Program:
@@ -20,7 +32,7 @@ def fuse_backwards(program: Program) -> Program:
     W would have, minus the split's cost, so no action anywhere starts later.
     Runs on a generator's compute-only program.
     """
-    fused = Program(program.placement, program.num_microbatches, {}, program.name)
+    fused: dict[int, list[Action]] = {}
     for rank, actions in program.actions.items():
         out: list[Action] = []
         for action in actions:
@@ -32,44 +44,77 @@ def fuse_backwards(program: Program) -> Program:
             ):
                 continue
             out.append(action)
-        fused.actions[rank] = out
-    return fused
+        fused[rank] = out
+    return program.derive(fused)
 
 
 def _gradient_stays(program: Program, stage: int) -> bool:
-    """Whether stage's input gradient stays on its rank (or there is none, on the first stage)."""
-    return stage == 0 or program.rank_of(stage - 1) == program.rank_of(stage)
+    """Whether every input gradient of `stage` stays on its rank (none leaves the first stage)."""
+    return all(program.same_rank(e.src, stage) for e in program.graph.in_edges(stage) if e.grad)
+
+
+def insert_reductions(program: Program) -> Program:
+    """Add a REDUCE for each stage that shares parameters, right after its last backward before each step.
+
+    A REDUCE only starts the sum of the shared gradients (the tied stages'
+    ranks exchange them); the STEP behind it waits for the other stages'
+    contributions, so the exchange overlaps whatever the rank runs between.
+    """
+    tied = {s for tie in program.graph.ties for s in tie.stages}
+    if not tied:
+        return program
+    reduced: dict[int, list[Action]] = {}
+    for rank, actions in program.actions.items():
+        after: dict[int, list[Action]] = {}  # index -> the REDUCEs to insert after that action
+        last_backward: dict[int, int] = {}  # stage -> index of its latest B or W since its last STEP
+        for index, action in enumerate(actions):
+            if action.stage not in tied:
+                continue
+            if action.kind in (Kind.BACKWARD, Kind.WEIGHT):
+                last_backward[action.stage] = index
+            elif action.kind is Kind.STEP:
+                at = last_backward.pop(action.stage, index - 1)
+                after.setdefault(at, []).append(Action(action.stage, Kind.REDUCE, action.mb))
+        out = list(after.get(-1, []))
+        for index, action in enumerate(actions):
+            out += [action, *after.get(index, [])]
+        reduced[rank] = out
+    return program.derive(reduced)
 
 
 def insert_transfers(program: Program) -> Program:
     """Add a send right after each compute whose result another rank needs, and
-    a receive right before each compute that needs another rank's result.
+    a receive right before each compute that needs another rank's result, one
+    per edge of the stage graph that crosses ranks.
 
-    Neighbouring stages on the same rank hand tensors over in memory, with no
-    transfer.
+    Stages on the same rank hand tensors over in memory, with no transfer.
     """
-    last = program.num_stages - 1
-    lowered = Program(program.placement, program.num_microbatches, {}, program.name)
+    graph = program.graph
+    lowered: dict[int, list[Action]] = {}
     for rank, actions in program.actions.items():
         out: list[Action] = []
         for action in actions:
             s, mb = action.stage, action.mb
             if action.kind is Kind.FORWARD:
-                if s > 0 and program.rank_of(s - 1) != rank:
-                    out.append(Action(s, Kind.RECV_F, mb))
+                for edge in graph.in_edges(s):
+                    if not program.same_rank(edge.src, s):
+                        out.append(Action(s, Kind.RECV_F, mb, edge.src))
                 out.append(action)
-                if s < last and program.rank_of(s + 1) != rank:
-                    out.append(Action(s, Kind.SEND_F, mb))
+                for edge in graph.out_edges(s):
+                    if not program.same_rank(edge.dst, s):
+                        out.append(Action(s, Kind.SEND_F, mb, edge.dst))
             elif action.kind is Kind.BACKWARD:
-                if s < last and program.rank_of(s + 1) != rank:
-                    out.append(Action(s, Kind.RECV_B, mb))
+                for edge in graph.out_edges(s):
+                    if edge.grad and not program.same_rank(edge.dst, s):
+                        out.append(Action(s, Kind.RECV_B, mb, edge.dst))
                 out.append(action)
-                if s > 0 and program.rank_of(s - 1) != rank:
-                    out.append(Action(s, Kind.SEND_B, mb))
+                for edge in graph.in_edges(s):
+                    if edge.grad and not program.same_rank(edge.src, s):
+                        out.append(Action(s, Kind.SEND_B, mb, edge.src))
             else:
                 out.append(action)
-        lowered.actions[rank] = out
-    return lowered
+        lowered[rank] = out
+    return program.derive(lowered)
 
 
 def prefetch_receives(program: Program) -> Program:
@@ -80,7 +125,7 @@ def prefetch_receives(program: Program) -> Program:
     A gradient receive stays behind its stage's forward of the same micro-batch,
     which tells it the gradient's shape.
     """
-    moved = Program(program.placement, program.num_microbatches, {}, program.name)
+    moved: dict[int, list[Action]] = {}
     for rank, actions in program.actions.items():
         out: list[Action] = []
         last_compute = -1  # index in `out` of the latest compute action
@@ -92,17 +137,17 @@ def prefetch_receives(program: Program) -> Program:
                 if action.kind.is_compute:
                     last_compute = len(out)
                 out.append(action)
-        moved.actions[rank] = out
-    return moved
+        moved[rank] = out
+    return program.derive(moved)
 
 
 def lower(program: Program, prefetch: bool = True, fuse: bool = True) -> Program:
-    """The lowering the executor expects: (by default) fusing, transfers, then (by default) prefetching.
+    """The lowering the executor expects: (by default) fusing, reductions, transfers, then (by default) prefetching.
 
     `fuse` runs `fuse_backwards` first, which never delays an action; turn it
     off to see a generator's program exactly as it was written.
     """
-    lowered = insert_transfers(fuse_backwards(program) if fuse else program)
+    lowered = insert_transfers(insert_reductions(fuse_backwards(program) if fuse else program))
     return prefetch_receives(lowered) if prefetch else lowered
 
 

@@ -2,10 +2,12 @@
 
 Semantics, shared with the executor: a send never blocks; a receive posts a
 buffer and never blocks; a compute that reads a received tensor waits until the
-matching send has run. Each link (stage s's activations to s + 1, or its input
-gradients to s - 1) is a channel of its own whose messages match in the order
-they are posted (NCCL ignores tags), so each link's sends and receives must
-agree in order, not just as sets.
+matching send has run. Each link (an edge's activations, or its gradients back)
+is a channel of its own whose messages match in the order they are posted (NCCL
+ignores tags), so each link's sends and receives must agree in order, not just
+as sets. A REDUCE never blocks either: it offers the stage's shared gradients,
+and the stage's STEP waits until every stage that shares them has offered its
+own (a collective of the tied stages).
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from .render import render_steps
 
 __all__ = ["DeadlockError", "ScheduleError", "Timing", "split_backwards", "validate"]
 
-# A message is named by what it carries: ("act", s, mb) is stage s's output,
-# ("grad", s, mb) the gradient of stage s's input.
-Message = tuple[str, int, int]
+# A message is named by what it carries and is posted by one action:
+# ("act", src, dst, mb)   src's outputs for dst (posted by src's SF),
+# ("grad", src, dst, mb)  the gradient of dst's inputs from src (posted by dst's SB),
+# ("reduce", s, key)      stage s's offer of its shared gradients (posted by its REDUCE; key -1 for a
+#                         whole mini-batch, else the micro-batch of an asynchronous step).
+Message = tuple[str, int, int, int] | tuple[str, int, int]
+
+_WHOLE = -1  # the key of a STEP or REDUCE that covers the whole mini-batch
 
 
 class ScheduleError(ValueError):
@@ -45,7 +52,7 @@ class Timing:
 
 
 def unit_cost(action: Action) -> float:
-    """Every compute takes one tick, transfers and steps take none."""
+    """Every compute takes one tick, transfers, reductions and steps take none."""
     return 1.0 if action.kind.is_compute else 0.0
 
 
@@ -53,17 +60,19 @@ def validate(program: Program, cost: Callable[[Action], float] = unit_cost, late
     """Check `program` and return its timing under `cost`; raise ScheduleError if it cannot run.
 
     `cost(action)` is how long an action keeps its rank busy; a received
-    tensor arrives `latency` after its send.
+    tensor (or another stage's shared gradient) arrives `latency` after its send.
 
     Catches: actions on a rank that does not own their stage, missing or
-    repeated computes, a compute whose input was not produced or received
-    before it, sends without receives (and the reverse), channels whose sends
-    and receives disagree in order, and deadlocks (naming the ranks that wait
-    on each other).
+    repeated computes, steps and reductions, a compute whose input was not
+    produced or received before it, transfers over edges the stage graph does
+    not have, sends without receives (and the reverse), channels whose sends
+    and receives disagree in order, tied stages that reduce in different orders,
+    and deadlocks (naming the ranks that wait on each other).
     """
     _check_placement(program)
     _check_computes(program)
     _check_channels(program)
+    _check_reductions(program)
     return _run(program, cost, latency)
 
 
@@ -98,83 +107,93 @@ def split_backwards(program: Program) -> set[tuple[int, int | None]]:
 
 
 def _check_computes(program: Program) -> None:
-    """Each stage runs each micro-batch's F and B exactly once (and W at most once: if it splits the backward)."""
-    wanted: set[tuple[int, Kind, int | None]] = {
-        (s, kind, mb)
-        for s in range(program.num_stages)
-        for kind in (Kind.FORWARD, Kind.BACKWARD)
-        for mb in range(program.num_microbatches)
+    """Each stage runs each micro-batch's F and B exactly once (W at most once); STEP and REDUCE never repeat."""
+    what = program.name or "schedule"
+    computes = (Kind.FORWARD,) if program.forward_only else (Kind.FORWARD, Kind.BACKWARD)
+    wanted = {
+        (s, kind, mb) for s in range(program.num_stages) for kind in computes for mb in range(program.num_microbatches)
     }
     seen: Counter[tuple[int, Kind, int | None]] = Counter()
-    for actions in program.actions.values():
-        seen.update((a.stage, a.kind, a.mb) for a in actions if a.kind.is_compute)
-    # W and STEP are optional (a program may accumulate gradients over several runs), but never repeated.
-    for actions in program.actions.values():
-        seen.update((a.stage, a.kind, None) for a in actions if a.kind is Kind.STEP)
-    wanted |= {key for key in seen if key[1] in (Kind.WEIGHT, Kind.STEP)}
+    for rank, actions in program.actions.items():
+        for index, a in enumerate(actions):
+            if a.kind.is_transfer:
+                continue
+            if program.forward_only and a.kind is not Kind.FORWARD:
+                raise _fail(program, rank, index, "a forward-only program runs forwards and their transfers only")
+            if a.kind is Kind.REDUCE and not program.graph.ties_of(a.stage):
+                raise _fail(program, rank, index, f"stage {a.stage} shares no parameter with another stage")
+            seen[(a.stage, a.kind, a.mb)] += 1
+    # W, STEP and REDUCE are optional (a program may accumulate gradients over several runs), but never repeated.
+    wanted |= {key for key in seen if key[1] in (Kind.WEIGHT, Kind.STEP, Kind.REDUCE)}
     repeated = sorted(str(Action(s, k, mb)) for (s, k, mb), n in seen.items() if n > 1)
     missing = sorted(str(Action(s, k, mb)) for (s, k, mb) in wanted - set(seen))
     if repeated or missing:
+        runs = "F" if program.forward_only else "F and B (and W if split)"
         raise ScheduleError(
-            f"{program.name or 'schedule'}: every stage must run each micro-batch's F and B (and W if split) once,"
-            " and STEP at most once;"
-            f" missing {missing or 'none'}, repeated {repeated or 'none'}\n{render_steps(program)}"
+            f"{what}: every stage must run each micro-batch's {runs} once, and STEP and REDUCE at most once"
+            f" per mini-batch or micro-batch; missing {missing or 'none'}, repeated {repeated or 'none'}"
+            f"\n{render_steps(program)}"
         )
+    for s in range(program.num_stages):
+        keys = {mb for (stage, kind, mb) in seen if stage == s and kind is Kind.STEP}
+        if None in keys and len(keys) > 1:
+            raise ScheduleError(
+                f"{what}: stage {s} steps both once per mini-batch ({s}STEP) and after single micro-batches;"
+                f" use one or the other\n{render_steps(program)}"
+            )
 
 
-def _message_sent(program: Program, action: Action) -> tuple[Message, int]:
-    """What a send carries and to which rank."""
+def _edge_of(program: Program, action: Action) -> str | None:
+    """Why a transfer's peer is wrong, or None if the stage graph has that edge (with a gradient, for SB/RB)."""
+    assert action.peer is not None
+    _, src, dst = action.link
+    if not 0 <= action.peer < program.num_stages:
+        return f"there is no stage {action.peer} to talk to"
+    try:
+        edge = program.graph.edge(src, dst)
+    except KeyError:
+        return f"the stage graph has no edge from stage {src} to stage {dst}"
+    if action.kind in (Kind.SEND_B, Kind.RECV_B) and (not edge.grad or program.forward_only):
+        return f"the edge {src}->{dst} carries no gradient"
+    return None
+
+
+def _message_of(action: Action) -> Message:
+    """The message a transfer sends or receives."""
+    kind, src, dst = action.link
     assert action.mb is not None
-    if action.kind is Kind.SEND_F:
-        return ("act", action.stage, action.mb), program.rank_of(action.stage + 1)
-    return ("grad", action.stage, action.mb), program.rank_of(action.stage - 1)
-
-
-def _message_received(program: Program, action: Action) -> tuple[Message, int]:
-    """What a receive expects and from which rank."""
-    assert action.mb is not None
-    if action.kind is Kind.RECV_F:
-        return ("act", action.stage - 1, action.mb), program.rank_of(action.stage - 1)
-    return ("grad", action.stage + 1, action.mb), program.rank_of(action.stage + 1)
-
-
-def _has_neighbour(program: Program, action: Action) -> bool:
-    if action.kind in (Kind.SEND_F, Kind.RECV_B):
-        return action.stage + 1 < program.num_stages
-    return action.stage > 0
+    return (kind, src, dst, action.mb)
 
 
 def _check_channels(program: Program) -> None:
     """Every send meets one receive, in the same order on each link."""
-    sends: dict[tuple[str, int], list[tuple[Message, int, int]]] = {}
-    recvs: dict[tuple[str, int], list[tuple[Message, int, int]]] = {}
+    sends: dict[tuple[str, int, int], list[tuple[Message, int, int]]] = {}
+    recvs: dict[tuple[str, int, int], list[tuple[Message, int, int]]] = {}
+    links = program.links()
     for rank, actions in program.actions.items():
         for index, action in enumerate(actions):
-            if not (action.kind.is_send or action.kind.is_recv):
+            if not action.kind.is_transfer:
                 continue
-            if not _has_neighbour(program, action):
-                raise _fail(program, rank, index, "there is no neighbouring stage on that side to talk to")
-            if action.kind.is_send:
-                message, peer = _message_sent(program, action)
-                book = sends
-            else:
-                message, peer = _message_received(program, action)
-                book = recvs
-            if peer == rank:
+            problem = _edge_of(program, action)
+            if problem is not None:
+                raise _fail(program, rank, index, problem)
+            assert action.peer is not None
+            if program.same_rank(action.stage, action.peer):
                 raise _fail(
                     program, rank, index, "both stages live on this rank: they hand over in memory, not by a transfer"
                 )
-            book.setdefault(message[:2], []).append((message, rank, index))
+            book = sends if action.kind.is_send else recvs
+            book.setdefault(action.link, []).append((_message_of(action), rank, index))
     for link in sorted(set(sends) | set(recvs)):
         sent, received = sends.get(link, []), recvs.get(link, [])
-        what = f"link {link[0]} of stage {link[1]}"
-        sender_rank, receiver_rank = program.links()[link]
+        what = f"link {link[0]} of edge {link[1]}->{link[2]}"
+        sender_rank, receiver_rank = links[link]
         for position in range(max(len(sent), len(received))):
             if position >= len(received):
-                message, rank, index = sent[position]
+                _, rank, index = sent[position]
                 raise _fail(program, rank, index, f"send has no matching receive on rank {receiver_rank} ({what})")
             if position >= len(sent):
-                message, rank, index = received[position]
+                _, rank, index = received[position]
                 raise _fail(program, rank, index, f"receive has no matching send on rank {sender_rank} ({what})")
             if sent[position][0] != received[position][0]:
                 _, rank, index = received[position]
@@ -188,43 +207,89 @@ def _check_channels(program: Program) -> None:
                 )
 
 
-def _local_prerequisites(
-    program: Program, action: Action, split: set[tuple[int, int | None]]
-) -> list[tuple[Kind, int, int | None]]:
-    """What must already have run on this rank before `action` (as (kind, stage, mb))."""
-    s, mb, last = action.stage, action.mb, program.num_stages - 1
-    local = program.rank_of(s)
+def _check_reductions(program: Program) -> None:
+    """Stages that share parameters offer their gradients for the same steps, in the same order."""
+    order: dict[int, list[int]] = {}
+    where: dict[int, tuple[int, int]] = {}
+    for rank, actions in program.actions.items():
+        for index, action in enumerate(actions):
+            if action.kind is Kind.REDUCE:
+                order.setdefault(action.stage, []).append(_WHOLE if action.mb is None else action.mb)
+                where.setdefault(action.stage, (rank, index))
+    for tie in program.graph.ties:
+        first = tie.stages[0]
+        for other in tie.stages[1:]:
+            if order.get(other, []) != order.get(first, []):
+                rank, index = where.get(other, where.get(first, (program.rank_of(other), 0)))
+                if not program.actions.get(rank):
+                    raise ScheduleError(f"{program.name or 'schedule'}: tied stages {tie.stages} never reduce")
+                raise _fail(
+                    program,
+                    rank,
+                    index,
+                    f"stages {first} and {other} share a parameter but reduce for different steps or in another"
+                    f" order ({_keys(order.get(first, []))} against {_keys(order.get(other, []))})",
+                )
+
+
+def _keys(keys: list[int]) -> str:
+    return "[" + ", ".join("mini-batch" if k == _WHOLE else f"micro-batch {k}" for k in keys) + "]"
+
+
+def _backward_done(program: Program, stage: int, mb: int, split: set[tuple[int, int | None]]) -> Action:
+    """The action after which micro-batch `mb`'s gradients of `stage` are complete."""
+    return Action(stage, Kind.WEIGHT if (stage, mb) in split else Kind.BACKWARD, mb)
+
+
+def _local_prerequisites(program: Program, action: Action, split: set[tuple[int, int | None]]) -> list[Action]:
+    """What must already have run on this rank before `action`."""
+    s, mb, graph = action.stage, action.mb, program.graph
     if action.kind is Kind.FORWARD:
-        if s == 0:
-            return []
-        return [(Kind.FORWARD, s - 1, mb) if program.rank_of(s - 1) == local else (Kind.RECV_F, s, mb)]
+        return [
+            Action(e.src, Kind.FORWARD, mb) if program.same_rank(e.src, s) else Action(s, Kind.RECV_F, mb, e.src)
+            for e in graph.in_edges(s)
+        ]
     if action.kind is Kind.BACKWARD:
-        needs = [(Kind.FORWARD, s, mb)]
-        if s < last:
-            needs.append((Kind.BACKWARD, s + 1, mb) if program.rank_of(s + 1) == local else (Kind.RECV_B, s, mb))
+        needs = [Action(s, Kind.FORWARD, mb)]
+        for e in graph.out_edges(s):
+            if e.grad:
+                same = program.same_rank(e.dst, s)
+                needs.append(Action(e.dst, Kind.BACKWARD, mb) if same else Action(s, Kind.RECV_B, mb, e.dst))
         return needs
-    if action.kind is Kind.SEND_F:
-        return [(Kind.FORWARD, s, mb)]
+    if action.kind in (Kind.SEND_F, Kind.RECV_B):  # a gradient's shape is that of the forward's output
+        return [Action(s, Kind.FORWARD, mb)]
     if action.kind is Kind.SEND_B:
-        return [(Kind.BACKWARD, s, mb)]
-    if action.kind is Kind.RECV_B:
-        return [(Kind.FORWARD, s, mb)]  # the gradient's shape is that of the forward's output
+        return [Action(s, Kind.BACKWARD, mb)]
     if action.kind is Kind.WEIGHT:
-        return [(Kind.BACKWARD, s, mb)]
-    if action.kind is Kind.STEP:
-        return [(Kind.WEIGHT if (s, m) in split else Kind.BACKWARD, s, m) for m in range(program.num_microbatches)]
+        return [Action(s, Kind.BACKWARD, mb)]
+    if action.kind in (Kind.STEP, Kind.REDUCE):
+        mbs = range(program.num_microbatches) if mb is None else [mb]
+        needs = [_backward_done(program, s, m, split) for m in mbs]
+        if action.kind is Kind.STEP and graph.ties_of(s):
+            needs.append(Action(s, Kind.REDUCE, mb))
+        return needs
     return []
 
 
-def _awaited_message(program: Program, action: Action) -> Message | None:
-    """The message a compute waits for, if its input comes from another rank."""
-    s, mb = action.stage, action.mb
-    if mb is None:
-        return None
-    if action.kind is Kind.FORWARD and s > 0 and program.rank_of(s - 1) != program.rank_of(s):
-        return ("act", s - 1, mb)
-    if action.kind is Kind.BACKWARD and s < program.num_stages - 1 and program.rank_of(s + 1) != program.rank_of(s):
-        return ("grad", s + 1, mb)
+def _awaited(program: Program, action: Action) -> list[Message]:
+    """The messages from other ranks (or other stages' offers) an action waits for."""
+    s, mb, graph = action.stage, action.mb, program.graph
+    if action.kind is Kind.FORWARD and mb is not None:
+        return [("act", e.src, s, mb) for e in graph.in_edges(s) if not program.same_rank(e.src, s)]
+    if action.kind is Kind.BACKWARD and mb is not None:
+        return [("grad", s, e.dst, mb) for e in graph.out_edges(s) if e.grad and not program.same_rank(e.dst, s)]
+    if action.kind is Kind.STEP:
+        key = _WHOLE if mb is None else mb
+        return [("reduce", t, key) for t in graph.tied_with(s) if t != s]
+    return []
+
+
+def _posted(action: Action) -> Message | None:
+    """The message an action sends, if any."""
+    if action.kind.is_send:
+        return _message_of(action)
+    if action.kind is Kind.REDUCE:
+        return ("reduce", action.stage, _WHOLE if action.mb is None else action.mb)
     return None
 
 
@@ -234,7 +299,7 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float) -> T
     split = split_backwards(program)
     position = dict.fromkeys(ranks, 0)
     clock = dict.fromkeys(ranks, 0.0)
-    done: dict[int, set[tuple[Kind, int, int | None]]] = {rank: set() for rank in ranks}
+    done: dict[int, set[Action]] = {rank: set() for rank in ranks}
     sent_at: dict[Message, float] = {}
     start: dict[int, list[float]] = {rank: [] for rank in ranks}
     end: dict[int, list[float]] = {rank: [] for rank in ranks}
@@ -247,18 +312,20 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float) -> T
                 action = actions[index]
                 for need in _local_prerequisites(program, action, split):
                     if need not in done[rank]:
-                        what = Action(need[1], need[0], need[2])
-                        raise _fail(program, rank, index, f"needs {what}, which has not run on this rank before it")
-                message = _awaited_message(program, action)
-                if message is not None and message not in sent_at:
+                        raise _fail(program, rank, index, f"needs {need}, which has not run on this rank before it")
+                awaited = _awaited(program, action)
+                if any(message not in sent_at for message in awaited):
                     break
-                begin = max(clock[rank], sent_at.get(message, 0.0) if message else 0.0)
+                # What another rank sent arrives `latency` after its send; a stage on this rank hands over at once.
+                arrivals = [sent_at[m] + (latency if _sender(program, m)[0] != rank else 0.0) for m in awaited]
+                begin = max([clock[rank], *arrivals])
                 clock[rank] = begin + cost(action)
                 start[rank].append(begin)
                 end[rank].append(clock[rank])
-                if action.kind.is_send:
-                    sent_at[_message_sent(program, action)[0]] = clock[rank] + latency
-                done[rank].add((action.kind, action.stage, action.mb))
+                posted = _posted(action)
+                if posted is not None:
+                    sent_at[posted] = clock[rank]
+                done[rank].add(action)
                 position[rank] += 1
                 progressed = True
         if all(position[rank] == len(program.actions[rank]) for rank in ranks):
@@ -267,16 +334,27 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float) -> T
             raise _deadlock(program, position)
 
 
+def _sender(program: Program, message: Message) -> tuple[int, Action]:
+    """The rank and action that post `message`."""
+    if message[0] == "reduce":
+        _, stage, key = message
+        return program.rank_of(stage), Action(stage, Kind.REDUCE, None if key == _WHOLE else key)
+    kind, src, dst, mb = message  # type: ignore[misc]
+    if kind == "act":
+        return program.rank_of(src), Action(src, Kind.SEND_F, mb, dst)
+    return program.rank_of(dst), Action(dst, Kind.SEND_B, mb, src)
+
+
 def _deadlock(program: Program, position: dict[int, int]) -> DeadlockError:
     """Name the ranks that wait on each other, and what each waits for."""
+    sent = _posted_before(program, position)
     waiting_on: dict[int, tuple[int, Action]] = {}
     for rank, index in position.items():
         if index == len(program.actions[rank]):
             continue
         action = program.actions[rank][index]
-        kind, stage, mb = _awaited_message(program, action) or ("act", -1, -1)
-        send = Action(stage, Kind.SEND_F if kind == "act" else Kind.SEND_B, mb)
-        waiting_on[rank] = (program.rank_of(stage), send)
+        missing = [m for m in _awaited(program, action) if m not in sent]
+        waiting_on[rank] = _sender(program, missing[0])
     # Follow the wait-for edges from any waiting rank until a rank repeats: that is the cycle.
     rank = next(iter(waiting_on))
     path: list[int] = []
@@ -295,3 +373,14 @@ def _deadlock(program: Program, position: dict[int, int]) -> DeadlockError:
         + "\n  ".join(lines)
         + f"\n{grid}"
     )
+
+
+def _posted_before(program: Program, position: dict[int, int]) -> set[Message]:
+    """Messages posted by the actions each rank ran before getting stuck."""
+    posted: set[Message] = set()
+    for rank, index in position.items():
+        for action in program.actions[rank][:index]:
+            message = _posted(action)
+            if message is not None:
+                posted.add(message)
+    return posted

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,12 +11,20 @@ import torch.distributed as dist
 from torch import nn
 
 from .runtime.executor import Executor
-from .runtime.microbatch import batch_size, map_tensors, microbatch_weights, split_microbatches, tensors_in
-from .runtime.stage import LossFn, Stage
+from .runtime.microbatch import (
+    batch_size,
+    concat_microbatches,
+    map_tensors,
+    microbatch_weights,
+    split_microbatches,
+    tensors_in,
+)
+from .runtime.stage import LossFn, MicrobatchResult, Stage
 from .runtime.stage_io import StageIO
-from .runtime.transport import Transport
-from .schedules import Program, build_schedule
-from .split.manual import split_model
+from .runtime.tied import TiedGradients, tie_channels
+from .runtime.transport import Channel, Transport
+from .schedules import Program, StageGraph, build_schedule
+from .split import Split, manual_split
 
 __all__ = ["Pipeline", "OptimizerFactory", "RECOMPUTE"]
 
@@ -27,14 +36,18 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 class Pipeline:
     """This rank's part of a pipeline-parallel model.
 
-    Every rank of the process group builds a Pipeline with the same schedule
-    and sizes, and calls `step` once per mini-batch: the rank of the first
-    stage passes the inputs, the rank of the last stage the targets (the
+    Every rank of the process group builds a Pipeline with the same split,
+    schedule and sizes, and calls `step` once per mini-batch: the rank of the
+    first stage passes the inputs, the rank of the last stage the targets (the
     others may pass them too; they are ignored).
 
-    `modules` maps each stage this rank runs to its module (a single module
-    when the rank runs one stage). The model is cut into `num_stages` stages,
-    `num_stages / ranks` per rank, placed as the schedule says
+    `model` is a split of the model (`manual_split`, `trace_split`): each rank
+    builds the stages the schedule places on it, and the split's stage graph
+    (skip connections, tied parameters) becomes the program's transfers and
+    reductions. Or it is this rank's own stage modules: one module when the
+    rank runs one stage, else `{stage: module}`; then `num_stages` says how
+    many stages there are, in a chain. The model is cut into
+    `num_stages / ranks` stages per rank, placed as the schedule says
     (`program.stages_of(rank)`). `loss_fn(output, target)` must return the
     mean loss of a micro-batch; each micro-batch's loss is weighted by its
     share of the samples, so the accumulated gradients and the returned loss
@@ -51,11 +64,11 @@ class Pipeline:
 
     def __init__(
         self,
-        modules: nn.Module | Mapping[int, nn.Module],
+        model: Split | nn.Module | Mapping[int, nn.Module],
         *,
-        num_stages: int,
         num_microbatches: int,
         loss_fn: LossFn,
+        num_stages: int | None = None,
         schedule: str = "1f1b",
         optimizer: OptimizerFactory | None = None,
         recompute: str = "none",
@@ -65,46 +78,53 @@ class Pipeline:
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("Pipeline needs torch.distributed to be initialized (see conveyor.launch)")
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {recompute!r}")
         self.rank = dist.get_rank(group)
         self.device = torch.device(device)
         ranks = dist.get_world_size(group)
-        if num_stages % ranks:
-            raise ValueError(f"{num_stages} stages cannot be spread evenly over {ranks} ranks")
-        self.program: Program = build_schedule(schedule, ranks, num_microbatches, num_stages // ranks)
+        split = model if isinstance(model, Split) else None
+        graph = split.graph if split is not None else None
+        if graph is not None and num_stages not in (None, graph.num_stages):
+            raise ValueError(f"the split has {graph.num_stages} stages; got num_stages={num_stages}")
+        if graph is None and num_stages is None:
+            raise ValueError("give num_stages with stage modules (or pass a split, which knows it)")
+        total = graph.num_stages if graph is not None else num_stages
+        assert total is not None
+        if total % ranks:
+            raise ValueError(f"{total} stages cannot be spread evenly over {ranks} ranks")
+        self.graph: StageGraph = graph or StageGraph.chain(total)
+        self.program: Program = build_schedule(schedule, ranks, num_microbatches, total // ranks, graph=self.graph)
+        self._schedule = schedule
         local = self.program.stages_of(self.rank)
-        if isinstance(modules, nn.Module):
-            if len(local) != 1:
-                raise ValueError(f"rank {self.rank} runs stages {local}: pass modules as {{stage: module}}")
-            modules = {local[0]: modules}
-        if sorted(modules) != local:
-            raise ValueError(f"rank {self.rank} runs stages {local} of {schedule!r}; got modules for {sorted(modules)}")
-        if recompute not in RECOMPUTE:
-            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {recompute!r}")
-        last = num_stages - 1
+        modules = self._local_modules(model, split, local, schedule)
+        self._share_local_ties(modules)
+        last = total - 1
         self.stages = {
             s: Stage(
                 module.to(self.device),
                 s,
-                num_stages,
+                total,
                 loss_fn if s == last else None,
                 recompute=recompute == "full" or (recompute == "all-but-last-stage" and s != last),
                 track_memory=track_memory,
             )
             for s, module in modules.items()
         }
-        # A stage without parameters (say, only an activation) gets no optimizer: torch refuses an empty list.
-        self.optimizers = {
-            s: optimizer(params)
-            for s, stage in self.stages.items()
-            if optimizer and (params := list(stage.module.parameters()))
-        }
+        self.optimizers = self._optimizers(optimizer)
         self.num_microbatches = num_microbatches
         self._group = group
-        # Besides the schedule's links, one from the last stage's rank to each other rank, for its loss.
-        loss_links = {("loss", r): (self.last_rank, r) for r in range(ranks) if r != self.last_rank}
-        self.transport = Transport.open({**self.program.links(), **loss_links}, self.device, group)
+        # Besides the schedule's links: from the last stage's rank to each other rank, for its loss,
+        # and between the ranks of each tied parameter, for its gradients.
+        loss = {("loss", self.last_rank, r): (self.last_rank, r) for r in range(ranks) if r != self.last_rank}
+        channels: dict[Channel, tuple[int, int]] = {**self.program.links(), **loss, **tie_channels(self.program)}
+        self.transport = Transport.open(channels, self.device, group)
+        tied = self._tied_gradients()
         io = StageIO(self.transport, self.program, self.rank)
-        self.executor = Executor(self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None)
+        self.executor = Executor(
+            self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None, tied
+        )
+        self._forward_program: Program | None = None
 
     @classmethod
     def from_model(
@@ -112,24 +132,92 @@ class Pipeline:
         model: nn.Module | Callable[[], nn.Module],
         *,
         num_stages: int,
-        layers_per_stage: list[int] | None = None,
+        layers_per_stage: Sequence[int] | None = None,
         blocks: str | None = None,
+        init: Callable[[nn.Module], None] | None = None,
         seed: int = 0,
         **kwargs: Any,
     ) -> Pipeline:
-        """Split `model` by hand (see `split_model`) and keep the stages this rank runs."""
-        group = kwargs.get("group")
-        ranks = dist.get_world_size(group)
-        placement = build_schedule(
-            kwargs.get("schedule", "1f1b"), ranks, kwargs["num_microbatches"], max(1, num_stages // ranks)
-        )
-        modules = {
-            stage: split_model(
-                model, stage, num_stages, layers_per_stage, blocks=blocks, device=kwargs.get("device", "cpu"), seed=seed
+        """Split `model` by hand (see `manual_split`) and keep the stages this rank runs."""
+        split = manual_split(model, num_stages, layers_per_stage, blocks=blocks, init=init, seed=seed)
+        return cls(split, **kwargs)
+
+    def _local_modules(
+        self, model: Split | nn.Module | Mapping[int, nn.Module], split: Split | None, local: list[int], schedule: str
+    ) -> dict[int, nn.Module]:
+        if split is not None:
+            return {s: split.build_stage(s, "cpu") for s in local}
+        if isinstance(model, nn.Module):
+            if len(local) != 1:
+                raise ValueError(f"rank {self.rank} runs stages {local}: pass modules as {{stage: module}}")
+            return {local[0]: model}
+        assert isinstance(model, Mapping)
+        if sorted(model) != local:
+            raise ValueError(f"rank {self.rank} runs stages {local} of {schedule!r}; got modules for {sorted(model)}")
+        return dict(model)
+
+    def _share_local_ties(self, modules: dict[int, nn.Module]) -> None:
+        """Stages of a tie that share this rank use one tensor (the first's), so autograd sums their parts."""
+        for tie in self.graph.ties:
+            here = [s for s in tie.stages if s in modules]
+            if len(here) < 2:
+                continue
+            first = modules[here[0]].get_parameter(tie.name_on(here[0]))
+            for s in here[1:]:
+                name = tie.name_on(s)
+                other = modules[s].get_parameter(name)
+                if other.shape != first.shape or not torch.equal(other.detach().cpu(), first.detach().cpu()):
+                    raise ValueError(
+                        f"tied parameter {tie.name_on(here[0])} of stage {here[0]} and {name} of stage {s}"
+                        " start with different values; a tie must start equal (build both stages from one split)"
+                    )
+                owner, _, attribute = name.rpartition(".")
+                setattr(modules[s].get_submodule(owner), attribute, first)
+
+    def _optimizers(self, optimizer: OptimizerFactory | None) -> dict[int, torch.optim.Optimizer]:
+        """One per stage, over its parameters; a tensor shared with an earlier stage on this rank is stepped there."""
+        if optimizer is None:
+            return {}
+        seen: set[int] = set()
+        optimizers = {}
+        for s, stage in sorted(self.stages.items()):
+            params = [p for p in stage.module.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            # A stage without parameters (say, only an activation) gets no optimizer: torch refuses an empty list.
+            if params:
+                optimizers[s] = optimizer(params)
+        return optimizers
+
+    def _tied_gradients(self) -> TiedGradients | None:
+        """This rank's tied parameters, after checking that every rank holding one starts with the same bits."""
+        mine = {}
+        for index, tie in enumerate(self.graph.ties):
+            here = [s for s in tie.stages if s in self.stages]
+            if here:
+                mine[index] = self.stages[here[0]].module.get_parameter(tie.name_on(here[0]))
+        for index, param in mine.items():
+            self._check_tie_agrees(index, param)
+        return TiedGradients(self.program, self.rank, mine, self.transport) if mine else None
+
+    def _check_tie_agrees(self, index: int, param: nn.Parameter) -> None:
+        tie = self.graph.ties[index]
+        ranks = sorted({self.program.rank_of(s) for s in tie.stages})
+        if len(ranks) < 2:
+            return
+        digest = _digest(param)
+        others = {}
+        for r in ranks:
+            if r != self.rank:
+                self.transport.send(digest, (f"tie{index}", self.rank, r))
+                others[r] = self.transport.recv(tuple(digest.shape), digest.dtype, (f"tie{index}", r, self.rank))
+        differing = [r for r, incoming in others.items() if not torch.equal(incoming.wait(), digest)]
+        self.transport.flush()
+        if differing:
+            names = ", ".join(f"stage {s} {name}" for s, name in tie.names)
+            raise ValueError(
+                f"tied parameter ({names}) differs between rank {self.rank} and rank(s) {differing} at the start;"
+                " a tie must start equal on every stage (build every rank's stages from one split and seed)"
             )
-            for stage in placement.stages_of(dist.get_rank(group))
-        }
-        return cls(modules, num_stages=num_stages, **kwargs)
 
     @property
     def first_rank(self) -> int:
@@ -139,28 +227,95 @@ class Pipeline:
     def last_rank(self) -> int:
         return self.program.rank_of(self.program.num_stages - 1)
 
-    def step(self, inputs: Any = None, targets: Any = None, *, loss_on_all_ranks: bool = False) -> torch.Tensor | None:
+    def step(
+        self,
+        inputs: Any = None,
+        targets: Any = None,
+        *,
+        loss_on_all_ranks: bool = False,
+        losses: list[torch.Tensor] | None = None,
+        outputs: list[Any] | None = None,
+    ) -> torch.Tensor | None:
         """Run one mini-batch through the pipeline: forward, backward and (with an optimizer) a step.
 
         Returns the mini-batch loss on the last stage's rank (on every rank
         with `loss_on_all_ranks`, at the cost of one message per rank), else None.
+        On the last stage's rank, `losses` (if given) is filled with each
+        micro-batch's mean loss, and `outputs` with each micro-batch's output
+        of the last stage (kept, detached, only when asked).
         """
+        results = self._run(self.program, inputs, targets, keep_outputs=outputs is not None)
+        return self._report(results, loss_on_all_ranks, losses, outputs)
+
+    def evaluate(
+        self, inputs: Any = None, targets: Any = None, *, loss_on_all_ranks: bool = False
+    ) -> torch.Tensor | None:
+        """The mini-batch loss without backward or step, nothing kept for a backward (evaluation).
+
+        Runs the schedule's forwards in its order and placement. Returns the
+        loss where `step` would.
+        """
+        if self.last_rank == self.rank and targets is None:
+            raise ValueError(f"rank {self.rank} runs the last stage: evaluate() needs the targets")
+        results = self._run(self.forward_program, inputs, targets, keep_outputs=False)
+        return self._report(results, loss_on_all_ranks, None, None)
+
+    def predict(self, inputs: Any = None) -> Any:
+        """The last stage's output for the mini-batch (micro-batches joined along dimension 0), without backward.
+
+        On the last stage's rank; None on the others.
+        """
+        results = self._run(self.forward_program, inputs, None, keep_outputs=True)
+        if results is None:
+            return None
+        return concat_microbatches([r.output for r in results])
+
+    @property
+    def forward_program(self) -> Program:
+        """The schedule's forwards alone, for `evaluate` and `predict`."""
+        if self._forward_program is None:
+            ranks = self.program.num_ranks
+            v = self.program.num_stages // ranks
+            self._forward_program = build_schedule(
+                self._schedule, ranks, self.num_microbatches, v, graph=self.graph, forward_only=True
+            )
+        return self._forward_program
+
+    def _run(self, program: Program, inputs: Any, targets: Any, keep_outputs: bool) -> list[MicrobatchResult] | None:
+        """Split the mini-batch, run `program` once, and return the last stage's results (on its rank)."""
         m = self.num_microbatches
         input_mbs = target_mbs = weights = None
         signature = None
         if 0 in self.stages:
             if inputs is None:
-                raise ValueError(f"rank {self.rank} runs the first stage: step() needs the inputs")
+                raise ValueError(f"rank {self.rank} runs the first stage: {_method(program)}() needs the inputs")
             input_mbs = split_microbatches(map_tensors(inputs, lambda t: t.to(self.device)), m)
             signature = _signature(input_mbs)
         last = self.program.num_stages - 1
         if last in self.stages:
-            if targets is None:
+            if targets is None and not program.forward_only:
                 raise ValueError(f"rank {self.rank} runs the last stage: step() needs the targets")
-            target_mbs = split_microbatches(map_tensors(targets, lambda t: t.to(self.device)), m)
-            weights = microbatch_weights(batch_size(targets), m)
-        self.executor.run(input_mbs, target_mbs, weights, signature)
-        loss = torch.stack(self.stages[last].pop_losses()).sum() if last in self.stages else None
+            if targets is not None:
+                target_mbs = split_microbatches(map_tensors(targets, lambda t: t.to(self.device)), m)
+                weights = microbatch_weights(batch_size(targets), m)
+        self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs)
+        return self.stages[last].pop_results() if last in self.stages else None
+
+    def _report(
+        self,
+        results: list[MicrobatchResult] | None,
+        loss_on_all_ranks: bool,
+        losses: list[torch.Tensor] | None,
+        outputs: list[Any] | None,
+    ) -> torch.Tensor | None:
+        loss = None
+        if results is not None:
+            weighted = [r.loss * r.weight for r in results if r.loss is not None]
+            loss = torch.stack(weighted).sum()
+            if losses is not None:
+                losses[:] = [r.loss for r in results if r.loss is not None]
+            if outputs is not None:
+                outputs[:] = [r.output for r in results]
         if loss_on_all_ranks:
             loss = self._share_loss(loss)
         return loss
@@ -190,21 +345,26 @@ class Pipeline:
         thread ("terminate called without an active exception").
         """
         if loss is not None:
-            for link in self.transport.links:
-                if link[0] == "loss":
-                    self.transport.send(loss.detach().float(), link)
+            for channel in self.transport.channels:
+                if channel[0] == "loss":
+                    self.transport.send(loss.detach().float(), channel)
             self.transport.flush()
             return loss
-        return self.transport.recv_now((), torch.float32, ("loss", self.rank))
+        return self.transport.recv_now((), torch.float32, ("loss", self.last_rank, self.rank))
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        for stage in self.stages.values():
-            yield from stage.module.parameters()
+        """This rank's parameters, each once (a tied tensor shared by two local stages included once)."""
+        for _, param in self.named_parameters():
+            yield param
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """This rank's parameters, under their names in the full model."""
-        for stage in self.stages.values():
-            yield from stage.module.named_parameters()
+        """This rank's parameters, under their names in the full model (a tied one under its first stage's name)."""
+        seen: set[int] = set()
+        for _, stage in sorted(self.stages.items()):
+            for name, param in stage.module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield name, param
 
     def zero_grad(self) -> None:
         for stage in self.stages.values():
@@ -213,10 +373,22 @@ class Pipeline:
     def _optimizer_step(self, stage: int) -> None:
         if stage in self.optimizers:
             self.optimizers[stage].step()
+            # Only this optimizer's parameters: a tied tensor another local stage steps keeps its gradient for it.
             self.optimizers[stage].zero_grad(set_to_none=True)
+
+
+def _method(program: Program) -> str:
+    return "evaluate/predict" if program.forward_only else "step"
 
 
 def _signature(microbatches: list[Any]) -> int:
     """A 63-bit name for the shapes and dtypes of a step's micro-batches (only its equality matters)."""
     described = tuple(tuple((tuple(t.shape), t.dtype) for t in tensors_in(mb)) for mb in microbatches)
     return hash(described) & (2**63 - 1)
+
+
+def _digest(param: torch.Tensor) -> torch.Tensor:
+    """A 128-bit hash of a tensor's bits, as two int64 words."""
+    data = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    words = hashlib.blake2b(data, digest_size=16).digest()
+    return torch.frombuffer(bytearray(words), dtype=torch.int64).clone()

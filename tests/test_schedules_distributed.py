@@ -108,7 +108,7 @@ def _peak_micro_batches(rank: int, world: int, name: str, m: int, recompute: str
             stage.module, index, stage.num_stages, stage.loss_fn, recompute=stage.recompute, track_memory=True
         )
         inputs = torch.randn(8, 32, requires_grad=index > 0)
-        probe.forward(0, inputs, torch.zeros(8, 32))
+        probe.forward(0, inputs if index == 0 else [inputs], torch.zeros(8, 32))
         per_stage[index] = probe.held_bytes
     peak = sum(s.peak_held_bytes for s in pipe.stages.values())
     torch.save({"micro-batches": peak / (sum(per_stage.values()) / len(per_stage)), "bytes": peak}, out[rank])

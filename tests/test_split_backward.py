@@ -53,9 +53,9 @@ def _full_and_split(module: nn.Module, recompute: bool) -> tuple[list[torch.Tens
         stage = Stage(module, 1, 3, recompute=recompute)
         leaf = x.clone().requires_grad_()
         torch.manual_seed(7)
-        outputs = stage.forward(0, leaf)
-        grads = [torch.ones_like(t) * (i + 1) for i, t in enumerate(outputs) if t.requires_grad]
-        input_grads = stage.backward(0, grads, split=split)
+        outputs = stage.forward(0, [leaf])
+        grads = [torch.ones_like(t) * (i + 1) if t.requires_grad else None for i, t in enumerate(outputs)]
+        input_grads = [g for g in stage.backward(0, grads, split=split) if g is not None]
         if split:
             assert all(p.grad is None for p in module.parameters()), "B must not compute weight gradients"
             stage.weight(0)
@@ -84,7 +84,7 @@ def test_first_and_last_stage_split() -> None:
         for split in (False, True):
             module.zero_grad(set_to_none=True)
             stage = Stage(module, index, 2, lm_loss if index == 1 else None)
-            inputs = tokens[:, :-1] if index == 0 else hidden.clone().requires_grad_()
+            inputs = tokens[:, :-1] if index == 0 else [hidden.clone().requires_grad_()]
             outputs = stage.forward(0, inputs, tokens[:, 1:])
             stage.backward(0, [torch.ones_like(t) for t in outputs], split=split)
             if split:
@@ -102,7 +102,7 @@ def test_weight_before_its_split_backward_is_an_error() -> None:
 
 def test_memory_is_released_at_w_for_split_stages() -> None:
     stage = Stage(nn.Sequential(nn.Linear(6, 6), nn.Tanh()), 1, 3, track_memory=True)
-    outputs = stage.forward(0, torch.randn(4, 6, requires_grad=True))
+    outputs = stage.forward(0, [torch.randn(4, 6, requires_grad=True)])
     held = stage.held_bytes
     assert held > 0
     stage.backward(0, [torch.ones_like(outputs[0])], split=True)
@@ -126,11 +126,12 @@ def test_recompute_replays_dropout(split: bool, device: str) -> None:
         module.zero_grad(set_to_none=True)
         stage = Stage(module, 1, 3, recompute=recompute)
         torch.manual_seed(3)
-        (output,) = stage.forward(0, x.clone().requires_grad_())
+        (output,) = stage.forward(0, [x.clone().requires_grad_()])
         torch.manual_seed(99)  # the RNG moves on before backward, as it would in a pipeline
         (input_grad,) = stage.backward(0, [torch.ones_like(output)], split=split)
         if split:
             stage.weight(0)
+        assert input_grad is not None
         grads.append([input_grad, *(p.grad.clone() for p in module.parameters())])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from tiny_models import TinyTransformer, mlp, mlp_batch, token_batch, transformer
 from torch import nn
 
-from conveyor.split import Layout, even_split, layout_of, split_model, stage_plan
+from conveyor.schedules import Tie
+from conveyor.split import Layout, even_split, layout_of, manual_split, split_model, stage_plan
 
 
 def names(module: nn.Module) -> list[str]:
@@ -34,11 +35,49 @@ def test_layout_with_two_containers_asks_which_one() -> None:
             self.encoder = nn.ModuleList([nn.Linear(2, 2)])
             self.decoder = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])
 
-    with pytest.raises(ValueError, match=r"TwoLists has 2 .* children \(encoder, decoder\): name the one .* blocks="):
+    with pytest.raises(
+        ValueError, match=r"TwoLists has 2 .* outside any other \(encoder, decoder\): name the one .* blocks="
+    ):
         layout_of(TwoLists())
     assert layout_of(TwoLists(), blocks="decoder") == Layout("decoder", ("0", "1"), ("encoder",), ())
-    with pytest.raises(ValueError, match="no block container 'middle'; its children are \\['encoder', 'decoder'\\]"):
+    with pytest.raises(ValueError, match="no block container 'middle'; its .* modules are \\['encoder', 'decoder'\\]"):
         layout_of(TwoLists(), blocks="middle")
+
+
+class Nested(nn.Module):
+    """GPT-2's shape: the blocks sit inside a body (`body.h`), the head beside the body; the forward skips None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Module()
+        self.body.embed = nn.Embedding(7, 4)
+        self.body.h = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3))
+        self.body.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.body.embed.weight  # tied, as GPT-2's LM head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body.embed(x) if self.body.embed is not None else x
+        for block in self.body.h:
+            h = block(h)
+        h = self.body.norm(h) if self.body.norm is not None else h
+        return self.head(h) if self.head is not None else h
+
+
+def test_a_nested_block_container_is_found_and_its_neighbours_go_to_the_ends() -> None:
+    layout = Layout("body.h", ("0", "1", "2"), ("body.embed",), ("body.norm", "head"))
+    assert layout_of(Nested()) == layout == layout_of(Nested(), blocks="body.h")
+    assert stage_plan(layout, 2) == [["body.embed", "body.h.0", "body.h.1"], ["body.h.2", "body.norm", "head"]]
+
+
+def test_a_weight_shared_across_stages_is_a_tie_and_split_model_warns_it_is_cut() -> None:
+    split = manual_split(Nested(), 2)
+    assert split.graph.ties == (Tie(((0, "body.embed.weight"), (1, "head.weight"))),)
+    with pytest.warns(UserWarning, match=r"stage 1 shares parameters with other stages \(stage 0 body.embed.weight ="):
+        split_model(Nested(), 1, 2)
+    assert manual_split(Nested(), 1).graph.ties == (), "on one stage the weight is simply shared"
+    whole = manual_split(Nested(), 1).build_stage(0)
+    assert whole.head.weight is whole.body.embed.weight
 
 
 def test_even_split() -> None:
@@ -204,17 +243,31 @@ def test_meta_build_with_a_custom_init() -> None:
     assert all(torch.all(p == 0.25) for p in stage.parameters())
 
 
-def test_meta_build_without_reset_parameters_says_what_to_do() -> None:
-    class Scale(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gain = nn.Parameter(torch.ones(3))
+class Odd(nn.Module):
+    """Modules the old meta build refused: no public reset_parameters, and a buffer computed in __init__."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * self.gain
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.gain = nn.Parameter(torch.randn(8))
+        self.register_buffer("freqs", torch.polar(torch.ones(4, 2), torch.outer(torch.arange(4.0), torch.rand(2))))
 
-    with pytest.raises(ValueError, match=r"0 hold parameters or buffers but have no reset_parameters\(\).*init="):
-        split_model(lambda: nn.Sequential(Scale(), nn.Linear(3, 3)), 0, 2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x)[0] * self.gain + self.freqs.real.sum()
+
+
+def test_meta_build_gives_every_stage_the_values_of_a_cpu_build() -> None:
+    def build() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(8, 8), Odd(), nn.LayerNorm(8), Odd(), nn.Linear(8, 3))
+
+    torch.manual_seed(3)
+    cpu = build()
+    for num_stages in (1, 2, 3):
+        for s in range(num_stages):
+            stage = split_model(build, s, num_stages, seed=3)
+            for name, tensor in [*stage.named_parameters(), *stage.named_buffers()]:
+                expected = cpu.get_parameter(name) if "freqs" not in name else cpu.get_buffer(name)
+                assert torch.equal(tensor, expected), f"{name} on stage {s} of {num_stages}"
 
 
 # Errors

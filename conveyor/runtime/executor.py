@@ -8,15 +8,16 @@ from typing import Any, Protocol
 
 import torch
 
-from ..schedules import Action, Kind, Program, split_backwards
+from ..schedules import Action, Edge, Kind, Link, Program, split_backwards
 from .stage import Stage
-from .stage_io import StageIO
+from .stage_io import FORWARD_ONLY, TRAINING, StageIO
+from .tied import TiedGradients
 
 __all__ = ["Executor", "Tracer"]
 
 
 class Tracer(Protocol):
-    """Told when each action starts and ends, and how long it waited on a receive."""
+    """Told when each action starts and ends, and how long it waited on another rank."""
 
     def action_started(self, action: Action) -> None: ...
 
@@ -28,8 +29,9 @@ class Tracer(Protocol):
 class Executor:
     """Runs `program`'s actions for `rank`, whose stages are `stages` (by stage index).
 
-    Stages that sit next to each other on this rank hand tensors over in
-    memory; all other traffic goes through `io`.
+    Values move along the edges of the program's stage graph: between stages
+    on this rank in memory, to and from other ranks through `io`. `tied`
+    sums the gradients of parameters several stages share (REDUCE, then STEP).
     """
 
     def __init__(
@@ -39,17 +41,19 @@ class Executor:
         stages: dict[int, Stage],
         io: StageIO,
         optimizer_step: Callable[[int], None] | None = None,
+        tied: TiedGradients | None = None,
     ) -> None:
         missing = set(program.stages_of(rank)) - set(stages)
         if missing:
             raise ValueError(f"rank {rank} runs stages {sorted(missing)} of the schedule but was not given them")
+        if program.graph.ties and tied is None and any(program.graph.ties_of(s) for s in stages):
+            raise ValueError(f"rank {rank} holds tied parameters: the executor needs their TiedGradients")
         self.program = program
         self.rank = rank
         self.stages = stages
         self.io = io
         self.optimizer_step = optimizer_step
-        self.actions = program.actions.get(rank, [])
-        self.split = split_backwards(program)
+        self.tied = tied
         self.tracer: Tracer | None = None
 
     def run(
@@ -58,15 +62,26 @@ class Executor:
         targets: Sequence[Any] | None,
         loss_weights: Sequence[float] | None,
         signature: int | None,
+        program: Program | None = None,
+        keep_outputs: bool = False,
     ) -> None:
-        """Run one step. `inputs` are the first stage's micro-batches; `targets` and
-        `loss_weights` the last stage's; each is needed only where that stage lives."""
+        """Run `program` (by default the executor's own) once. `inputs` are the first stage's
+        micro-batches and `signature` names their shapes; `targets` and `loss_weights` are the last
+        stage's; each is needed only where that stage lives. A forward-only program (evaluation,
+        inference) needs no targets: then the last stage keeps its outputs.
+        """
+        program = program or self.program
+        self._program = program
         self._inputs, self._targets, self._weights = inputs, targets, loss_weights
-        self._handoff: dict[tuple[str, int, int], list[torch.Tensor]] = {}
-        self._to_send: dict[tuple[str, int, int], list[torch.Tensor]] = {}
-        self.io.begin_step(signature)
+        self._keep_outputs = keep_outputs
+        self._split = split_backwards(program)
+        # Keys name the edge's two ends in forward order: ("act", src, dst, mb) travels src -> dst,
+        # ("grad", src, dst, mb) the gradient of dst's inputs back to src.
+        self._handoff: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
+        self._to_send: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
+        self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING)
         tracer = self.tracer
-        for action in self.actions:
+        for action in program.actions.get(self.rank, []):
             if tracer is None:
                 self._do(action)
             else:
@@ -79,8 +94,11 @@ class Executor:
     def _do(self, action: Action) -> None:
         s, mb, kind = action.stage, action.mb, action.kind
         if kind is Kind.STEP:
-            if self.optimizer_step is not None:
-                self.optimizer_step(s)
+            self._step(action)
+            return
+        if kind is Kind.REDUCE:
+            assert self.tied is not None
+            self.tied.offer(s, mb)
             return
         assert mb is not None
         if kind is Kind.FORWARD:
@@ -89,14 +107,12 @@ class Executor:
             self._backward(s, mb)
         elif kind is Kind.WEIGHT:
             self.stages[s].weight(mb)
-        elif kind is Kind.SEND_F:
-            self.io.send_activations(s, mb, self._to_send.pop(("act", s, mb)))
-        elif kind is Kind.SEND_B:
-            self.io.send_gradients(s, self._to_send.pop(("grad", s, mb)))
+        elif kind.is_send:
+            self.io.send(action.link, mb, self._to_send.pop((*action.link, mb)))
         elif kind is Kind.RECV_F:
-            self.io.post_activations(s, mb)
+            self.io.post_activations(action.link, mb)
         elif kind is Kind.RECV_B:
-            self.io.post_gradients(s, mb, self.stages[s].output_metas(mb))
+            self.io.post_gradients(action.link, mb, self._gradient_metas(s, mb, action.link))
         else:
             raise NotImplementedError(f"rank {self.rank}: the executor has no rule for {kind.name}")
 
@@ -105,48 +121,92 @@ class Executor:
         if stage.is_first:
             assert self._inputs is not None, "the first stage's rank must be given the inputs"
             inputs: Any = self._inputs[mb]
-        elif self.program.rank_of(s - 1) == self.rank:
-            inputs = [_as_stage_input(t) for t in self._handoff.pop(("act", s, mb))]
         else:
-            inputs = self._received(Action(s, Kind.FORWARD, mb), self.io.wait_activations)
+            inputs = [t for edge in self._program.graph.in_edges(s) for t in self._arriving(s, mb, edge)]
         target = weight = None
-        if stage.is_last:
-            assert self._targets is not None and self._weights is not None, (
-                "the last stage's rank must be given targets"
-            )
+        if stage.is_last and self._targets is not None:
+            assert self._weights is not None
             target, weight = self._targets[mb], self._weights[mb]
-        outputs = stage.forward(mb, inputs, target, 1.0 if weight is None else weight)
-        if stage.is_last:
-            return
-        if self.program.rank_of(s + 1) == self.rank:
-            self._handoff[("act", s + 1, mb)] = outputs
-        else:
-            self._to_send[("act", s, mb)] = outputs
+        elif stage.is_last and not self._program.forward_only:
+            raise AssertionError("the last stage's rank must be given targets")
+        run = stage.infer if self._program.forward_only else stage.forward
+        keep = self._keep_outputs or (self._program.forward_only and target is None)
+        outputs = run(mb, inputs, target, 1.0 if weight is None else weight, keep)
+        for edge in self._program.graph.out_edges(s):
+            values = outputs if edge.values is None else [outputs[v] for v in edge.values]
+            key = ("act", s, edge.dst, mb)
+            if self._program.same_rank(s, edge.dst):
+                self._handoff[key] = values
+            else:
+                self._to_send[key] = values
+
+    def _arriving(self, s: int, mb: int, edge: Edge) -> list[torch.Tensor]:
+        """The values of `edge` for micro-batch `mb`, handed over in memory or received."""
+        if self._program.same_rank(edge.src, s):
+            return [_as_stage_input(t) for t in self._handoff.pop(("act", edge.src, s, mb))]
+        return self._received(Action(s, Kind.FORWARD, mb), lambda: self.io.wait(("act", edge.src, s), mb))
 
     def _backward(self, s: int, mb: int) -> None:
         stage = self.stages[s]
-        grads: list[torch.Tensor] = []
+        graph = self._program.graph
+        output_grads: list[torch.Tensor | None] = []
         if not stage.is_last:
-            if self.program.rank_of(s + 1) == self.rank:
-                grads = self._handoff.pop(("grad", s, mb))
+            metas = stage.output_metas(mb)
+            output_grads = [None] * len(metas)
+            for edge in graph.out_edges(s):
+                if not edge.grad:
+                    continue
+                grads = self._gradients_back(s, mb, edge)
+                carried = [v for v in _values(edge, len(metas)) if metas[v].requires_grad]
+                for index, grad in zip(carried, grads, strict=True):
+                    # A value used by several stages gets the sum of their gradients.
+                    earlier = output_grads[index]
+                    output_grads[index] = grad if earlier is None else earlier + grad
+        input_grads = stage.backward(mb, output_grads, split=(s, mb) in self._split)
+        at = 0
+        for edge in graph.in_edges(s):
+            width = len(edge.values) if edge.values is not None else len(input_grads) - at
+            grads = [g for g in input_grads[at : at + width] if g is not None]
+            at += width
+            if not edge.grad:
+                continue
+            key = ("grad", edge.src, s, mb)
+            if self._program.same_rank(edge.src, s):
+                self._handoff[key] = grads
             else:
-                grads = self._received(Action(s, Kind.BACKWARD, mb), self.io.wait_gradients)
-        input_grads = stage.backward(mb, grads, split=(s, mb) in self.split)
-        if stage.is_first:
-            return
-        if self.program.rank_of(s - 1) == self.rank:
-            self._handoff[("grad", s - 1, mb)] = input_grads
-        else:
-            self._to_send[("grad", s, mb)] = input_grads
+                self._to_send[key] = grads
 
-    def _received(self, action: Action, wait: Callable[[int, int], list[torch.Tensor]]) -> list[torch.Tensor]:
-        assert action.mb is not None
+    def _gradients_back(self, s: int, mb: int, edge: Edge) -> list[torch.Tensor]:
+        """The gradients of `edge`'s values for micro-batch `mb`, handed over in memory or received."""
+        if self._program.same_rank(s, edge.dst):
+            return self._handoff.pop(("grad", s, edge.dst, mb))
+        link = ("grad", s, edge.dst)
+        return self._received(Action(s, Kind.BACKWARD, mb), lambda: self.io.wait(link, mb))
+
+    def _gradient_metas(self, s: int, mb: int, link: Link) -> list[Any]:
+        """Shapes of the gradients coming back over `link`: those of its values that need one."""
+        metas = self.stages[s].output_metas(mb)
+        edge = self._program.graph.edge(link[1], link[2])
+        return [metas[v] for v in _values(edge, len(metas)) if metas[v].requires_grad]
+
+    def _step(self, action: Action) -> None:
+        s = action.stage
+        if self.tied is not None and self._program.graph.ties_of(s):
+            self._received(action, lambda: self.tied.wait(s, action.mb))  # type: ignore[union-attr]
+        if self.optimizer_step is not None:
+            self.optimizer_step(s)
+
+    def _received(self, action: Action, wait: Callable[[], Any]) -> Any:
         if self.tracer is None:
-            return wait(action.stage, action.mb)
+            return wait()
         start = time.perf_counter()
-        tensors = wait(action.stage, action.mb)
+        result = wait()
         self.tracer.waited(action, start, time.perf_counter())
-        return tensors
+        return result
+
+
+def _values(edge: Edge, num_outputs: int) -> list[int]:
+    return list(range(num_outputs)) if edge.values is None else list(edge.values)
 
 
 def _as_stage_input(tensor: torch.Tensor) -> torch.Tensor:

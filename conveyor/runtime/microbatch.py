@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["split_microbatches", "microbatch_weights", "batch_size", "tensors_in", "map_tensors"]
+__all__ = ["batch_size", "concat_microbatches", "map_tensors", "microbatch_weights", "split_microbatches", "tensors_in"]
 
 
 def batch_size(batch: Any) -> int:
@@ -54,6 +54,22 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(map_tensors(value, fn) for value in batch)
     return batch
+
+
+def concat_microbatches(parts: Sequence[Any]) -> Any:
+    """Join micro-batches back into one batch: tensors along dimension 0, structures rebuilt around them.
+
+    The inverse of `split_microbatches` (0-d tensors, like a per-micro-batch
+    loss, are stacked; other leaves are taken from the first part).
+    """
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(parts)) if first.dim() > 0 else torch.stack(list(parts))
+    if isinstance(first, Mapping):
+        return type(first)({key: concat_microbatches([p[key] for p in parts]) for key in first})  # type: ignore[call-arg]
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_microbatches([p[i] for p in parts]) for i in range(len(first)))
+    return first
 
 
 def _select(batch: Any, parts: int, index: int) -> Any:

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .microbatch import tensors_in
+from .microbatch import map_tensors, tensors_in
 from .split_backward import WeightWork, backward_input
 from .tensor_meta import TensorMeta
 
-__all__ = ["LossFn", "Stage", "call_module"]
+__all__ = ["LossFn", "MicrobatchResult", "Stage", "call_module"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -24,9 +24,18 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 class _Stash:
     """What one micro-batch's backward needs: the stage's inputs and outputs (or the loss)."""
 
-    inputs: list[torch.Tensor]
+    inputs: list[torch.Tensor]  # the stage's flat inputs (none on the first stage: the user's data needs no gradient)
     outputs: list[torch.Tensor]
     bytes: int = 0  # held for backward, when the stage counts them
+
+
+@dataclass(frozen=True)
+class MicrobatchResult:
+    """What the last stage keeps of one micro-batch: its mean loss, its share of the mini-batch, its output."""
+
+    loss: torch.Tensor | None  # detached; None in a forward-only run without targets
+    weight: float
+    output: Any = None  # the last stage's output, when asked to keep it
 
 
 class Stage:
@@ -34,8 +43,11 @@ class Stage:
 
     The first stage is called with the user's micro-batch (a tensor, a tuple
     of positional arguments or a dict of keyword arguments); later stages with
-    the previous stage's outputs as positional arguments. The last stage's
-    output goes to `loss_fn(output, target)`.
+    their inputs (the values of their in-edges, see `schedules/graph.py`) as
+    positional arguments, or, for an `nn.Sequential` stage, as its one argument
+    (a tuple when there are several), the way its layers hand values on. A stage
+    other than the last returns a tensor or a tuple of tensors: its outputs. The
+    last stage's output goes to `loss_fn(output, target)`.
 
     With `recompute`, the forward keeps only the stage's inputs and runs again
     during backward (`torch.utils.checkpoint`, RNG state preserved, so dropout
@@ -66,7 +78,7 @@ class Stage:
         self.peak_held_bytes = 0
         self._stash: dict[int, _Stash] = {}
         self._weight_work: dict[int, tuple[WeightWork, int]] = {}
-        self.losses: dict[int, torch.Tensor] = {}
+        self.results: dict[int, MicrobatchResult] = {}
 
     @property
     def is_first(self) -> bool:
@@ -76,65 +88,93 @@ class Stage:
     def is_last(self) -> bool:
         return self.index == self.num_stages - 1
 
-    def forward(self, mb: int, inputs: Any, target: Any = None, loss_weight: float = 1.0) -> list[torch.Tensor]:
-        """Run micro-batch `mb` and return the outputs to hand to the next stage (none on the last stage).
+    def forward(
+        self, mb: int, inputs: Any, target: Any = None, loss_weight: float = 1.0, keep_output: bool = False
+    ) -> list[torch.Tensor]:
+        """Run micro-batch `mb` and return its outputs for the stages it feeds (none on the last stage).
 
-        On the last stage the loss, times `loss_weight`, is kept for backward
-        and for the step's reported loss.
+        `inputs` is the user's micro-batch on the first stage, else the list of
+        the stage's input tensors. On the last stage the loss, times
+        `loss_weight`, is kept for backward; `results[mb]` keeps the loss (and,
+        with `keep_output`, the output) for the step's caller.
         """
         if mb in self._stash or mb in self._weight_work:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
         counter = _SavedBytes(self.module, tensors_in(inputs)) if self.track_memory else None
         with torch.enable_grad(), counter or contextlib.nullcontext():
             if self.recompute:
-                output = checkpoint(call_module, self.module, inputs, use_reentrant=False)
+                output = checkpoint(self._call, inputs, use_reentrant=False)
             else:
-                output = call_module(self.module, inputs)
+                output = self._call(inputs)
             if self.is_last:
-                assert self.loss_fn is not None
-                loss = self.loss_fn(output, target)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise TypeError(f"the loss function must return a scalar tensor; got {type(loss).__name__}")
-                loss = loss.reshape(()) * loss_weight
-                self.losses[mb] = loss.detach()
-        outputs = [loss] if self.is_last else _flatten_output(output, self.index)
-        stash = _Stash(_grad_leaves(inputs), outputs)
+                loss = self._loss(mb, output, target, loss_weight, keep_output)
+        outputs = [loss * loss_weight] if self.is_last else _flatten_output(output, self.index)
+        stash = _Stash([] if self.is_first else list(inputs), outputs)
         if counter is not None:
             stash.bytes = counter.total(outputs)
             self._hold(stash.bytes)
         self._stash[mb] = stash
         return [] if self.is_last else outputs
 
+    def infer(
+        self, mb: int, inputs: Any, target: Any = None, loss_weight: float = 1.0, keep_output: bool = False
+    ) -> list[torch.Tensor]:
+        """A forward for evaluation or inference: no graph, nothing kept but the last stage's result."""
+        with torch.no_grad():
+            output = self._call(inputs)
+            if not self.is_last:
+                return _flatten_output(output, self.index)
+            if target is None:
+                self.results[mb] = MicrobatchResult(None, loss_weight, output)
+            else:
+                self._loss(mb, output, target, loss_weight, keep_output)
+        return []
+
     def output_metas(self, mb: int) -> list[TensorMeta]:
-        """Shapes of the outputs of `mb` that will receive a gradient from the next stage."""
-        return [TensorMeta.of(t) for t in self._stash[mb].outputs if t.requires_grad]
+        """Shapes, dtypes and gradient flags of every output of micro-batch `mb`."""
+        return [TensorMeta.of(t) for t in self._stash[mb].outputs]
 
-    def backward(self, mb: int, output_grads: Sequence[torch.Tensor] = (), split: bool = False) -> list[torch.Tensor]:
-        """Backpropagate micro-batch `mb` and return the gradients of its inputs that require grad.
+    def backward(
+        self, mb: int, output_grads: Sequence[torch.Tensor | None] = (), split: bool = False
+    ) -> list[torch.Tensor | None]:
+        """Backpropagate micro-batch `mb`; returns the gradient of each input (None where it needs none).
 
-        `output_grads` matches the outputs that require grad (empty on the last
-        stage). Without `split` this is the whole backward: parameter gradients
+        `output_grads` has one entry per output (None for an output that needs
+        no gradient or that no later stage used; empty on the last stage).
+        Without `split` this is the whole backward: parameter gradients
         accumulate and everything `mb` kept is freed. With `split` it is only
         B, the input gradients: `weight(mb)` must follow, and frees it.
         """
         stash = self._stash.pop(mb, None)
         if stash is None:
             raise RuntimeError(f"stage {self.index}: backward of micro-batch {mb} before its forward")
-        outputs = [t for t in stash.outputs if t.requires_grad]
-        grads = [torch.ones_like(outputs[0])] if self.is_last else list(output_grads)
-        if len(grads) != len(outputs):
-            raise RuntimeError(
-                f"stage {self.index}, micro-batch {mb}: got {len(grads)} output gradients for {len(outputs)} outputs"
-            )
+        if self.is_last:
+            pairs = [(stash.outputs[0], torch.ones_like(stash.outputs[0]))]
+        else:
+            if len(output_grads) != len(stash.outputs):
+                raise RuntimeError(
+                    f"stage {self.index}, micro-batch {mb}: got {len(output_grads)} output gradients for"
+                    f" {len(stash.outputs)} outputs"
+                )
+            pairs = [
+                (t, g) for t, g in zip(stash.outputs, output_grads, strict=True) if g is not None and t.requires_grad
+            ]
+        outputs, grads = [t for t, _ in pairs], [g for _, g in pairs]
+        leaves = [t for t in stash.inputs if t.requires_grad]
         if split:
             params = [p for p in self.module.parameters() if p.requires_grad]
-            input_grads, work = backward_input(outputs, grads, stash.inputs, params)
+            leaf_grads, work = backward_input(outputs, grads, leaves, params)
             self._weight_work[mb] = (work, stash.bytes)
-            return [g if g is not None else torch.zeros_like(t) for g, t in zip(input_grads, stash.inputs, strict=True)]
-        if outputs:
-            torch.autograd.backward(outputs, grads)
-        self._hold(-stash.bytes)
-        return [t.grad if t.grad is not None else torch.zeros_like(t) for t in stash.inputs]
+            found = {id(t): g for t, g in zip(leaves, leaf_grads, strict=True)}
+        else:
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+            self._hold(-stash.bytes)
+            found = {id(t): t.grad for t in leaves}
+        return [
+            (g if (g := found.get(id(t))) is not None else torch.zeros_like(t)) if t.requires_grad else None
+            for t in stash.inputs
+        ]
 
     def weight(self, mb: int) -> None:
         """W: accumulate the weight gradients of micro-batch `mb`, whose B ran with `split`, and free it."""
@@ -144,15 +184,42 @@ class Stage:
         work[0].run()
         self._hold(-work[1])
 
-    def pop_losses(self) -> list[torch.Tensor]:
-        losses = [self.losses[mb] for mb in sorted(self.losses)]
-        self.losses.clear()
-        return losses
+    def pop_results(self) -> list[MicrobatchResult]:
+        """The last stage's results of the micro-batches run since the last call, in micro-batch order."""
+        results = [self.results[mb] for mb in sorted(self.results)]
+        self.results.clear()
+        return results
 
     @property
     def activations_held(self) -> int:
         """Micro-batches whose forward ran and whose backward (W, if split) has not."""
         return len(self._stash) + len(self._weight_work)
+
+    def _call(self, inputs: Any) -> Any:
+        try:
+            if self.is_first:
+                return call_module(self.module, inputs)
+            if isinstance(self.module, nn.Sequential):
+                return self.module(inputs[0] if len(inputs) == 1 else tuple(inputs))
+            return self.module(*inputs)
+        except TypeError as error:
+            if "'NoneType' object is not callable" not in str(error):
+                raise
+            raise TypeError(
+                f"stage {self.index}: {error}. The manual split sets the modules a stage does not own to None, so the"
+                " model's forward must skip them (`h = self.norm(h) if self.norm is not None else h`); for a model"
+                " you cannot change, use the traced split (conveyor.trace_split)"
+            ) from error
+
+    def _loss(self, mb: int, output: Any, target: Any, weight: float, keep_output: bool) -> torch.Tensor:
+        assert self.loss_fn is not None
+        loss = self.loss_fn(output, target)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"the loss function must return a scalar tensor; got {type(loss).__name__}")
+        loss = loss.reshape(())
+        kept = map_tensors(output, torch.Tensor.detach) if keep_output else None
+        self.results[mb] = MicrobatchResult(loss.detach(), weight, kept)
+        return loss
 
     def _hold(self, change: int) -> None:
         self.held_bytes += change
@@ -203,17 +270,6 @@ def call_module(module: nn.Module, inputs: Any) -> Any:
     return module(inputs)
 
 
-def _grad_leaves(inputs: Any) -> list[torch.Tensor]:
-    """The stage inputs whose gradient goes back to the previous stage."""
-    if isinstance(inputs, torch.Tensor):
-        return [inputs] if inputs.requires_grad else []
-    if isinstance(inputs, Mapping):
-        return [t for v in inputs.values() for t in _grad_leaves(v)]
-    if isinstance(inputs, (tuple, list)):
-        return [t for v in inputs for t in _grad_leaves(v)]
-    return []
-
-
 def _flatten_output(output: Any, index: int) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
@@ -221,5 +277,5 @@ def _flatten_output(output: Any, index: int) -> list[torch.Tensor]:
         return list(output)
     raise TypeError(
         f"stage {index} returned {type(output).__name__}; a stage other than the last must return a tensor"
-        " or a tuple of tensors (they become the next stage's positional arguments)"
+        " or a tuple of tensors (its outputs, which later stages take as inputs)"
     )

@@ -4,18 +4,20 @@ Sends and receives are asynchronous: `send` returns at once, `recv` posts a
 buffer and returns a handle whose `wait()` gives the tensor. With the gloo
 backend, CUDA tensors travel through host memory (gloo only moves CPU tensors).
 
-Links (see `conveyor.schedules.Link`: stage s's activations to s + 1, or its
-input gradients to s - 1) must not hold each other up: the validator assumes
-that a send waits only for its own receive, and that a link's messages match
-in order. How that is kept depends on the backend:
+Messages travel over *channels*: the program's links (`conveyor.schedules.Link`:
+an edge's activations, or its gradients back), and a few of the pipeline's own
+(the loss for other ranks, tied gradients), each named by a (str, int, int)
+tuple. Channels must not hold each other up: the validator assumes that a send
+waits only for its own receive, and that a channel's messages match in order.
+How that is kept depends on the backend:
 
 - NCCL runs all operations of one group between two ranks in order on one
-  stream, and a send there blocks until its receive is posted: were two links
+  stream, and a send there blocks until its receive is posted: were two channels
   to share a group, a pending send on one could hold back the receive the peer
   waits for on the other, and the ranks would deadlock although the schedule
-  is sound. So each link gets a process group of its own.
+  is sound. So each channel gets a process group of its own.
 - Gloo matches a message by its tag, and moves its payload only once the
-  receive is posted, so links can share the pipeline's group, each with a tag
+  receive is posted, so channels can share the pipeline's group, each with a tag
   of its own. A group of their own would cost more than it saves: every gloo
   group runs a network thread that wakes every 10 ms, and on a machine with
   as many cores as ranks each wake-up pre-empts a rank's compute
@@ -28,14 +30,17 @@ in order. How that is kept depends on the backend:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from ..schedules import Link
+__all__ = ["Channel", "Incoming", "Transport"]
 
-__all__ = ["Transport", "Incoming"]
+# A channel's name: a channel of the program (("act" | "grad", src stage, dst stage)) or one of the
+# pipeline's own (("loss", from rank, to rank), ("tie<i>", from rank, to rank)).
+Channel = tuple[str, int, int]
 
 
 @dataclass
@@ -55,71 +60,74 @@ class Incoming:
 
 @dataclass
 class Transport:
-    """Sends and receives tensors over links; ranks are ranks of `group`.
+    """Sends and receives tensors over channels; ranks are ranks of `group`.
 
-    `links` maps each link to its (sender, receiver) ranks, `groups` each link
-    this rank is on to the process group that carries it, and `tags` each link
+    `channels` maps each channel to its (sender, receiver) ranks, `groups` each channel
+    this rank is on to the process group that carries it, and `tags` each channel
     to the tag of its messages (see `open`).
     """
 
     device: torch.device
     group: dist.ProcessGroup | None = None
-    links: dict[Link, tuple[int, int]] = field(default_factory=dict)
-    groups: dict[Link, dist.ProcessGroup | None] = field(default_factory=dict)
-    tags: dict[Link, int] = field(default_factory=dict)
+    channels: dict[Channel, tuple[int, int]] = field(default_factory=dict)
+    groups: dict[Channel, dist.ProcessGroup | None] = field(default_factory=dict)
+    tags: dict[Channel, int] = field(default_factory=dict)
+    bytes_sent: Counter[Channel] = field(default_factory=Counter)
+    """Bytes this rank sent over each channel so far (payloads, metadata messages included)."""
     _in_flight: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def open(
-        cls, links: dict[Link, tuple[int, int]], device: torch.device, group: dist.ProcessGroup | None = None
+        cls, channels: dict[Channel, tuple[int, int]], device: torch.device, group: dist.ProcessGroup | None = None
     ) -> Transport:
-        """A transport whose links cannot hold each other up: a tag per link (gloo) or a group per link (others).
+        """A transport whose channels cannot hold each other up: a tag (gloo) or a group (others) per channel.
 
-        Every rank of `group` must open its transports in the same order and with the same links, so
+        Every rank of `group` must open its transports in the same order and with the same channels, so
         that their tags agree; with NCCL every rank of the default group must call it (it creates groups).
         """
-        ordered = sorted(links)
+        ordered = sorted(channels)
         if dist.get_backend(group) == "gloo":
             first_tag = _take_tags(group, len(ordered))
-            tags = {link: first_tag + i for i, link in enumerate(ordered)}
-            return cls(device, group, dict(links), dict.fromkeys(ordered, group), tags)
+            tags = {channel: first_tag + i for i, channel in enumerate(ordered)}
+            return cls(device, group, dict(channels), dict.fromkeys(ordered, group), tags)
         rank = dist.get_rank(group)
-        groups: dict[Link, dist.ProcessGroup | None] = {}
-        for link in ordered:
-            src, dst = links[link]
+        groups: dict[Channel, dist.ProcessGroup | None] = {}
+        for channel in ordered:
+            src, dst = channels[channel]
             created = dist.new_group([_global(group, src), _global(group, dst)])  # called by every rank
             if rank in (src, dst):
-                groups[link] = created
-        return cls(device, group, dict(links), groups)
+                groups[channel] = created
+        return cls(device, group, dict(channels), groups)
 
     @property
     def stages_through_host(self) -> bool:
         """Gloo cannot move device memory, so CUDA tensors are copied to the host and back."""
         return self.device.type != "cpu" and dist.get_backend(self.group) == "gloo"
 
-    def send(self, tensor: torch.Tensor, link: Link) -> None:
-        """Start sending `tensor` over `link`; the tensor is kept alive until the send completes."""
+    def send(self, tensor: torch.Tensor, channel: Channel) -> None:
+        """Start sending `tensor` over `channel`; the tensor is kept alive until the send completes."""
         payload = tensor.detach()
         payload = payload.cpu() if self.stages_through_host else payload.to(self.device)
         payload = payload.contiguous()
-        dst = self.links[link][1]
-        group = self.groups.get(link, self.group)
-        work = dist.isend(payload, dst=_global(self.group, dst), group=group, tag=self.tags.get(link, 0))
+        self.bytes_sent[channel] += payload.nbytes
+        dst = self.channels[channel][1]
+        group = self.groups.get(channel, self.group)
+        work = dist.isend(payload, dst=_global(self.group, dst), group=group, tag=self.tags.get(channel, 0))
         assert work is not None
         self._in_flight.append((work, payload))
         self._forget_finished()
 
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, link: Link) -> Incoming:
-        """Post a receive of a tensor of `shape` and `dtype` over `link`."""
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, channel: Channel) -> Incoming:
+        """Post a receive of a tensor of `shape` and `dtype` over `channel`."""
         on_host = self.stages_through_host
         buffer = torch.empty(shape, dtype=dtype, device="cpu" if on_host else self.device)
-        src = self.links[link][0]
-        group = self.groups.get(link, self.group)
-        work = dist.irecv(buffer, src=_global(self.group, src), group=group, tag=self.tags.get(link, 0))
+        src = self.channels[channel][0]
+        group = self.groups.get(channel, self.group)
+        work = dist.irecv(buffer, src=_global(self.group, src), group=group, tag=self.tags.get(channel, 0))
         return Incoming(buffer, work, self.device)
 
-    def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype, link: Link) -> torch.Tensor:
-        return self.recv(shape, dtype, link).wait()
+    def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype, channel: Channel) -> torch.Tensor:
+        return self.recv(shape, dtype, channel).wait()
 
     def flush(self) -> None:
         """Wait until every send has left this rank (the end of a step)."""

@@ -110,7 +110,7 @@ def _check_computes(program: Program) -> None:
     """Each stage runs each micro-batch's F and B exactly once (W at most once); STEP and REDUCE never repeat."""
     what = program.name or "schedule"
     computes = (Kind.FORWARD,) if program.forward_only else (Kind.FORWARD, Kind.BACKWARD)
-    wanted = {
+    wanted: set[tuple[int, Kind, int | None]] = {
         (s, kind, mb) for s in range(program.num_stages) for kind in computes for mb in range(program.num_microbatches)
     }
     seen: Counter[tuple[int, Kind, int | None]] = Counter()
@@ -336,10 +336,10 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float) -> T
 
 def _sender(program: Program, message: Message) -> tuple[int, Action]:
     """The rank and action that post `message`."""
-    if message[0] == "reduce":
+    if len(message) == 3:  # ("reduce", stage, key)
         _, stage, key = message
         return program.rank_of(stage), Action(stage, Kind.REDUCE, None if key == _WHOLE else key)
-    kind, src, dst, mb = message  # type: ignore[misc]
+    kind, src, dst, mb = message
     if kind == "act":
         return program.rank_of(src), Action(src, Kind.SEND_F, mb, dst)
     return program.rank_of(dst), Action(dst, Kind.SEND_B, mb, src)

@@ -153,3 +153,16 @@ def test_profile_times_f_b_w_and_a_whole_backward() -> None:
     # The first stage has no input gradient: its B returns at once and its W is the whole backward.
     assert first.backward < 0.2 * first.weight
     assert second.backward > 0.2 * second.weight  # the second computes its input's gradient in B
+
+
+def test_the_reduction_of_tied_gradients_is_timed_and_drawn() -> None:
+    from conveyor.observe.timeline import spans_from_timing
+    from conveyor.schedules import StageGraph, Tie
+
+    tied = build_schedule("1f1b", 2, 2, graph=StageGraph.chain(2, [Tie(((0, "embed"), (1, "head")))]))
+    plain = simulate(build_schedule("1f1b", 2, 2), CostModel((StageCosts(1, 1, 1),), latency=0.5))
+    result = simulate(tied, CostModel((StageCosts(1, 1, 1, reduce=2.0),), latency=0.5))
+    # Rank 0 finishes last; its REDUCE (2) then the offer's trip to rank 1 (0.5) end rank 1's step.
+    assert result.timing.makespan == plain.timing.makespan + 2.0 + 0.5
+    reductions = [s for s in spans_from_timing(tied, result.timing) if s.kind == "RD"]
+    assert [(s.rank, s.stage, s.mb, s.end - s.start) for s in reductions] == [(0, 0, None, 2.0), (1, 1, None, 2.0)]

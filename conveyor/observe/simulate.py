@@ -31,6 +31,8 @@ class StageCosts:
     whole: float | None = None
     """A backward run whole (a B with no W of its own). None: backward + weight; a split
     costs more than that on real hardware, so profiles measure it."""
+    reduce: float = 0.0
+    """A REDUCE: the time the rank spends offering its tied gradients (their arrival adds the latency)."""
 
     @property
     def whole_backward(self) -> float:
@@ -98,6 +100,8 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
             return c.backward if (action.stage, action.mb) in split else c.whole_backward
         if action.kind is Kind.WEIGHT:
             return c.weight
+        if action.kind is Kind.REDUCE:
+            return c.reduce
         return 0.0
 
     timing = validate(program, cost, costs.latency)
@@ -146,9 +150,17 @@ def _peak_memory(
 def parse_costs(text: str, latency: float | None = None) -> CostModel:
     """Parse ``f=1,b=2,w=1,comm=0.1`` (one set for all stages) or ``f=1,b=2;f=2,b=3`` (one per stage).
 
-    Keys: f, b, w, whole (a backward run whole; default b + w), bytes (held per micro-batch), comm (latency).
+    Keys: f, b, w, whole (a backward run whole; default b + w), reduce (offering tied gradients), bytes (held per
+    micro-batch), comm (latency).
     """
-    names = {"f": "forward", "b": "backward", "w": "weight", "whole": "whole", "bytes": "activation_bytes"}
+    names = {
+        "f": "forward",
+        "b": "backward",
+        "w": "weight",
+        "whole": "whole",
+        "bytes": "activation_bytes",
+        "reduce": "reduce",
+    }
     stages: list[StageCosts] = []
     comm = 0.0
     for part in text.split(";"):
@@ -160,7 +172,7 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
             elif key in names:
                 values[names[key]] = float(value)
             else:
-                raise ValueError(f"unknown cost {key!r} in {text!r}; use f, b, w, whole, comm and bytes")
+                raise ValueError(f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, comm and bytes")
         stages.append(StageCosts(**values))  # type: ignore[arg-type]
     return CostModel(tuple(stages), comm if latency is None else latency)
 

@@ -11,16 +11,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..schedules import Program, Timing
+from ..schedules import Kind, Program, Timing
 
 __all__ = ["Span", "spans_from_timing", "draw_timeline"]
 
-COLOURS = {"F": "#6baed6", "B": "#fd8d3c", "W": "#74c476", "wait": "#d9d9d9"}
+COLOURS = {"F": "#6baed6", "B": "#fd8d3c", "W": "#74c476", "RD": "#9e9ac8", "wait": "#d9d9d9"}
 
 
 @dataclass(frozen=True)
 class Span:
-    """One box of a timeline: `kind` (F, B, W, or wait) of micro-batch `mb` on `stage`, on `rank`."""
+    """One box of a timeline: `kind` (F, B, W, RD: a reduction of tied gradients, or wait) of micro-batch `mb`
+    (None for a whole mini-batch) on `stage`, on `rank`."""
 
     rank: int
     kind: str
@@ -35,7 +36,7 @@ def spans_from_timing(program: Program, timing: Timing) -> list[Span]:
     spans = []
     for rank, actions in program.actions.items():
         for action, start, end in zip(actions, timing.start[rank], timing.end[rank], strict=True):
-            if action.kind.is_compute:
+            if action.kind.is_compute or action.kind is Kind.REDUCE:
                 spans.append(Span(rank, action.kind.value, action.stage, action.mb, start, end))
     return spans
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..schedules import Action
+from ..schedules import Action, Kind
 from .timeline import Span
 
 __all__ = ["Recorder", "gather_spans", "write_chrome_trace"]
@@ -51,7 +51,8 @@ class Recorder:
         self._waited_until = end
 
     def action_ended(self, action: Action) -> None:
-        if not action.kind.is_compute:
+        # Computes, and the reductions of tied gradients (a collective the timeline should show).
+        if not (action.kind.is_compute or action.kind is Kind.REDUCE):
             return
         start = self._waited_until if self._waited_until is not None else self._started
         end = time.perf_counter()
@@ -80,7 +81,8 @@ def write_chrome_trace(spans: Sequence[tuple[int, Span]], path: str | Path) -> P
             {"name": "thread_name", "ph": "M", "pid": rank, "tid": 1, "args": {"name": "waiting on receives"}}
         )
     for step, span in spans:
-        name = f"{span.stage}{span.kind}{span.mb}" if span.kind != "wait" else f"wait {span.stage}:{span.mb}"
+        mb = "" if span.mb is None else span.mb
+        name = f"{span.stage}{span.kind}{mb}" if span.kind != "wait" else f"wait {span.stage}:{mb}"
         events.append(
             {
                 "name": name,

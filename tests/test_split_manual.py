@@ -198,18 +198,14 @@ def test_transformer_stages_in_sequence_equal_the_model(layers_per_stage: list[i
 
 
 def test_building_from_a_function_materializes_only_the_local_stage() -> None:
-    built_on: list[str] = []
-
-    def build() -> TinyTransformer:
-        model = TinyTransformer()
-        built_on.append(model.head.weight.device.type)
-        return model
-
-    stage = split_model(build, 1, 2)
-    assert built_on == ["meta"], "the full model must be built on the meta device"
+    split = manual_split(TinyTransformer, 2)
+    stage = split.build_stage(1)
     assert all(p.device.type == "cpu" for p in stage.parameters())
-    assert all(p.isfinite().all() for p in stage.parameters()), "parameters left uninitialized"
     assert sorted(names(stage)) == sorted(names(split_model(transformer(), 1, 2)))
+    # Only the stage's own tensors were computed, never the full model.
+    own = sum(t.nbytes for t in [*stage.parameters(), *stage.buffers()])
+    assert split.source.computed_bytes == own  # type: ignore[union-attr]
+    assert all(p.device.type == "meta" for p in split.source.module.parameters())  # type: ignore[union-attr]
 
 
 def test_meta_build_initializes_a_layer_the_same_whatever_the_stage_count() -> None:

@@ -3,7 +3,7 @@
 from .launch import spawn
 from .pipeline import Pipeline
 from .schedules import SCHEDULES, Action, Kind, Program, ScheduleError, build_schedule, validate
-from .split import split_model
+from .split import Split, manual_split, pipe_split, split_model, trace_split
 
 __all__ = [
     "SCHEDULES",
@@ -12,9 +12,13 @@ __all__ = [
     "Pipeline",
     "Program",
     "ScheduleError",
+    "Split",
     "build_schedule",
+    "manual_split",
+    "pipe_split",
     "spawn",
     "split_model",
+    "trace_split",
     "validate",
 ]
 

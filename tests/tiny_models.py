@@ -127,8 +127,11 @@ def assert_close(value: torch.Tensor, reference: torch.Tensor, what: str, tol: f
 def assert_grads_match(
     params: Iterable[tuple[str, nn.Parameter]], reference: nn.Module, where: str, tol: float = 1e-5, scale: float = 1.0
 ) -> list[str]:
-    """Check every given parameter's gradient against `scale` times the reference model's; returns the names."""
-    wanted = dict(reference.named_parameters())
+    """Check every given parameter's gradient against `scale` times the reference model's; returns the names.
+
+    A tied parameter may be given under any of its names (a stage holding GPT-2's LM head calls it lm_head.weight).
+    """
+    wanted = dict(reference.named_parameters(remove_duplicate=False))
     names = []
     for name, param in params:
         assert name in wanted, f"{where}: {name} is not a parameter of the full model"
@@ -142,6 +145,6 @@ def assert_grads_match(
 def assert_params_match(
     params: Iterable[tuple[str, nn.Parameter]], reference: nn.Module, where: str, tol: float
 ) -> None:
-    wanted = dict(reference.named_parameters())
+    wanted = dict(reference.named_parameters(remove_duplicate=False))
     for name, param in params:
         assert_close(param, wanted[name], f"{where}: parameter {name}", tol)

@@ -1,6 +1,6 @@
 """conveyor: pipeline-parallel training for PyTorch."""
 
-from .launch import spawn
+from .launch import run_ranks, spawn
 from .pipeline import Pipeline
 from .schedules import SCHEDULES, Action, Kind, Program, ScheduleError, build_schedule, validate
 from .split import Split, manual_split, pipe_split, split_model, trace_split
@@ -16,6 +16,7 @@ __all__ = [
     "build_schedule",
     "manual_split",
     "pipe_split",
+    "run_ranks",
     "spawn",
     "split_model",
     "trace_split",

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["spawn", "under_torchrun", "init_from_env", "default_backend", "exit_rank"]
+__all__ = ["default_backend", "exit_rank", "init_from_env", "run_ranks", "spawn", "under_torchrun"]
 
 RankFn = Callable[..., Any]
 
@@ -44,6 +44,33 @@ def init_from_env(backend: str, timeout_s: float = 300) -> tuple[int, int]:
     """Join the process group torchrun describes; returns (rank, world size)."""
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+def run_ranks(
+    fn: RankFn,
+    world_size: int,
+    args: tuple[Any, ...] = (),
+    *,
+    backend: str = "gloo",
+    threads_per_rank: int | None = 1,
+    timeout_s: float | None = None,
+) -> None:
+    """Run `fn(rank, world_size, *args)` on every rank: in this process under torchrun, else on spawned ranks.
+
+    Under torchrun (which sets the world size itself, so `world_size` is ignored there) the process joins
+    torchrun's group, runs `fn` and ends as a spawned rank does (`exit_rank`); otherwise this is `spawn`.
+    """
+    if not under_torchrun():
+        spawn(fn, world_size, args, backend=backend, threads_per_rank=threads_per_rank, timeout_s=timeout_s)
+        return
+    if threads_per_rank is not None:
+        torch.set_num_threads(threads_per_rank)
+    rank, world = init_from_env(backend, timeout_s or 300)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+    exit_rank()
 
 
 def spawn(

@@ -320,3 +320,46 @@ def _rank_zero_closes_while_rank_one_steps(rank: int, world: int) -> None:
 def test_closing_on_one_rank_only_is_a_clear_error() -> None:
     with pytest.raises(mp.ProcessRaisedException, match="rank 0 closed the pipeline while this rank began a step"):
         spawn(_rank_zero_closes_while_rank_one_steps, 2, timeout_s=60)
+
+
+def _results_and_forward_only_runs(rank: int, world: int) -> None:
+    from conveyor.schedules import SCHEDULES as ALL
+
+    build, make_batch, loss_fn = MODELS["transformer"]
+    x, y = make_batch(BATCH, seed=11)
+    reference = build()
+    with torch.no_grad():
+        logits = reference(x)
+    parts = [loss_fn(p, t) for p, t in zip(logits.tensor_split(4), y.tensor_split(4), strict=True)]
+    for schedule, info in ALL.items():
+        stages, m = world * info.default_virtual, 4  # 4 micro-batches on 2 ranks suit every schedule
+        where = f"{schedule}, rank {rank}"
+        pipe = Pipeline.from_model(build(), num_stages=stages, num_microbatches=m, loss_fn=loss_fn, schedule=schedule)
+        # evaluate: the loss and nothing else; no gradient, nothing held.
+        loss = pipe.evaluate(x, y, loss_on_all_ranks=True)
+        assert loss is not None
+        assert_close(loss, loss_fn(logits, y), f"{where}: evaluate")
+        assert all(p.grad is None for p in pipe.parameters()), f"{where}: evaluate left gradients"
+        assert all(s.activations_held == 0 for s in pipe.stages.values()), f"{where}: evaluate kept activations"
+        # predict: the last stage's output for the whole batch, on its rank.
+        predicted = pipe.predict(x)
+        if rank == pipe.last_rank:
+            assert_close(predicted, logits, f"{where}: predict")
+        else:
+            assert predicted is None, f"{where}: predict returned something on a rank without the last stage"
+        # step: per-micro-batch losses and outputs on the last stage's rank.
+        losses: list[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []
+        pipe.step(x, y, losses=losses, outputs=outputs)
+        if rank == pipe.last_rank:
+            assert len(losses) == len(outputs) == 4, f"{where}: {len(losses)} losses, {len(outputs)} outputs"
+            for k in range(4):
+                assert_close(losses[k], parts[k], f"{where}: loss of micro-batch {k}")
+            assert_close(torch.cat(outputs), logits, f"{where}: outputs")
+        pipe.close()
+
+
+@pytest.mark.timeout(150)
+def test_results_evaluate_and_predict_with_every_schedule() -> None:
+    """Every schedule of 4 micro-batches on 2 ranks: evaluate, predict, per-micro-batch losses and outputs."""
+    spawn(_results_and_forward_only_runs, 2, timeout_s=120)

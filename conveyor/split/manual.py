@@ -10,7 +10,7 @@ Two model shapes are understood:
   before the container (at every level of its path) go to the first stage,
   modules after it to the last. On other stages they are set to None, so the
   model's forward must skip a None module (``h = self.norm(h) if self.norm else h``);
-  for a model whose forward cannot, use the traced split (`split/traced.py`).
+  for a model whose forward cannot, use the traced split (`split/traced/`).
 
 Removed blocks are deleted without renumbering the rest, so a stage's
 parameters keep their names in the full model (``layers.5.attn.weight``), and

@@ -14,7 +14,7 @@ from .launch import exit_rank, under_torchrun
 from .models import lm_loss
 from .pipeline import RECOMPUTE
 from .schedules import SCHEDULES, build_schedule, render_steps, render_timeline, validate
-from .train import TrainConfig, train
+from .train import MODELS, TrainConfig, train
 
 __all__ = ["main"]
 
@@ -31,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         flag = "--" + field.name.replace("_", "-")
         kind = type(getattr(defaults, field.name))
         help_text = f"{field.metadata['help']} (default: {getattr(defaults, field.name)})"
-        if field.name == "recompute":
+        if field.name == "model":
+            train_parser.add_argument(flag, choices=list(MODELS), default=defaults.model, help=help_text)
+        elif field.name == "recompute":
             train_parser.add_argument(flag, choices=list(RECOMPUTE), default=defaults.recompute, help=help_text)
         elif field.name == "schedule":
             train_parser.add_argument(flag, choices=list(SCHEDULES), default=defaults.schedule, help=help_text)
@@ -111,7 +113,7 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .models import GPT
     from .observe.profile import measure_latency, profile_stages
     from .observe.simulate import CostModel, save_costs
-    from .split import split_model
+    from .split import manual_split
 
     values = {k: getattr(args, k) for k in ("stages", "schedule", "virtual", "microbatches", "batch_size", "context")}
     try:
@@ -120,9 +122,11 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     torch.set_num_threads(config.threads)
     stages = config.stages * config.stages_per_rank
-    modules = [split_model(lambda: GPT(config.model), s, stages) for s in range(stages)]
+    gpt = config.gpt
+    split = manual_split(lambda: GPT(gpt), stages)
+    modules = [split.build_stage(s) for s in range(stages)]
     micro = -(-config.batch_size // config.microbatches)  # the largest micro-batch
-    tokens = torch.randint(0, config.model.vocab_size, (micro, config.context + 1))
+    tokens = torch.randint(0, gpt.vocab_size, (micro, config.context + 1))
     costs = profile_stages(modules, tokens[:, :-1], tokens[:, 1:], lm_loss)
     if args.latency:
         costs = CostModel(costs.stages, measure_latency(micro * config.context * config.dim * 4))

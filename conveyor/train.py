@@ -1,7 +1,8 @@
-"""`conveyor train`: a small GPT learns the standard library's source, one byte at a time, in a pipeline."""
+"""`conveyor train`: a small GPT (or GPT-2) learns the standard library's source, one byte at a time, in a pipeline."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -17,7 +18,9 @@ from .models import GPT, GPTConfig, lm_loss
 from .observe.timeline import Span, draw_timeline
 from .observe.trace import Recorder, gather_spans, write_chrome_trace
 from .pipeline import RECOMPUTE, Pipeline
+from .runtime.stage import LossFn
 from .schedules import SCHEDULES
+from .split import Split, manual_split, trace_split
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -26,8 +29,19 @@ def _option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+MODELS = ("gpt", "gpt2")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    model: str = _option(
+        "gpt",
+        "gpt: conveyor's small GPT, split by hand; gpt2: Hugging Face's GPT2LMHeadModel from a config with random"
+        " weights, split by tracing it (needs the [hf] extra)",
+    )
+    model_config: str = _option(
+        "", "GPT-2 config fields over --dim/--layers/--heads/--context, e.g. n_layer=12,n_embd=768,n_head=12"
+    )
     stages: int = _option(2, "pipeline ranks (processes); the model is cut into stages x virtual stages")
     schedule: str = _option("1f1b", "pipeline schedule (`conveyor schedules` lists them)")
     virtual: int = _option(0, "stages per rank; 0 takes the schedule's default (1, or 2 for looped and V schedules)")
@@ -49,6 +63,12 @@ class TrainConfig:
     progress: bool = _option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.model == "gpt2" and importlib.util.find_spec("transformers") is None:
+            raise ValueError("--model gpt2 needs Hugging Face transformers: pip install 'conveyor[hf]'")
+        if self.model_config and self.model != "gpt2":
+            raise ValueError("--model-config sets GPT-2 fields: use it with --model gpt2")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in ("stages", "microbatches", "steps", "batch_size", "context", "layers", "threads"):
@@ -57,9 +77,10 @@ class TrainConfig:
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
         SCHEDULES[self.schedule].check_virtual(self.stages_per_rank)
-        if self.layers < self.stages * self.stages_per_rank:
+        layers = self.gpt2.n_layer if self.model == "gpt2" else self.layers  # also checks --model-config's fields
+        if layers < self.stages * self.stages_per_rank:
             raise ValueError(
-                f"{self.layers} layers cannot fill {self.stages * self.stages_per_rank} stages: use --layers"
+                f"{layers} layers cannot fill {self.stages * self.stages_per_rank} stages: use --layers"
                 f" {self.stages * self.stages_per_rank} or more"
             )
         if self.microbatches > self.batch_size:
@@ -72,8 +93,20 @@ class TrainConfig:
         return self.virtual or SCHEDULES[self.schedule].default_virtual
 
     @property
-    def model(self) -> GPTConfig:
+    def gpt(self) -> GPTConfig:
         return GPTConfig(context=self.context, dim=self.dim, layers=self.layers, heads=self.heads)
+
+    @property
+    def gpt2(self) -> Any:
+        """The GPT2Config of `--model gpt2`: conveyor's sizes, then --model-config's fields."""
+        from .models.gpt2 import gpt2_config, parse_overrides
+
+        sizes = {"n_embd": self.dim, "n_layer": self.layers, "n_head": self.heads, "n_positions": self.context}
+        return gpt2_config(parse_overrides(self.model_config), **sizes)
+
+    @property
+    def num_stages(self) -> int:
+        return self.stages * self.stages_per_rank
 
 
 @dataclass(frozen=True)
@@ -110,13 +143,11 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         raise ValueError(f"{config.stages} stages need {config.stages} ranks; {world} were started")
     torch.set_num_threads(config.threads)
     device = _device_for(rank, config.device)
-    model = config.model
-    pipe = Pipeline.from_model(
-        lambda: GPT(model),
-        num_stages=config.stages * config.stages_per_rank,
-        seed=config.seed,
+    split, loss_fn = _split(config)
+    pipe = Pipeline(
+        split,
         num_microbatches=config.microbatches,
-        loss_fn=lm_loss,
+        loss_fn=loss_fn,
         schedule=config.schedule,
         recompute=config.recompute,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
@@ -175,6 +206,18 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     return result
 
 
+def _split(config: TrainConfig) -> tuple[Split, LossFn]:
+    """The model cut into stages (by hand for the GPT, traced for GPT-2, on the meta device), and its loss."""
+    if config.model == "gpt2":
+        from .models.gpt2 import gpt2_lm, logits_loss
+
+        example = torch.zeros(2, config.context, dtype=torch.long)  # a micro-batch's shape; the batch size may vary
+        split = trace_split(gpt2_lm(config.gpt2), (example,), num_stages=config.num_stages, seed=config.seed)
+        return split, logits_loss
+    gpt = config.gpt
+    return manual_split(lambda: GPT(gpt), config.num_stages, seed=config.seed), lm_loss
+
+
 def _write_trace(spans: list[tuple[int, Span]], folder: Path, config: TrainConfig) -> None:
     trace = write_chrome_trace(spans, folder / "trace.json")
     last_step = max(step for step, _ in spans)
@@ -198,6 +241,7 @@ def _device_for(rank: int, device: str) -> torch.device:
 def _describe(config: TrainConfig) -> str:
     fields = asdict(config)
     keys = (
+        "model",
         "stages",
         "schedule",
         "virtual",
@@ -209,8 +253,17 @@ def _describe(config: TrainConfig) -> str:
         "steps",
         "device",
     )
-    params = sum(p.numel() for p in GPT(config.model).parameters())
-    return ", ".join(f"{k}={fields[k]}" for k in keys) + f", {params / 1e6:.1f}M parameters"
+    with torch.device("meta"):  # only counting: no memory, no init
+        model = GPT(config.gpt) if config.model == "gpt" else _gpt2_model(config)
+        params = sum(p.numel() for p in model.parameters())
+    shown = ", ".join(f"{k}={fields[k]}" for k in keys if k != "model" or config.model != "gpt")
+    return shown + f", {params / 1e6:.1f}M parameters"
+
+
+def _gpt2_model(config: TrainConfig) -> Any:
+    from .models.gpt2 import gpt2_lm
+
+    return gpt2_lm(config.gpt2)()
 
 
 def _progress(config: TrainConfig, show: bool):  # type: ignore[no-untyped-def]

@@ -60,3 +60,26 @@ def test_train_refuses_a_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--schedule", "zbv", "--virtual", "3"])
     assert "zbv runs 2 stages per rank; got 3" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_train_gpt2_traced_into_four_stages_lowers_the_loss(capfd: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    argv = ["train", "--model", "gpt2", "--stages", "2", "--schedule", "zbv", "--steps", "10", "--dim", "32"]
+    argv += ["--layers", "4", "--heads", "2", "--context", "32", "--batch-size", "8", "--lr", "3e-3", "--no-progress"]
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    assert "model=gpt2" in out
+    line = next(line for line in out.splitlines() if line.startswith("loss "))
+    first, last = (float(word) for word in line.split()[1:4:2])
+    assert last < first, line
+
+
+def test_train_checks_the_gpt2_config_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "gpt2", "--model-config", "n_layers=2"])
+    assert "GPT2Config has no field 'n_layers'; did you mean ['n_layer']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--model-config", "n_layer=2"])
+    assert "--model-config sets GPT-2 fields: use it with --model gpt2" in capsys.readouterr().err

@@ -52,6 +52,7 @@ def loss_fn(output: Any, labels: torch.Tensor) -> torch.Tensor:
 def rank_main(rank: int, world: int, small: bool, steps: int) -> None:
     from transformers import GPT2ForSequenceClassification
 
+    torch.manual_seed(100 + rank)  # GPT-2's dropout draws from each rank's generator: seeded, a run repeats
     config = gpt2_config(small)
     data = batches(steps)
     example = {name: tensor[: BATCH // MICROBATCHES] for name, tensor in data[0][0].items()}  # one micro-batch

@@ -157,7 +157,21 @@ def _train_traced(rank: int, world: int, names: list[str]) -> None:
                 for param_name, param in stage.module.named_parameters():
                     assert_close(param, wanted[param_name], f"{where}: stage {s} {param_name} after {STEPS} steps")
             _tied_copies_are_equal(pipe, world, where)
+            if name == "skip":
+                _each_link_carries_one_hidden_state(pipe, rank, where)
             pipe.close()
+
+
+def _each_link_carries_one_hidden_state(pipe: Pipeline, rank: int, where: str) -> None:
+    """The embedding that skips to the head travels on its own edge 0->3, so every link carries one [*, SEQ, 16]."""
+    assert any(e.src == 0 and e.dst == 3 for e in pipe.graph.edges), f"{where}: no edge 0->3 in {pipe.graph.edges}"
+    m = pipe.num_microbatches
+    for link, (sender, _) in pipe.program.links().items():
+        if sender != rank or link[0] != "act":
+            continue
+        # Less the metadata (one 128-word message per micro-batch, once) and the step headers (16 bytes each).
+        data = pipe.transport.bytes_sent[link] - 8 * 128 * m - 16 * STEPS
+        assert data == STEPS * BATCH * SEQ * 16 * 4, f"{where}: {link} carried {data} bytes of activations"
 
 
 def _tied_copies_are_equal(pipe: Pipeline, world: int, where: str) -> None:

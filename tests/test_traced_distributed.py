@@ -3,9 +3,8 @@
 Every rank traces the model (the same split on every rank), builds the stages
 the schedule gives it, and checks them against the unsplit model it trains
 itself: losses of every step, every gradient, and the weights after the steps
-(relative error <= 1e-5 in fp32). One spawn per rank count, four stages each:
-gpipe, 1f1b and zb-h1 on 4 ranks, interleaved-1f1b and zbv (two stages per
-rank) on 2.
+(relative error <= 1e-5 in fp32). One spawn per rank count, four stages each,
+every schedule: those of one stage per rank on 4 ranks, those of two on 2.
 """
 
 from __future__ import annotations
@@ -25,7 +24,11 @@ from conveyor import Pipeline, spawn, trace_split
 from conveyor.models import GPT, GPTConfig, lm_loss
 
 STEPS, BATCH, SEQ = 3, 10, 12
-SCHEDULES = {4: [("gpipe", 4), ("1f1b", 5), ("zb-h1", 4)], 2: [("interleaved-1f1b", 4), ("zbv", 4)]}
+# Every schedule: those of one stage per rank on 4 ranks, those of two per rank on 2 (micro-batches they accept).
+SCHEDULES = {
+    4: [("gpipe", 4), ("1f1b", 5), ("zb-h1", 4), ("zb-h2", 5)],
+    2: [("interleaved-1f1b", 4), ("looped-bfs", 3), ("zbv", 4), ("dualpipev", 4)],
+}
 
 
 class Skip(nn.Module):

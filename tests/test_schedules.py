@@ -93,6 +93,7 @@ ACCEPTS: dict[str, Callable[[int, int], bool]] = {
     "interleaved-1f1b": lambda p, m: m % p == 0,
     "zbv": lambda p, m: m >= 2 * p - 1,
     "dualpipev": lambda p, m: m >= 2 * p,
+    "pipedream-2bw": lambda p, m: m >= p - 1,
 }
 PEAK: dict[str, Callable[[int, int, int], int]] = {
     "gpipe": lambda p, m, v: m,
@@ -103,6 +104,8 @@ PEAK: dict[str, Callable[[int, int, int], int]] = {
     "zb-h2": lambda p, m, v: min(2 * p - 1, m),
     "zbv": lambda p, m, v: 2 * p,
     "dualpipev": lambda p, m, v: 2 * p + 1,
+    "pipedream": lambda p, m, v: min(p, m),
+    "pipedream-2bw": lambda p, m, v: min(p, m),
 }
 
 
@@ -148,11 +151,12 @@ def test_every_size_builds_validates_and_keeps_its_invariants(name: str) -> None
                 program = build_schedule(name, p, m, v)  # raises ScheduleError if the program does not validate
                 assert program.num_ranks == p and program.num_stages == p * v, where
                 assert all(len(program.stages_of(rank)) == v for rank in range(p)), where
-                if name in PEAK:
-                    assert max(peaks_held(program)) == PEAK[name](p, m, v), where
+                assert max(peaks_held(program)) == PEAK[name](p, m, v), where
+                # One step per stage, or (asynchronous) one per micro-batches_per_step micro-batches.
+                updates = m // (program.microbatches_per_step or m)
                 for rank in range(p):
-                    steps = [a.stage for a in program.actions[rank] if a.kind is Kind.STEP]
-                    assert sorted(steps) == program.stages_of(rank), f"{where} rank {rank}: one step per stage"
+                    steps = Counter(a.stage for a in program.actions[rank] if a.kind is Kind.STEP)
+                    assert steps == dict.fromkeys(program.stages_of(rank), updates), f"{where} rank {rank}: {steps}"
 
 
 def test_one_f_one_b_rank_peaks_and_makespan() -> None:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from conveyor.schedules import (
     SCHEDULES,
+    Action,
     DeadlockError,
     Edge,
     Kind,
@@ -180,10 +181,22 @@ def sound_programs(draw: st.DrawFn) -> Program:
     """A lowered program of any schedule, at sizes it accepts."""
     name = draw(st.sampled_from(sorted(SCHEDULES)))
     p = draw(st.integers(1, 4))
-    m = draw(st.integers(2 * p, 2 * p + 4)) if name in ("zbv", "dualpipev") else draw(st.integers(1, 6))
+    m = draw(st.integers(2 * p, 2 * p + 4)) if name in ("zbv", "dualpipev") else draw(st.integers(max(1, p - 1), 6))
     if name == "interleaved-1f1b":
         m = p * draw(st.integers(1, 2))
+    if SCHEDULES[name].asynchronous:  # a stream of mini-batches, and (pipedream) maybe vertical sync
+        vertical = name == "pipedream" and draw(st.booleans())
+        return build_schedule(name, p, m, mini_batches=draw(st.integers(1, 3)), vertical_sync=vertical)
     return build_schedule(name, p, m)
+
+
+def counterpart(action: Action) -> Action:
+    """The other end of a transfer (a send's receive and the reverse); a compute is its own."""
+    if not action.kind.is_transfer:
+        return action
+    other = {Kind.SEND_F: Kind.RECV_F, Kind.RECV_F: Kind.SEND_F, Kind.SEND_B: Kind.RECV_B, Kind.RECV_B: Kind.SEND_B}
+    assert action.peer is not None
+    return Action(action.peer, other[action.kind], action.mb, action.stage)
 
 
 @given(sound_programs(), st.data())
@@ -193,24 +206,25 @@ def test_removing_any_compute_or_transfer_is_caught(sound: Program, data: st.Dat
     # So is every W: without it that micro-batch's B is the whole backward, which is sound.
     removable = [i for i, a in enumerate(sound.actions[rank]) if a.kind not in (Kind.STEP, Kind.WEIGHT)]
     index = data.draw(st.sampled_from(removable))
-    rows = sound.to_strings()
-    words = rows[rank].split()
-    rows[rank] = " ".join(words[:index] + words[index + 1 :])
-    broken = Program.from_strings(rows, sound.placement, sound.num_microbatches, sound.name)
+    removed = sound.actions[rank][index]
+    broken = sound.derive(
+        {r: [a for i, a in enumerate(acts) if (r, i) != (rank, index)] for r, acts in sound.actions.items()}
+    )
     with pytest.raises(ScheduleError) as raised:
         validate(broken)
-    # The message points into the grid it shows (or lists the missing compute above it).
-    assert "rank " in str(raised.value) and "step " in str(raised.value), sound.actions[rank][index]
+    # Above its grid (which every error shows), the message names the removed action or the other end of its
+    # transfer: the one left without its partner.
+    said = str(raised.value).split("\nstep ")[0]
+    assert str(removed) in said or str(counterpart(removed)) in said, (removed, said)
 
 
 @given(sound_programs(), st.data())
 def test_repeating_any_compute_is_caught(sound: Program, data: st.DataObject) -> None:
     rank = data.draw(st.integers(0, sound.num_ranks - 1))
     twice = data.draw(st.sampled_from([a for a in sound.actions[rank] if a.kind.is_compute]))
-    rows = sound.to_strings()
-    rows[rank] += f" {twice}"
+    repeated = sound.derive({r: acts + ([twice] if r == rank else []) for r, acts in sound.actions.items()})
     with pytest.raises(ScheduleError, match=f"repeated \\['{twice}'\\]"):
-        validate(Program.from_strings(rows, sound.placement, sound.num_microbatches, sound.name))
+        validate(repeated)
 
 
 def test_a_repeated_step_is_rejected() -> None:
@@ -311,3 +325,17 @@ def test_every_schedule_is_sound_on_any_stage_graph(data: st.DataObject) -> None
         assert len(sends) == m, f"{name}: edge {edge} carries {len(sends)} messages for {m} micro-batches"
     reductions = {a.stage for acts in program.actions.values() for a in acts if a.kind is Kind.REDUCE}
     assert reductions == {s for tie in graph.ties for s in tie.stages}
+
+
+def test_a_step_between_a_forward_and_its_backward_needs_weight_versions() -> None:
+    unstashed = Program.from_strings(["0F0 0F1 0B0 0STEP0 0B1 0STEP1"], placement=[0], num_microbatches=2)
+    message = rejects(unstashed)
+    assert "rank 0, action 3 (0STEP0): steps while micro-batches [1] of stage 0 wait for their backward" in message
+    unstashed.weight_versions = {(0, 0): 0, (0, 1): 0}
+    validate(unstashed)  # with versions, micro-batch 1's backward uses the version its forward used
+
+
+def test_a_forward_cannot_use_a_version_its_stage_has_not_made() -> None:
+    program = Program.from_strings(["0F0 0B0 0STEP0 0F1 0B1 0STEP1"], placement=[0], num_microbatches=2)
+    program.weight_versions = {(0, 0): 0, (0, 1): 2}
+    assert "rank 0, action 3 (0F1): uses weight version 2, but stage 0 has made versions 0..1" in rejects(program)

@@ -10,6 +10,7 @@ from .graph import Edge, StageGraph, Tie
 from .interleaved import interleaved_1f1b, looped_bfs
 from .lowering import forward_only, fuse_backwards, insert_reductions, insert_transfers, lower, prefetch_receives
 from .one_f_one_b import one_f_one_b
+from .pipedream import noam, pipedream, pipedream_2bw, versions_from_steps, versions_held
 from .render import render_steps, render_timeline
 from .validate import DeadlockError, ScheduleError, Timing, split_backwards, validate
 from .zero_bubble import zb_h1, zb_h2, zbv
@@ -37,15 +38,20 @@ __all__ = [
     "interleaved_1f1b",
     "looped_bfs",
     "lower",
+    "noam",
     "one_f_one_b",
     "parse_action",
     "parse_actions",
+    "pipedream",
+    "pipedream_2bw",
     "prefetch_receives",
     "render_steps",
     "render_timeline",
     "schedule_info",
     "split_backwards",
     "validate",
+    "versions_from_steps",
+    "versions_held",
     "zb_h1",
     "zb_h2",
     "zbv",

@@ -134,6 +134,13 @@ class Program:
     holds only compute and STEP actions; `lower` adds the transfers and
     reductions. A `forward_only` program (evaluation, inference) has no
     backward and no step.
+
+    An asynchronous program (PipeDream) steps after single micro-batches, so
+    weights change while other micro-batches are in flight: `weight_versions`
+    says which version of its stage's weights each forward uses (version v:
+    after v steps of that stage), and that micro-batch's backward must use it
+    too. `microbatches_per_step` is how many micro-batches' gradients one step
+    applies (None: all of them, once, in a synchronous program).
     """
 
     placement: tuple[int, ...]
@@ -142,6 +149,8 @@ class Program:
     name: str = ""
     graph: StageGraph = None  # type: ignore[assignment]  # filled with a chain in __post_init__
     forward_only: bool = False
+    weight_versions: dict[tuple[int, int], int] | None = None
+    microbatches_per_step: int | None = None
 
     def __post_init__(self) -> None:
         self.placement = tuple(self.placement)
@@ -155,6 +164,11 @@ class Program:
     @property
     def num_stages(self) -> int:
         return len(self.placement)
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether weights change between a micro-batch's forward and its backward (see `weight_versions`)."""
+        return self.weight_versions is not None
 
     @property
     def num_ranks(self) -> int:
@@ -178,6 +192,8 @@ class Program:
             self.name if name is None else name,
             self.graph,
             self.forward_only,
+            self.weight_versions,
+            self.microbatches_per_step,
         )
 
     @classmethod

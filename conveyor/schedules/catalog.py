@@ -13,6 +13,7 @@ from .interleaved import interleaved_1f1b, looped_bfs
 from .lowering import forward_only as drop_backwards
 from .lowering import lower
 from .one_f_one_b import one_f_one_b
+from .pipedream import pipedream, pipedream_2bw
 from .validate import validate
 from .zero_bubble import zb_h1, zb_h2, zbv
 
@@ -33,6 +34,15 @@ class ScheduleInfo:
     default_virtual: int = 1
     allowed_virtual: tuple[int, ...] | None = (1,)
     """None: any v >= 2."""
+    staleness: str = "0"
+    """How many updates a micro-batch's gradient lags the weights it is applied to."""
+    stream: Callable[[int, int, int, bool], Program] | None = None
+    """An asynchronous schedule: (ranks P, micro-batches per mini-batch m, mini-batches, vertical sync) ->
+    one program over the whole stream, which never flushes between mini-batches."""
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.stream is not None
 
     def check_virtual(self, virtual: int) -> None:
         allowed = self.allowed_virtual
@@ -45,6 +55,19 @@ class ScheduleInfo:
 
 def _single(generator: Callable[[int, int], Program]) -> Callable[[int, int, int], Program]:
     return lambda ranks, m, virtual: generator(ranks, m)
+
+
+def _unflushed(name: str) -> Callable[[int, int, int], Program]:
+    """The one-mini-batch program of an asynchronous schedule (what `generate` gives; `stream` gives more)."""
+    return lambda ranks, m, virtual: SCHEDULES[name].stream(ranks, m, 1, False)  # type: ignore[misc]
+
+
+def _no_vertical_sync(
+    generator: Callable[[int, int, int], Program], ranks: int, m: int, mini_batches: int, vertical: bool
+) -> Program:
+    if vertical:
+        raise ValueError("pipedream-2bw has every stage use the same version already: vertical sync does not apply")
+    return generator(ranks, m, mini_batches)
 
 
 SCHEDULES: dict[str, ScheduleInfo] = {
@@ -110,6 +133,26 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             default_virtual=2,
             allowed_virtual=(2,),
         ),
+        ScheduleInfo(
+            "pipedream",
+            _unflushed("pipedream"),
+            "1, asynchronous: an update after every backward",
+            "any m >= 1 (an update each)",
+            "P; weight versions: P - r on rank r (P each with vertical sync)",
+            "0 in the steady state (never flushes)",
+            staleness="P - 1 - r on rank r (vertical sync: P - 1 everywhere, one version per micro-batch)",
+            stream=lambda p, m, n, vertical: pipedream(p, m, n, vertical),
+        ),
+        ScheduleInfo(
+            "pipedream-2bw",
+            _unflushed("pipedream-2bw"),
+            "1, asynchronous: an update per mini-batch",
+            "m >= P - 1",
+            "P; weight versions: 2",
+            "0 in the steady state (never flushes)",
+            staleness="1 (W(t+1) = W(t) - lr grad f(W(t-1)))",
+            stream=lambda p, m, n, vertical: _no_vertical_sync(pipedream_2bw, p, m, n, vertical),
+        ),
     ]
 }
 
@@ -130,6 +173,8 @@ def build_schedule(
     *,
     graph: StageGraph | None = None,
     forward_only: bool = False,
+    mini_batches: int = 1,
+    vertical_sync: bool = False,
 ) -> Program:
     """The lowered, validated program of schedule `name` on `num_ranks` ranks, ready for the executor.
 
@@ -138,12 +183,22 @@ def build_schedule(
     the split's stage graph (a chain if None): its edges become the program's
     transfers and its tied parameters its reductions. With `forward_only`, the
     program keeps only the schedule's forwards, in its order and placement (for
-    evaluation and inference).
+    evaluation and inference). An asynchronous schedule's program covers a
+    stream of `mini_batches` mini-batches without a flush between them;
+    `vertical_sync` has every stage use the weight version the input stage used.
     """
     info = schedule_info(name)
     v = info.default_virtual if virtual is None else virtual
     info.check_virtual(v)
-    generated = info.generate(num_ranks, num_microbatches, v)
+    if info.stream is not None:
+        generated = info.stream(num_ranks, num_microbatches, mini_batches, vertical_sync)
+    elif mini_batches != 1 or vertical_sync:
+        raise ValueError(
+            f"{name} flushes after every mini-batch: a program of {mini_batches} mini-batches or vertical sync is"
+            " for the asynchronous schedules (pipedream, pipedream-2bw)"
+        )
+    else:
+        generated = info.generate(num_ranks, num_microbatches, v)
     if graph is not None:
         if graph.num_stages != generated.num_stages:
             raise ValueError(

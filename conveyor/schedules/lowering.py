@@ -16,6 +16,7 @@ def forward_only(program: Program) -> Program:
     actions = {rank: [a for a in acts if a.kind is Kind.FORWARD] for rank, acts in program.actions.items()}
     kept = program.derive(actions, f"{program.name} (forward only)" if program.name else "")
     kept.forward_only = True
+    kept.weight_versions = kept.microbatches_per_step = None  # a forward-only run uses the weights as they are
     return kept
 
 

@@ -73,7 +73,9 @@ def validate(program: Program, cost: Callable[[Action], float] = unit_cost, late
     _check_computes(program)
     _check_channels(program)
     _check_reductions(program)
-    return _run(program, cost, latency)
+    timing = _run(program, cost, latency)
+    _check_versions(program)
+    return timing
 
 
 def _fail(
@@ -229,6 +231,54 @@ def _check_reductions(program: Program) -> None:
                     index,
                     f"stages {first} and {other} share a parameter but reduce for different steps or in another"
                     f" order ({_keys(order.get(first, []))} against {_keys(order.get(other, []))})",
+                )
+
+
+def _check_versions(program: Program) -> None:
+    """In an asynchronous program each forward names a weight version its stage has made by then."""
+    versions = program.weight_versions
+    if versions is None:
+        _check_no_step_in_flight(program)
+        return
+    for rank, actions in program.actions.items():
+        steps: dict[int, int] = {}
+        for index, action in enumerate(actions):
+            if action.kind is Kind.STEP:
+                steps[action.stage] = steps.get(action.stage, 0) + 1
+            elif action.kind is Kind.FORWARD and action.mb is not None:
+                version = versions.get((action.stage, action.mb))
+                made = steps.get(action.stage, 0)
+                if version is None:
+                    raise _fail(program, rank, index, "an asynchronous program names no weight version for it")
+                if not 0 <= version <= made:
+                    raise _fail(
+                        program,
+                        rank,
+                        index,
+                        f"uses weight version {version}, but stage {action.stage} has made versions 0..{made} by then",
+                    )
+            elif action.kind is Kind.WEIGHT:
+                raise _fail(program, rank, index, "an asynchronous program runs each backward whole (no W)")
+
+
+def _check_no_step_in_flight(program: Program) -> None:
+    """Without weight versions, a step must not change weights that an in-flight micro-batch's backward needs."""
+    for rank, actions in program.actions.items():
+        in_flight: dict[int, set[int]] = {}
+        for index, action in enumerate(actions):
+            if action.kind is Kind.FORWARD and action.mb is not None:
+                in_flight.setdefault(action.stage, set()).add(action.mb)
+            elif action.kind is Kind.BACKWARD and action.mb is not None:
+                in_flight.get(action.stage, set()).discard(action.mb)
+            elif action.kind is Kind.STEP and in_flight.get(action.stage):
+                waiting = sorted(in_flight[action.stage])
+                raise _fail(
+                    program,
+                    rank,
+                    index,
+                    f"steps while micro-batches {waiting} of stage {action.stage} wait for their backward: without"
+                    " weight versions (an asynchronous program) their backward would use other weights than"
+                    " their forward",
                 )
 
 

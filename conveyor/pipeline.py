@@ -23,7 +23,8 @@ from .runtime.stage import LossFn, MicrobatchResult, Stage
 from .runtime.stage_io import StageIO
 from .runtime.tied import TiedGradients, tie_channels
 from .runtime.transport import Channel, Transport
-from .schedules import Program, StageGraph, build_schedule
+from .runtime.weights import WeightVersions
+from .schedules import Kind, Program, StageGraph, build_schedule
 from .split import Split, manual_split
 
 __all__ = ["Pipeline", "OptimizerFactory", "RECOMPUTE"]
@@ -60,6 +61,13 @@ class Pipeline:
     "all-but-last-stage" spares the last stage, whose backward follows its
     forward at once. `track_memory` counts the bytes each stage holds for
     backward (`Stage.peak_held_bytes`), at a small cost per forward.
+
+    An asynchronous schedule (`pipedream`, `pipedream-2bw`) never flushes
+    between mini-batches: feed it with `stream`. Each backward then uses the
+    weights its forward used (weight stashing; `weight_stashing=False` is the
+    ablation that backpropagates with the latest weights), and with
+    `vertical_sync` every stage uses the version the first stage used for
+    that micro-batch.
     """
 
     def __init__(
@@ -73,6 +81,8 @@ class Pipeline:
         optimizer: OptimizerFactory | None = None,
         recompute: str = "none",
         track_memory: bool = False,
+        weight_stashing: bool = True,
+        vertical_sync: bool = False,
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -94,8 +104,10 @@ class Pipeline:
         if total % ranks:
             raise ValueError(f"{total} stages cannot be spread evenly over {ranks} ranks")
         self.graph: StageGraph = graph or StageGraph.chain(total)
-        self.program: Program = build_schedule(schedule, ranks, num_microbatches, total // ranks, graph=self.graph)
-        self._schedule = schedule
+        self._schedule, self._vertical_sync = schedule, vertical_sync
+        self.program: Program = build_schedule(
+            schedule, ranks, num_microbatches, total // ranks, graph=self.graph, vertical_sync=vertical_sync
+        )
         local = self.program.stages_of(self.rank)
         modules = self._local_modules(model, split, local, schedule)
         self._share_local_ties(modules)
@@ -111,6 +123,9 @@ class Pipeline:
             )
             for s, module in modules.items()
         }
+        if self.program.asynchronous:
+            for s, stage in self.stages.items():
+                stage.versions = WeightVersions(stage.module, s, stashing=weight_stashing)
         self.optimizers = self._optimizers(optimizer)
         self.num_microbatches = num_microbatches
         self._group = group
@@ -125,6 +140,7 @@ class Pipeline:
             self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None, tied
         )
         self._forward_program: Program | None = None
+        self._streams: dict[int, Program] = {}
 
     @classmethod
     def from_model(
@@ -244,6 +260,11 @@ class Pipeline:
         micro-batch's mean loss, and `outputs` with each micro-batch's output
         of the last stage (kept, detached, only when asked).
         """
+        if self.program.asynchronous:
+            raise RuntimeError(
+                f"{self._schedule} never flushes between mini-batches, so it runs no single step: feed it with"
+                " Pipeline.stream(batches, num_batches), which drains at the end"
+            )
         results = self._run(self.program, inputs, targets, keep_outputs=outputs is not None)
         return self._report(results, loss_on_all_ranks, losses, outputs)
 
@@ -300,6 +321,66 @@ class Pipeline:
                 weights = microbatch_weights(batch_size(targets), m)
         self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs)
         return self.stages[last].pop_results() if last in self.stages else None
+
+    def stream(self, batches: Iterable[tuple[Any, Any]], num_batches: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Train on `num_batches` mini-batches of `batches` ((inputs, targets) pairs), yielding each
+        micro-batch's mean loss as its forward ends: (micro-batch index in the stream, loss), on the last
+        stage's rank (nothing elsewhere; iterate it on every rank all the same).
+
+        An asynchronous schedule runs them as one program that stays full across mini-batch boundaries and
+        drains only at the end, after which every micro-batch's work is done (stop a stream there before a
+        checkpoint or an evaluation). Its micro-batches must all have the same shapes (a batch size divisible
+        by the micro-batches). A synchronous schedule steps once per mini-batch, as `step` does. Every rank
+        iterates its own `batches` (the same data; the first stage's rank reads the inputs, the last
+        stage's the targets).
+        """
+        if num_batches < 1:
+            raise ValueError(f"a stream needs at least 1 mini-batch; got {num_batches}")
+        if not self.program.asynchronous:
+            yield from self._stream_steps(batches, num_batches)
+            return
+        program = self._stream_program(num_batches)
+        feed = _Feed(iter(batches), self.num_microbatches, num_batches, self.device, program.microbatches_per_step)
+        last = self.stages.get(self.program.num_stages - 1)
+        inputs = feed.inputs if 0 in self.stages else None
+        targets = feed.targets if last is not None else None
+        weights = feed.weights if last is not None else None
+        signature = feed.signature() if 0 in self.stages else None
+        reported = 0
+        for action in self.executor.walk(inputs, targets, weights, signature, program, uniform=True):
+            if last is not None and action.kind is Kind.FORWARD and action.stage == last.index:
+                for result in last.pop_results():
+                    assert result.loss is not None
+                    yield reported, result.loss
+                    reported += 1
+
+    def _stream_steps(self, batches: Iterable[tuple[Any, Any]], num_batches: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """A synchronous schedule's stream: one step per mini-batch, its micro-batch losses in order."""
+        reported = 0
+        for index, (inputs, targets) in enumerate(batches):
+            if index == num_batches:
+                break
+            losses: list[torch.Tensor] = []
+            self.step(inputs, targets, losses=losses)
+            for loss in losses:
+                yield reported, loss
+                reported += 1
+
+    def _stream_program(self, num_batches: int) -> Program:
+        if num_batches not in self._streams:
+            ranks = self.program.num_ranks
+            self._streams = {  # one length at a time: a stream of another length builds its own
+                num_batches: build_schedule(
+                    self._schedule,
+                    ranks,
+                    self.num_microbatches,
+                    self.program.num_stages // ranks,
+                    graph=self.graph,
+                    mini_batches=num_batches,
+                    vertical_sync=self._vertical_sync,
+                )
+            }
+        return self._streams[num_batches]
 
     def _report(
         self,
@@ -375,6 +456,74 @@ class Pipeline:
             self.optimizers[stage].step()
             # Only this optimizer's parameters: a tied tensor another local stage steps keeps its gradient for it.
             self.optimizers[stage].zero_grad(set_to_none=True)
+
+
+class _Feed:
+    """A stream's micro-batches, read from its mini-batches as the executor asks for them, in order.
+
+    `inputs[k]`, `targets[k]` and `weights[k]` are those of micro-batch k; a mini-batch is read
+    when its first micro-batch is asked for and let go once the next one is read.
+    """
+
+    def __init__(
+        self, batches: Iterator[tuple[Any, Any]], m: int, num_batches: int, device: torch.device, per_step: int | None
+    ) -> None:
+        self._batches, self._m, self._num_batches, self._device = batches, m, num_batches, device
+        self._per_step = per_step or m
+        self._index = -1
+        self._current: tuple[list[Any], list[Any], list[float]] = ([], [], [])
+        self._first: Any = None
+        self.inputs = _Column(self, 0)
+        self.targets = _Column(self, 1)
+        self.weights = _Column(self, 2)
+
+    def signature(self) -> int:
+        """The shapes of the stream's micro-batches (every one must have them): those of the first."""
+        return _signature([self.get(0, 0)])
+
+    def get(self, k: int, column: int) -> Any:
+        batch, j = divmod(k, self._m)
+        if batch != self._index:
+            if batch != self._index + 1 or batch >= self._num_batches:
+                raise RuntimeError(f"the stream asked for micro-batch {k} out of order (mini-batch {self._index})")
+            self._read(batch)
+        return self._current[column][j]
+
+    def _read(self, batch: int) -> None:
+        try:
+            inputs, targets = next(self._batches)
+        except StopIteration:
+            raise ValueError(f"the stream's batches ended after {batch} of the {self._num_batches} asked for") from None
+        m, device = self._m, self._device
+        input_mbs = split_microbatches(map_tensors(inputs, lambda t: t.to(device)), m) if inputs is not None else []
+        target_mbs = split_microbatches(map_tensors(targets, lambda t: t.to(device)), m) if targets is not None else []
+        for mb in input_mbs:
+            shapes = _signature([mb])
+            if self._first is None:
+                self._first = shapes
+            elif shapes != self._first:
+                raise ValueError(
+                    f"mini-batch {batch} splits into micro-batches of other shapes than the stream's first: an"
+                    " asynchronous stream needs every micro-batch alike (a batch size divisible by the micro-batches)"
+                )
+        sizes = [len(part) for part in torch.arange(batch_size(targets)).tensor_split(m)] if targets is not None else []
+        # Each step's loss is the mean over the micro-batches it applies (one, or a whole mini-batch).
+        weights = [
+            n / sum(sizes[j - j % self._per_step : j - j % self._per_step + self._per_step])
+            for j, n in enumerate(sizes)
+        ]
+        self._index = batch
+        self._current = (input_mbs, target_mbs, weights)
+
+
+class _Column:
+    """One of a `_Feed`'s sequences (inputs, targets or loss weights), indexed by micro-batch."""
+
+    def __init__(self, feed: _Feed, column: int) -> None:
+        self._feed, self._column = feed, column
+
+    def __getitem__(self, k: int) -> Any:
+        return self._feed.get(k, self._column)
 
 
 def _method(program: Program) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -13,7 +13,13 @@ from .stage import Stage
 from .stage_io import FORWARD_ONLY, TRAINING, StageIO
 from .tied import TiedGradients
 
-__all__ = ["Executor", "Tracer"]
+__all__ = ["ByMicrobatch", "Executor", "Tracer"]
+
+
+class ByMicrobatch(Protocol):
+    """Micro-batches by index, asked for in increasing order (a list, or a stream's lazy feed)."""
+
+    def __getitem__(self, mb: int) -> Any: ...
 
 
 class Tracer(Protocol):
@@ -58,9 +64,9 @@ class Executor:
 
     def run(
         self,
-        inputs: Sequence[Any] | None,
-        targets: Sequence[Any] | None,
-        loss_weights: Sequence[float] | None,
+        inputs: ByMicrobatch | None,
+        targets: ByMicrobatch | None,
+        loss_weights: ByMicrobatch | None,
         signature: int | None,
         program: Program | None = None,
         keep_outputs: bool = False,
@@ -69,6 +75,24 @@ class Executor:
         micro-batches and `signature` names their shapes; `targets` and `loss_weights` are the last
         stage's; each is needed only where that stage lives. A forward-only program (evaluation,
         inference) needs no targets: then the last stage keeps its outputs.
+        """
+        for _ in self.walk(inputs, targets, loss_weights, signature, program, keep_outputs):
+            pass
+
+    def walk(
+        self,
+        inputs: ByMicrobatch | None,
+        targets: ByMicrobatch | None,
+        loss_weights: ByMicrobatch | None,
+        signature: int | None,
+        program: Program | None = None,
+        keep_outputs: bool = False,
+        uniform: bool = False,
+    ) -> Iterator[Action]:
+        """`run`, yielding each action once done: a stream reports the last stage's results as they come.
+
+        `inputs` and `targets` are indexed by micro-batch in increasing order (a stream's can be lazy);
+        `uniform` says every micro-batch has the same shapes (a stream's), so metadata travels once.
         """
         program = program or self.program
         self._program = program
@@ -79,15 +103,20 @@ class Executor:
         # ("grad", src, dst, mb) the gradient of dst's inputs back to src.
         self._handoff: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
         self._to_send: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
-        self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING)
+        actions = program.actions.get(self.rank, [])
+        for stage in self.stages.values():
+            if stage.versions is not None:
+                stage.versions.begin(program, actions)
+        self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING, uniform)
         tracer = self.tracer
-        for action in program.actions.get(self.rank, []):
+        for action in actions:
             if tracer is None:
                 self._do(action)
             else:
                 tracer.action_started(action)
                 self._do(action)
                 tracer.action_ended(action)
+            yield action
         self.io.end_step()
         assert not self._to_send and not self._handoff, "a result was produced but never used"
 
@@ -193,8 +222,13 @@ class Executor:
         s = action.stage
         if self.tied is not None and self._program.graph.ties_of(s):
             self._received(action, lambda: self.tied.wait(s, action.mb))  # type: ignore[union-attr]
+        versions = self.stages[s].versions
+        if versions is not None:
+            versions.before_step()
         if self.optimizer_step is not None:
             self.optimizer_step(s)
+        if versions is not None:
+            versions.after_step()
 
     def _received(self, action: Action, wait: Callable[[], Any]) -> Any:
         if self.tracer is None:

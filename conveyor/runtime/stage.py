@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .microbatch import map_tensors, tensors_in
 from .split_backward import WeightWork, backward_input
 from .tensor_meta import TensorMeta
+from .weights import WeightVersions
 
 __all__ = ["LossFn", "MicrobatchResult", "Stage", "call_module"]
 
@@ -79,6 +80,8 @@ class Stage:
         self._stash: dict[int, _Stash] = {}
         self._weight_work: dict[int, tuple[WeightWork, int]] = {}
         self.results: dict[int, MicrobatchResult] = {}
+        self.versions: WeightVersions | None = None
+        """Set for an asynchronous program: which weights each micro-batch runs with (weight stashing)."""
 
     @property
     def is_first(self) -> bool:
@@ -101,11 +104,12 @@ class Stage:
         if mb in self._stash or mb in self._weight_work:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
         counter = _SavedBytes(self.module, tensors_in(inputs)) if self.track_memory else None
+        weights = self.versions.forward_tensors(mb) if self.versions is not None else None
         with torch.enable_grad(), counter or contextlib.nullcontext():
-            if self.recompute:
-                output = checkpoint(self._call, inputs, use_reentrant=False)
+            if self.recompute:  # the replay during backward runs with the same weights
+                output = checkpoint(self._call, inputs, weights, use_reentrant=False)
             else:
-                output = self._call(inputs)
+                output = self._call(inputs, weights)
             if self.is_last:
                 loss = self._loss(mb, output, target, loss_weight, keep_output)
         outputs = [loss * loss_weight] if self.is_last else _flatten_output(output, self.index)
@@ -148,6 +152,10 @@ class Stage:
         stash = self._stash.pop(mb, None)
         if stash is None:
             raise RuntimeError(f"stage {self.index}: backward of micro-batch {mb} before its forward")
+        if self.versions is not None:
+            if split:
+                raise RuntimeError(f"stage {self.index}: a split backward (W) cannot run on stashed weights")
+            self.versions.before_backward(mb)
         if self.is_last:
             pairs = [(stash.outputs[0], torch.ones_like(stash.outputs[0]))]
         else:
@@ -169,6 +177,8 @@ class Stage:
         else:
             if outputs:
                 torch.autograd.backward(outputs, grads)
+            if self.versions is not None:
+                self.versions.after_backward(mb)
             self._hold(-stash.bytes)
             found = {id(t): t.grad for t in leaves}
         return [
@@ -195,13 +205,18 @@ class Stage:
         """Micro-batches whose forward ran and whose backward (W, if split) has not."""
         return len(self._stash) + len(self._weight_work)
 
-    def _call(self, inputs: Any) -> Any:
+    def _call(self, inputs: Any, weights: dict[str, torch.Tensor] | None = None) -> Any:
+        """Call the module by the conventions above; with `weights`, on those tensors instead of its parameters."""
+        if self.is_first:
+            args, kwargs = call_arguments(inputs)
+        elif isinstance(self.module, nn.Sequential):
+            args, kwargs = (inputs[0] if len(inputs) == 1 else tuple(inputs),), {}
+        else:
+            args, kwargs = tuple(inputs), {}
         try:
-            if self.is_first:
-                return call_module(self.module, inputs)
-            if isinstance(self.module, nn.Sequential):
-                return self.module(inputs[0] if len(inputs) == 1 else tuple(inputs))
-            return self.module(*inputs)
+            if weights is None:
+                return self.module(*args, **kwargs)
+            return torch.func.functional_call(self.module, weights, args, kwargs)  # buffers stay the live ones
         except TypeError as error:
             if "'NoneType' object is not callable" not in str(error):
                 raise
@@ -261,13 +276,19 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         return sum(self._counted.values())
 
 
-def call_module(module: nn.Module, inputs: Any) -> Any:
-    """Call a stage's module the way a stage does: a dict as keyword arguments, a tuple or list as positional ones."""
+def call_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """How a first stage is called with a micro-batch: a dict as keyword arguments, a tuple or list positionally."""
     if isinstance(inputs, Mapping):
-        return module(**inputs)
+        return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
-        return module(*inputs)
-    return module(inputs)
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def call_module(module: nn.Module, inputs: Any) -> Any:
+    """Call a module with a micro-batch the way a first stage is called (see `call_arguments`)."""
+    args, kwargs = call_arguments(inputs)
+    return module(*args, **kwargs)
 
 
 def _flatten_output(output: Any, index: int) -> list[torch.Tensor]:

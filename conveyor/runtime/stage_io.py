@@ -45,6 +45,7 @@ class _Receive:
     metas: list[TensorMeta] | None  # None until the metadata message arrives
     cache_key: Key | None = None  # where to remember the metadata once it arrives
     incoming: list[Incoming] | None = None  # None until the buffers are posted
+    own_header: bool = True  # False: an earlier receive on the link brings the metadata for this key
 
 
 class StageIO:
@@ -56,6 +57,7 @@ class StageIO:
         self.rank = rank
         self.signature = 0
         self.run = TRAINING
+        self.uniform = False
         self._metas_in: dict[Key, list[TensorMeta]] = {}  # learned from senders
         self._metas_out: dict[Key, list[TensorMeta]] = {}  # already described to receivers
         self._queues: dict[Link, deque[_Receive]] = {}  # not yet posted, per link
@@ -84,8 +86,11 @@ class StageIO:
             if not self.program.same_rank(stage, e.dst)
         ]
 
-    def begin_step(self, signature: int | None, run: int = TRAINING) -> None:
+    def begin_step(self, signature: int | None, run: int = TRAINING, uniform: bool = False) -> None:
         """Agree on this step's input signature and kind of run: given on the first stage's rank, received elsewhere.
+
+        `uniform`: every micro-batch has the same shapes (a stream's), so each link is described once, not
+        once per micro-batch.
 
         Stages are visited in order, so each rank receives from a lower stage
         before it sends on: the messages cannot wait on each other in a cycle.
@@ -93,6 +98,7 @@ class StageIO:
         program, rank = self.program, self.rank
         self._between_steps = False
         self.run = run
+        self.uniform = uniform
         for stage in program.stages_of(rank):
             if stage == 0:
                 assert signature is not None, "the first stage's rank must give the step's input signature"
@@ -161,7 +167,7 @@ class StageIO:
 
     def _describe(self, link: Link, mb: int, tensors: Sequence[torch.Tensor]) -> None:
         metas = [TensorMeta.of(t) for t in tensors]
-        key = (self.signature, self.run, link, mb)
+        key = self._key(link, mb)
         described = self._metas_out.get(key)
         if described is None:
             self.transport.send(encode_metas(metas, f"stage {link[1]} output for stage {link[2]}"), link)
@@ -173,10 +179,16 @@ class StageIO:
                 " must depend only on its input shapes"
             )
 
+    def _key(self, link: Link, mb: int) -> Key:
+        return (self.signature, self.run, link, 0 if self.uniform else mb)
+
     def post_activations(self, link: Link, mb: int) -> None:
         """Post the receive of micro-batch `mb`'s values over activation link `link`."""
-        key = (self.signature, self.run, link, mb)
-        self._post((link, mb), _Receive(link, self._metas_in.get(key), cache_key=key))
+        key = self._key(link, mb)
+        known = self._metas_in.get(key)
+        # In a uniform run one metadata message describes every micro-batch: only the first receive reads it.
+        leader = any(r.cache_key == key and r.own_header for r in self._queues.get(link, ()))
+        self._post((link, mb), _Receive(link, known, cache_key=key, own_header=not leader))
 
     def post_gradients(self, link: Link, mb: int, metas: list[TensorMeta]) -> None:
         """Post the receive of the gradients described by `metas` over gradient link `link`."""
@@ -213,6 +225,9 @@ class StageIO:
         queue = self._queues[link]
         while queue:
             head = queue[0]
+            if head.metas is None and not head.own_header:
+                assert head.cache_key is not None
+                head.metas = self._metas_in[head.cache_key]  # its leader, ahead in this queue, learned it
             if head.metas is None:
                 if until is None or until.incoming is not None:
                     return

@@ -110,7 +110,7 @@ def _against_the_simulation(rank: int, world: int) -> None:
             loss_fn=F.mse_loss,
             schedule=schedule,
             vertical_sync=vertical,
-            optimizer=lambda params: Recording(OPTIMIZERS[optimizer](params), log),
+            optimizer=lambda params, optimizer=optimizer, log=log: Recording(OPTIMIZERS[optimizer](params), log),
         )
         losses = list(pipe.stream(batches(), BATCHES))
         stages, logs = simulate(program, optimizer)

@@ -165,7 +165,8 @@ def _without_stashing(rank: int, world: int) -> None:
     versions = pipe.stages[rank].versions
     assert versions is not None
     differ = [k for k, (forward, backward) in versions.used.items() if forward != backward]
-    worst = max(relative_error(g, w) for grads, want in zip(log, logs[rank], strict=True) for g, w in zip(grads, want))
+    pairs = [(g, w) for grads, want in zip(log, logs[rank], strict=True) for g, w in zip(grads, want, strict=True)]
+    worst = max(relative_error(g, w) for g, w in pairs)
     if rank < RANKS - 1:  # the last stage steps right after each backward: nothing to stash there
         assert differ, f"rank {rank}: without stashing, some backward must run on other weights than its forward"
         assert worst > 1e-3, f"rank {rank}: without stashing the gradients should differ (worst {worst:.1e})"

@@ -26,12 +26,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_parser = commands.add_parser("train", help="train a small GPT on the Python standard library's source")
     defaults = TrainConfig()
     for field in fields(TrainConfig):
-        if field.name == "progress":
-            continue
         flag = "--" + field.name.replace("_", "-")
         kind = type(getattr(defaults, field.name))
         help_text = f"{field.metadata['help']} (default: {getattr(defaults, field.name)})"
-        if field.name == "model":
+        if kind is bool:  # a switch: --name turns on what is off by default, --no-name turns off what is on
+            on = getattr(defaults, field.name)
+            switch = "--no-" + field.name.replace("_", "-") if on else flag
+            train_parser.add_argument(
+                switch, dest=field.name, action="store_false" if on else "store_true", help=field.metadata["help"]
+            )
+        elif field.name == "model":
             train_parser.add_argument(flag, choices=list(MODELS), default=defaults.model, help=help_text)
         elif field.name == "recompute":
             train_parser.add_argument(flag, choices=list(RECOMPUTE), default=defaults.recompute, help=help_text)
@@ -39,7 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_parser.add_argument(flag, choices=list(SCHEDULES), default=defaults.schedule, help=help_text)
         else:
             train_parser.add_argument(flag, type=kind, default=getattr(defaults, field.name), help=help_text)
-    train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     commands.add_parser("schedules", help="list every schedule with its constraints, memory and bubble")
 
@@ -77,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "train":
-        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "progress"}
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
         try:
-            config = TrainConfig(**values, progress=not args.no_progress)
+            config = TrainConfig(**values)
         except ValueError as error:
             parser.error(str(error))
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,10 @@ class TrainConfig:
     schedule: str = _option("1f1b", "pipeline schedule (`conveyor schedules` lists them)")
     virtual: int = _option(0, "stages per rank; 0 takes the schedule's default (1, or 2 for looped and V schedules)")
     recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
+    vertical_sync: bool = _option(False, "pipedream: every stage uses the weight version the first stage used")
+    weight_stashing: bool = _option(
+        True, "pipedream: each backward uses its forward's weights (turn off for the ablation: the latest weights)"
+    )
     microbatches: int = _option(4, "micro-batches per mini-batch; the batch size need not be a multiple")
     steps: int = _option(100, "optimizer steps")
     batch_size: int = _option(16, "sequences per mini-batch")
@@ -60,7 +65,7 @@ class TrainConfig:
     timeout_s: float = _option(600.0, "stop the run if it (or a rank waiting on another) takes longer")
     trace: str = _option("", "folder for a Chrome trace (trace.json) and a timeline (timeline.png) of the last steps")
     trace_steps: int = _option(2, "how many of the last steps --trace records")
-    progress: bool = _option(True, "show a progress bar")
+    progress: bool = _option(True, "a progress bar")
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -87,6 +92,14 @@ class TrainConfig:
             raise ValueError(
                 f"{self.microbatches} micro-batches need a batch size of at least that; got {self.batch_size}"
             )
+        asynchronous = SCHEDULES[self.schedule].asynchronous
+        if asynchronous and self.batch_size % self.microbatches:
+            raise ValueError(
+                f"{self.schedule} streams micro-batches of one shape: the batch size ({self.batch_size}) must be a"
+                f" multiple of the micro-batches ({self.microbatches})"
+            )
+        if not asynchronous and (self.vertical_sync or not self.weight_stashing):
+            raise ValueError("--vertical-sync and --no-weight-stashing are for pipedream and pipedream-2bw")
 
     @property
     def stages_per_rank(self) -> int:
@@ -150,6 +163,8 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         loss_fn=loss_fn,
         schedule=config.schedule,
         recompute=config.recompute,
+        vertical_sync=config.vertical_sync,
+        weight_stashing=config.weight_stashing,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
         device=device,
     )
@@ -162,23 +177,14 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     tokens = config.batch_size * config.context
     start = time.perf_counter()
     timed_from, timed_steps = start, 0
-    recorder = None
-    first_traced = max(1, config.steps - config.trace_steps) if config.trace else config.steps
-    for step in range(config.steps):
-        if step == first_traced:
-            recorder = Recorder(rank)
-            recorder.start()
-            pipe.executor.tracer = recorder
-        if recorder is not None:
-            recorder.step = step
-        inputs, targets = data.next()
-        loss = pipe.step(inputs, targets)
+    recorder = Recorder(rank) if config.trace else None
+    for step, loss in _losses(pipe, data, config, recorder):
         if step == 0:  # the first step learns shapes and warms up: keep it out of the throughput
             timed_from = time.perf_counter()
         else:
             timed_steps += 1
         if loss is not None:
-            losses.append(loss.item())
+            losses.append(loss)
             if bar is not None:
                 elapsed = time.perf_counter() - timed_from
                 rate = tokens * timed_steps / elapsed if timed_steps else 0.0
@@ -189,9 +195,12 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     if bar is not None:
         bar.close()
     if recorder is not None:
-        spans = gather_spans(recorder, dst=pipe.last_rank)
+        first_traced = max(1, config.steps - config.trace_steps)
+        spans = [(step, span) for step, span in gather_spans(recorder, dst=pipe.last_rank) if step >= first_traced]
         if reporting:
             _write_trace(spans, Path(config.trace), config)
+    if pipe.program.asynchronous:
+        _report_versions(pipe, reporting)
     if not reporting:
         return None
     rate = tokens * timed_steps / (time.perf_counter() - timed_from) if timed_steps else 0.0
@@ -204,6 +213,52 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         flush=True,
     )
     return result
+
+
+def _losses(
+    pipe: Pipeline, data: TextBatches, config: TrainConfig, recorder: Recorder | None
+) -> Iterator[tuple[int, float | None]]:
+    """Train `config.steps` mini-batches; yields (step, its loss on the last stage's rank, else None) as each ends.
+
+    A synchronous schedule steps once per mini-batch; an asynchronous one streams them all, its loss of a
+    mini-batch the mean over its micro-batches (each updated the weights on its own, in pipedream).
+    """
+    if not pipe.program.asynchronous:
+        first_traced = max(1, config.steps - config.trace_steps)
+        for step in range(config.steps):
+            if recorder is not None and step == first_traced:
+                recorder.start()  # a barrier: every rank is between steps here
+                pipe.executor.tracer = recorder
+            if recorder is not None:
+                recorder.step = step
+            loss = pipe.step(*data.next())
+            yield step, None if loss is None else loss.item()
+        return
+    m = config.microbatches
+    if recorder is not None:  # a stream has no step boundary to meet at: record it all, by mini-batch
+        recorder.start()
+        recorder.step_of = lambda action: (action.mb if action.mb is not None else 0) // m
+        pipe.executor.tracer = recorder
+    batches = (data.next() for _ in range(config.steps))
+    parts: list[float] = []
+    for index, loss in pipe.stream(batches, config.steps):
+        parts.append(loss.item())
+        if len(parts) == m:
+            yield index // m, sum(parts) / m
+            parts = []
+
+
+def _report_versions(pipe: Pipeline, reporting: bool) -> None:
+    """Every rank's weight versions held at most (and their bytes), printed by the last stage's rank."""
+    mine = {s: (st.versions.peak_versions, st.versions.peak_bytes) for s, st in pipe.stages.items() if st.versions}
+    gathered: list[dict[int, tuple[int, int]]] | None = (
+        [{} for _ in range(dist.get_world_size())] if reporting else None
+    )
+    dist.gather_object(mine, gathered, dst=pipe.last_rank)
+    if gathered is not None:
+        held = {s: v for part in gathered for s, v in part.items()}
+        shown = ", ".join(f"stage {s} {n} ({b / 2**20:.1f} MiB of copies)" for s, (n, b) in sorted(held.items()))
+        print(f"weight versions held at most: {shown}", flush=True)
 
 
 def _split(config: TrainConfig) -> tuple[Split, LossFn]:

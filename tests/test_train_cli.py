@@ -83,3 +83,25 @@ def test_train_checks_the_gpt2_config_before_starting(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         main(["train", "--model-config", "n_layer=2"])
     assert "--model-config sets GPT-2 fields: use it with --model gpt2" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_train_pipedream_streams_and_reports_its_weight_versions(capfd: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--schedule", "pipedream", "--steps", "10", "--dim", "32", "--layers", "2", "--heads", "2"]
+    argv += ["--context", "32", "--batch-size", "8", "--lr", "3e-3", "--no-progress", "--vertical-sync"]
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    # Two ranks of one stage each; with vertical sync both keep the first stage's version of 2 in-flight micro-batches.
+    assert "weight versions held at most: stage 0 2 (" in out and ", stage 1 2 (" in out, out
+    line = next(line for line in out.splitlines() if line.startswith("loss "))
+    first, last = (float(word) for word in line.split()[1:4:2])
+    assert last < first, line
+
+
+def test_train_refuses_asynchronous_options_for_synchronous_schedules(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--schedule", "1f1b", "--vertical-sync"])
+    assert "--vertical-sync and --no-weight-stashing are for pipedream and pipedream-2bw" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--schedule", "pipedream", "--batch-size", "10", "--microbatches", "4"])
+    assert "the batch size (10) must be a multiple of the micro-batches (4)" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch.distributed as dist
@@ -31,6 +31,8 @@ class Recorder:
     def __init__(self, rank: int) -> None:
         self.rank = rank
         self.step = 0
+        self.step_of: Callable[[Action], int] | None = None
+        """How to tell an action's step when steps overlap (a stream); else every span gets `step`."""
         self.spans: list[tuple[int, Span]] = []  # (step, span)
         self._origin = time.perf_counter()
         self._started = 0.0
@@ -47,7 +49,8 @@ class Recorder:
         self._waited_until = None
 
     def waited(self, action: Action, start: float, end: float) -> None:
-        self._add(Span(self.rank, "wait", action.stage, action.mb, start - self._origin, end - self._origin))
+        span = Span(self.rank, "wait", action.stage, action.mb, start - self._origin, end - self._origin)
+        self._add(span, action)
         self._waited_until = end
 
     def action_ended(self, action: Action) -> None:
@@ -56,10 +59,11 @@ class Recorder:
             return
         start = self._waited_until if self._waited_until is not None else self._started
         end = time.perf_counter()
-        self._add(Span(self.rank, action.kind.value, action.stage, action.mb, start - self._origin, end - self._origin))
+        span = Span(self.rank, action.kind.value, action.stage, action.mb, start - self._origin, end - self._origin)
+        self._add(span, action)
 
-    def _add(self, span: Span) -> None:
-        self.spans.append((self.step, span))
+    def _add(self, span: Span, action: Action) -> None:
+        self.spans.append((self.step if self.step_of is None else self.step_of(action), span))
 
 
 def gather_spans(recorder: Recorder, dst: int = 0, group: dist.ProcessGroup | None = None) -> list[tuple[int, Span]]:

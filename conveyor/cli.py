@@ -13,7 +13,7 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from .launch import exit_rank, under_torchrun
 from .models import lm_loss
 from .pipeline import RECOMPUTE
-from .schedules import SCHEDULES, build_schedule, render_steps, render_timeline, validate
+from .schedules import SCHEDULES, Program, build_schedule, render_steps, render_timeline, validate
 from .train import MODELS, TrainConfig, train
 
 __all__ = ["main"]
@@ -62,12 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--stages", type=int, default=4, help="pipeline ranks P (default: 4)")
     show.add_argument("--microbatches", type=int, default=8)
     show.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
+    _stream_flags(show, default=2)
 
     sim = commands.add_parser("simulate", help="predict a schedule's step time, bubble and memory from a cost model")
     sim.add_argument("--schedule", required=True, choices=list(SCHEDULES))
     sim.add_argument("--stages", type=int, required=True)
     sim.add_argument("--microbatches", type=int, required=True)
     sim.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
+    _stream_flags(sim, default=4)
     sim.add_argument(
         "--costs",
         default="f=1,b=1,w=1,comm=0",
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate(args, parser)
     elif args.command == "show":
         try:
-            program = build_schedule(args.schedule, args.stages, args.microbatches, args.virtual)
+            program = _program(args)
         except ValueError as error:
             parser.error(str(error))
         print(render_steps(program))
@@ -144,20 +146,48 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _stream_flags(command: argparse.ArgumentParser, default: int) -> None:
+    command.add_argument(
+        "--minibatches",
+        type=int,
+        default=default,
+        help=f"asynchronous schedules: mini-batches the program streams before it drains (default: {default})",
+    )
+    command.add_argument("--vertical-sync", action="store_true", help="pipedream: every stage uses one version")
+
+
+def _program(args: argparse.Namespace) -> Program:
+    """The program `show` and `simulate` look at: a stream of mini-batches for an asynchronous schedule."""
+    if SCHEDULES[args.schedule].asynchronous:
+        return build_schedule(
+            args.schedule,
+            args.stages,
+            args.microbatches,
+            args.virtual,
+            mini_batches=args.minibatches,
+            vertical_sync=args.vertical_sync,
+        )
+    return build_schedule(args.schedule, args.stages, args.microbatches, args.virtual)
+
+
 def _list_schedules() -> None:
-    columns = ("name", "stages per rank", "micro-batches", "peak activations", "bubble (equal F, B, W)")
-    rows = [(i.name, i.stages_per_rank, i.microbatches, i.memory, i.bubble) for i in SCHEDULES.values()]
+    columns = ("name", "stages per rank", "micro-batches", "peak activations", "bubble (equal F, B, W)", "staleness")
+    rows = [(i.name, i.stages_per_rank, i.microbatches, i.memory, i.bubble, i.staleness) for i in SCHEDULES.values()]
     widths = [max(len(str(row[k])) for row in [columns, *rows]) for k in range(len(columns))]
     for row in [columns, tuple("-" * w for w in widths), *rows]:
         print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip())
-    print("\nP: ranks, m: micro-batches, v: stages per rank. Activations in micro-batches of one stage, busiest rank.")
+    print(
+        "\nP: ranks, m: micro-batches, v: stages per rank, r: a rank. Activations in micro-batches of one stage, busiest"
+        " rank. Staleness: updates between the weights a gradient was computed with and those it updates. The async"
+        " schedules (PipeDream) never flush between mini-batches; their backwards use stashed weight versions."
+    )
 
 
 def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .observe.simulate import load_costs, simulate
 
     try:
-        program = build_schedule(args.schedule, args.stages, args.microbatches, args.virtual)
+        program = _program(args)
         costs = load_costs(args.costs)
         result = simulate(program, costs)
     except (ValueError, OSError) as error:
@@ -172,6 +202,13 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"peak activations {result.peak_activations} (micro-batches, per rank)")
         if result.peak_activation_bytes is not None:
             print(f"peak bytes       {[f'{b:.4g}' for b in result.peak_activation_bytes]}")
+        if program.asynchronous:
+            print(f"streamed         {args.minibatches} mini-batches, {program.num_microbatches} micro-batches")
+            print(f"throughput       {result.throughput:.4g} micro-batches per time unit")
+            print(f"weight versions  {result.weight_versions} (held at most, per stage)")
+            print(f"staleness        {result.staleness} (updates, per stage)")
+            if result.peak_weight_bytes is not None:
+                print(f"weight bytes     {[f'{b:.4g}' for b in result.peak_weight_bytes]}")
     if args.plot:
         from .observe.timeline import draw_timeline, spans_from_timing
 

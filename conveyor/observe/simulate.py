@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..schedules import Action, Kind, Program, Timing, split_backwards, validate
+from ..schedules import Action, Kind, Program, Timing, split_backwards, validate, versions_held
 
 __all__ = ["CostModel", "Simulation", "StageCosts", "load_costs", "parse_costs", "save_costs", "simulate"]
 
@@ -33,6 +33,8 @@ class StageCosts:
     costs more than that on real hardware, so profiles measure it."""
     reduce: float = 0.0
     """A REDUCE: the time the rank spends offering its tied gradients (their arrival adds the latency)."""
+    weight_bytes: float | None = None
+    """Bytes of one version of the stage's weights, if known (weight stashing holds several)."""
 
     @property
     def whole_backward(self) -> float:
@@ -71,6 +73,14 @@ class Simulation:
     """Per rank: the most micro-batches whose forward ran and whose backward (W, if split) had not."""
     peak_activation_bytes: list[float] | None
     timing: Timing = field(repr=False)
+    weight_versions: list[int] = field(default_factory=list)
+    """Per stage: the most weight versions held at once (1 unless the program is asynchronous)."""
+    staleness: list[int] = field(default_factory=list)
+    """Per stage: the most updates between the weights a gradient was computed with and those it updates."""
+    throughput: float = 0.0
+    """Micro-batches per unit of time over the whole program, first start to last end on any rank."""
+    peak_weight_bytes: list[float] | None = None
+    """Per stage, when the costs know a version's bytes: the weight versions held at most, in bytes."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -81,6 +91,10 @@ class Simulation:
             "bubble_fraction": self.bubble_fraction,
             "peak_activations": self.peak_activations,
             "peak_activation_bytes": self.peak_activation_bytes,
+            "weight_versions": self.weight_versions,
+            "staleness": self.staleness,
+            "throughput": self.throughput,
+            "peak_weight_bytes": self.peak_weight_bytes,
         }
 
 
@@ -117,9 +131,44 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
     ranks = program.num_ranks
     bubble = sum(makespan - busy[r] for r in range(ranks)) / (ranks * makespan) if makespan > 0 else 0.0
     peaks, peak_bytes = _peak_memory(program, costs, split)
+    versions = versions_held(program)
+    held = [versions[s] for s in range(program.num_stages)]
+    known = all(costs.of(s).weight_bytes is not None for s in range(program.num_stages))
+    weight_bytes = [held[s] * float(costs.of(s).weight_bytes or 0.0) for s in range(program.num_stages)]
+    starts = [t for ts in timing.start.values() for t in ts]
+    whole = timing.makespan - min(starts, default=0.0)
     return Simulation(
-        program.name, program.num_stages, program.num_microbatches, makespan, bubble, peaks, peak_bytes, timing
+        program.name,
+        program.num_stages,
+        program.num_microbatches,
+        makespan,
+        bubble,
+        peaks,
+        peak_bytes,
+        timing,
+        held,
+        _staleness(program),
+        program.num_microbatches / whole if whole > 0 else 0.0,
+        weight_bytes if known else None,
     )
+
+
+def _staleness(program: Program) -> list[int]:
+    """Per stage, the most steps between the version a gradient was computed on and the one it updates."""
+    versions = program.weight_versions or {}
+    most = [0] * program.num_stages
+    for actions in program.actions.values():
+        steps: dict[int, int] = {}
+        applied: dict[int, list[int]] = {}  # stage -> versions of the backwards since its last step
+        for action in actions:
+            s = action.stage
+            if action.kind is Kind.BACKWARD and action.mb is not None:
+                applied.setdefault(s, []).append(versions.get((s, action.mb), steps.get(s, 0)))
+            elif action.kind is Kind.STEP:
+                live = steps.get(s, 0)
+                most[s] = max([most[s], *(live - v for v in applied.pop(s, []))])
+                steps[s] = live + 1
+    return most
 
 
 def _peak_memory(
@@ -151,7 +200,7 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
     """Parse ``f=1,b=2,w=1,comm=0.1`` (one set for all stages) or ``f=1,b=2;f=2,b=3`` (one per stage).
 
     Keys: f, b, w, whole (a backward run whole; default b + w), reduce (offering tied gradients), bytes (held per
-    micro-batch), comm (latency).
+    micro-batch), weights (bytes of one version of the stage's weights), comm (latency).
     """
     names = {
         "f": "forward",
@@ -160,6 +209,7 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
         "whole": "whole",
         "bytes": "activation_bytes",
         "reduce": "reduce",
+        "weights": "weight_bytes",
     }
     stages: list[StageCosts] = []
     comm = 0.0
@@ -172,7 +222,9 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
             elif key in names:
                 values[names[key]] = float(value)
             else:
-                raise ValueError(f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, comm and bytes")
+                raise ValueError(
+                    f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, comm, bytes and weights"
+                )
         stages.append(StageCosts(**values))  # type: ignore[arg-type]
     return CostModel(tuple(stages), comm if latency is None else latency)
 

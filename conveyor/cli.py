@@ -177,8 +177,8 @@ def _list_schedules() -> None:
     for row in [columns, tuple("-" * w for w in widths), *rows]:
         print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip())
     print(
-        "\nP: ranks, m: micro-batches, v: stages per rank, r: a rank. Activations in micro-batches of one stage, busiest"
-        " rank. Staleness: updates between the weights a gradient was computed with and those it updates. The async"
+        "\nP: ranks, m: micro-batches, v: stages per rank, r: a rank. Activations in micro-batches of one stage,"
+        " busiest rank. Staleness: updates between the weights a gradient was computed with and those it updates. The async"
         " schedules (PipeDream) never flush between mini-batches; their backwards use stashed weight versions."
     )
 

@@ -178,8 +178,9 @@ def _list_schedules() -> None:
         print("  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=True)).rstrip())
     print(
         "\nP: ranks, m: micro-batches, v: stages per rank, r: a rank. Activations in micro-batches of one stage,"
-        " busiest rank. Staleness: updates between the weights a gradient was computed with and those it updates. The async"
-        " schedules (PipeDream) never flush between mini-batches; their backwards use stashed weight versions."
+        " busiest rank. Staleness: updates between the weights a gradient was computed with and those it"
+        " updates. The async schedules (PipeDream) never flush between mini-batches; their backwards use"
+        " stashed weight versions."
     )
 
 

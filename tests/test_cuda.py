@@ -53,7 +53,9 @@ def _check_against_reference(rank: int, world: int, schedule: str, m: int, kind:
 
 def _every_schedule_in_one_process(rank: int, world: int) -> None:
     _exact_float32()
-    for schedule in SCHEDULES:
+    for schedule, info in SCHEDULES.items():
+        if info.asynchronous:  # they stream, never step: tests/test_pipedream_distributed.py
+            continue
         for kind in MODELS:
             _check_against_reference(rank, world, schedule, 4, kind, "none")
         _check_against_reference(rank, world, schedule, 4, "transformer", "full")

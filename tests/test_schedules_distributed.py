@@ -52,6 +52,8 @@ def _train_every_schedule(rank: int, world: int) -> None:
     x = torch.randn(13, 8, generator=torch.Generator().manual_seed(1))  # 13: not a multiple of any m used
     y = torch.randn(13, 4, generator=torch.Generator().manual_seed(2))
     for name, info in SCHEDULES.items():
+        if info.asynchronous:  # one flushed step is not what they run: tests/test_pipedream_distributed.py
+            continue
         stages = world * info.default_virtual
         reference = build(stages)
         expected = reference_trajectory(reference, x, y)

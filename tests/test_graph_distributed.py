@@ -136,7 +136,7 @@ def _skip_and_tie(rank: int, world: int) -> None:
         sent = pipe.transport.bytes_sent
         h_bytes = BATCH * SEQ * DIM * 4 * STEPS  # every micro-batch's h (or skip), over the steps
         mine_to_send = [
-            link for link, (sender, _) in pipe.program.links().items() if sender == rank and link[0] == "act"
+            link for link, (sender, _) in pipe.program.channels().items() if sender == rank and link[0] == "act"
         ]
         for link in mine_to_send:
             assert link in sent, f"{where}: nothing went over {link}"

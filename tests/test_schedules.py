@@ -59,7 +59,7 @@ def test_one_f_one_b_with_fewer_microbatches_than_stages_cuts_the_warmup() -> No
 @pytest.mark.parametrize("generator", [gpipe, one_f_one_b])
 def test_single_stage_generators_place_one_stage_per_rank(generator: Callable[[int, int], Program]) -> None:
     program = generator(3, 2)
-    assert program.placement == (0, 1, 2)
+    assert program.placement == ((0,), (1,), (2,))
     assert program.num_microbatches == 2
     assert program.name == {gpipe: "gpipe", one_f_one_b: "1f1b"}[generator]
 

@@ -169,7 +169,7 @@ def _each_link_carries_one_hidden_state(pipe: Pipeline, rank: int, where: str) -
     """The embedding that skips to the head travels on its own edge 0->3, so every link carries one [*, SEQ, 16]."""
     assert any(e.src == 0 and e.dst == 3 for e in pipe.graph.edges), f"{where}: no edge 0->3 in {pipe.graph.edges}"
     m = pipe.num_microbatches
-    for link, (sender, _) in pipe.program.links().items():
+    for link, (sender, _) in pipe.program.channels().items():
         if sender != rank or link[0] != "act":
             continue
         # Less the metadata (one 128-word message per micro-batch, once) and the step headers (16 bytes each).

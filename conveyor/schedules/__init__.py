@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .actions import Action, Kind, Link, Program, parse_action, parse_actions
+from .actions import Action, Channel, Kind, Link, Program, parse_action, parse_actions
 from .catalog import SCHEDULES, ScheduleInfo, build_schedule, schedule_info
 from .dualpipe import dualpipev
 from .gpipe import gpipe
@@ -20,6 +20,7 @@ __all__ = [
     "DeadlockError",
     "Edge",
     "Kind",
+    "Channel",
     "Link",
     "Program",
     "SCHEDULES",

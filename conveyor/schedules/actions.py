@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .graph import StageGraph
 
-__all__ = ["Action", "Kind", "Link", "Program", "parse_action", "parse_actions"]
+__all__ = ["Action", "Channel", "Kind", "Link", "Program", "parse_action", "parse_actions"]
 
 # A one-way channel of an edge (src, dst) of the stage graph between stages on different
 # ranks: ("act", src, dst) carries src's outputs to dst, ("grad", src, dst) carries the
@@ -17,6 +17,10 @@ __all__ = ["Action", "Kind", "Link", "Program", "parse_action", "parse_actions"]
 # link names the same two ends wherever it appears. Each link carries its micro-batches in
 # order, on a channel of its own.
 Link = tuple[str, int, int]
+
+# What a link's messages travel on: the link itself, or, where a replicated stage sits at one of its
+# ends, (kind, src, dst, sender rank, receiver rank) for each pair of ranks (see `Program.channel`).
+Channel = tuple[str, int, int] | tuple[str, int, int, int, int]
 
 
 class Kind(enum.Enum):
@@ -29,7 +33,7 @@ class Kind(enum.Enum):
     RECV_F = "RF"  # receive the stage's inputs from the stage `peer`
     SEND_B = "SB"  # send the gradient of the stage's inputs back to the stage `peer` they came from
     RECV_B = "RB"  # receive the gradient of the stage's outputs from the stage `peer` that used them
-    REDUCE = "RD"  # sum the gradients of parameters the stage shares with other stages (tied weights)
+    REDUCE = "RD"  # sum the gradients the stage shares: tied weights, and a replicated stage's with its replicas
     STEP = "STEP"  # optimizer step of the stage's parameters
 
     @property
@@ -128,7 +132,11 @@ def parse_actions(text: str) -> list[Action]:
 class Program:
     """A schedule: one list of actions per rank, where each stage lives, and the stage graph.
 
-    `placement[s]` is the rank that owns stage `s`. `graph` says which stage's
+    `placement[s]` is the ranks that hold stage `s`: one rank, or several
+    replicas (PipeDream's 1F1B-RR), which take its micro-batches round-robin
+    (micro-batch k runs on `placement[s][k % replicas]`) and keep identical
+    weights: each step's REDUCE sums their gradients. A placement may be
+    given as one rank per stage. `graph` says which stage's
     outputs go to which stage and which parameters several stages share; a
     chain (stage s feeds s + 1) unless given. A program fresh from a generator
     holds only compute and STEP actions; `lower` adds the transfers and
@@ -143,7 +151,7 @@ class Program:
     applies (None: all of them, once, in a synchronous program).
     """
 
-    placement: tuple[int, ...]
+    placement: tuple[tuple[int, ...], ...]
     num_microbatches: int
     actions: dict[int, list[Action]] = field(default_factory=dict)
     name: str = ""
@@ -153,7 +161,10 @@ class Program:
     microbatches_per_step: int | None = None
 
     def __post_init__(self) -> None:
-        self.placement = tuple(self.placement)
+        self.placement = tuple((ranks,) if isinstance(ranks, int) else tuple(ranks) for ranks in self.placement)
+        for stage, ranks in enumerate(self.placement):
+            if not ranks or len(set(ranks)) != len(ranks):
+                raise ValueError(f"stage {stage} needs one or more distinct ranks; got {ranks}")
         if self.graph is None:
             self.graph = StageGraph.chain(len(self.placement))
         if self.graph.num_stages != len(self.placement):
@@ -172,16 +183,41 @@ class Program:
 
     @property
     def num_ranks(self) -> int:
-        return max(self.placement) + 1
+        return max(max(ranks) for ranks in self.placement) + 1
+
+    @property
+    def replicated(self) -> bool:
+        """Whether some stage is held by several ranks."""
+        return any(len(ranks) > 1 for ranks in self.placement)
 
     def stages_of(self, rank: int) -> list[int]:
-        return [s for s, r in enumerate(self.placement) if r == rank]
+        return [s for s, ranks in enumerate(self.placement) if rank in ranks]
 
-    def rank_of(self, stage: int) -> int:
+    def replicas_of(self, stage: int) -> tuple[int, ...]:
+        """The ranks that hold `stage` (one, unless it is replicated)."""
         return self.placement[stage]
 
-    def same_rank(self, a: int, b: int) -> bool:
-        return self.placement[a] == self.placement[b]
+    def rank_of(self, stage: int, mb: int | None = None) -> int:
+        """The rank that runs micro-batch `mb` of `stage` (any micro-batch, if the stage has one rank)."""
+        ranks = self.placement[stage]
+        if len(ranks) == 1:
+            return ranks[0]
+        if mb is None:
+            raise ValueError(f"stage {stage} is replicated on ranks {list(ranks)}: its rank depends on the micro-batch")
+        return ranks[mb % len(ranks)]
+
+    def same_rank(self, a: int, b: int, mb: int | None = None) -> bool:
+        """Whether stages `a` and `b` run micro-batch `mb` on one rank."""
+        return self.rank_of(a, mb) == self.rank_of(b, mb)
+
+    def channel(self, link: Link, mb: int) -> Channel:
+        """The channel micro-batch `mb` travels on over `link`: the link itself between unreplicated stages;
+        with a replicated end, one channel per pair of ranks, (kind, src, dst, sender, receiver)."""
+        kind, src, dst = link
+        if len(self.placement[src]) == len(self.placement[dst]) == 1:
+            return link
+        a, b = self.rank_of(src, mb), self.rank_of(dst, mb)
+        return (kind, src, dst, a, b) if kind == "act" else (kind, src, dst, b, a)
 
     def derive(self, actions: dict[int, list[Action]], name: str | None = None) -> Program:
         """This program's placement, graph and sizes with other actions (what each lowering pass returns)."""
@@ -210,15 +246,20 @@ class Program:
         actions = {rank: parse_actions(row) for rank, row in items}
         return cls(tuple(placement), num_microbatches, actions, name, graph)  # type: ignore[arg-type]
 
-    def links(self) -> dict[Link, tuple[int, int]]:
-        """Every link between stages on different ranks, with its (sender, receiver) ranks."""
-        found: dict[Link, tuple[int, int]] = {}
+    def channels(self) -> dict[Channel, tuple[int, int]]:
+        """Every channel between stages on different ranks (see `channel`), with its (sender, receiver) ranks.
+
+        Replicated ends pair up with a period of their replica counts' product, whatever the micro-batches.
+        """
+        found: dict[Channel, tuple[int, int]] = {}
         for edge in self.graph.edges:
-            a, b = self.rank_of(edge.src), self.rank_of(edge.dst)
-            if a != b:
-                found[("act", edge.src, edge.dst)] = (a, b)
-                if edge.grad and not self.forward_only:
-                    found[("grad", edge.src, edge.dst)] = (b, a)
+            period = len(self.placement[edge.src]) * len(self.placement[edge.dst])
+            for mb in range(period):
+                a, b = self.rank_of(edge.src, mb), self.rank_of(edge.dst, mb)
+                if a != b:
+                    found[self.channel(("act", edge.src, edge.dst), mb)] = (a, b)
+                    if edge.grad and not self.forward_only:
+                        found[self.channel(("grad", edge.src, edge.dst), mb)] = (b, a)
         return found
 
     def to_strings(self) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .actions import Program
@@ -40,6 +40,11 @@ class ScheduleInfo:
     """An asynchronous schedule: (ranks P, micro-batches per mini-batch m, mini-batches, vertical sync) ->
     one program over the whole stream, which never flushes between mini-batches."""
 
+    round_robin: Callable[[tuple[int, ...], int, int, bool], Program] | None = None
+    """A schedule that can replicate stages (1F1B-RR): (replicas per stage, micro-batches per mini-batch m,
+    mini-batches, vertical sync) -> the program with stage s on replicas[s] ranks, dealt micro-batches
+    round-robin."""
+
     @property
     def asynchronous(self) -> bool:
         return self.stream is not None
@@ -73,9 +78,23 @@ def _no_vertical_sync(
 SCHEDULES: dict[str, ScheduleInfo] = {
     info.name: info
     for info in [
-        ScheduleInfo("gpipe", _single(gpipe), "1", "any m >= 1", "m", "(P-1)/(m+P-1)"),
         ScheduleInfo(
-            "1f1b", _single(one_f_one_b), "1", "any m >= 1 (m >= P fills the pipe)", "min(P, m)", "(P-1)/(m+P-1)"
+            "gpipe",
+            _single(gpipe),
+            "1, or replicated",
+            "any m >= 1",
+            "m",
+            "(P-1)/(m+P-1)",
+            round_robin=lambda replicas, m, n, vertical: gpipe(sum(replicas), m, replicas),
+        ),
+        ScheduleInfo(
+            "1f1b",
+            _single(one_f_one_b),
+            "1, or replicated",
+            "any m >= 1 (m >= P fills the pipe)",
+            "min(P, m)",
+            "(P-1)/(m+P-1)",
+            round_robin=lambda replicas, m, n, vertical: one_f_one_b(sum(replicas), m, replicas),
         ),
         ScheduleInfo(
             "interleaved-1f1b",
@@ -136,22 +155,26 @@ SCHEDULES: dict[str, ScheduleInfo] = {
         ScheduleInfo(
             "pipedream",
             _unflushed("pipedream"),
-            "1, async: a step per micro-batch",
+            "1 or replicated, async: a step per micro-batch",
             "any m >= 1",
             "P; P - r weight versions on rank r",
             "0 in the steady state",
             staleness="P - 1 - r on rank r (P - 1 with vertical sync)",
             stream=lambda p, m, n, vertical: pipedream(p, m, n, vertical),
+            round_robin=lambda replicas, m, n, vertical: pipedream(sum(replicas), m, n, vertical, replicas),
         ),
         ScheduleInfo(
             "pipedream-2bw",
             _unflushed("pipedream-2bw"),
-            "1, async: a step per mini-batch",
+            "1 or replicated, async: a step per mini-batch",
             "m >= P - 1",
             "P; 2 weight versions",
             "0 in the steady state",
             staleness="1",
             stream=lambda p, m, n, vertical: _no_vertical_sync(pipedream_2bw, p, m, n, vertical),
+            round_robin=lambda replicas, m, n, vertical: _no_vertical_sync(
+                lambda p, m, n: pipedream_2bw(p, m, n, replicas), sum(replicas), m, n, vertical
+            ),
         ),
     ]
 }
@@ -175,6 +198,7 @@ def build_schedule(
     forward_only: bool = False,
     mini_batches: int = 1,
     vertical_sync: bool = False,
+    replicas: Sequence[int] | None = None,
 ) -> Program:
     """The lowered, validated program of schedule `name` on `num_ranks` ranks, ready for the executor.
 
@@ -186,17 +210,28 @@ def build_schedule(
     evaluation and inference). An asynchronous schedule's program covers a
     stream of `mini_batches` mini-batches without a flush between them;
     `vertical_sync` has every stage use the weight version the input stage used.
+    `replicas` (1F1B-RR) holds stage s on replicas[s] ranks, which take its
+    micro-batches round-robin; they add up to `num_ranks`.
     """
     info = schedule_info(name)
     v = info.default_virtual if virtual is None else virtual
     info.check_virtual(v)
-    if info.stream is not None:
-        generated = info.stream(num_ranks, num_microbatches, mini_batches, vertical_sync)
-    elif mini_batches != 1 or vertical_sync:
+    if not info.asynchronous and (mini_batches != 1 or vertical_sync):
         raise ValueError(
             f"{name} flushes after every mini-batch: a program of {mini_batches} mini-batches or vertical sync is"
             " for the asynchronous schedules (pipedream, pipedream-2bw)"
         )
+    if replicas is not None:
+        if info.round_robin is None:
+            takers = ", ".join(n for n, i in SCHEDULES.items() if i.round_robin is not None)
+            raise ValueError(f"{name} does not replicate stages; the schedules that do: {takers}")
+        if v != 1:
+            raise ValueError(f"a replicated pipeline runs one stage per replica; got {v} stages per rank")
+        generated = info.round_robin(tuple(replicas), num_microbatches, mini_batches, vertical_sync)
+        if generated.num_ranks != num_ranks:
+            raise ValueError(f"replicas {tuple(replicas)} hold {generated.num_ranks} ranks, not {num_ranks}")
+    elif info.stream is not None:
+        generated = info.stream(num_ranks, num_microbatches, mini_batches, vertical_sync)
     else:
         generated = info.generate(num_ranks, num_microbatches, v)
     if graph is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from .actions import Action, Kind, Program
-from .placement import check_sizes, v_shape
+from .placement import check_sizes, one_rank_each, v_shape
 
 __all__ = ["dualpipev"]
 
@@ -32,7 +32,7 @@ def dualpipev(num_ranks: int, num_microbatches: int) -> Program:
     p, m = num_ranks, num_microbatches
     if m < 2 * p:
         raise ValueError(f"dualpipev needs at least 2P = {2 * p} micro-batches for {p} ranks; got {m}")
-    program = Program(v_shape(p), m, name="dualpipev")
+    program = Program(one_rank_each(v_shape(p)), m, name="dualpipev")
     for rank in range(p):
         program.actions[rank] = _rank_actions(p, m, rank)
     return program

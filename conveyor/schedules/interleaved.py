@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .actions import Action, Kind, Program
-from .placement import check_sizes, looped
+from .placement import check_sizes, looped, one_rank_each
 
 __all__ = ["interleaved_1f1b", "looped_bfs"]
 
@@ -29,7 +29,7 @@ def interleaved_1f1b(num_ranks: int, num_microbatches: int, virtual: int) -> Pro
             f" got {num_microbatches}: use {options}"
         )
     p, m, v = num_ranks, num_microbatches, virtual
-    program = Program(looped(p, v), m, name="interleaved-1f1b")
+    program = Program(one_rank_each(looped(p, v)), m, name="interleaved-1f1b")
     total = m * v
 
     def nth(k: int, rank: int, backward: bool) -> Action:
@@ -57,7 +57,7 @@ def looped_bfs(num_ranks: int, num_microbatches: int, virtual: int) -> Program:
     of every local stage), but few switches between stages; any m >= 1.
     """
     check_sizes("looped-bfs", num_ranks, num_microbatches)
-    program = Program(looped(num_ranks, virtual), num_microbatches, name="looped-bfs")
+    program = Program(one_rank_each(looped(num_ranks, virtual)), num_microbatches, name="looped-bfs")
     for rank in range(num_ranks):
         stages = program.stages_of(rank)
         forwards = [Action(s, Kind.FORWARD, mb) for s in stages for mb in range(num_microbatches)]

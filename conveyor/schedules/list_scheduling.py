@@ -15,6 +15,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
+from .placement import one_rank_each
 from .actions import Action, Kind, Program
 
 __all__ = ["list_schedule"]
@@ -49,7 +50,7 @@ def list_schedule(
     pending_w: dict[int, deque[tuple[int, int]]] = {r: deque() for r in range(ranks)}
     in_flight = dict.fromkeys(range(ranks), 0)
     free_at = dict.fromkeys(range(ranks), 0.0)
-    program = Program(placement, m, {r: [] for r in range(ranks)}, name)
+    program = Program(one_rank_each(placement), m, {r: [] for r in range(ranks)}, name)
     b_cost = 1.0 if split_backward else 2.0
 
     def f_ready(s: int) -> float:

@@ -41,7 +41,7 @@ def fuse_backwards(program: Program) -> Program:
             if (
                 action.kind is Kind.WEIGHT
                 and previous == Action(action.stage, Kind.BACKWARD, action.mb)
-                and _gradient_stays(program, action.stage)
+                and _gradient_stays(program, action.stage, action.mb)
             ):
                 continue
             out.append(action)
@@ -49,19 +49,21 @@ def fuse_backwards(program: Program) -> Program:
     return program.derive(fused)
 
 
-def _gradient_stays(program: Program, stage: int) -> bool:
-    """Whether every input gradient of `stage` stays on its rank (none leaves the first stage)."""
-    return all(program.same_rank(e.src, stage) for e in program.graph.in_edges(stage) if e.grad)
+def _gradient_stays(program: Program, stage: int, mb: int | None) -> bool:
+    """Whether every input gradient of `stage` for `mb` stays on its rank (none leaves the first stage)."""
+    return all(program.same_rank(e.src, stage, mb) for e in program.graph.in_edges(stage) if e.grad)
 
 
 def insert_reductions(program: Program) -> Program:
-    """Add a REDUCE for each stage that shares parameters, right after its last backward before each step.
+    """Add a REDUCE for each stage that shares gradients, right after its last backward before each step:
+    a stage with tied parameters, and each replica of a replicated stage.
 
-    A REDUCE only starts the sum of the shared gradients (the tied stages'
-    ranks exchange them); the STEP behind it waits for the other stages'
-    contributions, so the exchange overlaps whatever the rank runs between.
+    A REDUCE only starts the sum of the shared gradients (the tied stages' or
+    the replicas' ranks exchange them); the STEP behind it waits for the other
+    ranks' contributions, so the exchange overlaps whatever the rank runs between.
     """
     tied = {s for tie in program.graph.ties for s in tie.stages}
+    tied |= {s for s in range(program.num_stages) if len(program.replicas_of(s)) > 1}
     if not tied:
         return program
     reduced: dict[int, list[Action]] = {}
@@ -98,19 +100,19 @@ def insert_transfers(program: Program) -> Program:
             s, mb = action.stage, action.mb
             if action.kind is Kind.FORWARD:
                 for edge in graph.in_edges(s):
-                    if not program.same_rank(edge.src, s):
+                    if not program.same_rank(edge.src, s, mb):
                         out.append(Action(s, Kind.RECV_F, mb, edge.src))
                 out.append(action)
                 for edge in graph.out_edges(s):
-                    if not program.same_rank(edge.dst, s):
+                    if not program.same_rank(edge.dst, s, mb):
                         out.append(Action(s, Kind.SEND_F, mb, edge.dst))
             elif action.kind is Kind.BACKWARD:
                 for edge in graph.out_edges(s):
-                    if edge.grad and not program.same_rank(edge.dst, s):
+                    if edge.grad and not program.same_rank(edge.dst, s, mb):
                         out.append(Action(s, Kind.RECV_B, mb, edge.dst))
                 out.append(action)
                 for edge in graph.in_edges(s):
-                    if edge.grad and not program.same_rank(edge.src, s):
+                    if edge.grad and not program.same_rank(edge.src, s, mb):
                         out.append(Action(s, Kind.SEND_B, mb, edge.src))
             else:
                 out.append(action)

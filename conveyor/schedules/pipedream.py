@@ -11,11 +11,21 @@ so the runtime keeps that version until then (weight stashing).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .actions import Action, Kind, Program
 from .one_f_one_b import one_f_one_b
 from .placement import check_sizes
 
-__all__ = ["noam", "pipedream", "pipedream_2bw", "versions_from_steps", "versions_held"]
+__all__ = [
+    "noam",
+    "pipedream",
+    "pipedream_2bw",
+    "replica_gradient_scale",
+    "step_group",
+    "versions_from_steps",
+    "versions_held",
+]
 
 
 def noam(num_workers: int, input_replicas: int = 1) -> int:
@@ -23,7 +33,13 @@ def noam(num_workers: int, input_replicas: int = 1) -> int:
     return -(-num_workers // input_replicas)
 
 
-def pipedream(num_ranks: int, num_microbatches: int, mini_batches: int, vertical_sync: bool = False) -> Program:
+def pipedream(
+    num_ranks: int,
+    num_microbatches: int,
+    mini_batches: int,
+    vertical_sync: bool = False,
+    replicas: Sequence[int] | None = None,
+) -> Program:
     """PipeDream's asynchronous 1F1B over `mini_batches` mini-batches of `num_microbatches` each.
 
     Phases of rank r (stage r), over all N = mini_batches * num_microbatches micro-batches:
@@ -36,15 +52,24 @@ def pipedream(num_ranks: int, num_microbatches: int, mini_batches: int, vertical
     updates so far on that stage), or with `vertical_sync` the version the
     input stage used for that micro-batch, so that every stage of a
     micro-batch sees the same version.
+
+    With `replicas` (1F1B-RR), stage s is held by replicas[s] ranks that take
+    its micro-batches round-robin and step together: each update of the stage
+    applies the mean gradient of one micro-batch per replica (see
+    `step_group`), and the input stage admits NOAM = ceil(P / its replicas)
+    micro-batches per replica.
     """
     check_sizes("pipedream", num_ranks, num_microbatches)
+    _check_replicas("pipedream", num_microbatches, replicas)
     total = _stream_length("pipedream", num_microbatches, mini_batches)
-    program = _with_updates(one_f_one_b(num_ranks, total), "pipedream", every=1)
+    program = _with_updates(one_f_one_b(num_ranks, total, replicas), "pipedream", every=1)
     program.weight_versions = versions_from_steps(program, vertical_sync)
     return program
 
 
-def pipedream_2bw(num_ranks: int, num_microbatches: int, mini_batches: int) -> Program:
+def pipedream_2bw(
+    num_ranks: int, num_microbatches: int, mini_batches: int, replicas: Sequence[int] | None = None
+) -> Program:
     """PipeDream-2BW: 1F1B over the stream, gradients accumulated over each mini-batch, double-buffered weights.
 
     Each stage updates once per mini-batch (after its last backward). Every
@@ -52,9 +77,11 @@ def pipedream_2bw(num_ranks: int, num_microbatches: int, mini_batches: int) -> P
     previous mini-batch's update), so W(t+1) = W(t) - lr * grad f(W(t-1)) with
     SGD, and a stage holds at most two versions. Needs at least P - 1
     micro-batches per mini-batch on P ranks: otherwise a forward would need a
-    version its stage has not made yet.
+    version its stage has not made yet. With `replicas`, a replicated stage's
+    ranks sum their parts of each mini-batch's gradient before the update.
     """
     check_sizes("pipedream-2bw", num_ranks, num_microbatches)
+    _check_replicas("pipedream-2bw", num_microbatches, replicas)
     if num_microbatches < num_ranks - 1:
         raise ValueError(
             f"pipedream-2bw on {num_ranks} ranks needs at least P - 1 = {num_ranks - 1} micro-batches per mini-batch"
@@ -62,9 +89,49 @@ def pipedream_2bw(num_ranks: int, num_microbatches: int, mini_batches: int) -> P
         )
     m = num_microbatches
     total = _stream_length("pipedream-2bw", m, mini_batches)
-    program = _with_updates(one_f_one_b(num_ranks, total), "pipedream-2bw", every=m)
-    program.weight_versions = {(s, k): max(0, k // m - 1) for s in range(num_ranks) for k in range(total)}
+    program = _with_updates(one_f_one_b(num_ranks, total, replicas), "pipedream-2bw", every=m)
+    stages = program.num_stages
+    program.weight_versions = {(s, k): max(0, k // m - 1) for s in range(stages) for k in range(total)}
     return program
+
+
+def _check_replicas(name: str, num_microbatches: int, replicas: Sequence[int] | None) -> None:
+    """A replicated stage's ranks step together, each after its share of the same micro-batches."""
+    for stage, count in enumerate(replicas or ()):
+        if num_microbatches % count:
+            raise ValueError(
+                f"{name}: stage {stage} has {count} replicas, which step together, so the micro-batches of a"
+                f" mini-batch must be a multiple of {count}; got {num_microbatches}"
+            )
+
+
+def step_group(program: Program, stage: int) -> int:
+    """How many micro-batches one update of `stage` in an asynchronous program applies.
+
+    `microbatches_per_step` of them (1 for pipedream, a mini-batch for 2BW),
+    rounded up to a multiple of the stage's replicas: its ranks step
+    together, each after its share of the group.
+    """
+    per = program.microbatches_per_step
+    assert per is not None, "a synchronous program steps once, after all its micro-batches"
+    replicas = len(program.replicas_of(stage))
+    return replicas * -(-per // replicas)
+
+
+def replica_gradient_scale(program: Program, stage: int) -> float:
+    """What the sum of a replicated stage's gradients is multiplied by before its update.
+
+    Every update applies the mean gradient of the micro-batches it covers. A
+    micro-batch's loss is weighted for `microbatches_per_step` of them (the
+    whole mini-batch in a synchronous program, where the plain sum is that
+    mean); a replicated stage of pipedream covers one per replica, so its sum
+    is divided by the replicas.
+    """
+    if not program.asynchronous:
+        return 1.0
+    per = program.microbatches_per_step
+    assert per is not None
+    return per / step_group(program, stage)
 
 
 def _stream_length(name: str, num_microbatches: int, mini_batches: int) -> int:
@@ -74,18 +141,26 @@ def _stream_length(name: str, num_microbatches: int, mini_batches: int) -> int:
 
 
 def _with_updates(base: Program, name: str, every: int) -> Program:
-    """`base` without its flush-time STEPs, with a STEP after every `every`-th backward of each stage."""
-    actions: dict[int, list[Action]] = {}
+    """`base` without its flush-time STEPs, with a STEP after every `every`-th backward of each stage.
+
+    A replicated stage's ranks step together after each group of `step_group` micro-batches: each rank
+    after its last backward of the group, the STEP named by the group's last micro-batch on every rank.
+    """
+    program = Program(base.placement, base.num_microbatches, {}, name, microbatches_per_step=every)
     for rank, acts in base.actions.items():
         out: list[Action] = []
         for action in acts:
             if action.kind is Kind.STEP:
                 continue
             out.append(action)
-            if action.kind is Kind.BACKWARD and action.mb is not None and (action.mb + 1) % every == 0:
-                out.append(Action(action.stage, Kind.STEP, action.mb))
-        actions[rank] = out
-    return Program(base.placement, base.num_microbatches, actions, name, microbatches_per_step=every)
+            if action.kind is Kind.BACKWARD and action.mb is not None:
+                s, k = action.stage, action.mb
+                group = step_group(program, s)
+                end = (k // group + 1) * group  # one past the group's last micro-batch
+                if k + len(base.replicas_of(s)) >= end:  # this rank's next micro-batch of the stage is in the next
+                    out.append(Action(s, Kind.STEP, end - 1))
+        program.actions[rank] = out
+    return program
 
 
 def versions_from_steps(program: Program, vertical_sync: bool = False) -> dict[tuple[int, int], int]:

@@ -7,7 +7,7 @@ is a channel of its own whose messages match in the order they are posted (NCCL
 ignores tags), so each link's sends and receives must agree in order, not just
 as sets. A REDUCE never blocks either: it offers the stage's shared gradients,
 and the stage's STEP waits until every stage that shares them has offered its
-own (a collective of the tied stages).
+own (a collective of the tied stages, or of a replicated stage's ranks).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .actions import Action, Kind, Program
+from .actions import Action, Channel, Kind, Program
 from .render import render_steps
 
 __all__ = ["DeadlockError", "ScheduleError", "Timing", "split_backwards", "validate"]
@@ -24,9 +24,9 @@ __all__ = ["DeadlockError", "ScheduleError", "Timing", "split_backwards", "valid
 # A message is named by what it carries and is posted by one action:
 # ("act", src, dst, mb)   src's outputs for dst (posted by src's SF),
 # ("grad", src, dst, mb)  the gradient of dst's inputs from src (posted by dst's SB),
-# ("reduce", s, key)      stage s's offer of its shared gradients (posted by its REDUCE; key -1 for a
-#                         whole mini-batch, else the micro-batch of an asynchronous step).
-Message = tuple[str, int, int, int] | tuple[str, int, int]
+# ("reduce", s, key, r)   stage s's offer of its shared gradients on rank r (posted by its REDUCE; key -1
+#                         for a whole mini-batch, else the micro-batch of an asynchronous step).
+Message = tuple[str, int, int, int]
 
 _WHOLE = -1  # the key of a STEP or REDUCE that covers the whole mini-batch
 
@@ -93,11 +93,20 @@ def _check_placement(program: Program) -> None:
                 raise _fail(
                     program, rank, index, f"there is no stage {action.stage} (stages 0..{program.num_stages - 1})"
                 )
-            if program.rank_of(action.stage) != rank:
-                owner = program.rank_of(action.stage)
-                raise _fail(program, rank, index, f"stage {action.stage} lives on rank {owner}, not rank {rank}")
             if action.mb is not None and not 0 <= action.mb < program.num_microbatches:
                 raise _fail(program, rank, index, f"no micro-batch {action.mb} (0..{program.num_microbatches - 1})")
+            replicas = program.replicas_of(action.stage)
+            if action.kind.optional_mb:  # every replica steps and reduces
+                if rank not in replicas:
+                    raise _fail(program, rank, index, f"stage {action.stage} lives on ranks {list(replicas)}, not here")
+            elif program.rank_of(action.stage, action.mb) != rank:
+                owner = program.rank_of(action.stage, action.mb)
+                whose = (
+                    f"micro-batch {action.mb} of stage {action.stage} runs"
+                    if len(replicas) > 1
+                    else (f"stage {action.stage} lives")
+                )
+                raise _fail(program, rank, index, f"{whose} on rank {owner}, not rank {rank}")
 
 
 def split_backwards(program: Program) -> set[tuple[int, int | None]]:
@@ -116,15 +125,28 @@ def _check_computes(program: Program) -> None:
         (s, kind, mb) for s in range(program.num_stages) for kind in computes for mb in range(program.num_microbatches)
     }
     seen: Counter[tuple[int, Kind, int | None]] = Counter()
+    collective: Counter[tuple[int, Kind, int | None, int]] = Counter()  # STEP and REDUCE: once on each replica
     for rank, actions in program.actions.items():
         for index, a in enumerate(actions):
             if a.kind.is_transfer:
                 continue
             if program.forward_only and a.kind is not Kind.FORWARD:
                 raise _fail(program, rank, index, "a forward-only program runs forwards and their transfers only")
-            if a.kind is Kind.REDUCE and not program.graph.ties_of(a.stage):
-                raise _fail(program, rank, index, f"stage {a.stage} shares no parameter with another stage")
-            seen[(a.stage, a.kind, a.mb)] += 1
+            if a.kind is Kind.REDUCE and not _shares_gradients(program, a.stage):
+                raise _fail(program, rank, index, f"stage {a.stage} shares no parameter with another stage or rank")
+            if a.kind.optional_mb:
+                collective[(a.stage, a.kind, a.mb, rank)] += 1
+            else:
+                seen[(a.stage, a.kind, a.mb)] += 1
+    for (stage, kind, mb, _), n in collective.items():  # each replica's count must be 1
+        seen[(stage, kind, mb)] = max(seen[(stage, kind, mb)], n)
+    for stage, kind, mb, rank in sorted(collective, key=str):
+        first = program.replicas_of(stage)[0]
+        if (stage, kind, mb, first) not in collective:
+            raise ScheduleError(
+                f"{what}: rank {rank} runs {Action(stage, kind, mb)} but rank {first}, another replica of stage"
+                f" {stage}, does not: a replicated stage's ranks step and reduce together\n{render_steps(program)}"
+            )
     # W, STEP and REDUCE are optional (a program may accumulate gradients over several runs), but never repeated.
     wanted |= {key for key in seen if key[1] in (Kind.WEIGHT, Kind.STEP, Kind.REDUCE)}
     repeated = sorted(str(Action(s, k, mb)) for (s, k, mb), n in seen.items() if n > 1)
@@ -143,6 +165,11 @@ def _check_computes(program: Program) -> None:
                 f"{what}: stage {s} steps both once per mini-batch ({s}STEP) and after single micro-batches;"
                 f" use one or the other\n{render_steps(program)}"
             )
+
+
+def _shares_gradients(program: Program, stage: int) -> bool:
+    """Whether `stage`'s gradients are summed with others before its step: tied, or replicated."""
+    return bool(program.graph.ties_of(stage)) or len(program.replicas_of(stage)) > 1
 
 
 def _edge_of(program: Program, action: Action) -> str | None:
@@ -169,9 +196,9 @@ def _message_of(action: Action) -> Message:
 
 def _check_channels(program: Program) -> None:
     """Every send meets one receive, in the same order on each link."""
-    sends: dict[tuple[str, int, int], list[tuple[Message, int, int]]] = {}
-    recvs: dict[tuple[str, int, int], list[tuple[Message, int, int]]] = {}
-    links = program.links()
+    sends: dict[Channel, list[tuple[Message, int, int]]] = {}
+    recvs: dict[Channel, list[tuple[Message, int, int]]] = {}
+    channels = program.channels()
     for rank, actions in program.actions.items():
         for index, action in enumerate(actions):
             if not action.kind.is_transfer:
@@ -179,17 +206,19 @@ def _check_channels(program: Program) -> None:
             problem = _edge_of(program, action)
             if problem is not None:
                 raise _fail(program, rank, index, problem)
-            assert action.peer is not None
-            if program.same_rank(action.stage, action.peer):
+            assert action.peer is not None and action.mb is not None
+            if program.same_rank(action.stage, action.peer, action.mb):
                 raise _fail(
                     program, rank, index, "both stages live on this rank: they hand over in memory, not by a transfer"
                 )
             book = sends if action.kind.is_send else recvs
-            book.setdefault(action.link, []).append((_message_of(action), rank, index))
-    for link in sorted(set(sends) | set(recvs)):
-        sent, received = sends.get(link, []), recvs.get(link, [])
-        what = f"link {link[0]} of edge {link[1]}->{link[2]}"
-        sender_rank, receiver_rank = links[link]
+            book.setdefault(program.channel(action.link, action.mb), []).append((_message_of(action), rank, index))
+    for channel in sorted(set(sends) | set(recvs)):
+        sent, received = sends.get(channel, []), recvs.get(channel, [])
+        sender_rank, receiver_rank = channels[channel]
+        what = f"link {channel[0]} of edge {channel[1]}->{channel[2]}"
+        if len(channel) > 3:
+            what += f" from rank {sender_rank} to rank {receiver_rank}"
         for position in range(max(len(sent), len(received))):
             if position >= len(received):
                 _, rank, index = sent[position]
@@ -210,19 +239,30 @@ def _check_channels(program: Program) -> None:
 
 
 def _check_reductions(program: Program) -> None:
-    """Stages that share parameters offer their gradients for the same steps, in the same order."""
+    """Stages that share parameters, and the replicas of a stage, offer their gradients for the same steps,
+    in the same order."""
     order: dict[int, list[int]] = {}
     where: dict[int, tuple[int, int]] = {}
     for rank, actions in program.actions.items():
+        reduces: dict[int, list[int]] = {}
         for index, action in enumerate(actions):
             if action.kind is Kind.REDUCE:
-                order.setdefault(action.stage, []).append(_WHOLE if action.mb is None else action.mb)
+                reduces.setdefault(action.stage, []).append(_WHOLE if action.mb is None else action.mb)
                 where.setdefault(action.stage, (rank, index))
+        for stage, keys in reduces.items():
+            if order.setdefault(stage, keys) != keys:
+                raise _fail(
+                    program,
+                    rank,
+                    actions.index(Action(stage, Kind.REDUCE, keys[0] if keys[0] != _WHOLE else None)),
+                    f"the replicas of stage {stage} reduce for different steps or in another order"
+                    f" ({_keys(order[stage])} against {_keys(keys)})",
+                )
     for tie in program.graph.ties:
         first = tie.stages[0]
         for other in tie.stages[1:]:
             if order.get(other, []) != order.get(first, []):
-                rank, index = where.get(other, where.get(first, (program.rank_of(other), 0)))
+                rank, index = where.get(other, where.get(first, (program.replicas_of(other)[0], 0)))
                 if not program.actions.get(rank):
                     raise ScheduleError(f"{program.name or 'schedule'}: tied stages {tie.stages} never reduce")
                 raise _fail(
@@ -291,19 +331,21 @@ def _backward_done(program: Program, stage: int, mb: int, split: set[tuple[int, 
     return Action(stage, Kind.WEIGHT if (stage, mb) in split else Kind.BACKWARD, mb)
 
 
-def _local_prerequisites(program: Program, action: Action, split: set[tuple[int, int | None]]) -> list[Action]:
-    """What must already have run on this rank before `action`."""
+def _local_prerequisites(
+    program: Program, rank: int, action: Action, split: set[tuple[int, int | None]]
+) -> list[Action]:
+    """What must already have run on `rank` before `action`."""
     s, mb, graph = action.stage, action.mb, program.graph
     if action.kind is Kind.FORWARD:
         return [
-            Action(e.src, Kind.FORWARD, mb) if program.same_rank(e.src, s) else Action(s, Kind.RECV_F, mb, e.src)
+            Action(e.src, Kind.FORWARD, mb) if program.same_rank(e.src, s, mb) else Action(s, Kind.RECV_F, mb, e.src)
             for e in graph.in_edges(s)
         ]
     if action.kind is Kind.BACKWARD:
         needs = [Action(s, Kind.FORWARD, mb)]
         for e in graph.out_edges(s):
             if e.grad:
-                same = program.same_rank(e.dst, s)
+                same = program.same_rank(e.dst, s, mb)
                 needs.append(Action(e.dst, Kind.BACKWARD, mb) if same else Action(s, Kind.RECV_B, mb, e.dst))
         return needs
     if action.kind in (Kind.SEND_F, Kind.RECV_B):  # a gradient's shape is that of the forward's output
@@ -313,33 +355,38 @@ def _local_prerequisites(program: Program, action: Action, split: set[tuple[int,
     if action.kind is Kind.WEIGHT:
         return [Action(s, Kind.BACKWARD, mb)]
     if action.kind in (Kind.STEP, Kind.REDUCE):
-        mbs = range(program.num_microbatches) if mb is None else [mb]
-        needs = [_backward_done(program, s, m, split) for m in mbs]
-        if action.kind is Kind.STEP and graph.ties_of(s):
+        replicas = program.replicas_of(s)
+        # A whole mini-batch's step needs all of this rank's micro-batches; an asynchronous step named by
+        # micro-batch `mb` this rank's last one up to `mb` (its earlier ones ran before, in order).
+        window = range(program.num_microbatches) if mb is None else range(max(0, mb - len(replicas) + 1), mb + 1)
+        mine = [k for k in window if program.rank_of(s, k) == rank]
+        needs = [_backward_done(program, s, k, split) for k in mine]
+        if action.kind is Kind.STEP and _shares_gradients(program, s):
             needs.append(Action(s, Kind.REDUCE, mb))
         return needs
     return []
 
 
-def _awaited(program: Program, action: Action) -> list[Message]:
-    """The messages from other ranks (or other stages' offers) an action waits for."""
+def _awaited(program: Program, rank: int, action: Action) -> list[Message]:
+    """The messages from other ranks (or other stages' offers) an action on `rank` waits for."""
     s, mb, graph = action.stage, action.mb, program.graph
     if action.kind is Kind.FORWARD and mb is not None:
-        return [("act", e.src, s, mb) for e in graph.in_edges(s) if not program.same_rank(e.src, s)]
+        return [("act", e.src, s, mb) for e in graph.in_edges(s) if not program.same_rank(e.src, s, mb)]
     if action.kind is Kind.BACKWARD and mb is not None:
-        return [("grad", s, e.dst, mb) for e in graph.out_edges(s) if e.grad and not program.same_rank(e.dst, s)]
+        return [("grad", s, e.dst, mb) for e in graph.out_edges(s) if e.grad and not program.same_rank(e.dst, s, mb)]
     if action.kind is Kind.STEP:
         key = _WHOLE if mb is None else mb
-        return [("reduce", t, key) for t in graph.tied_with(s) if t != s]
+        sharing = sorted(set(graph.tied_with(s)) | {s})
+        return [("reduce", t, key, r) for t in sharing for r in program.replicas_of(t) if (t, r) != (s, rank)]
     return []
 
 
-def _posted(action: Action) -> Message | None:
-    """The message an action sends, if any."""
+def _posted(program: Program, rank: int, action: Action) -> Message | None:
+    """The message an action on `rank` sends, if any."""
     if action.kind.is_send:
         return _message_of(action)
     if action.kind is Kind.REDUCE:
-        return ("reduce", action.stage, _WHOLE if action.mb is None else action.mb)
+        return ("reduce", action.stage, _WHOLE if action.mb is None else action.mb, rank)
     return None
 
 
@@ -360,10 +407,10 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float) -> T
             while position[rank] < len(actions):
                 index = position[rank]
                 action = actions[index]
-                for need in _local_prerequisites(program, action, split):
+                for need in _local_prerequisites(program, rank, action, split):
                     if need not in done[rank]:
                         raise _fail(program, rank, index, f"needs {need}, which has not run on this rank before it")
-                awaited = _awaited(program, action)
+                awaited = _awaited(program, rank, action)
                 if any(message not in sent_at for message in awaited):
                     break
                 # What another rank sent arrives `latency` after its send; a stage on this rank hands over at once.
@@ -372,7 +419,7 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float) -> T
                 clock[rank] = begin + cost(action)
                 start[rank].append(begin)
                 end[rank].append(clock[rank])
-                posted = _posted(action)
+                posted = _posted(program, rank, action)
                 if posted is not None:
                     sent_at[posted] = clock[rank]
                 done[rank].add(action)
@@ -386,13 +433,13 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float) -> T
 
 def _sender(program: Program, message: Message) -> tuple[int, Action]:
     """The rank and action that post `message`."""
-    if len(message) == 3:  # ("reduce", stage, key)
-        _, stage, key = message
-        return program.rank_of(stage), Action(stage, Kind.REDUCE, None if key == _WHOLE else key)
+    if message[0] == "reduce":
+        _, stage, key, rank = message
+        return rank, Action(stage, Kind.REDUCE, None if key == _WHOLE else key)
     kind, src, dst, mb = message
     if kind == "act":
-        return program.rank_of(src), Action(src, Kind.SEND_F, mb, dst)
-    return program.rank_of(dst), Action(dst, Kind.SEND_B, mb, src)
+        return program.rank_of(src, mb), Action(src, Kind.SEND_F, mb, dst)
+    return program.rank_of(dst, mb), Action(dst, Kind.SEND_B, mb, src)
 
 
 def _deadlock(program: Program, position: dict[int, int]) -> DeadlockError:
@@ -403,7 +450,7 @@ def _deadlock(program: Program, position: dict[int, int]) -> DeadlockError:
         if index == len(program.actions[rank]):
             continue
         action = program.actions[rank][index]
-        missing = [m for m in _awaited(program, action) if m not in sent]
+        missing = [m for m in _awaited(program, rank, action) if m not in sent]
         waiting_on[rank] = _sender(program, missing[0])
     # Follow the wait-for edges from any waiting rank until a rank repeats: that is the cycle.
     rank = next(iter(waiting_on))
@@ -430,7 +477,7 @@ def _posted_before(program: Program, position: dict[int, int]) -> set[Message]:
     posted: set[Message] = set()
     for rank, index in position.items():
         for action in program.actions[rank][:index]:
-            message = _posted(action)
+            message = _posted(program, rank, action)
             if message is not None:
                 posted.add(message)
     return posted

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .actions import Action, Kind, Program
 from .list_scheduling import list_schedule
 from .one_f_one_b import one_f_one_b
-from .placement import check_sizes, v_shape
+from .placement import check_sizes, one_rank_each, v_shape
 
 __all__ = ["zb_h1", "zb_h2", "zbv"]
 
@@ -64,7 +64,7 @@ def zbv(num_ranks: int, num_microbatches: int) -> Program:
     p, m = num_ranks, num_microbatches
     if m < 2 * p - 1:
         raise ValueError(f"zbv needs at least 2P - 1 = {2 * p - 1} micro-batches for {p} ranks; got {m}")
-    program = Program(v_shape(p), m, name="zbv")
+    program = Program(one_rank_each(v_shape(p)), m, name="zbv")
     for rank in range(p):
         program.actions[rank] = _zbv_rank(p, m, rank)
     return program

@@ -15,8 +15,8 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
-from .placement import one_rank_each
 from .actions import Action, Kind, Program
+from .placement import one_rank_each
 
 __all__ = ["list_schedule"]
 

@@ -19,9 +19,9 @@ from .runtime.microbatch import (
     split_microbatches,
     tensors_in,
 )
+from .runtime.shared import SharedGradients, shared_channels
 from .runtime.stage import LossFn, MicrobatchResult, Stage
 from .runtime.stage_io import StageIO
-from .runtime.tied import TiedGradients, tie_channels
 from .runtime.transport import Channel, Transport
 from .runtime.weights import WeightVersions
 from .schedules import Kind, Program, StageGraph, build_schedule
@@ -68,6 +68,14 @@ class Pipeline:
     ablation that backpropagates with the latest weights), and with
     `vertical_sync` every stage uses the version the first stage used for
     that micro-batch.
+
+    `replicas` (PipeDream's 1F1B-RR; gpipe, 1f1b, pipedream, pipedream-2bw)
+    holds stage s on replicas[s] ranks, in order: (2, 1) puts stage 0 on ranks
+    0 and 1 and stage 1 on rank 2. A replicated stage's ranks take its
+    micro-batches round-robin and sum their gradients before each step, so
+    they keep identical weights; they must start identical (every rank builds
+    its stages from the same split and seed). The last stage, whose rank
+    reports the loss, and stages with tied parameters are not replicated.
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class Pipeline:
         track_memory: bool = False,
         weight_stashing: bool = True,
         vertical_sync: bool = False,
+        replicas: Sequence[int] | None = None,
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -101,13 +110,16 @@ class Pipeline:
             raise ValueError("give num_stages with stage modules (or pass a split, which knows it)")
         total = graph.num_stages if graph is not None else num_stages
         assert total is not None
-        if total % ranks:
-            raise ValueError(f"{total} stages cannot be spread evenly over {ranks} ranks")
         self.graph: StageGraph = graph or StageGraph.chain(total)
+        if replicas is not None:
+            self._check_replicas(tuple(replicas), total, ranks)
+        elif total % ranks:
+            raise ValueError(f"{total} stages cannot be spread evenly over {ranks} ranks")
         self._schedule, self._vertical_sync = schedule, vertical_sync
-        self.program: Program = build_schedule(
-            schedule, ranks, num_microbatches, total // ranks, graph=self.graph, vertical_sync=vertical_sync
-        )
+        self._replicas = None if replicas is None else tuple(replicas)
+        self._num_ranks = ranks
+        self.num_microbatches = num_microbatches
+        self.program: Program = self._build()
         local = self.program.stages_of(self.rank)
         modules = self._local_modules(model, split, local, schedule)
         self._share_local_ties(modules)
@@ -127,17 +139,22 @@ class Pipeline:
             for s, stage in self.stages.items():
                 stage.versions = WeightVersions(stage.module, s, stashing=weight_stashing)
         self.optimizers = self._optimizers(optimizer)
-        self.num_microbatches = num_microbatches
         self._group = group
-        # Besides the schedule's links: from the last stage's rank to each other rank, for its loss,
-        # and between the ranks of each tied parameter, for its gradients.
-        loss = {("loss", self.last_rank, r): (self.last_rank, r) for r in range(ranks) if r != self.last_rank}
-        channels: dict[Channel, tuple[int, int]] = {**self.program.links(), **loss, **tie_channels(self.program)}
+        # Besides the schedule's channels: from the last stage's rank to each other rank, for its loss,
+        # and between the ranks of each tied parameter and of each replicated stage, for their gradients.
+        loss: dict[Channel, tuple[int, int]] = {
+            ("loss", self.last_rank, r): (self.last_rank, r) for r in range(ranks) if r != self.last_rank
+        }
+        channels: dict[Channel, tuple[int, int]] = {
+            **self.program.channels(),
+            **loss,
+            **shared_channels(self.program),
+        }
         self.transport = Transport.open(channels, self.device, group)
-        tied = self._tied_gradients()
+        shared = self._shared_gradients()
         io = StageIO(self.transport, self.program, self.rank)
         self.executor = Executor(
-            self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None, tied
+            self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None, shared
         )
         self._forward_program: Program | None = None
         self._streams: dict[int, Program] = {}
@@ -204,35 +221,74 @@ class Pipeline:
                 optimizers[s] = optimizer(params)
         return optimizers
 
-    def _tied_gradients(self) -> TiedGradients | None:
-        """This rank's tied parameters, after checking that every rank holding one starts with the same bits."""
-        mine = {}
+    def _build(self, **kwargs: Any) -> Program:
+        """This pipeline's schedule, ranks, stages, graph and replicas, with `kwargs` (a stream, forwards only)."""
+        ranks = self._num_ranks
+        return build_schedule(
+            self._schedule,
+            ranks,
+            self.num_microbatches,
+            None if self._replicas is not None else self.graph.num_stages // ranks,
+            graph=self.graph,
+            vertical_sync=self._vertical_sync,
+            replicas=self._replicas,
+            **kwargs,
+        )
+
+    def _check_replicas(self, replicas: tuple[int, ...], num_stages: int, ranks: int) -> None:
+        if len(replicas) != num_stages:
+            raise ValueError(f"replicas {replicas} name {len(replicas)} stages; the model has {num_stages}")
+        if sum(replicas) != ranks:
+            raise ValueError(f"replicas {replicas} hold {sum(replicas)} ranks; the process group has {ranks}")
+        if replicas[-1] != 1:
+            raise ValueError(
+                f"the last stage has {replicas[-1]} replicas: conveyor does not replicate the last stage, whose"
+                " rank computes and reports the loss"
+            )
+        for tie in self.graph.ties:
+            if any(replicas[s] > 1 for s in tie.stages):
+                raise ValueError(
+                    f"stages {list(tie.stages)} share a tied parameter and one of them is replicated: conveyor does"
+                    " not replicate stages with tied parameters"
+                )
+
+    def _shared_gradients(self) -> SharedGradients | None:
+        """This rank's tied and replicated parameters, after checking that every rank holding them starts
+        with the same bits."""
+        tied = {}
         for index, tie in enumerate(self.graph.ties):
             here = [s for s in tie.stages if s in self.stages]
             if here:
-                mine[index] = self.stages[here[0]].module.get_parameter(tie.name_on(here[0]))
-        for index, param in mine.items():
-            self._check_tie_agrees(index, param)
-        return TiedGradients(self.program, self.rank, mine, self.transport) if mine else None
+                tied[index] = self.stages[here[0]].module.get_parameter(tie.name_on(here[0]))
+                names = ", ".join(f"stage {s} {name}" for s, name in tie.names)
+                ranks = sorted({self.program.rank_of(s) for s in tie.stages})
+                self._check_equal_start(f"tie{index}", ranks, [tied[index]], f"tied parameter ({names})")
+        replicated = {}
+        for s, stage in self.stages.items():
+            ranks = list(self.program.replicas_of(s))
+            if len(ranks) > 1:
+                replicated[s] = list(stage.module.parameters())
+                self._check_equal_start(f"replicas{s}", ranks, replicated[s], f"stage {s}'s weights")
+        if not tied and not replicated:
+            return None
+        return SharedGradients(self.program, self.rank, tied, replicated, self.transport)
 
-    def _check_tie_agrees(self, index: int, param: nn.Parameter) -> None:
-        tie = self.graph.ties[index]
-        ranks = sorted({self.program.rank_of(s) for s in tie.stages})
+    def _check_equal_start(self, group: str, ranks: list[int], params: Sequence[nn.Parameter], what: str) -> None:
+        """Raise unless `params` have the same bits on every rank of `ranks` (they sum gradients and step alike)."""
         if len(ranks) < 2:
             return
-        digest = _digest(param)
+        digest = _digest(params)
         others = {}
         for r in ranks:
             if r != self.rank:
-                self.transport.send(digest, (f"tie{index}", self.rank, r))
-                others[r] = self.transport.recv(tuple(digest.shape), digest.dtype, (f"tie{index}", r, self.rank))
+                self.transport.send(digest, (group, self.rank, r))
+                others[r] = self.transport.recv(tuple(digest.shape), digest.dtype, (group, r, self.rank))
         differing = [r for r, incoming in others.items() if not torch.equal(incoming.wait(), digest)]
         self.transport.flush()
         if differing:
-            names = ", ".join(f"stage {s} {name}" for s, name in tie.names)
             raise ValueError(
-                f"tied parameter ({names}) differs between rank {self.rank} and rank(s) {differing} at the start;"
-                " a tie must start equal on every stage (build every rank's stages from one split and seed)"
+                f"{what} differ between rank {self.rank} and rank(s) {differing} at the start; they must start"
+                " equal on every rank that holds them (build every rank's stages from one split and seed)"
             )
 
     @property
@@ -295,11 +351,7 @@ class Pipeline:
     def forward_program(self) -> Program:
         """The schedule's forwards alone, for `evaluate` and `predict`."""
         if self._forward_program is None:
-            ranks = self.program.num_ranks
-            v = self.program.num_stages // ranks
-            self._forward_program = build_schedule(
-                self._schedule, ranks, self.num_microbatches, v, graph=self.graph, forward_only=True
-            )
+            self._forward_program = self._build(forward_only=True)
         return self._forward_program
 
     def _run(self, program: Program, inputs: Any, targets: Any, keep_outputs: bool) -> list[MicrobatchResult] | None:
@@ -368,18 +420,8 @@ class Pipeline:
 
     def _stream_program(self, num_batches: int) -> Program:
         if num_batches not in self._streams:
-            ranks = self.program.num_ranks
-            self._streams = {  # one length at a time: a stream of another length builds its own
-                num_batches: build_schedule(
-                    self._schedule,
-                    ranks,
-                    self.num_microbatches,
-                    self.program.num_stages // ranks,
-                    graph=self.graph,
-                    mini_batches=num_batches,
-                    vertical_sync=self._vertical_sync,
-                )
-            }
+            # One length at a time: a stream of another length builds its own.
+            self._streams = {num_batches: self._build(mini_batches=num_batches)}
         return self._streams[num_batches]
 
     def _report(
@@ -531,13 +573,19 @@ def _method(program: Program) -> str:
 
 
 def _signature(microbatches: list[Any]) -> int:
-    """A 63-bit name for the shapes and dtypes of a step's micro-batches (only its equality matters)."""
-    described = tuple(tuple((tuple(t.shape), t.dtype) for t in tensors_in(mb)) for mb in microbatches)
-    return hash(described) & (2**63 - 1)
+    """A 63-bit name for the shapes and dtypes of a step's micro-batches (only its equality matters).
+
+    The same on every process (replicas of the first stage compare theirs), so not Python's `hash`.
+    """
+    described = tuple(tuple((tuple(t.shape), str(t.dtype)) for t in tensors_in(mb)) for mb in microbatches)
+    words = hashlib.blake2b(repr(described).encode(), digest_size=8).digest()
+    return int.from_bytes(words, "little") & (2**63 - 1)
 
 
-def _digest(param: torch.Tensor) -> torch.Tensor:
-    """A 128-bit hash of a tensor's bits, as two int64 words."""
-    data = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    words = hashlib.blake2b(data, digest_size=16).digest()
+def _digest(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 128-bit hash of the tensors' bits, as two int64 words."""
+    hashed = hashlib.blake2b(digest_size=16)
+    for param in params:
+        hashed.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    words = hashed.digest()
     return torch.frombuffer(bytearray(words), dtype=torch.int64).clone()

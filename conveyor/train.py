@@ -46,6 +46,9 @@ class TrainConfig:
     stages: int = _option(2, "pipeline ranks (processes); the model is cut into stages x virtual stages")
     schedule: str = _option("1f1b", "pipeline schedule (`conveyor schedules` lists them)")
     virtual: int = _option(0, "stages per rank; 0 takes the schedule's default (1, or 2 for looped and V schedules)")
+    replicas: str = _option(
+        "", "1F1B-RR: ranks per stage, e.g. 2,1 (stage 0 on two ranks, stage 1 on one; --stages counts them all)"
+    )
     recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
     vertical_sync: bool = _option(False, "pipedream: every stage uses the weight version the first stage used")
     weight_stashing: bool = _option(
@@ -82,11 +85,11 @@ class TrainConfig:
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
         SCHEDULES[self.schedule].check_virtual(self.stages_per_rank)
+        self._check_replicas()
         layers = self.gpt2.n_layer if self.model == "gpt2" else self.layers  # also checks --model-config's fields
-        if layers < self.stages * self.stages_per_rank:
+        if layers < self.num_stages:
             raise ValueError(
-                f"{layers} layers cannot fill {self.stages * self.stages_per_rank} stages: use --layers"
-                f" {self.stages * self.stages_per_rank} or more"
+                f"{layers} layers cannot fill {self.num_stages} stages: use --layers {self.num_stages} or more"
             )
         if self.microbatches > self.batch_size:
             raise ValueError(
@@ -100,6 +103,32 @@ class TrainConfig:
             )
         if not asynchronous and (self.vertical_sync or not self.weight_stashing):
             raise ValueError("--vertical-sync and --no-weight-stashing are for pipedream and pipedream-2bw")
+
+    def _check_replicas(self) -> None:
+        if not self.replicas:
+            return
+        counts = self.replica_counts
+        assert counts is not None
+        if SCHEDULES[self.schedule].round_robin is None:
+            takers = ", ".join(n for n, i in SCHEDULES.items() if i.round_robin is not None)
+            raise ValueError(f"--replicas needs a schedule that replicates stages ({takers}); got {self.schedule}")
+        if self.virtual not in (0, 1):
+            raise ValueError("--replicas runs one stage per rank: drop --virtual")
+        if sum(counts) != self.stages:
+            raise ValueError(f"--replicas {self.replicas} holds {sum(counts)} ranks: use --stages {sum(counts)}")
+
+    @property
+    def replica_counts(self) -> tuple[int, ...] | None:
+        """--replicas as numbers, or None without it."""
+        if not self.replicas:
+            return None
+        try:
+            counts = tuple(int(word) for word in self.replicas.split(","))
+        except ValueError:
+            raise ValueError(f"--replicas takes ranks per stage, e.g. 2,1; got {self.replicas!r}") from None
+        if any(c < 1 for c in counts):
+            raise ValueError(f"--replicas: every stage needs at least 1 rank; got {self.replicas}")
+        return counts
 
     @property
     def stages_per_rank(self) -> int:
@@ -119,7 +148,8 @@ class TrainConfig:
 
     @property
     def num_stages(self) -> int:
-        return self.stages * self.stages_per_rank
+        counts = self.replica_counts
+        return len(counts) if counts is not None else self.stages * self.stages_per_rank
 
 
 @dataclass(frozen=True)
@@ -165,6 +195,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         recompute=config.recompute,
         vertical_sync=config.vertical_sync,
         weight_stashing=config.weight_stashing,
+        replicas=config.replica_counts,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
         device=device,
     )
@@ -298,6 +329,7 @@ def _describe(config: TrainConfig) -> str:
     keys = (
         "model",
         "stages",
+        "replicas",
         "schedule",
         "virtual",
         "microbatches",
@@ -311,7 +343,8 @@ def _describe(config: TrainConfig) -> str:
     with torch.device("meta"):  # only counting: no memory, no init
         model = GPT(config.gpt) if config.model == "gpt" else _gpt2_model(config)
         params = sum(p.numel() for p in model.parameters())
-    shown = ", ".join(f"{k}={fields[k]}" for k in keys if k != "model" or config.model != "gpt")
+    optional = {"model": config.model != "gpt", "replicas": bool(config.replicas)}
+    shown = ", ".join(f"{k}={fields[k]}" for k in keys if optional.get(k, True))
     return shown + f", {params / 1e6:.1f}M parameters"
 
 

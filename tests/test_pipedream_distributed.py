@@ -21,7 +21,7 @@ from tiny_models import relative_error
 from torch import nn
 
 from conveyor import Pipeline, manual_split, spawn
-from conveyor.schedules import Program, build_schedule, versions_held
+from conveyor.schedules import Program, build_schedule, step_group, versions_held
 
 RANKS, M, BATCHES, LR = 3, 3, 4, 0.1
 
@@ -31,9 +31,10 @@ def build() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
 
 
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(m: int = M) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """BATCHES mini-batches of m micro-batches of 2 samples."""
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(2 * M, 4, generator=g), torch.randn(2 * M, 2, generator=g)) for _ in range(BATCHES)]
+    return [(torch.randn(2 * m, 4, generator=g), torch.randn(2 * m, 2, generator=g)) for _ in range(BATCHES)]
 
 
 class Recording(torch.optim.Optimizer):
@@ -59,27 +60,36 @@ OPTIMIZERS: dict[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]]
 }
 
 
-def simulate(program: Program, optimizer: str) -> tuple[list[nn.Module], list[list[list[torch.Tensor]]]]:
-    """The stream on one process with stashed weights: each stage's final module and the gradient of each step."""
-    split = manual_split(build(), RANKS)
-    stages = [split.build_stage(s) for s in range(RANKS)]
+def simulate(program: Program, optimizer: str, m: int = M) -> tuple[list[nn.Module], list[list[list[torch.Tensor]]]]:
+    """The stream on one process with stashed weights: each stage's final module and the gradient of each step.
+
+    Stage s steps after each group of `step_group(program, s)` micro-batches with their mean gradient
+    (one micro-batch's under pipedream, one per replica of a replicated stage, a mini-batch's under 2BW).
+    """
+    num_stages = program.num_stages
+    split = manual_split(build(), num_stages)
+    stages = [split.build_stage(s) for s in range(num_stages)]
     optimizers = [OPTIMIZERS[optimizer](stage.parameters()) for stage in stages]
     history = [[_copy(stage)] for stage in stages]
     logs: list[list[list[torch.Tensor]]] = [[] for _ in stages]
-    versions, per = program.weight_versions or {}, program.microbatches_per_step or M
-    microbatches = [(x, y) for xs, ys in batches() for x, y in zip(xs.tensor_split(M), ys.tensor_split(M), strict=True)]
+    versions, per = program.weight_versions or {}, program.microbatches_per_step or m
+    groups = [step_group(program, s) for s in range(num_stages)]
+    microbatches = [
+        (x, y) for xs, ys in batches(m) for x, y in zip(xs.tensor_split(m), ys.tensor_split(m), strict=True)
+    ]
     for k, (x, y) in enumerate(microbatches):
-        used = [{n: t.clone().requires_grad_() for n, t in history[s][versions[(s, k)]].items()} for s in range(RANKS)]
+        used = [
+            {n: t.clone().requires_grad_() for n, t in history[s][versions[(s, k)]].items()} for s in range(num_stages)
+        ]
         h = x
         for s, stage in enumerate(stages):
             h = torch.func.functional_call(stage, used[s], (h,))
         (F.mse_loss(h, y) / per).backward()
         for s, stage in enumerate(stages):
             for name, param in stage.named_parameters():
-                grad = used[s][name].grad
+                grad = used[s][name].grad * (per / groups[s])
                 param.grad = grad if param.grad is None else param.grad + grad
-        if (k + 1) % per == 0:
-            for s, stage in enumerate(stages):
+            if (k + 1) % groups[s] == 0:
                 logs[s].append([p.grad.clone() for p in stage.parameters()])
                 optimizers[s].step()
                 optimizers[s].zero_grad()

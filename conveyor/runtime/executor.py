@@ -9,9 +9,9 @@ from typing import Any, Protocol
 import torch
 
 from ..schedules import Action, Edge, Kind, Link, Program, split_backwards
+from .shared import SharedGradients
 from .stage import Stage
 from .stage_io import FORWARD_ONLY, TRAINING, StageIO
-from .tied import TiedGradients
 
 __all__ = ["ByMicrobatch", "Executor", "Tracer"]
 
@@ -36,8 +36,9 @@ class Executor:
     """Runs `program`'s actions for `rank`, whose stages are `stages` (by stage index).
 
     Values move along the edges of the program's stage graph: between stages
-    on this rank in memory, to and from other ranks through `io`. `tied`
-    sums the gradients of parameters several stages share (REDUCE, then STEP).
+    on this rank in memory, to and from other ranks through `io`. `shared`
+    sums the gradients several stages or ranks share (REDUCE, then STEP): tied
+    parameters, and a replicated stage's.
     """
 
     def __init__(
@@ -47,19 +48,19 @@ class Executor:
         stages: dict[int, Stage],
         io: StageIO,
         optimizer_step: Callable[[int], None] | None = None,
-        tied: TiedGradients | None = None,
+        shared: SharedGradients | None = None,
     ) -> None:
         missing = set(program.stages_of(rank)) - set(stages)
         if missing:
             raise ValueError(f"rank {rank} runs stages {sorted(missing)} of the schedule but was not given them")
-        if program.graph.ties and tied is None and any(program.graph.ties_of(s) for s in stages):
-            raise ValueError(f"rank {rank} holds tied parameters: the executor needs their TiedGradients")
+        if shared is None and any(_shares_gradients(program, s) for s in stages):
+            raise ValueError(f"rank {rank} holds tied or replicated parameters: the executor needs SharedGradients")
         self.program = program
         self.rank = rank
         self.stages = stages
         self.io = io
         self.optimizer_step = optimizer_step
-        self.tied = tied
+        self.shared = shared
         self.tracer: Tracer | None = None
 
     def run(
@@ -126,8 +127,8 @@ class Executor:
             self._step(action)
             return
         if kind is Kind.REDUCE:
-            assert self.tied is not None
-            self.tied.offer(s, mb)
+            assert self.shared is not None
+            self.shared.offer(s, mb)
             return
         assert mb is not None
         if kind is Kind.FORWARD:
@@ -164,14 +165,14 @@ class Executor:
         for edge in self._program.graph.out_edges(s):
             values = outputs if edge.values is None else [outputs[v] for v in edge.values]
             key = ("act", s, edge.dst, mb)
-            if self._program.same_rank(s, edge.dst):
+            if self._program.same_rank(s, edge.dst, mb):
                 self._handoff[key] = values
             else:
                 self._to_send[key] = values
 
     def _arriving(self, s: int, mb: int, edge: Edge) -> list[torch.Tensor]:
         """The values of `edge` for micro-batch `mb`, handed over in memory or received."""
-        if self._program.same_rank(edge.src, s):
+        if self._program.same_rank(edge.src, s, mb):
             return [_as_stage_input(t) for t in self._handoff.pop(("act", edge.src, s, mb))]
         return self._received(Action(s, Kind.FORWARD, mb), lambda: self.io.wait(("act", edge.src, s), mb))
 
@@ -200,14 +201,14 @@ class Executor:
             if not edge.grad:
                 continue
             key = ("grad", edge.src, s, mb)
-            if self._program.same_rank(edge.src, s):
+            if self._program.same_rank(edge.src, s, mb):
                 self._handoff[key] = grads
             else:
                 self._to_send[key] = grads
 
     def _gradients_back(self, s: int, mb: int, edge: Edge) -> list[torch.Tensor]:
         """The gradients of `edge`'s values for micro-batch `mb`, handed over in memory or received."""
-        if self._program.same_rank(s, edge.dst):
+        if self._program.same_rank(s, edge.dst, mb):
             return self._handoff.pop(("grad", s, edge.dst, mb))
         link = ("grad", s, edge.dst)
         return self._received(Action(s, Kind.BACKWARD, mb), lambda: self.io.wait(link, mb))
@@ -220,8 +221,8 @@ class Executor:
 
     def _step(self, action: Action) -> None:
         s = action.stage
-        if self.tied is not None and self._program.graph.ties_of(s):
-            self._received(action, lambda: self.tied.wait(s, action.mb))  # type: ignore[union-attr]
+        if self.shared is not None and _shares_gradients(self._program, s):
+            self._received(action, lambda: self.shared.wait(s, action.mb))  # type: ignore[union-attr]
         versions = self.stages[s].versions
         if versions is not None:
             versions.before_step()
@@ -237,6 +238,10 @@ class Executor:
         result = wait()
         self.tracer.waited(action, start, time.perf_counter())
         return result
+
+
+def _shares_gradients(program: Program, stage: int) -> bool:
+    return bool(program.graph.ties_of(stage)) or len(program.replicas_of(stage)) > 1
 
 
 def _values(edge: Edge, num_outputs: int) -> list[int]:

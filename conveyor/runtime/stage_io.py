@@ -12,6 +12,10 @@ transfer is preceded by a metadata message; the receiver caches what it
 learned, so later steps with the same signature send only the data and can post
 receives early. Gradients need no metadata: their shapes are those of the
 activations the receiver sent.
+
+All of it travels per channel (`Program.channel`): a link, or, where one end
+of it is a replicated stage, each pair of ranks on it, so a stage fed by
+replicas hears the header of each and checks that they agree.
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schedules import Link, Program
+from ..schedules import Channel, Link, Program
 from .tensor_meta import HEADER_LENGTH, TensorMeta, decode_metas, encode_metas
 from .transport import Incoming, Transport
 
 __all__ = ["StageIO", "TRAINING", "FORWARD_ONLY"]
 
-# (signature, kind of run, link, micro-batch): a forward-only run sends no gradient flags
-Key = tuple[int, int, Link, int]
+# (signature, kind of run, channel, micro-batch): a forward-only run sends no gradient flags
+Key = tuple[int, int, Channel, int]
 
 CLOSED = -1  # sent instead of a next step's signature by `close` (signatures are never negative)
 TRAINING, FORWARD_ONLY = 0, 1  # what kind of run a step is: the header's second word
@@ -39,9 +43,9 @@ _HEADER = 2  # words of a step header: signature, kind of run
 
 @dataclass
 class _Receive:
-    """One stage input or output gradient on its way over `link`."""
+    """One stage input or output gradient on its way over `channel`."""
 
-    link: Link
+    channel: Channel
     metas: list[TensorMeta] | None  # None until the metadata message arrives
     cache_key: Key | None = None  # where to remember the metadata once it arrives
     incoming: list[Incoming] | None = None  # None until the buffers are posted
@@ -60,9 +64,10 @@ class StageIO:
         self.uniform = False
         self._metas_in: dict[Key, list[TensorMeta]] = {}  # learned from senders
         self._metas_out: dict[Key, list[TensorMeta]] = {}  # already described to receivers
-        self._queues: dict[Link, deque[_Receive]] = {}  # not yet posted, per link
+        self._queues: dict[Channel, deque[_Receive]] = {}  # not yet posted, per channel
         self._posted: dict[tuple[Link, int], _Receive] = {}
-        self._next_header: dict[Link, Incoming] = {}  # posted at the end of the previous step
+        self._next_header: dict[Channel, Incoming] = {}  # posted at the end of the previous step
+        self._channels = program.channels()
         self._between_steps = False  # a step ended, and no other began or closed the pipeline
 
     @property
@@ -70,21 +75,21 @@ class StageIO:
         """Receives posted and not yet waited on, those left for the next step's header included."""
         return len(self._posted) + sum(len(q) for q in self._queues.values()) + len(self._next_header)
 
-    def _incoming_links(self) -> list[Link]:
-        """The activation links into this rank's stages, by stage (the order headers are received in)."""
-        return [
-            ("act", e.src, s)
-            for s in self.program.stages_of(self.rank)
-            for e in self.program.graph.in_edges(s)
-            if not self.program.same_rank(e.src, s)
-        ]
+    def _incoming(self, stage: int) -> list[Channel]:
+        """The activation channels from other ranks into `stage` on this rank (the order headers come in)."""
+        return sorted(
+            c
+            for c, (_, receiver) in self._channels.items()
+            if c[0] == "act" and c[2] == stage and receiver == self.rank
+        )
 
-    def _outgoing_links(self, stage: int) -> list[Link]:
-        return [
-            ("act", stage, e.dst)
-            for e in self.program.graph.out_edges(stage)
-            if not self.program.same_rank(stage, e.dst)
-        ]
+    def _incoming_channels(self) -> list[Channel]:
+        return [c for s in self.program.stages_of(self.rank) for c in self._incoming(s)]
+
+    def _outgoing(self, stage: int) -> list[Channel]:
+        return sorted(
+            c for c, (sender, _) in self._channels.items() if c[0] == "act" and c[1] == stage and sender == self.rank
+        )
 
     def begin_step(self, signature: int | None, run: int = TRAINING, uniform: bool = False) -> None:
         """Agree on this step's input signature and kind of run: given on the first stage's rank, received elsewhere.
@@ -103,13 +108,12 @@ class StageIO:
             if stage == 0:
                 assert signature is not None, "the first stage's rank must give the step's input signature"
                 self.signature = signature
-            for edge in program.graph.in_edges(stage):
-                if program.same_rank(edge.src, stage):
-                    continue
-                link = ("act", edge.src, stage)
-                incoming = self._next_header.pop(link, None) or self.transport.recv((_HEADER,), torch.int64, link)
+            heard: dict[int, int] = {}  # sender -> its signature
+            for channel in self._incoming(stage):
+                incoming = self._next_header.pop(channel, None) or self.transport.recv((_HEADER,), torch.int64, channel)
                 self.signature, theirs = incoming.wait().tolist()
-                sender = program.rank_of(edge.src)
+                sender = self._channels[channel][0]
+                heard[sender] = self.signature
                 if self.signature == CLOSED:
                     raise RuntimeError(
                         f"rank {rank}: rank {sender} closed the pipeline while this rank began"
@@ -120,15 +124,20 @@ class StageIO:
                         f"rank {rank} began {_RUNS[run]} while rank {sender} began {_RUNS.get(theirs, theirs)}:"
                         " every rank must call the same method (step, evaluate or predict) in the same order"
                     )
-            for link in self._outgoing_links(stage):
-                self.transport.send(torch.tensor([self.signature, run], dtype=torch.int64), link)
+            if len(set(heard.values())) > 1:
+                raise RuntimeError(
+                    f"rank {rank}: the replicas feeding stage {stage} began steps on different input shapes"
+                    f" (signatures {heard} by rank); every rank must be given the same batch"
+                )
+            for channel in self._outgoing(stage):
+                self.transport.send(torch.tensor([self.signature, run], dtype=torch.int64), channel)
 
     def end_step(self) -> None:
         assert not self._posted and not any(self._queues.values()), "a receive was posted but never used"
         self.transport.flush()
-        for link in self._incoming_links():
+        for channel in self._incoming_channels():
             try:
-                self._next_header[link] = self.transport.recv((_HEADER,), torch.int64, link)
+                self._next_header[channel] = self.transport.recv((_HEADER,), torch.int64, channel)
             except RuntimeError:
                 # After the last step the sender may already have closed its process group.
                 # If a next step comes, begin_step posts the receive again and reports any real failure.
@@ -147,12 +156,12 @@ class StageIO:
             return
         self._between_steps = False
         for stage in self.program.stages_of(self.rank):
-            for link in self._outgoing_links(stage):
-                self.transport.send(torch.tensor([CLOSED, TRAINING], dtype=torch.int64), link)
-        for link, incoming in self._next_header.items():
+            for channel in self._outgoing(stage):
+                self.transport.send(torch.tensor([CLOSED, TRAINING], dtype=torch.int64), channel)
+        for channel, incoming in self._next_header.items():
             if int(incoming.wait()[0].item()) != CLOSED:
                 raise RuntimeError(
-                    f"rank {self.rank}: a step began over {link} while this rank closed the pipeline;"
+                    f"rank {self.rank}: a step began over {channel} while this rank closed the pipeline;"
                     " every rank must call close() after the same step"
                 )
         self._next_header.clear()
@@ -160,17 +169,19 @@ class StageIO:
 
     def send(self, link: Link, mb: int, tensors: Sequence[torch.Tensor]) -> None:
         """Send micro-batch `mb`'s values over `link`: activations (described once per signature) or gradients."""
+        channel = self.program.channel(link, mb)
         if link[0] == "act":
-            self._describe(link, mb, tensors)
+            self._describe(channel, mb, tensors)
         for tensor in tensors:
-            self.transport.send(tensor, link)
+            self.transport.send(tensor, channel)
 
-    def _describe(self, link: Link, mb: int, tensors: Sequence[torch.Tensor]) -> None:
+    def _describe(self, channel: Channel, mb: int, tensors: Sequence[torch.Tensor]) -> None:
+        link = channel[:3]
         metas = [TensorMeta.of(t) for t in tensors]
-        key = self._key(link, mb)
+        key = self._key(channel, mb)
         described = self._metas_out.get(key)
         if described is None:
-            self.transport.send(encode_metas(metas, f"stage {link[1]} output for stage {link[2]}"), link)
+            self.transport.send(encode_metas(metas, f"stage {link[1]} output for stage {link[2]}"), channel)
             self._metas_out[key] = metas
         elif described != metas:
             raise RuntimeError(
@@ -179,20 +190,21 @@ class StageIO:
                 " must depend only on its input shapes"
             )
 
-    def _key(self, link: Link, mb: int) -> Key:
-        return (self.signature, self.run, link, 0 if self.uniform else mb)
+    def _key(self, channel: Channel, mb: int) -> Key:
+        return (self.signature, self.run, channel, 0 if self.uniform else mb)
 
     def post_activations(self, link: Link, mb: int) -> None:
         """Post the receive of micro-batch `mb`'s values over activation link `link`."""
-        key = self._key(link, mb)
+        channel = self.program.channel(link, mb)
+        key = self._key(channel, mb)
         known = self._metas_in.get(key)
         # In a uniform run one metadata message describes every micro-batch: only the first receive reads it.
-        leader = any(r.cache_key == key and r.own_header for r in self._queues.get(link, ()))
-        self._post((link, mb), _Receive(link, known, cache_key=key, own_header=not leader))
+        leader = any(r.cache_key == key and r.own_header for r in self._queues.get(channel, ()))
+        self._post((link, mb), _Receive(channel, known, cache_key=key, own_header=not leader))
 
     def post_gradients(self, link: Link, mb: int, metas: list[TensorMeta]) -> None:
         """Post the receive of the gradients described by `metas` over gradient link `link`."""
-        self._post((link, mb), _Receive(link, metas))
+        self._post((link, mb), _Receive(self.program.channel(link, mb), metas))
 
     def wait(self, link: Link, mb: int) -> list[torch.Tensor]:
         """The tensors of micro-batch `mb` over `link`, once they arrived (activations with their gradient flags)."""
@@ -201,7 +213,7 @@ class StageIO:
             raise RuntimeError(
                 f"rank {self.rank}: {link[0]} of edge {link[1]}->{link[2]}, micro-batch {mb} was never posted"
             )
-        self._pump(link, until=receive)
+        self._pump(receive.channel, until=receive)
         assert receive.incoming is not None and receive.metas is not None
         tensors = [incoming.wait() for incoming in receive.incoming]
         if link[0] == "grad":
@@ -217,12 +229,12 @@ class StageIO:
 
     def _post(self, name: tuple[Link, int], receive: _Receive) -> None:
         self._posted[name] = receive
-        self._queues.setdefault(receive.link, deque()).append(receive)
-        self._pump(receive.link, until=None)
+        self._queues.setdefault(receive.channel, deque()).append(receive)
+        self._pump(receive.channel, until=None)
 
-    def _pump(self, link: Link, until: _Receive | None) -> None:
-        """Post queued receives of `link` in order; block on metadata only up to `until`."""
-        queue = self._queues[link]
+    def _pump(self, channel: Channel, until: _Receive | None) -> None:
+        """Post queued receives of `channel` in order; block on metadata only up to `until`."""
+        queue = self._queues[channel]
         while queue:
             head = queue[0]
             if head.metas is None and not head.own_header:
@@ -231,11 +243,11 @@ class StageIO:
             if head.metas is None:
                 if until is None or until.incoming is not None:
                     return
-                header = self.transport.recv_now((HEADER_LENGTH,), torch.int64, link)
+                header = self.transport.recv_now((HEADER_LENGTH,), torch.int64, channel)
                 head.metas = decode_metas(header)
                 assert head.cache_key is not None
                 self._metas_in[head.cache_key] = head.metas
-            head.incoming = [self.transport.recv(m.shape, m.dtype, link) for m in head.metas]
+            head.incoming = [self.transport.recv(m.shape, m.dtype, channel) for m in head.metas]
             queue.popleft()
 
 

@@ -6,8 +6,8 @@ backend, CUDA tensors travel through host memory (gloo only moves CPU tensors).
 
 Messages travel over *channels*: the program's links (`conveyor.schedules.Link`:
 an edge's activations, or its gradients back), and a few of the pipeline's own
-(the loss for other ranks, tied gradients), each named by a (str, int, int)
-tuple. Channels must not hold each other up: the validator assumes that a send
+(the loss for other ranks, shared gradients), each named by a tuple.
+Channels must not hold each other up: the validator assumes that a send
 waits only for its own receive, and that a channel's messages match in order.
 How that is kept depends on the backend:
 
@@ -38,9 +38,9 @@ import torch.distributed as dist
 
 __all__ = ["Channel", "Incoming", "Transport"]
 
-# A channel's name: a channel of the program (("act" | "grad", src stage, dst stage)) or one of the
-# pipeline's own (("loss", from rank, to rank), ("tie<i>", from rank, to rank)).
-Channel = tuple[str, int, int]
+# A channel's name: a channel of the program (`conveyor.schedules.Channel`) or one of the pipeline's
+# own (("loss", from rank, to rank), ("tie<i>" | "replicas<s>", from rank, to rank)).
+Channel = tuple[str, int, int] | tuple[str, int, int, int, int]
 
 
 @dataclass

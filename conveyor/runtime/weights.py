@@ -61,7 +61,9 @@ class WeightVersions:
         versions = program.weight_versions or {}
         self.live = 0
         self.used = {}
-        self._version = {k: v for (s, k), v in versions.items() if s == self.stage}
+        # Only the micro-batches this rank runs: a replica of the stage runs the others.
+        mine = {a.mb for a in actions if a.stage == self.stage and a.kind is Kind.FORWARD and a.mb is not None}
+        self._version = {k: v for (s, k), v in versions.items() if s == self.stage and k in mine}
         self._crosses = set()
         forwarded: set[int] = set()
         for action in actions:

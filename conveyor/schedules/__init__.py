@@ -10,7 +10,15 @@ from .graph import Edge, StageGraph, Tie
 from .interleaved import interleaved_1f1b, looped_bfs
 from .lowering import forward_only, fuse_backwards, insert_reductions, insert_transfers, lower, prefetch_receives
 from .one_f_one_b import one_f_one_b
-from .pipedream import noam, pipedream, pipedream_2bw, versions_from_steps, versions_held
+from .pipedream import (
+    noam,
+    pipedream,
+    pipedream_2bw,
+    replica_gradient_scale,
+    step_group,
+    versions_from_steps,
+    versions_held,
+)
 from .render import render_steps, render_timeline
 from .validate import DeadlockError, ScheduleError, Timing, split_backwards, validate
 from .zero_bubble import zb_h1, zb_h2, zbv
@@ -45,6 +53,8 @@ __all__ = [
     "parse_actions",
     "pipedream",
     "pipedream_2bw",
+    "replica_gradient_scale",
+    "step_group",
     "prefetch_receives",
     "render_steps",
     "render_timeline",

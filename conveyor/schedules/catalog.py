@@ -227,9 +227,9 @@ def build_schedule(
             raise ValueError(f"{name} does not replicate stages; the schedules that do: {takers}")
         if v != 1:
             raise ValueError(f"a replicated pipeline runs one stage per replica; got {v} stages per rank")
+        if sum(replicas) != num_ranks:
+            raise ValueError(f"replicas {tuple(replicas)} hold {sum(replicas)} ranks, but {name} runs on {num_ranks}")
         generated = info.round_robin(tuple(replicas), num_microbatches, mini_batches, vertical_sync)
-        if generated.num_ranks != num_ranks:
-            raise ValueError(f"replicas {tuple(replicas)} hold {generated.num_ranks} ranks, not {num_ranks}")
     elif info.stream is not None:
         generated = info.stream(num_ranks, num_microbatches, mini_batches, vertical_sync)
     else:

@@ -141,11 +141,12 @@ def _check_computes(program: Program) -> None:
     for (stage, kind, mb, _), n in collective.items():  # each replica's count must be 1
         seen[(stage, kind, mb)] = max(seen[(stage, kind, mb)], n)
     for stage, kind, mb, rank in sorted(collective, key=str):
-        first = program.replicas_of(stage)[0]
-        if (stage, kind, mb, first) not in collective:
+        missing_on = [r for r in program.replicas_of(stage) if (stage, kind, mb, r) not in collective]
+        if missing_on:
             raise ScheduleError(
-                f"{what}: rank {rank} runs {Action(stage, kind, mb)} but rank {first}, another replica of stage"
-                f" {stage}, does not: a replicated stage's ranks step and reduce together\n{render_steps(program)}"
+                f"{what}: rank {rank} runs {Action(stage, kind, mb)} but rank {missing_on[0]}, another replica of"
+                f" stage {stage}, does not: a replicated stage's ranks step and reduce together"
+                f"\n{render_steps(program)}"
             )
     # W, STEP and REDUCE are optional (a program may accumulate gradients over several runs), but never repeated.
     wanted |= {key for key in seen if key[1] in (Kind.WEIGHT, Kind.STEP, Kind.REDUCE)}

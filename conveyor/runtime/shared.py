@@ -1,0 +1,147 @@
+"""Shared gradients: parameters held on several ranks, whose gradients are summed before each step.
+
+Two things share them. A tied parameter (GPT-2's token embedding, reused by
+its LM head) is registered on every stage that uses it; stages on one rank
+share one tensor, so autograd already sums their parts, and ranks exchange
+theirs. A replicated stage (1F1B-RR) is held by several ranks that each ran
+some of its micro-batches; they exchange all of the stage's gradients.
+
+A REDUCE action offers this rank's part once every local holder has offered
+it; the STEP behind it waits for the other ranks' parts and adds them up in
+rank order, so every holder ends with the same bits and steps alike, as the
+unsplit model's one parameter would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..schedules import Program, replica_gradient_scale
+from .transport import Channel, Incoming, Transport
+
+__all__ = ["SharedGradients", "shared_channels"]
+
+Key = tuple[str, int | None]  # (group, micro-batch of an asynchronous step, or None for a mini-batch)
+
+
+@dataclass
+class _Group:
+    """Tensors whose gradients `ranks` sum: one tied parameter, or all of a replicated stage's."""
+
+    name: str
+    ranks: list[int]
+    holders: set[int]
+    """The stages on this rank that hold the tensors (all must offer before this rank sends)."""
+    params: Sequence[nn.Parameter]
+    scale: float = 1.0
+    """What the sum is multiplied by (see `replica_gradient_scale`)."""
+
+
+def _tie_ranks(program: Program, index: int) -> list[int]:
+    return sorted({program.rank_of(s) for s in program.graph.ties[index].stages})
+
+
+def shared_channels(program: Program) -> dict[Channel, tuple[int, int]]:
+    """The channels the ranks of each group exchange gradients over: (group, sender, receiver).
+
+    A group is "tie<i>" for the graph's tie i and "replicas<s>" for a replicated stage s.
+    """
+    groups = [(f"tie{i}", _tie_ranks(program, i)) for i in range(len(program.graph.ties))]
+    groups += [(f"replicas{s}", list(program.replicas_of(s))) for s in range(program.num_stages)]
+    return {(name, a, b): (a, b) for name, ranks in groups for a in ranks for b in ranks if a != b}
+
+
+class SharedGradients:
+    """The gradient sums of this rank's shared tensors.
+
+    `tied[i]` is the rank's tensor of tie i; `replicated[s]` the parameters of
+    a replicated stage s on this rank.
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        rank: int,
+        tied: Mapping[int, nn.Parameter],
+        replicated: Mapping[int, Sequence[nn.Parameter]],
+        transport: Transport,
+    ) -> None:
+        self.rank = rank
+        self.transport = transport
+        ties = program.graph.ties
+        holding = [i for i, tie in enumerate(ties) if any(program.rank_of(s) == rank for s in tie.stages)]
+        if sorted(tied) != holding:
+            raise ValueError(f"rank {rank} holds ties {holding} but was given the tensors of {sorted(tied)}")
+        groups = [
+            _Group(f"tie{i}", _tie_ranks(program, i), {s for s in ties[i].stages if program.rank_of(s) == rank}, [p])
+            for i, p in tied.items()
+        ]
+        groups += [
+            _Group(f"replicas{s}", list(program.replicas_of(s)), {s}, list(params), replica_gradient_scale(program, s))
+            for s, params in replicated.items()
+        ]
+        self._groups = {g.name: g for g in groups}
+        self._offered: dict[Key, set[int]] = {}
+        self._incoming: dict[Key, dict[int, Incoming]] = {}
+        self._mine: dict[Key, torch.Tensor] = {}
+        self._stepped: dict[Key, set[int]] = {}
+
+    def _groups_of(self, stage: int) -> list[_Group]:
+        return [g for g in self._groups.values() if stage in g.holders]
+
+    def offer(self, stage: int, mb: int | None) -> None:
+        """REDUCE: `stage` has its part of the gradients; once every local holder has, send this rank's part."""
+        for group in self._groups_of(stage):
+            key = (group.name, mb)
+            offered = self._offered.setdefault(key, set())
+            offered.add(stage)
+            if offered != group.holders:
+                continue
+            mine = _flat_grads(group.params)
+            self._mine[key] = mine
+            incoming = {}
+            for other in group.ranks:
+                if other != self.rank:
+                    self.transport.send(mine, (group.name, self.rank, other))
+                    incoming[other] = self.transport.recv(tuple(mine.shape), mine.dtype, (group.name, other, self.rank))
+            self._incoming[key] = incoming
+
+    def wait(self, stage: int, mb: int | None) -> None:
+        """Before `stage`'s STEP: the summed gradient of each of its shared tensors, the same on every rank."""
+        for group in self._groups_of(stage):
+            key = (group.name, mb)
+            if key in self._mine:  # the first local holder to step sums; the others find it done
+                parts = {self.rank: self._mine.pop(key)}
+                parts.update({r: incoming.wait() for r, incoming in self._incoming.pop(key).items()})
+                total = parts[group.ranks[0]]
+                for r in group.ranks[1:]:
+                    total = total + parts[r]
+                if group.scale != 1.0:
+                    total = total * group.scale
+                _set_grads(group.params, total)
+            elif self._offered.get(key) != group.holders:
+                raise RuntimeError(
+                    f"rank {self.rank}: stage {stage} steps before every local holder of {group.name} offered its"
+                    " gradient"
+                )
+            stepped = self._stepped.setdefault(key, set())
+            stepped.add(stage)
+            if stepped == group.holders:
+                del self._offered[key], self._stepped[key]
+
+
+def _flat_grads(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """The parameters' gradients in one flat tensor (zeros where a parameter got none), one message per rank."""
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    return grads[0] if len(grads) == 1 else torch.cat(grads)
+
+
+def _set_grads(params: Sequence[nn.Parameter], flat: torch.Tensor) -> None:
+    at = 0
+    for p in params:
+        p.grad = flat[at : at + p.numel()].view_as(p)  # views of one buffer, as DDP's buckets
+        at += p.numel()

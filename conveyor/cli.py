@@ -154,6 +154,18 @@ def _stream_flags(command: argparse.ArgumentParser, default: int) -> None:
         help=f"asynchronous schedules: mini-batches the program streams before it drains (default: {default})",
     )
     command.add_argument("--vertical-sync", action="store_true", help="pipedream: every stage uses one version")
+    command.add_argument(
+        "--replicas",
+        type=_replica_counts,
+        help="1F1B-RR: ranks per stage, e.g. 2,1 (gpipe, 1f1b, pipedream, pipedream-2bw; --stages counts them all)",
+    )
+
+
+def _replica_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(word) for word in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ranks per stage, e.g. 2,1; got {text!r}") from None
 
 
 def _program(args: argparse.Namespace) -> Program:
@@ -166,8 +178,9 @@ def _program(args: argparse.Namespace) -> Program:
             args.virtual,
             mini_batches=args.minibatches,
             vertical_sync=args.vertical_sync,
+            replicas=args.replicas,
         )
-    return build_schedule(args.schedule, args.stages, args.microbatches, args.virtual)
+    return build_schedule(args.schedule, args.stages, args.microbatches, args.virtual, replicas=args.replicas)
 
 
 def _list_schedules() -> None:
@@ -196,8 +209,12 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        v = program.num_stages // program.num_ranks
-        print(f"{args.schedule}: {args.stages} ranks x {v} stage(s), {args.microbatches} micro-batches")
+        if program.replicated:
+            counts = ",".join(str(len(program.replicas_of(s))) for s in range(program.num_stages))
+            placed = f"{args.stages} ranks holding {program.num_stages} stages (replicas {counts})"
+        else:
+            placed = f"{args.stages} ranks x {program.num_stages // program.num_ranks} stage(s)"
+        print(f"{args.schedule}: {placed}, {args.microbatches} micro-batches")
         print(f"step time        {result.step_time:.6g}")
         print(f"bubble fraction  {result.bubble_fraction:.4f}")
         print(f"peak activations {result.peak_activations} (micro-batches, per rank)")

@@ -105,3 +105,27 @@ def test_train_refuses_asynchronous_options_for_synchronous_schedules(capsys: py
     with pytest.raises(SystemExit):
         main(["train", "--schedule", "pipedream", "--batch-size", "10", "--microbatches", "4"])
     assert "the batch size (10) must be a multiple of the micro-batches (4)" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_train_a_replicated_first_stage(capfd: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--schedule", "pipedream", "--stages", "3", "--replicas", "2,1", "--steps", "10", "--dim", "32"]
+    argv += ["--layers", "2", "--heads", "2", "--context", "32", "--batch-size", "8", "--lr", "3e-3", "--no-progress"]
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    # Each replica of stage 0 has NOAM = ceil(3 / 2) = 2 micro-batches in flight: its live version and one more.
+    assert "stages=3, replicas=2,1, schedule=pipedream" in out and "held at most: stage 0 2 (" in out, out
+    line = next(line for line in out.splitlines() if line.startswith("loss "))
+    first, last = (float(word) for word in line.split()[1:4:2])
+    assert last < first, line
+
+
+def test_train_checks_replicas_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, error in [
+        (["--replicas", "2,1"], "--replicas 2,1 holds 3 ranks: use --stages 3"),
+        (["--replicas", "2,1", "--stages", "3", "--schedule", "zbv"], "--replicas needs a schedule that replicates"),
+        (["--replicas", "2,x"], "--replicas takes ranks per stage, e.g. 2,1; got '2,x'"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["train", *argv])
+        assert error in capsys.readouterr().err, argv

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .runtime.agreement import agree
 from .runtime.executor import Executor
 from .runtime.microbatch import (
     batch_size,
@@ -76,6 +77,12 @@ class Pipeline:
     they keep identical weights; they must start identical (every rank builds
     its stages from the same split and seed). The last stage, whose rank
     reports the loss, and stages with tied parameters are not replicated.
+
+    `timeout_s` bounds each wait for another rank's message (over gloo; NCCL
+    keeps its process group's timeout): a peer that is stuck, stopped or
+    making other calls is reported as a TimeoutError naming this rank, the
+    peer, the link and the micro-batch, and a peer that ended as a
+    ConnectionError. None waits as long as the process group does.
     """
 
     def __init__(
@@ -92,6 +99,7 @@ class Pipeline:
         weight_stashing: bool = True,
         vertical_sync: bool = False,
         replicas: Sequence[int] | None = None,
+        timeout_s: float | None = 120.0,
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -111,6 +119,18 @@ class Pipeline:
         total = graph.num_stages if graph is not None else num_stages
         assert total is not None
         self.graph: StageGraph = graph or StageGraph.chain(total)
+        # Before anything that could fail on some ranks only: ranks that disagree would send each other
+        # messages of other sizes or in another order (a crash or a hang); here they all raise at once.
+        settings: dict[str, int | bool | str] = {
+            "schedule": schedule,
+            "num_stages": total,
+            "num_microbatches": num_microbatches,
+            "replicas": str(None if replicas is None else tuple(replicas)),
+            "vertical_sync": vertical_sync,
+            "weight_stashing": weight_stashing,
+            "stage graph": self.graph.describe(),
+        }
+        agree(settings, group, torch.device("cpu") if dist.get_backend(group) == "gloo" else self.device)
         if replicas is not None:
             self._check_replicas(tuple(replicas), total, ranks)
         elif total % ranks:
@@ -150,7 +170,7 @@ class Pipeline:
             **loss,
             **shared_channels(self.program),
         }
-        self.transport = Transport.open(channels, self.device, group)
+        self.transport = Transport.open(channels, self.device, group, timeout_s)
         shared = self._shared_gradients()
         io = StageIO(self.transport, self.program, self.rank)
         self.executor = Executor(
@@ -321,7 +341,7 @@ class Pipeline:
                 f"{self._schedule} never flushes between mini-batches, so it runs no single step: feed it with"
                 " Pipeline.stream(batches, num_batches), which drains at the end"
             )
-        results = self._run(self.program, inputs, targets, keep_outputs=outputs is not None)
+        results = self._run(self.program, inputs, targets, outputs is not None, loss_on_all_ranks)
         return self._report(results, loss_on_all_ranks, losses, outputs)
 
     def evaluate(
@@ -334,7 +354,7 @@ class Pipeline:
         """
         if self.last_rank == self.rank and targets is None:
             raise ValueError(f"rank {self.rank} runs the last stage: evaluate() needs the targets")
-        results = self._run(self.forward_program, inputs, targets, keep_outputs=False)
+        results = self._run(self.forward_program, inputs, targets, False, loss_on_all_ranks)
         return self._report(results, loss_on_all_ranks, None, None)
 
     def predict(self, inputs: Any = None) -> Any:
@@ -342,7 +362,7 @@ class Pipeline:
 
         On the last stage's rank; None on the others.
         """
-        results = self._run(self.forward_program, inputs, None, keep_outputs=True)
+        results = self._run(self.forward_program, inputs, None, True)
         if results is None:
             return None
         return concat_microbatches([r.output for r in results])
@@ -354,7 +374,9 @@ class Pipeline:
             self._forward_program = self._build(forward_only=True)
         return self._forward_program
 
-    def _run(self, program: Program, inputs: Any, targets: Any, keep_outputs: bool) -> list[MicrobatchResult] | None:
+    def _run(
+        self, program: Program, inputs: Any, targets: Any, keep_outputs: bool, loss_on_all_ranks: bool = False
+    ) -> list[MicrobatchResult] | None:
         """Split the mini-batch, run `program` once, and return the last stage's results (on its rank)."""
         m = self.num_microbatches
         input_mbs = target_mbs = weights = None
@@ -371,7 +393,8 @@ class Pipeline:
             if targets is not None:
                 target_mbs = split_microbatches(map_tensors(targets, lambda t: t.to(self.device)), m)
                 weights = microbatch_weights(batch_size(targets), m)
-        self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs)
+        options = ("loss_on_all_ranks", int(loss_on_all_ranks))  # it decides who waits for the loss message
+        self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs, options)
         return self.stages[last].pop_results() if last in self.stages else None
 
     def stream(self, batches: Iterable[tuple[Any, Any]], num_batches: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -196,6 +196,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         vertical_sync=config.vertical_sync,
         weight_stashing=config.weight_stashing,
         replicas=config.replica_counts,
+        timeout_s=config.timeout_s,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
         device=device,
     )

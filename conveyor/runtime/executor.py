@@ -71,13 +71,15 @@ class Executor:
         signature: int | None,
         program: Program | None = None,
         keep_outputs: bool = False,
+        options: tuple[str, int] = ("", 0),
     ) -> None:
         """Run `program` (by default the executor's own) once. `inputs` are the first stage's
         micro-batches and `signature` names their shapes; `targets` and `loss_weights` are the last
         stage's; each is needed only where that stage lives. A forward-only program (evaluation,
-        inference) needs no targets: then the last stage keeps its outputs.
+        inference) needs no targets: then the last stage keeps its outputs. `options` is a flag every rank
+        must agree on (see `StageIO.begin_step`).
         """
-        for _ in self.walk(inputs, targets, loss_weights, signature, program, keep_outputs):
+        for _ in self.walk(inputs, targets, loss_weights, signature, program, keep_outputs, options=options):
             pass
 
     def walk(
@@ -89,6 +91,7 @@ class Executor:
         program: Program | None = None,
         keep_outputs: bool = False,
         uniform: bool = False,
+        options: tuple[str, int] = ("", 0),
     ) -> Iterator[Action]:
         """`run`, yielding each action once done: a stream reports the last stage's results as they come.
 
@@ -108,7 +111,7 @@ class Executor:
         for stage in self.stages.values():
             if stage.versions is not None:
                 stage.versions.begin(program, actions)
-        self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING, uniform)
+        self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING, uniform, options)
         tracer = self.tracer
         for action in actions:
             if tracer is None:

@@ -38,7 +38,7 @@ Key = tuple[int, int, Channel, int]
 CLOSED = -1  # sent instead of a next step's signature by `close` (signatures are never negative)
 TRAINING, FORWARD_ONLY = 0, 1  # what kind of run a step is: the header's second word
 _RUNS = {TRAINING: "a training step", FORWARD_ONLY: "a forward-only run (evaluate or predict)"}
-_HEADER = 2  # words of a step header: signature, kind of run
+_HEADER = 4  # words of a step header: signature, kind of run, runs so far, the caller's options
 
 
 @dataclass
@@ -61,6 +61,7 @@ class StageIO:
         self.rank = rank
         self.signature = 0
         self.run = TRAINING
+        self.runs = 0  # runs begun, counted alike on every rank
         self.uniform = False
         self._metas_in: dict[Key, list[TensorMeta]] = {}  # learned from senders
         self._metas_out: dict[Key, list[TensorMeta]] = {}  # already described to receivers
@@ -91,11 +92,15 @@ class StageIO:
             c for c, (sender, _) in self._channels.items() if c[0] == "act" and c[1] == stage and sender == self.rank
         )
 
-    def begin_step(self, signature: int | None, run: int = TRAINING, uniform: bool = False) -> None:
+    def begin_step(
+        self, signature: int | None, run: int = TRAINING, uniform: bool = False, options: tuple[str, int] = ("", 0)
+    ) -> None:
         """Agree on this step's input signature and kind of run: given on the first stage's rank, received elsewhere.
 
         `uniform`: every micro-batch has the same shapes (a stream's), so each link is described once, not
-        once per micro-batch.
+        once per micro-batch. `options` is (what, value): a flag of the caller that changes which messages
+        the step sends (`loss_on_all_ranks`), compared with every upstream rank's, as is the count of runs
+        so far, so a one-sided option or an extra run fails at once instead of waiting.
 
         Stages are visited in order, so each rank receives from a lower stage
         before it sends on: the messages cannot wait on each other in a cycle.
@@ -104,6 +109,8 @@ class StageIO:
         self._between_steps = False
         self.run = run
         self.uniform = uniform
+        self.runs += 1
+        what, option = options
         for stage in program.stages_of(rank):
             if stage == 0:
                 assert signature is not None, "the first stage's rank must give the step's input signature"
@@ -111,7 +118,10 @@ class StageIO:
             heard: dict[int, int] = {}  # sender -> its signature
             for channel in self._incoming(stage):
                 incoming = self._next_header.pop(channel, None) or self.transport.recv((_HEADER,), torch.int64, channel)
-                self.signature, theirs = incoming.wait().tolist()
+                try:
+                    self.signature, theirs, their_runs, their_option = incoming.wait().tolist()
+                except (TimeoutError, ConnectionError) as error:
+                    raise type(error)(f"{error} [the header of this rank's run {self.runs}]") from None
                 sender = self._channels[channel][0]
                 heard[sender] = self.signature
                 if self.signature == CLOSED:
@@ -124,13 +134,24 @@ class StageIO:
                         f"rank {rank} began {_RUNS[run]} while rank {sender} began {_RUNS.get(theirs, theirs)}:"
                         " every rank must call the same method (step, evaluate or predict) in the same order"
                     )
+                if their_runs != self.runs:
+                    raise RuntimeError(
+                        f"rank {rank} began its run {self.runs} of the pipeline (step, evaluate, predict or stream)"
+                        f" while rank {sender} began its run {their_runs}: every rank must make the same calls"
+                    )
+                if their_option != option:
+                    raise RuntimeError(
+                        f"rank {rank} was called with {what}={bool(option)} while rank {sender} was called with"
+                        f" {what}={bool(their_option)}: every rank must pass the same"
+                    )
             if len(set(heard.values())) > 1:
                 raise RuntimeError(
                     f"rank {rank}: the replicas feeding stage {stage} began steps on different input shapes"
                     f" (signatures {heard} by rank); every rank must be given the same batch"
                 )
             for channel in self._outgoing(stage):
-                self.transport.send(torch.tensor([self.signature, run], dtype=torch.int64), channel)
+                header = [self.signature, run, self.runs, option]
+                self.transport.send(torch.tensor(header, dtype=torch.int64), channel)
 
     def end_step(self) -> None:
         assert not self._posted and not any(self._queues.values()), "a receive was posted but never used"
@@ -157,7 +178,7 @@ class StageIO:
         self._between_steps = False
         for stage in self.program.stages_of(self.rank):
             for channel in self._outgoing(stage):
-                self.transport.send(torch.tensor([CLOSED, TRAINING], dtype=torch.int64), channel)
+                self.transport.send(torch.tensor([CLOSED, TRAINING, self.runs, 0], dtype=torch.int64), channel)
         for channel, incoming in self._next_header.items():
             if int(incoming.wait()[0].item()) != CLOSED:
                 raise RuntimeError(
@@ -215,7 +236,11 @@ class StageIO:
             )
         self._pump(receive.channel, until=receive)
         assert receive.incoming is not None and receive.metas is not None
-        tensors = [incoming.wait() for incoming in receive.incoming]
+        try:
+            tensors = [incoming.wait() for incoming in receive.incoming]
+        except (TimeoutError, ConnectionError) as error:
+            what = "activations" if link[0] == "act" else "gradients"
+            raise type(error)(f"{error} [{what} of edge {link[1]}->{link[2]}, micro-batch {mb}]") from None
         if link[0] == "grad":
             return tensors
         return [

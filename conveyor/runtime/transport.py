@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,17 +46,40 @@ Channel = tuple[str, int, int] | tuple[str, int, int, int, int]
 
 @dataclass
 class Incoming:
-    """A posted receive: `wait()` returns the tensor, on the transport's device."""
+    """A posted receive: `wait()` returns the tensor, on the transport's device.
+
+    With a `timeout_s`, a wait that outlasts it raises TimeoutError, and a peer that went away raises
+    ConnectionError, both naming this rank, the peer and the channel (`what`).
+    """
 
     buffer: torch.Tensor
     work: dist.Work | None
     device: torch.device
+    what: str = "a message"
+    timeout_s: float | None = None
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
-            self.work.wait()
+            if self.timeout_s is None:
+                self.work.wait()
+            else:
+                self._wait_bounded(self.timeout_s)
             self.work = None
         return self.buffer.to(self.device, non_blocking=False)
+
+    def _wait_bounded(self, timeout_s: float) -> None:
+        assert self.work is not None
+        try:
+            self.work.wait(timedelta(seconds=timeout_s))
+        except RuntimeError as error:
+            if "Timed out" in str(error):
+                raise TimeoutError(
+                    f"{self.what} did not arrive within {timeout_s:g} s (Pipeline(timeout_s=...), conveyor train"
+                    " --timeout-s): that rank is stuck, stopped, or making other calls than this one"
+                ) from None
+            raise ConnectionError(
+                f"{self.what} never came: that rank ended (returned, exited or crashed) before sending it"
+            ) from error
 
 
 @dataclass
@@ -72,13 +96,19 @@ class Transport:
     channels: dict[Channel, tuple[int, int]] = field(default_factory=dict)
     groups: dict[Channel, dist.ProcessGroup | None] = field(default_factory=dict)
     tags: dict[Channel, int] = field(default_factory=dict)
+    timeout_s: float | None = None
+    """How long a receive may wait (gloo; None: the process group's own timeout, NCCL's)."""
     bytes_sent: Counter[Channel] = field(default_factory=Counter)
     """Bytes this rank sent over each channel so far (payloads, metadata messages included)."""
     _in_flight: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def open(
-        cls, channels: dict[Channel, tuple[int, int]], device: torch.device, group: dist.ProcessGroup | None = None
+        cls,
+        channels: dict[Channel, tuple[int, int]],
+        device: torch.device,
+        group: dist.ProcessGroup | None = None,
+        timeout_s: float | None = None,
     ) -> Transport:
         """A transport whose channels cannot hold each other up: a tag (gloo) or a group (others) per channel.
 
@@ -89,7 +119,7 @@ class Transport:
         if dist.get_backend(group) == "gloo":
             first_tag = _take_tags(group, len(ordered))
             tags = {channel: first_tag + i for i, channel in enumerate(ordered)}
-            return cls(device, group, dict(channels), dict.fromkeys(ordered, group), tags)
+            return cls(device, group, dict(channels), dict.fromkeys(ordered, group), tags, timeout_s)
         rank = dist.get_rank(group)
         groups: dict[Channel, dist.ProcessGroup | None] = {}
         for channel in ordered:
@@ -97,7 +127,7 @@ class Transport:
             created = dist.new_group([_global(group, src), _global(group, dst)])  # called by every rank
             if rank in (src, dst):
                 groups[channel] = created
-        return cls(device, group, dict(channels), groups)
+        return cls(device, group, dict(channels), groups, timeout_s=timeout_s)
 
     @property
     def stages_through_host(self) -> bool:
@@ -112,7 +142,13 @@ class Transport:
         self.bytes_sent[channel] += payload.nbytes
         dst = self.channels[channel][1]
         group = self.groups.get(channel, self.group)
-        work = dist.isend(payload, dst=_global(self.group, dst), group=group, tag=self.tags.get(channel, 0))
+        try:
+            work = dist.isend(payload, dst=_global(self.group, dst), group=group, tag=self.tags.get(channel, 0))
+        except RuntimeError as error:
+            me = self.channels[channel][0]
+            raise ConnectionError(
+                f"rank {me}: could not send to rank {dst} over {channel}: that rank ended (returned, exited or crashed)"
+            ) from error
         assert work is not None
         self._in_flight.append((work, payload))
         self._forget_finished()
@@ -124,7 +160,10 @@ class Transport:
         src = self.channels[channel][0]
         group = self.groups.get(channel, self.group)
         work = dist.irecv(buffer, src=_global(self.group, src), group=group, tag=self.tags.get(channel, 0))
-        return Incoming(buffer, work, self.device)
+        me = self.channels[channel][1]
+        what = f"rank {me}: the message from rank {src} over {channel}"
+        bounded = self.timeout_s if dist.get_backend(self.group) == "gloo" else None
+        return Incoming(buffer, work, self.device, what, bounded)
 
     def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype, channel: Channel) -> torch.Tensor:
         return self.recv(shape, dtype, channel).wait()

@@ -1,0 +1,90 @@
+"""Ranks that disagree, wait in vain, or end early: each a clear error on real ranks, never a hang."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from conveyor import Pipeline, manual_split, spawn
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+
+
+def _pipeline(**kwargs: object) -> Pipeline:
+    options: dict = {"num_microbatches": 2, "loss_fn": F.mse_loss, "timeout_s": 3.0} | kwargs  # type: ignore[type-arg]
+    return Pipeline(manual_split(_model(), 2), **options)
+
+
+def _disagree(rank: int, world: int) -> None:
+    with pytest.raises(ValueError) as caught:
+        _pipeline(num_microbatches=8 if rank == 0 else 4, schedule="gpipe" if rank == 0 else "1f1b")
+    message = str(caught.value)  # the same on every rank: each setting that differs, with every rank's value
+    assert "num_microbatches: rank 0 has 8, rank 1 has 4" in message, message
+    assert "schedule: rank 0 has 'gpipe', rank 1 has '1f1b'" in message, message
+    assert "num_stages" not in message, message
+
+
+@pytest.mark.timeout(60)
+def test_ranks_built_with_different_settings_all_raise_naming_each_value() -> None:
+    spawn(_disagree, 2, timeout_s=40)
+
+
+def _one_sided_loss(rank: int, world: int) -> None:
+    pipe = _pipeline()
+    x = torch.randn(4, 2)
+    pipe.step(x, x, loss_on_all_ranks=rank == 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_one_sided_loss_on_all_ranks_fails_at_once() -> None:
+    start = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 was called with loss_on_all_ranks=False while rank 0"):
+        spawn(_one_sided_loss, 2, timeout_s=40)
+    assert time.monotonic() - start < 30
+
+
+def _extra_step(rank: int, world: int) -> None:
+    pipe = _pipeline()
+    x = torch.randn(4, 2)
+    pipe.step(x, x)
+    if rank == 0:
+        pipe.step(x, x)  # rank 1 does not come: a bounded wait names it
+    else:
+        time.sleep(20)
+
+
+@pytest.mark.timeout(60)
+def test_a_wait_for_a_rank_that_does_not_come_is_bounded_and_names_it() -> None:
+    start = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException) as caught:
+        spawn(_extra_step, 2, timeout_s=40)
+    message = str(caught.value)
+    assert "TimeoutError: rank 0: the message from rank 1 over ('grad', 0, 1) did not arrive within 3 s" in message
+    assert "[gradients of edge 0->1, micro-batch 0]" in message, message
+    assert time.monotonic() - start < 20, "the wait outlasted its timeout"
+
+
+def _peer_returns(rank: int, world: int) -> None:
+    pipe = _pipeline(timeout_s=30.0)
+    x = torch.randn(4, 2)
+    pipe.step(x, x)
+    if rank == 1:
+        return  # ends cleanly; rank 0 waits for a header it will never get
+    time.sleep(1)
+    pipe.step(x, x)
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_ended_is_named_as_the_one_that_ended() -> None:
+    with pytest.raises((mp.ProcessRaisedException, mp.ProcessExitedException)) as caught:
+        spawn(_peer_returns, 2, timeout_s=40)
+    message = str(caught.value)
+    assert "ConnectionError: rank 0: could not send to rank 1 over ('act', 0, 1): that rank ended" in message, message

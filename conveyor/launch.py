@@ -1,18 +1,23 @@
 """Starting ranks: under torchrun, or spawned by conveyor itself on one machine.
 
 A rank that raises stops the others: the launcher terminates them and raises
-the failing rank's error. A deadline turns a hang into a TimeoutError.
+the failing rank's error. A deadline turns a hang into a TimeoutError. However
+the launcher ends (a rank's error, the deadline, Ctrl-C, SIGTERM), it stops and
+reaps every rank and removes its rendezvous folder: nothing is left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -89,7 +94,7 @@ def spawn(
     ranks still running after `timeout_s` seconds. `fn` must be importable
     (a module-level function) because ranks start as fresh interpreters.
     """
-    with tempfile.TemporaryDirectory(prefix="conveyor-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="conveyor-") as scratch, _terminate_raises():
         rendezvous = os.path.join(scratch, "rendezvous")
         context = mp.start_processes(
             _rank_main,
@@ -103,13 +108,6 @@ def spawn(
             while not context.join(timeout=0.5):
                 if deadline is not None and time.monotonic() > deadline:
                     running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-                    for process in context.processes:
-                        if process.is_alive():
-                            process.terminate()
-                    for process in context.processes:
-                        process.join(5)
-                        if process.is_alive():
-                            process.kill()
                     raise TimeoutError(f"ranks {running} of {world_size} were still running after {timeout_s:.0f} s")
         except mp.ProcessRaisedException as error:
             # torch names the rank whose process ended first, which may be a peer that lost
@@ -124,6 +122,37 @@ def spawn(
                 rank,
                 context.processes[rank].pid,
             ) from None
+        finally:
+            _stop(context.processes)
+
+
+def _stop(processes: list[Any]) -> None:
+    """Terminate the ranks still running, kill those that do not stop (or are stopped), and reap them all."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(5)
+        if process.is_alive():
+            process.kill()  # SIGKILL also ends a rank stopped by SIGSTOP
+            process.join()
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM raises SystemExit while the launcher waits, so it stops its ranks and cleans up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _rank_main(

@@ -358,6 +358,12 @@ def _gpt2_model(config: TrainConfig) -> Any:
 def _progress(config: TrainConfig, show: bool):  # type: ignore[no-untyped-def]
     if not (show and config.progress):
         return None
+    import threading
+
     from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing one: in a spawned rank it outlives the rank and the resource
+    # tracker reports a leaked semaphore. One process draws the bar, so a thread lock is all it needs.
+    tqdm.set_lock(threading.RLock())
 
     return tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)

@@ -18,6 +18,7 @@ from tiny_models import assert_close
 from torch import nn
 
 from conveyor import Pipeline, spawn
+from conveyor.runtime.stage_io import STEP_HEADER
 from conveyor.schedules import Edge, StageGraph, Tie
 
 VOCAB, DIM, SEQ, BATCH, STEPS = 11, 6, 4, 9, 3
@@ -140,7 +141,9 @@ def _skip_and_tie(rank: int, world: int) -> None:
         ]
         for link in mine_to_send:
             assert link in sent, f"{where}: nothing went over {link}"
-            data = sent[link] - 8 * 128 * m - 16 * STEPS  # one metadata message per micro-batch, a header a step
+            data = (
+                sent[link] - 8 * 128 * m - 8 * STEP_HEADER * STEPS
+            )  # a metadata message per micro-batch, a header a step
             assert data == h_bytes, f"{where}: {link} carried {data} bytes of data, not {h_bytes}"
         if schedule == "zbv":
             assert ("act", 0, 3) not in pipe.transport.channels, f"{where}: stages 0 and 3 share a rank"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,3 +88,39 @@ def test_default_backend_on_cpu_is_gloo() -> None:
     assert default_backend("cpu", 2) == "gloo"
     if not torch.cuda.is_available():
         assert default_backend("cuda", 2) == "gloo"
+
+
+def _ranks_write_pids_and_wait(rank: int, world: int, out: str) -> None:
+    Path(out, f"pid{rank}").write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+LAUNCHER = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_launch import _ranks_write_pids_and_wait
+from conveyor import spawn
+if __name__ == "__main__":
+    spawn(_ranks_write_pids_and_wait, 2, ({out!r},), timeout_s=300)
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_launcher_leaves_nothing_behind(tmp_path: Path, how: signal.Signals) -> None:
+    scratch, out = tmp_path / "tmp", tmp_path / "out"
+    scratch.mkdir()
+    out.mkdir()
+    script = tmp_path / "launch.py"
+    script.write_text(LAUNCHER.format(tests=str(Path(__file__).parent), out=str(out)))
+    launcher = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("pid*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert any(p.name.startswith("conveyor-") for p in scratch.iterdir()), "the rendezvous folder should exist"
+    launcher.send_signal(how)
+    assert launcher.wait(30) != 0
+    for pid_file in out.glob("pid*"):  # every rank was stopped and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("conveyor-")], "rendezvous folder left behind"

@@ -22,6 +22,7 @@ from torch import nn
 
 from conveyor import Pipeline, spawn, trace_split
 from conveyor.models import GPT, GPTConfig, lm_loss
+from conveyor.runtime.stage_io import STEP_HEADER
 
 STEPS, BATCH, SEQ = 3, 10, 12
 # Every schedule: those of one stage per rank on 4 ranks, those of two per rank on 2 (micro-batches they accept).
@@ -172,8 +173,8 @@ def _each_link_carries_one_hidden_state(pipe: Pipeline, rank: int, where: str) -
     for link, (sender, _) in pipe.program.channels().items():
         if sender != rank or link[0] != "act":
             continue
-        # Less the metadata (one 128-word message per micro-batch, once) and the step headers (16 bytes each).
-        data = pipe.transport.bytes_sent[link] - 8 * 128 * m - 16 * STEPS
+        # Less the metadata (one 128-word message per micro-batch, once) and the step headers.
+        data = pipe.transport.bytes_sent[link] - 8 * 128 * m - 8 * STEP_HEADER * STEPS
         assert data == STEPS * BATCH * SEQ * 16 * 4, f"{where}: {link} carried {data} bytes of activations"
 
 

@@ -30,7 +30,7 @@ from ..schedules import Channel, Link, Program
 from .tensor_meta import HEADER_LENGTH, TensorMeta, decode_metas, encode_metas
 from .transport import Incoming, Transport
 
-__all__ = ["StageIO", "TRAINING", "FORWARD_ONLY"]
+__all__ = ["FORWARD_ONLY", "STEP_HEADER", "StageIO", "TRAINING"]
 
 # (signature, kind of run, channel, micro-batch): a forward-only run sends no gradient flags
 Key = tuple[int, int, Channel, int]
@@ -38,7 +38,7 @@ Key = tuple[int, int, Channel, int]
 CLOSED = -1  # sent instead of a next step's signature by `close` (signatures are never negative)
 TRAINING, FORWARD_ONLY = 0, 1  # what kind of run a step is: the header's second word
 _RUNS = {TRAINING: "a training step", FORWARD_ONLY: "a forward-only run (evaluate or predict)"}
-_HEADER = 4  # words of a step header: signature, kind of run, runs so far, the caller's options
+STEP_HEADER = 4  # words of a step header: signature, kind of run, runs so far, the caller's options
 
 
 @dataclass
@@ -117,7 +117,9 @@ class StageIO:
                 self.signature = signature
             heard: dict[int, int] = {}  # sender -> its signature
             for channel in self._incoming(stage):
-                incoming = self._next_header.pop(channel, None) or self.transport.recv((_HEADER,), torch.int64, channel)
+                incoming = self._next_header.pop(channel, None) or self.transport.recv(
+                    (STEP_HEADER,), torch.int64, channel
+                )
                 try:
                     self.signature, theirs, their_runs, their_option = incoming.wait().tolist()
                 except (TimeoutError, ConnectionError) as error:
@@ -158,7 +160,7 @@ class StageIO:
         self.transport.flush()
         for channel in self._incoming_channels():
             try:
-                self._next_header[channel] = self.transport.recv((_HEADER,), torch.int64, channel)
+                self._next_header[channel] = self.transport.recv((STEP_HEADER,), torch.int64, channel)
             except RuntimeError:
                 # After the last step the sender may already have closed its process group.
                 # If a next step comes, begin_step posts the receive again and reports any real failure.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
@@ -201,6 +202,8 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .observe.simulate import load_costs, simulate
 
     try:
+        if args.plot and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot draws with matplotlib: pip install 'conveyor[plot]'")
         program = _program(args)
         costs = load_costs(args.costs)
         result = simulate(program, costs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from .split import Split, manual_split
 __all__ = ["Pipeline", "OptimizerFactory", "RECOMPUTE"]
 
 RECOMPUTE = ("none", "full", "all-but-last-stage")
+NONFINITE = ("raise", "skip", "allow")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -83,6 +85,12 @@ class Pipeline:
     making other calls is reported as a TimeoutError naming this rank, the
     peer, the link and the micro-batch, and a peer that ended as a
     ConnectionError. None waits as long as the process group does.
+
+    `nonfinite` guards the weights against a NaN or inf: before each update a
+    stage checks its gradients, and "raise" (the default) stops with an error
+    naming the stage and the update, "skip" skips that update with a warning
+    (a non-finite loss makes every stage's gradients non-finite, so every
+    stage skips it), "allow" applies it.
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class Pipeline:
         vertical_sync: bool = False,
         replicas: Sequence[int] | None = None,
         timeout_s: float | None = 120.0,
+        nonfinite: str = "raise",
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -107,6 +116,11 @@ class Pipeline:
             raise RuntimeError("Pipeline needs torch.distributed to be initialized (see conveyor.launch)")
         if recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {recompute!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}; got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.steps_taken: dict[int, int] = {}
+        self.skipped_steps = 0
         self.rank = dist.get_rank(group)
         self.device = torch.device(device)
         ranks = dist.get_world_size(group)
@@ -381,6 +395,7 @@ class Pipeline:
         m = self.num_microbatches
         input_mbs = target_mbs = weights = None
         signature = None
+        _check_rows(inputs, targets, "")
         if 0 in self.stages:
             if inputs is None:
                 raise ValueError(f"rank {self.rank} runs the first stage: {_method(program)}() needs the inputs")
@@ -517,10 +532,23 @@ class Pipeline:
             stage.module.zero_grad(set_to_none=True)
 
     def _optimizer_step(self, stage: int) -> None:
-        if stage in self.optimizers:
-            self.optimizers[stage].step()
-            # Only this optimizer's parameters: a tied tensor another local stage steps keeps its gradient for it.
-            self.optimizers[stage].zero_grad(set_to_none=True)
+        if stage not in self.optimizers:
+            return
+        optimizer = self.optimizers[stage]
+        self.steps_taken[stage] = self.steps_taken.get(stage, 0) + 1
+        if self.nonfinite != "allow" and not _finite_grads(optimizer):
+            where = f"stage {stage} (rank {self.rank}), update {self.steps_taken[stage]}"
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{where}: the gradients hold NaN or inf (a non-finite loss, or an overflow); the weights were"
+                    " not changed. Pipeline(nonfinite='skip') skips such updates instead"
+                )
+            warnings.warn(f"{where}: the gradients hold NaN or inf; this update is skipped", stacklevel=2)
+            self.skipped_steps += 1
+        else:
+            optimizer.step()
+        # Only this optimizer's parameters: a tied tensor another local stage steps keeps its gradient for it.
+        optimizer.zero_grad(set_to_none=True)
 
 
 class _Feed:
@@ -560,6 +588,7 @@ class _Feed:
         except StopIteration:
             raise ValueError(f"the stream's batches ended after {batch} of the {self._num_batches} asked for") from None
         m, device = self._m, self._device
+        _check_rows(inputs, targets, f" of mini-batch {batch}")
         input_mbs = split_microbatches(map_tensors(inputs, lambda t: t.to(device)), m) if inputs is not None else []
         target_mbs = split_microbatches(map_tensors(targets, lambda t: t.to(device)), m) if targets is not None else []
         for mb in input_mbs:
@@ -593,6 +622,26 @@ class _Column:
 
 def _method(program: Program) -> str:
     return "evaluate/predict" if program.forward_only else "step"
+
+
+def _check_rows(inputs: Any, targets: Any, where: str) -> None:
+    """Every sample needs its target: a target batch of another size would broadcast, or go unnoticed."""
+    if inputs is None or targets is None:
+        return
+    rows, wanted = batch_size(targets), batch_size(inputs)
+    if rows != wanted:
+        raise ValueError(
+            f"the targets{where} have {rows} rows but the inputs {wanted}: each sample needs its target"
+            " (dimension 0 is the batch)"
+        )
+
+
+def _finite_grads(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (one reduction, one sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([g.detach().float().abs().max() for g in grads]).isfinite().all())
 
 
 def _signature(microbatches: list[Any]) -> int:

@@ -79,9 +79,25 @@ class TrainConfig:
             raise ValueError("--model-config sets GPT-2 fields: use it with --model gpt2")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("stages", "microbatches", "steps", "batch_size", "context", "layers", "threads"):
+        for name in ("stages", "microbatches", "steps", "batch_size", "context", "dim", "layers", "heads", "threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(
+                f"--dim {self.dim} must be a multiple of --heads {self.heads} (each head gets dim / heads)"
+            )
+        if not self.timeout_s > 0:
+            raise ValueError(f"--timeout-s must be a positive number of seconds; got {self.timeout_s}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive; got {self.lr}")
+        if self.trace_steps < 1:
+            raise ValueError(f"--trace-steps must be at least 1; got {self.trace_steps}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: this machine has no CUDA GPU (torch {torch.__version__})")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
+        if self.trace and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
         SCHEDULES[self.schedule].check_virtual(self.stages_per_rank)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conveyor.cli import main
 
@@ -129,3 +131,43 @@ def test_train_checks_replicas_before_starting(capsys: pytest.CaptureFixture[str
         with pytest.raises(SystemExit):
             main(["train", *argv])
         assert error in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--heads", "0"], "--heads must be at least 1; got 0"),
+        (["--dim", "0"], "--dim must be at least 1; got 0"),
+        (["--dim", "30", "--heads", "4"], "--dim 30 must be a multiple of --heads 4"),
+        (["--timeout-s", "-1"], "--timeout-s must be a positive number of seconds; got -1.0"),
+        (["--lr", "0"], "--lr must be positive; got 0.0"),
+        (["--device", "tpu"], "--device must be cpu or cuda; got 'tpu'"),
+    ],
+)
+def test_every_train_flag_is_checked_before_any_rank_starts(
+    argv: list[str], error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", *argv])
+    assert error in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_train_on_cuda_without_a_gpu_fails_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--device", "cuda"])
+    assert "--device cuda: this machine has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_pictures_without_matplotlib_name_the_extra_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit):
+        main(["train", "--trace", str(tmp_path / "t")])
+    assert "--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--schedule", "1f1b", "--stages", "2", "--microbatches", "4", "--plot", "x.png"])
+    assert "--plot draws with matplotlib: pip install 'conveyor[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

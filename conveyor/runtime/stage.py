@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,8 @@ class Stage:
         self.results: dict[int, MicrobatchResult] = {}
         self.versions: WeightVersions | None = None
         """Set for an asynchronous program: which weights each micro-batch runs with (weight stashing)."""
+        self._gradient_checked = False
+        _check_embedding_ids(module, index)
 
     @property
     def is_first(self) -> bool:
@@ -113,6 +116,7 @@ class Stage:
             if self.is_last:
                 loss = self._loss(mb, output, target, loss_weight, keep_output)
         outputs = [loss * loss_weight] if self.is_last else _flatten_output(output, self.index)
+        self._check_gradient_flows(outputs)
         stash = _Stash([] if self.is_first else list(inputs), outputs)
         if counter is not None:
             stash.bytes = counter.total(outputs)
@@ -133,6 +137,24 @@ class Stage:
             else:
                 self._loss(mb, output, target, loss_weight, keep_output)
         return []
+
+    def _check_gradient_flows(self, outputs: list[torch.Tensor]) -> None:
+        """A stage whose outputs carry no gradient trains nothing before it, and none of its own weights."""
+        if self._gradient_checked or any(t.requires_grad for t in outputs):
+            return
+        self._gradient_checked = True
+        if not any(p.requires_grad for p in self.module.parameters()):
+            return
+        if self.is_last:
+            raise RuntimeError(
+                f"stage {self.index} (the last): the loss carries no gradient, so nothing would train (was the"
+                " output detached, or the loss computed outside autograd?)"
+            )
+        warnings.warn(
+            f"stage {self.index}: none of its outputs carries a gradient, so its parameters and every stage before"
+            " it get none (did its forward return a detached tensor?)",
+            stacklevel=3,
+        )
 
     def output_metas(self, mb: int) -> list[TensorMeta]:
         """Shapes, dtypes and gradient flags of every output of micro-batch `mb`."""
@@ -228,9 +250,18 @@ class Stage:
 
     def _loss(self, mb: int, output: Any, target: Any, weight: float, keep_output: bool) -> torch.Tensor:
         assert self.loss_fn is not None
+        if output is None:
+            raise TypeError(
+                f"stage {self.index} (the last) returned None; the loss function needs its output (does its"
+                " forward return what it computes?)"
+            )
         loss = self.loss_fn(output, target)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"the loss function must return a scalar tensor; got {type(loss).__name__}")
+            got = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TypeError(
+                f"stage {self.index}: the loss function must return a scalar tensor (the mean loss of micro-batch"
+                f" {mb}); got {got}"
+            )
         loss = loss.reshape(())
         kept = map_tensors(output, torch.Tensor.detach) if keep_output else None
         self.results[mb] = MicrobatchResult(loss.detach(), weight, kept)
@@ -289,6 +320,29 @@ def call_module(module: nn.Module, inputs: Any) -> Any:
     """Call a module with a micro-batch the way a first stage is called (see `call_arguments`)."""
     args, kwargs = call_arguments(inputs)
     return module(*args, **kwargs)
+
+
+def _check_embedding_ids(module: nn.Module, index: int) -> None:
+    """Token ids out of range fail with the stage, the embedding and the ids, not `index out of range in self`.
+
+    Checked on CPU tensors only, where a max costs nothing; on a GPU it would wait for the device.
+    """
+    for name, embedding in module.named_modules():
+        if not isinstance(embedding, nn.Embedding):
+            continue
+
+        def check(_: nn.Module, args: tuple[Any, ...], name: str = name, size: int = embedding.num_embeddings) -> None:
+            ids = args[0] if args else None
+            if not isinstance(ids, torch.Tensor) or ids.device.type != "cpu" or ids.numel() == 0:
+                return
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= size:
+                raise IndexError(
+                    f"stage {index}: embedding {name or 'module'} has {size} rows but got ids from {low} to {high}"
+                    f" (ids must be in 0..{size - 1})"
+                )
+
+        embedding.register_forward_pre_hook(check)
 
 
 def _flatten_output(output: Any, index: int) -> list[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
@@ -88,3 +89,38 @@ def test_a_peer_that_ended_is_named_as_the_one_that_ended() -> None:
         spawn(_peer_returns, 2, timeout_s=40)
     message = str(caught.value)
     assert "ConnectionError: rank 0: could not send to rank 1 over ('act', 0, 1): that rank ended" in message, message
+
+
+# A setting, the value most ranks use, and the one a random rank uses instead.
+DISAGREEMENTS = [
+    ("num_microbatches", 4, 2),
+    ("schedule", "1f1b", "gpipe"),
+    ("schedule", "1f1b", "pipedream"),
+    ("num_stages", 2, 4),
+    ("vertical_sync", False, True),
+    ("weight_stashing", True, False),
+]
+
+
+def _random_disagreement(rank: int, world: int, setting: str, usual: object, odd: object, odd_rank: int) -> None:
+    value = odd if rank == odd_rank else usual
+    options: dict = {"schedule": "pipedream"} if setting in ("vertical_sync", "weight_stashing") else {}  # type: ignore[type-arg]
+    stages = value if setting == "num_stages" else 2
+    if setting != "num_stages":
+        options[setting] = value
+    with pytest.raises(ValueError) as caught:
+        Pipeline(
+            manual_split(nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)]), stages),  # type: ignore[arg-type]
+            **({"num_microbatches": 4, "loss_fn": F.mse_loss, "timeout_s": 3.0} | options),
+        )
+    each = ", ".join(f"rank {r} has {odd if r == odd_rank else usual!r}" for r in range(world))
+    assert f"{setting}: {each}" in str(caught.value), str(caught.value)
+
+
+@pytest.mark.timeout(240)
+def test_ranks_that_disagree_on_a_random_setting_all_raise() -> None:
+    rng = random.Random(7)
+    for setting, usual, odd in rng.sample(DISAGREEMENTS, len(DISAGREEMENTS)):  # each, the odd rank at random
+        start = time.monotonic()
+        spawn(_random_disagreement, 2, (setting, usual, odd, rng.randrange(2)), timeout_s=40)
+        assert time.monotonic() - start < 25, f"{setting}: the ranks took too long to refuse"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,14 @@ def test_pictures_without_matplotlib_name_the_extra_before_any_work(
         main(["simulate", "--schedule", "1f1b", "--stages", "2", "--microbatches", "4", "--plot", "x.png"])
     assert "--plot draws with matplotlib: pip install 'conveyor[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.timeout(120)
+def test_train_with_its_progress_bar_leaves_no_leaked_resource() -> None:
+    small = ["--steps", "2", "--dim", "32", "--layers", "2", "--heads", "2", "--context", "16", "--batch-size", "4"]
+    done = subprocess.run(
+        [sys.executable, "-m", "conveyor", "train", *small], capture_output=True, text=True, timeout=100
+    )
+    assert done.returncode == 0, done.stderr
+    assert "train: 100%" in done.stderr, "the progress bar should have been drawn"
+    assert "leaked" not in done.stderr and "resource_tracker" not in done.stderr, done.stderr[-2000:]

@@ -62,6 +62,7 @@ class StageIO:
         self.signature = 0
         self.run = TRAINING
         self.runs = 0  # runs begun, counted alike on every rank
+        self._peer_runs: dict[int, int] = {}  # the run each upstream rank last began, from its header
         self.uniform = False
         self._metas_in: dict[Key, list[TensorMeta]] = {}  # learned from senders
         self._metas_out: dict[Key, list[TensorMeta]] = {}  # already described to receivers
@@ -126,6 +127,7 @@ class StageIO:
                     raise type(error)(f"{error} [the header of this rank's run {self.runs}]") from None
                 sender = self._channels[channel][0]
                 heard[sender] = self.signature
+                self._peer_runs[sender] = their_runs
                 if self.signature == CLOSED:
                     raise RuntimeError(
                         f"rank {rank}: rank {sender} closed the pipeline while this rank began"
@@ -242,7 +244,10 @@ class StageIO:
             tensors = [incoming.wait() for incoming in receive.incoming]
         except (TimeoutError, ConnectionError) as error:
             what = "activations" if link[0] == "act" else "gradients"
-            raise type(error)(f"{error} [{what} of edge {link[1]}->{link[2]}, micro-batch {mb}]") from None
+            sender = self._channels[receive.channel][0]
+            known = self._peer_runs.get(sender)
+            last = "" if known is None else f"; rank {sender} last began run {known}, this rank is in run {self.runs}"
+            raise type(error)(f"{error} [{what} of edge {link[1]}->{link[2]}, micro-batch {mb}{last}]") from None
         if link[0] == "grad":
             return tensors
         return [

@@ -315,6 +315,8 @@ def test_every_schedule_is_sound_on_any_stage_graph(data: st.DataObject) -> None
     m = data.draw(st.integers(2 * p, 2 * p + 3)) if name in ("zbv", "dualpipev") else data.draw(st.integers(1, 5))
     if name == "interleaved-1f1b":
         m = p * data.draw(st.integers(1, 2))
+    if name == "pipedream-2bw":
+        m = max(m, p - 1)  # a forward would need a weight version not yet made
     graph = data.draw(graphs(p * v))
     program = build_schedule(name, p, m, graph=graph)
     for edge in graph.edges:

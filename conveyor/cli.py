@@ -15,7 +15,7 @@ from .launch import exit_rank, under_torchrun
 from .models import lm_loss
 from .pipeline import RECOMPUTE
 from .schedules import SCHEDULES, Program, build_schedule, render_steps, render_timeline, validate
-from .train import MODELS, TrainConfig, train
+from .train import MODELS, TrainConfig, export_checkpoint, train
 
 __all__ = ["main"]
 
@@ -46,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_parser.add_argument(flag, type=kind, default=getattr(defaults, field.name), help=help_text)
 
     commands.add_parser("schedules", help="list every schedule with its constraints, memory and bubble")
+
+    export = commands.add_parser(
+        "export", help="write a checkpoint of `conveyor train` as the unsplit model's state_dict (.pt or .safetensors)"
+    )
+    export.add_argument("checkpoint", help="a checkpoint folder (step-<n>), or a --checkpoint-dir for its latest")
+    export.add_argument("--out", required=True, help="model.pt (torch.save) or model.safetensors (needs safetensors)")
 
     prof = commands.add_parser(
         "profile", help="measure F, B, W per stage and activation bytes of `conveyor train`'s model, for simulate"
@@ -100,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _profile(args, parser)
     elif args.command == "schedules":
         _list_schedules()
+    elif args.command == "export":
+        try:
+            print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+        except (ValueError, OSError) as error:
+            parser.error(str(error))
     elif args.command == "simulate":
         return _simulate(args, parser)
     elif args.command == "show":

@@ -326,6 +326,11 @@ class Pipeline:
             )
 
     @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The process group the pipeline's ranks belong to (None: the default group)."""
+        return self._group
+
+    @property
     def first_rank(self) -> int:
         return self.program.rank_of(0)
 

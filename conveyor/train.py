@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import checkpoint
 from .data import TextBatches, stdlib_source_bytes
 from .launch import default_backend, init_from_env, spawn, under_torchrun
 from .models import GPT, GPTConfig, lm_loss
@@ -69,6 +71,12 @@ class TrainConfig:
     trace: str = _option("", "folder for a Chrome trace (trace.json) and a timeline (timeline.png) of the last steps")
     trace_steps: int = _option(2, "how many of the last steps --trace records")
     progress: bool = _option(True, "a progress bar")
+    checkpoint_dir: str = _option(
+        "", "folder for checkpoints (step-<n>), every --checkpoint-every steps and at the end"
+    )
+    checkpoint_every: int = _option(0, "steps between checkpoints; 0: only at the end (with --checkpoint-dir)")
+    keep_checkpoints: int = _option(3, "how many of the latest checkpoints to keep")
+    resume: bool = _option(False, "continue exactly from the latest checkpoint in --checkpoint-dir")
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -96,6 +104,7 @@ class TrainConfig:
             raise ValueError(f"--device {self.device}: this machine has no CUDA GPU (torch {torch.__version__})")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
+        self._check_checkpoints()
         if self.trace and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'")
         if self.recompute not in RECOMPUTE:
@@ -119,6 +128,14 @@ class TrainConfig:
             )
         if not asynchronous and (self.vertical_sync or not self.weight_stashing):
             raise ValueError("--vertical-sync and --no-weight-stashing are for pipedream and pipedream-2bw")
+
+    def _check_checkpoints(self) -> None:
+        if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
+            raise ValueError("--resume and --checkpoint-every need --checkpoint-dir")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("--checkpoint-every must be 0 or more and --keep-checkpoints at least 1")
+        if self.resume and checkpoint.latest(self.checkpoint_dir) is None:
+            raise ValueError(f"--resume: no complete checkpoint in {self.checkpoint_dir}")
 
     def _check_replicas(self) -> None:
         if not self.replicas:
@@ -216,7 +233,10 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
         device=device,
     )
+    # Each rank's own random stream (dropout), the same in every run with this seed; a checkpoint keeps it.
+    torch.manual_seed(config.seed * 1_000_003 + rank)
     data = TextBatches(stdlib_source_bytes(), config.context, config.batch_size, seed=config.seed)
+    first_step = _resume(pipe, data, config) if config.resume else 0
     reporting = rank == pipe.last_rank
     if reporting:
         print(f"conveyor train: {_describe(config)}", flush=True)
@@ -226,8 +246,8 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     start = time.perf_counter()
     timed_from, timed_steps = start, 0
     recorder = Recorder(rank) if config.trace else None
-    for step, loss in _losses(pipe, data, config, recorder):
-        if step == 0:  # the first step learns shapes and warms up: keep it out of the throughput
+    for step, loss in _losses(pipe, data, config, recorder, first_step):
+        if step == first_step:  # the first step learns shapes and warms up: keep it out of the throughput
             timed_from = time.perf_counter()
         else:
             timed_steps += 1
@@ -264,16 +284,18 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
 
 
 def _losses(
-    pipe: Pipeline, data: TextBatches, config: TrainConfig, recorder: Recorder | None
+    pipe: Pipeline, data: TextBatches, config: TrainConfig, recorder: Recorder | None, first_step: int = 0
 ) -> Iterator[tuple[int, float | None]]:
-    """Train `config.steps` mini-batches; yields (step, its loss on the last stage's rank, else None) as each ends.
+    """Train mini-batches `first_step` to `config.steps`; yields (step, its loss on the last stage's rank, else
+    None) as each ends, and writes the checkpoints `config` asks for.
 
-    A synchronous schedule steps once per mini-batch; an asynchronous one streams them all, its loss of a
-    mini-batch the mean over its micro-batches (each updated the weights on its own, in pipedream).
+    A synchronous schedule steps once per mini-batch; an asynchronous one streams them, its loss of a
+    mini-batch the mean over its micro-batches (each updated the weights on its own, in pipedream), and
+    drains before each checkpoint: a stream runs from one checkpoint to the next.
     """
     if not pipe.program.asynchronous:
         first_traced = max(1, config.steps - config.trace_steps)
-        for step in range(config.steps):
+        for step in range(first_step, config.steps):
             if recorder is not None and step == first_traced:
                 recorder.start()  # a barrier: every rank is between steps here
                 pipe.executor.tracer = recorder
@@ -281,19 +303,77 @@ def _losses(
                 recorder.step = step
             loss = pipe.step(*data.next())
             yield step, None if loss is None else loss.item()
+            _checkpoint_after(step + 1, pipe, data, config)
         return
     m = config.microbatches
     if recorder is not None:  # a stream has no step boundary to meet at: record it all, by mini-batch
         recorder.start()
-        recorder.step_of = lambda action: (action.mb if action.mb is not None else 0) // m
+        recorder.step_of = lambda action: first_step + (action.mb if action.mb is not None else 0) // m
         pipe.executor.tracer = recorder
-    batches = (data.next() for _ in range(config.steps))
-    parts: list[float] = []
-    for index, loss in pipe.stream(batches, config.steps):
-        parts.append(loss.item())
-        if len(parts) == m:
-            yield index // m, sum(parts) / m
-            parts = []
+    step = first_step
+    while step < config.steps:
+        every = config.checkpoint_every or config.steps
+        length = min(every - step % every, config.steps - step)  # up to the next checkpoint
+        batches = (data.next() for _ in range(length))
+        parts: list[float] = []
+        for index, loss in pipe.stream(batches, length):
+            parts.append(loss.item())
+            if len(parts) == m:
+                yield step + index // m, sum(parts) / m
+                parts = []
+        step += length
+        _checkpoint_after(step, pipe, data, config)
+
+
+def _checkpoint_after(steps_done: int, pipe: Pipeline, data: TextBatches, config: TrainConfig) -> None:
+    """Save when `steps_done` is a multiple of --checkpoint-every, or the last step (with --checkpoint-dir)."""
+    if not config.checkpoint_dir:
+        return
+    every = config.checkpoint_every
+    if steps_done != config.steps and not (every and steps_done % every == 0):
+        return
+    extra = {"step": torch.tensor(steps_done), "data": data.position()}
+    files = {"conveyor-train.json": json.dumps(asdict(config), indent=1) + "\n"}
+    checkpoint.save(pipe, config.checkpoint_dir, steps_done, extra, config.keep_checkpoints, files)
+
+
+def export_checkpoint(path: str | Path, out: str | Path) -> Path:
+    """Load a checkpoint of `conveyor train` (or the latest in a checkpoint folder) into the unsplit model and
+    write its state_dict to `out`: safetensors for a `.safetensors` name, else `torch.save`."""
+    folder = Path(path)
+    if not (folder / ".metadata").exists():
+        found = checkpoint.latest(folder)
+        if found is None:
+            raise ValueError(f"{folder} is neither a checkpoint nor a folder of checkpoints")
+        folder = found
+    saved = json.loads((folder / "conveyor-train.json").read_text())
+    config = TrainConfig(**{**saved, "resume": False, "checkpoint_dir": "", "checkpoint_every": 0, "trace": ""})
+    model = GPT(config.gpt) if config.model == "gpt" else _gpt2_model(config)
+    checkpoint.load_model(model, folder)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    target = Path(out)
+    if target.suffix == ".safetensors":
+        if importlib.util.find_spec("safetensors") is None:
+            raise ValueError("writing .safetensors needs the safetensors package: pip install safetensors")
+        from safetensors.torch import save_model
+
+        save_model(model, str(target))  # shared tensors (tied weights) are written once
+    else:
+        torch.save(state, target)
+    return target
+
+
+def _resume(pipe: Pipeline, data: TextBatches, config: TrainConfig) -> int:
+    """Load the latest checkpoint into `pipe` and `data`; the step to continue from."""
+    path = checkpoint.latest(config.checkpoint_dir)
+    assert path is not None  # checked with the config
+    extra = {"step": torch.tensor(0), "data": data.position()}
+    checkpoint.load(pipe, path, extra)
+    data.seek(extra["data"])
+    step = int(extra["step"])
+    if step > config.steps:
+        raise ValueError(f"--resume: {path} is after step {step}, past --steps {config.steps}")
+    return step
 
 
 def _report_versions(pipe: Pipeline, reporting: bool) -> None:

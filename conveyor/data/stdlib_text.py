@@ -45,6 +45,13 @@ class TextBatches:
         self._train_rng = torch.Generator().manual_seed(seed)
         self._held_out_rng = torch.Generator().manual_seed(seed + 1)
 
+    def position(self) -> torch.Tensor:
+        """Where the training stream is (its generator's state), for a checkpoint; `seek` returns there."""
+        return self._train_rng.get_state()
+
+    def seek(self, position: torch.Tensor) -> None:
+        self._train_rng.set_state(position)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._sample(self.train, self._train_rng)
 

@@ -1,0 +1,168 @@
+"""Checkpoints with torch.distributed.checkpoint: every rank writes its stages' shards under the full model's names.
+
+A checkpoint is a folder `step-<n>` holding DCP's files. Each rank contributes
+its stages' parameters and buffers, its optimizers' state (per parameter, by
+name), and tensors of its own (the step, RNG states, the data position):
+
+- `model.<name>`: a parameter or buffer, by its name in the unsplit model;
+- `optim.<name>.<field>`: the optimizer state of that parameter (Adam's moments
+  and step count);
+- `train.<key>`: what the trainer adds (the step, the data position);
+- `rng.rank<r>`: rank r's CPU random state, restored only with the same ranks.
+
+Because keys are the unsplit model's names, a checkpoint saved with one
+number of ranks, stages or schedule loads with another (each rank asks for
+the keys of its own stages), and into the unsplit model (`load_model`).
+Saving is atomic: DCP writes into `step-<n>.partial`, which becomes
+`step-<n>` only once every rank has finished, so a save killed halfway leaves
+the previous checkpoint as the latest. Loading reads tensors only (DCP's
+tensor files; nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+__all__ = ["checkpoints", "latest", "load", "load_model", "save"]
+
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints(directory: str | Path) -> list[Path]:
+    """The complete checkpoints in `directory`, oldest first (a `.partial` folder is an interrupted save)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(directory: str | Path) -> Path | None:
+    found = checkpoints(directory)
+    return found[-1] if found else None
+
+
+def _state(pipe: Any, extra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's entries: its stages' weights, its optimizers' state, `extra`, and its RNG state."""
+    state: dict[str, torch.Tensor] = {}
+    names: dict[int, str] = {}  # id(parameter) -> its name, for the optimizer state
+    for stage in pipe.stages.values():
+        for name, tensor in stage.module.state_dict(keep_vars=True).items():
+            state.setdefault(f"model.{name}", tensor.detach())
+        for name, param in stage.module.named_parameters():
+            names.setdefault(id(param), name)
+    for optimizer in pipe.optimizers.values():
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                for field, value in optimizer.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        state[f"optim.{names[id(param)]}.{field}"] = value
+    state.update({f"train.{key}": value for key, value in extra.items()})
+    state[f"rng.rank{pipe.rank}"] = torch.get_rng_state()
+    return state
+
+
+def save(
+    pipe: Any,
+    directory: str | Path,
+    step: int,
+    extra: Mapping[str, torch.Tensor] | None = None,
+    keep: int = 3,
+    files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write checkpoint `step` of `pipe` (every rank of its group calls this at the same step); keep the last `keep`.
+
+    `files` are text files (name -> contents) written with it, such as the trainer's config. Returns the
+    checkpoint's folder.
+    """
+    folder = Path(directory)
+    final = folder / f"step-{step}"
+    partial = folder / f"step-{step}.partial"
+    group = pipe.group
+    if pipe.rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # a save of this step killed earlier
+    dist.barrier(group)
+    dcp.save(_state(pipe, extra or {}), checkpoint_id=str(partial), process_group=group)
+    dist.barrier(group)  # every rank's shards and the metadata are written
+    if pipe.rank == 0:
+        for name, text in (files or {}).items():
+            (partial / name).write_text(text)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in checkpoints(folder)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier(group)
+    return final
+
+
+def load(pipe: Any, path: str | Path, extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Load checkpoint `path` into `pipe` in place: weights, optimizer state, `extra` (tensors to fill), and this
+    rank's RNG state when the checkpoint has one for this rank.
+
+    Raises ValueError naming the first tensor this pipeline needs that the checkpoint lacks or holds in another
+    shape (a checkpoint of another model).
+    """
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = _state(pipe, extra or {})
+    _make_optimizer_state(pipe, metadata, state)
+    rng_key = f"rng.rank{pipe.rank}"
+    if rng_key not in metadata:
+        del state[rng_key]
+    _check_against(state, metadata, path)
+    dcp.load(state, checkpoint_id=str(path), process_group=pipe.group)
+    if rng_key in state:
+        torch.set_rng_state(state[rng_key])
+
+
+def load_model(model: nn.Module, path: str | Path) -> None:
+    """Load the weights of checkpoint `path` into an unsplit `model`, in one process, for inference or export."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
+    _check_against(state, metadata, path)
+    with warnings.catch_warnings():  # DCP says it assumes one process: that is the point here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in state.items()})
+
+
+def _make_optimizer_state(pipe: Any, metadata: Mapping[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Give every parameter the optimizer state the checkpoint holds for it, as empty tensors DCP then fills
+    (an optimizer that has not stepped yet has none)."""
+    for optimizer in pipe.optimizers.values():
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                name = next(n for s in pipe.stages.values() for n, p in s.module.named_parameters() if p is param)
+                prefix = f"optim.{name}."
+                for key, meta in metadata.items():
+                    if not key.startswith(prefix) or not hasattr(meta, "size"):
+                        continue
+                    field = key[len(prefix) :]
+                    current = optimizer.state[param].get(field)
+                    if not isinstance(current, torch.Tensor) or tuple(current.shape) != tuple(meta.size):
+                        device = torch.device("cpu") if len(meta.size) == 0 else param.device
+                        empty = torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device=device)
+                        optimizer.state[param][field] = empty
+                    state[key] = optimizer.state[param][field]
+
+
+def _check_against(state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], path: str | Path) -> None:
+    for key, tensor in state.items():
+        meta = metadata.get(key)
+        if meta is None:
+            raise ValueError(f"checkpoint {path} has no {key}: it is a checkpoint of another model or trainer")
+        if hasattr(meta, "size") and tuple(meta.size) != tuple(tensor.shape):
+            raise ValueError(
+                f"checkpoint {path} holds {key} of shape {list(meta.size)}, but this model's is {list(tensor.shape)}:"
+                " it is a checkpoint of another model"
+            )

@@ -1,4 +1,4 @@
-"""Checkpoints: resume exactly, reshard to other ranks and stages, load into the unsplit model, survive a killed save."""
+"""Checkpoints: exact resume, other ranks and stages, the unsplit model, a save killed halfway."""
 
 from __future__ import annotations
 

@@ -119,6 +119,7 @@ class Pipeline:
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}; got {nonfinite!r}")
         self.nonfinite = nonfinite
+        self.last_grad_norm: torch.Tensor | None = None
         self.steps_taken: dict[int, int] = {}
         self.skipped_steps = 0
         self.rank = dist.get_rank(group)
@@ -346,6 +347,7 @@ class Pipeline:
         loss_on_all_ranks: bool = False,
         losses: list[torch.Tensor] | None = None,
         outputs: list[Any] | None = None,
+        max_grad_norm: float | None = None,
     ) -> torch.Tensor | None:
         """Run one mini-batch through the pipeline: forward, backward and (with an optimizer) a step.
 
@@ -354,14 +356,72 @@ class Pipeline:
         On the last stage's rank, `losses` (if given) is filled with each
         micro-batch's mean loss, and `outputs` with each micro-batch's output
         of the last stage (kept, detached, only when asked).
+
+        With `max_grad_norm`, the gradients are clipped by their global norm
+        over every stage (a tied or replicated parameter counted once), as
+        `torch.nn.utils.clip_grad_norm_` clips the unsplit model's, and the
+        steps wait until the program has run; `last_grad_norm` is the norm
+        before clipping, on every rank.
         """
         if self.program.asynchronous:
             raise RuntimeError(
                 f"{self._schedule} never flushes between mini-batches, so it runs no single step: feed it with"
                 " Pipeline.stream(batches, num_batches), which drains at the end"
             )
-        results = self._run(self.program, inputs, targets, outputs is not None, loss_on_all_ranks)
+        if max_grad_norm is None:
+            results = self._run(self.program, inputs, targets, outputs is not None, loss_on_all_ranks)
+            return self._report(results, loss_on_all_ranks, losses, outputs)
+        deferred: list[int] = []  # the global norm needs every stage's gradients: step once the program is done
+        self.executor.optimizer_step = deferred.append
+        try:
+            results = self._run(self.program, inputs, targets, outputs is not None, loss_on_all_ranks)
+        finally:
+            self.executor.optimizer_step = self._optimizer_step if self.optimizers else None
+        self.last_grad_norm = self.clip_grad_norm_(max_grad_norm)
+        for stage in deferred:
+            self._optimizer_step(stage)
         return self._report(results, loss_on_all_ranks, losses, outputs)
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global 2-norm of the gradients over every stage on every rank (each rank must call it).
+
+        A parameter held by several stages or ranks (tied, or a replicated stage's) counts once: on the
+        rank of its first holder. One all-reduce over the pipeline's group.
+        """
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for param in self._counted_parameters():
+            if param.grad is not None:
+                squares += param.grad.detach().double().pow(2).sum()
+        if dist.get_backend(self._group) == "gloo":
+            squares = squares.cpu()
+        dist.all_reduce(squares, group=self._group)
+        return squares.sqrt().to(torch.float32)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale every gradient so that their global norm is at most `max_norm`; returns the norm before."""
+        norm = self.grad_norm()
+        scale = max_norm / (float(norm) + 1e-6)
+        if scale < 1.0:
+            for param in self.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        return norm
+
+    def _counted_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters whose gradient it counts in the global norm (see `grad_norm`)."""
+        skipped: set[int] = set()
+        counted: set[int] = set()  # a tie's tensor on the rank of its first stage (shared there by local stages)
+        for tie in self.graph.ties:
+            first = min(tie.stages)
+            for s in tie.stages:
+                if s in self.stages:
+                    tensor = id(self.stages[s].module.get_parameter(tie.name_on(s)))
+                    (counted if s == first else skipped).add(tensor)
+        skipped -= counted
+        for s, stage in self.stages.items():
+            if self.program.replicas_of(s)[0] != self.rank:  # another replica counts this stage
+                skipped.update(id(p) for p in stage.module.parameters())
+        return [p for p in self.parameters() if id(p) not in skipped]
 
     def evaluate(
         self, inputs: Any = None, targets: Any = None, *, loss_on_all_ranks: bool = False

@@ -105,7 +105,7 @@ def spawn(
         )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            while not context.join(timeout=0.5, grace_period=2.0):  # a stopped rank ignores SIGTERM: kill it soon
+            while not context.join(timeout=0.5, grace_period=1.0):  # a stopped rank ignores SIGTERM: kill it soon
                 if deadline is not None and time.monotonic() > deadline:
                     running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
                     raise TimeoutError(f"ranks {running} of {world_size} were still running after {timeout_s:.0f} s")

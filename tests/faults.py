@@ -25,7 +25,7 @@ from conveyor import Pipeline, manual_split, spawn
 from conveyor.schedules import SCHEDULES, Action, build_schedule
 
 FAULTS = ("kill", "stop", "raise")
-WAIT_S = 3.0  # each pipeline wait
+WAIT_S = 2.0  # each pipeline wait
 DEADLINE_S = 30.0  # the launcher's: a run still going then has hung
 M = 4
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .data import TextBatches, stdlib_source_bytes
 from .launch import default_backend, init_from_env, spawn, under_torchrun
+from .metrics import MetricsWriter, peak_memory_mib
 from .models import GPT, GPTConfig, lm_loss
 from .observe.timeline import Span, draw_timeline
 from .observe.trace import Recorder, gather_spans, write_chrome_trace
@@ -63,7 +65,15 @@ class TrainConfig:
     dim: int = _option(256, "model width")
     layers: int = _option(4, "transformer blocks, split evenly over the stages")
     heads: int = _option(4, "attention heads")
-    lr: float = _option(1e-3, "AdamW learning rate")
+    lr: float = _option(1e-3, "AdamW learning rate (the peak, with --warmup-steps and --lr-decay)")
+    warmup_steps: int = _option(0, "learning-rate warm-up: rises linearly to --lr over this many steps")
+    lr_decay: str = _option("none", "none, or cosine: decays to --min-lr by the last step")
+    min_lr: float = _option(0.0, "the learning rate cosine decay ends at")
+    clip_grad_norm: float = _option(0.0, "clip the gradients by their global norm over all stages; 0: off")
+    eval_every: int = _option(0, "evaluate on held-out text every this many steps (and at the end); 0: never")
+    eval_batches: int = _option(2, "held-out mini-batches per evaluation")
+    metrics: str = _option("", "CSV file of per-step metrics: loss, learning rate, gradient norm, tokens/s, memory")
+    tensorboard: str = _option("", "folder for TensorBoard scalars of the same metrics (needs tensorboard)")
     device: str = _option("cpu", "cpu or cuda (ranks on one GPU talk through host memory)")
     seed: int = _option(0, "seed of the weights and of the batches")
     threads: int = _option(1, "torch threads per rank; 1 keeps two ranks from fighting over two cores")
@@ -105,6 +115,7 @@ class TrainConfig:
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
         self._check_checkpoints()
+        self._check_training_options()
         if self.trace and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'")
         if self.recompute not in RECOMPUTE:
@@ -128,6 +139,33 @@ class TrainConfig:
             )
         if not asynchronous and (self.vertical_sync or not self.weight_stashing):
             raise ValueError("--vertical-sync and --no-weight-stashing are for pipedream and pipedream-2bw")
+
+    def _check_training_options(self) -> None:
+        if self.lr_decay not in ("none", "cosine"):
+            raise ValueError(f"--lr-decay must be none or cosine; got {self.lr_decay!r}")
+        for name in ("warmup_steps", "eval_every", "clip_grad_norm", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more; got {getattr(self, name)}")
+        if self.eval_batches < 1:
+            raise ValueError(f"--eval-batches must be at least 1; got {self.eval_batches}")
+        asynchronous = SCHEDULES[self.schedule].asynchronous
+        if asynchronous and (self.clip_grad_norm or self.warmup_steps or self.lr_decay != "none"):
+            raise ValueError(
+                f"{self.schedule} updates inside a stream, between mini-batches no rank can meet at:"
+                " --clip-grad-norm, --warmup-steps and --lr-decay are for the synchronous schedules"
+            )
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of step `step` (from 0): linear warm-up, then constant or cosine decay to --min-lr."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_decay == "none":
+            return self.lr
+        span = max(1, self.steps - self.warmup_steps - 1)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _check_checkpoints(self) -> None:
         if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
@@ -242,26 +280,41 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         print(f"conveyor train: {_describe(config)}", flush=True)
     bar = _progress(config, reporting)
     losses: list[float] = []
+    evaluations: list[tuple[int, float]] = []
     tokens = config.batch_size * config.context
     start = time.perf_counter()
     timed_from, timed_steps = start, 0
     recorder = Recorder(rank) if config.trace else None
-    for step, loss in _losses(pipe, data, config, recorder, first_step):
-        if step == first_step:  # the first step learns shapes and warms up: keep it out of the throughput
+    metrics = _metrics_writer(config) if reporting else None
+    for log in _losses(pipe, data, config, recorder, first_step):
+        if log.step == first_step:  # the first step learns shapes and warms up: keep it out of the throughput
             timed_from = time.perf_counter()
         else:
             timed_steps += 1
-        if loss is not None:
-            losses.append(loss)
-            if bar is not None:
-                elapsed = time.perf_counter() - timed_from
-                rate = tokens * timed_steps / elapsed if timed_steps else 0.0
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
-                bar.update()
+        if log.loss is None:
+            continue
+        losses.append(log.loss)
+        elapsed = time.perf_counter() - timed_from
+        rate = tokens * timed_steps / elapsed if timed_steps else 0.0
+        if log.eval_loss is not None:
+            evaluations.append((log.step + 1, log.eval_loss))
+        if metrics is not None:
+            values = {"loss": log.loss, "eval_loss": log.eval_loss, "lr": log.lr, "grad_norm": log.grad_norm}
+            metrics.write(log.step + 1, {**values, "tokens_per_s": rate, "peak_mib": peak_memory_mib(device)})
+        if bar is not None:
+            shown = {"loss": f"{log.loss:.3f}", "tok_s": f"{rate:,.0f}", "lr": f"{log.lr:.2e}"}
+            if log.grad_norm is not None:
+                shown["norm"] = f"{log.grad_norm:.2f}"
+            bar.set_postfix(shown)
+            bar.update()
     seconds = time.perf_counter() - start
     pipe.close()
     if bar is not None:
         bar.close()
+    if metrics is not None:
+        metrics.close()
+    peaks: list[Any] = [None] * world
+    dist.all_gather_object(peaks, round(peak_memory_mib(device), 1), group=pipe.group)
     if recorder is not None:
         first_traced = max(1, config.steps - config.trace_steps)
         spans = [(step, span) for step, span in gather_spans(recorder, dst=pipe.last_rank) if step >= first_traced]
@@ -280,29 +333,60 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         f" | {rate:,.0f} tokens/s | {config.steps} steps in {seconds:.1f} s",
         flush=True,
     )
+    if evaluations:
+        print("held-out loss " + ", ".join(f"{loss:.4f} (step {step})" for step, loss in evaluations), flush=True)
+    print("peak memory per rank " + ", ".join(f"{mib:,.0f} MiB" for mib in peaks), flush=True)
     return result
+
+
+def _metrics_writer(config: TrainConfig) -> MetricsWriter | None:
+    if not (config.metrics or config.tensorboard):
+        return None
+    columns = ["step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_mib"]
+    path = config.metrics or os.devnull
+    return MetricsWriter(path, columns, config.tensorboard)
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """What one training step reports (its loss and evaluation on the last stage's rank, else None)."""
+
+    step: int
+    loss: float | None
+    lr: float
+    grad_norm: float | None = None
+    eval_loss: float | None = None
 
 
 def _losses(
     pipe: Pipeline, data: TextBatches, config: TrainConfig, recorder: Recorder | None, first_step: int = 0
-) -> Iterator[tuple[int, float | None]]:
-    """Train mini-batches `first_step` to `config.steps`; yields (step, its loss on the last stage's rank, else
-    None) as each ends, and writes the checkpoints `config` asks for.
+) -> Iterator[StepLog]:
+    """Train mini-batches `first_step` to `config.steps`, yielding each one's StepLog as it ends, and write the
+    checkpoints and evaluations `config` asks for.
 
     A synchronous schedule steps once per mini-batch; an asynchronous one streams them, its loss of a
     mini-batch the mean over its micro-batches (each updated the weights on its own, in pipedream), and
-    drains before each checkpoint: a stream runs from one checkpoint to the next.
+    drains before each checkpoint and evaluation: a stream runs from one to the next.
     """
     if not pipe.program.asynchronous:
         first_traced = max(1, config.steps - config.trace_steps)
+        # The norm is measured when clipping, or for the metrics (clipping at infinity changes nothing).
+        wants_norm = config.metrics or config.tensorboard
+        clip = config.clip_grad_norm or (math.inf if wants_norm else None)
         for step in range(first_step, config.steps):
             if recorder is not None and step == first_traced:
                 recorder.start()  # a barrier: every rank is between steps here
                 pipe.executor.tracer = recorder
             if recorder is not None:
                 recorder.step = step
-            loss = pipe.step(*data.next())
-            yield step, None if loss is None else loss.item()
+            lr = config.learning_rate(step)
+            for optimizer in pipe.optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            loss = pipe.step(*data.next(), max_grad_norm=clip)
+            norm = None if pipe.last_grad_norm is None or clip is None else float(pipe.last_grad_norm)
+            evaluated = _evaluate_after(step + 1, pipe, data, config)
+            yield StepLog(step, None if loss is None else loss.item(), lr, norm, evaluated)
             _checkpoint_after(step + 1, pipe, data, config)
         return
     m = config.microbatches
@@ -312,17 +396,35 @@ def _losses(
         pipe.executor.tracer = recorder
     step = first_step
     while step < config.steps:
-        every = config.checkpoint_every or config.steps
-        length = min(every - step % every, config.steps - step)  # up to the next checkpoint
+        # Up to the next checkpoint or evaluation, where the stream drains.
+        length = config.steps - step
+        for every in (config.checkpoint_every, config.eval_every):
+            if every:
+                length = min(length, every - step % every)
         batches = (data.next() for _ in range(length))
         parts: list[float] = []
+        logs = []
         for index, loss in pipe.stream(batches, length):
             parts.append(loss.item())
             if len(parts) == m:
-                yield step + index // m, sum(parts) / m
+                logs.append(StepLog(step + index // m, sum(parts) / m, config.lr))
                 parts = []
         step += length
+        evaluated = _evaluate_after(step, pipe, data, config)
+        if logs and evaluated is not None:  # the evaluation after the stream's last mini-batch
+            logs[-1] = replace(logs[-1], eval_loss=evaluated)
+        yield from logs
         _checkpoint_after(step, pipe, data, config)
+
+
+def _evaluate_after(steps_done: int, pipe: Pipeline, data: TextBatches, config: TrainConfig) -> float | None:
+    """The mean held-out loss when `steps_done` is a multiple of --eval-every or the last step (on the last
+    stage's rank; None elsewhere and between evaluations). Every rank runs the forwards."""
+    every = config.eval_every
+    if not every or (steps_done % every and steps_done != config.steps):
+        return None
+    losses = [pipe.evaluate(x, y) for x, y in data.validation_set(config.eval_batches)]
+    return None if losses[0] is None else sum(float(loss) for loss in losses if loss is not None) / len(losses)
 
 
 def _checkpoint_after(steps_done: int, pipe: Pipeline, data: TextBatches, config: TrainConfig) -> None:

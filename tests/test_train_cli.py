@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from conveyor.cli import main
+from conveyor.train import TrainConfig
 
 
 @pytest.mark.timeout(240)
@@ -184,3 +187,40 @@ def test_train_with_its_progress_bar_leaves_no_leaked_resource() -> None:
     assert done.returncode == 0, done.stderr
     assert "train: 100%" in done.stderr, "the progress bar should have been drawn"
     assert "leaked" not in done.stderr and "resource_tracker" not in done.stderr, done.stderr[-2000:]
+
+
+def test_the_learning_rate_warms_up_then_follows_a_cosine_to_its_floor() -> None:
+    config = TrainConfig(steps=10, warmup_steps=2, lr_decay="cosine", lr=1.0, min_lr=0.1)
+    rates = [config.learning_rate(step) for step in range(10)]
+    assert rates[:3] == [0.5, 1.0, 1.0] and rates[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(rates[2:], rates[3:], strict=False)), rates  # falls after the warm-up
+    assert rates[2 + 7 // 2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 7)))
+    assert TrainConfig(lr=0.3).learning_rate(5) == 0.3
+
+
+@pytest.mark.timeout(240)
+def test_train_writes_metrics_evaluates_and_clips(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    metrics = tmp_path / "metrics.csv"
+    argv = ["train", "--steps", "6", "--dim", "32", "--layers", "2", "--heads", "2", "--context", "32"]
+    argv += ["--batch-size", "8", "--no-progress", "--eval-every", "3", "--metrics", str(metrics)]
+    argv += ["--warmup-steps", "2", "--lr-decay", "cosine", "--clip-grad-norm", "0.5"]
+    assert main(argv) == 0
+    out = capfd.readouterr().out
+    rows = list(csv.DictReader(metrics.open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["eval_loss"] != "" for r in rows] == [False, False, True, False, False, True]
+    config = TrainConfig(steps=6, warmup_steps=2, lr_decay="cosine")
+    assert [float(r["lr"]) for r in rows] == pytest.approx([config.learning_rate(k) for k in range(6)])
+    assert all(float(r["grad_norm"]) > 0.5 for r in rows), "the norm before clipping: above the cap here"
+    assert all(float(r["peak_mib"]) > 0 for r in rows)
+    line = next(line for line in out.splitlines() if line.startswith("held-out loss "))
+    assert f"{float(rows[2]['eval_loss']):.4f} (step 3)" in line and "(step 6)" in line, line
+    assert "peak memory per rank" in out
+
+
+def test_async_schedules_refuse_per_step_training_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--schedule", "pipedream", "--clip-grad-norm", "1"])
+    assert (
+        "--clip-grad-norm, --warmup-steps and --lr-decay are for the synchronous schedules" in capsys.readouterr().err
+    )

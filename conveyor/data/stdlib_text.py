@@ -42,6 +42,7 @@ class TextBatches:
         self.context = context
         self.batch_size = batch_size
         # Separate streams, so that how often one validates never changes the training batches.
+        self._seed = seed
         self._train_rng = torch.Generator().manual_seed(seed)
         self._held_out_rng = torch.Generator().manual_seed(seed + 1)
 
@@ -57,6 +58,11 @@ class TextBatches:
 
     def validation(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._sample(self.held_out, self._held_out_rng)
+
+    def validation_set(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same `num_batches` held-out mini-batches every time: evaluations that compare across steps."""
+        rng = torch.Generator().manual_seed(self._seed + 1)
+        return [self._sample(self.held_out, rng) for _ in range(num_batches)]
 
     def _sample(self, data: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(len(data) - self.context - 1, (self.batch_size,), generator=rng)

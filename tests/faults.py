@@ -55,10 +55,10 @@ class Outcome:
     error: str
 
 
-def draw(seed: int) -> Plan:
+def draw(seed: int, ranks_from: tuple[int, ...] = (2, 3)) -> Plan:
     rng = random.Random(seed)
     schedule = rng.choice(sorted(SCHEDULES))
-    ranks = rng.choice([2, 3])
+    ranks = rng.choice(ranks_from)
     program = _program(schedule, ranks)
     victim = rng.randrange(ranks)
     return Plan(schedule, ranks, victim, rng.randrange(len(program.actions[victim])), rng.choice(FAULTS))
@@ -120,8 +120,8 @@ def _rank(rank: int, world: int, plan: Plan) -> None:
     pipe.close()
 
 
-def trial(seed: int) -> Outcome:
-    plan = draw(seed)
+def trial(seed: int, ranks_from: tuple[int, ...] = (2, 3)) -> Outcome:
+    plan = draw(seed, ranks_from)
     start = time.monotonic()
     error = ""
     try:

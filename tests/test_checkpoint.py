@@ -78,20 +78,16 @@ def test_a_checkpoint_loads_with_other_stages_and_into_the_unsplit_model(
     exported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert exported.keys() == model.state_dict().keys()
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
-
-
-@pytest.mark.timeout(300)
-def test_a_save_killed_halfway_leaves_the_previous_checkpoint_latest(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    saved = tmp_path / "ck"
-    _train(capfd, "--steps", "2", "--checkpoint-dir", str(saved))
-    killed = saved / "step-4.partial"  # what a save killed before its rename leaves
+    # A checkpoint of another model names the first tensor that does not fit.
+    wider = GPT(GPTConfig(context=32, dim=64, layers=4, heads=2))
+    with pytest.raises(ValueError, match=r"holds model\.\S+ of shape \[\d+(, \d+)*\], but this model's is"):
+        checkpoint.load_model(wider, saved / "step-3")
+    assert json.loads((saved / "step-3" / "conveyor-train.json").read_text())["dim"] == 32
+    # A save killed before its rename leaves a partial folder, which is never taken for the latest.
+    killed = saved / "step-9.partial"
     killed.mkdir()
     (killed / "__0_0.distcp").write_bytes(b"half")
-    assert checkpoint.latest(saved) == saved / "step-2"
-    _train(capfd, "--steps", "3", "--checkpoint-dir", str(saved), "--resume")
-    assert checkpoint.latest(saved) == saved / "step-3"
+    assert checkpoint.latest(saved) == saved / "step-4"
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -101,16 +97,3 @@ def test_checkpoint_errors_name_the_problem(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         main(["train", "--resume"])
     assert "--resume and --checkpoint-every need --checkpoint-dir" in capsys.readouterr().err
-
-
-@pytest.mark.timeout(300)
-def test_a_checkpoint_of_another_model_names_the_first_mismatching_tensor(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    saved = tmp_path / "ck"
-    _train(capfd, "--steps", "1", "--checkpoint-dir", str(saved))
-    wider = GPT(GPTConfig(context=32, dim=64, layers=4, heads=2))
-    with pytest.raises(ValueError, match=r"holds model\.\S+ of shape \[\d+(, \d+)*\], but this model's is"):
-        checkpoint.load_model(wider, saved / "step-1")
-    config = json.loads((saved / "step-1" / "conveyor-train.json").read_text())
-    assert config["dim"] == 32

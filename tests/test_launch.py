@@ -96,7 +96,11 @@ def _ranks_write_pids_and_wait(rank: int, world: int, out: str) -> None:
 
 
 LAUNCHER = """
+import signal
 import sys
+# A launcher started from a background job of a non-interactive shell (CI) inherits SIGINT ignored;
+# a user's Ctrl-C reaches one that has Python's usual handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from test_launch import _ranks_write_pids_and_wait
 from conveyor import spawn

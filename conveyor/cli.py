@@ -15,7 +15,7 @@ from .launch import exit_rank, under_torchrun
 from .models import lm_loss
 from .pipeline import RECOMPUTE
 from .schedules import SCHEDULES, Program, build_schedule, render_steps, render_timeline, validate
-from .train import MODELS, TrainConfig, export_checkpoint, train
+from .train import MODELS, TrainConfig, export_checkpoint, read_config, train
 
 __all__ = ["main"]
 
@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train_parser = commands.add_parser("train", help="train a small GPT on the Python standard library's source")
+    train_parser.add_argument(
+        "--config",
+        help="a TOML file of these settings (or a preset: gpt-small, gpt2-124m); the flags given override it",
+    )
     defaults = TrainConfig()
     for field in fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -87,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--json", action="store_true", help="print JSON instead of text")
     sim.add_argument("--plot", metavar="PNG", help="also draw the timeline to this image")
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        _config_defaults(train_parser, parser, argv[1:])
     args = parser.parse_args(argv)
     if args.command == "train":
         values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -171,6 +178,18 @@ def _stream_flags(command: argparse.ArgumentParser, default: int) -> None:
         type=_replica_counts,
         help="1F1B-RR: ranks per stage, e.g. 2,1 (gpipe, 1f1b, pipedream, pipedream-2bw; --stages counts them all)",
     )
+
+
+def _config_defaults(train_parser: argparse.ArgumentParser, parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """With --config, the file's values become the defaults, so that the flags given still win."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config")
+    known, _ = early.parse_known_args(argv)
+    if known.config:
+        try:
+            train_parser.set_defaults(**read_config(known.config))
+        except (ValueError, OSError) as error:
+            parser.error(str(error))
 
 
 def _replica_counts(text: str) -> tuple[int, ...]:

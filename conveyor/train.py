@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +223,45 @@ class TrainConfig:
     def num_stages(self) -> int:
         counts = self.replica_counts
         return len(counts) if counts is not None else self.stages * self.stages_per_rank
+
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+def read_config(name: str | Path) -> dict[str, Any]:
+    """The TrainConfig fields a TOML file sets (`--config FILE`, or a preset's name: `conveyor/configs/*.toml`).
+
+    Keys are field names (`batch_size` or `batch-size`); an unknown key is an error naming the nearest one, a
+    value of the wrong type one naming the expected type.
+    """
+    path = Path(name)
+    if not path.is_file():
+        preset = PRESETS / f"{name}.toml"
+        if not preset.is_file():
+            known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+            raise ValueError(f"--config {name}: no such file, and no preset of that name (presets: {known})")
+        path = preset
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    with path.open("rb") as file:
+        raw = tomllib.load(file)
+    kinds = {f.name: type(f.default) for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        setting = key.replace("-", "_")
+        if setting not in kinds:
+            near = difflib.get_close_matches(setting, list(kinds), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"{path}: there is no setting {key!r}{hint}")
+        kind = kinds[setting]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not kind:
+            raise ValueError(f"{path}: {key} must be a {kind.__name__}; got {value!r}")
+        values[setting] = value
+    return values
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conveyor.cli import main
-from conveyor.train import TrainConfig
+from conveyor.train import PRESETS, TrainConfig, read_config
 
 
 @pytest.mark.timeout(240)
@@ -224,3 +224,31 @@ def test_async_schedules_refuse_per_step_training_options(capsys: pytest.Capture
     assert (
         "--clip-grad-norm, --warmup-steps and --lr-decay are for the synchronous schedules" in capsys.readouterr().err
     )
+
+
+def test_a_toml_config_sets_defaults_the_flags_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('schedule = "zbv"\nbatch-size = 8\nheads = 0\nlr = 1\n')
+    assert read_config(config) == {"schedule": "zbv", "batch_size": 8, "heads": 0, "lr": 1.0}
+    with pytest.raises(SystemExit):  # the file's heads = 0 is checked like a flag
+        main(["train", "--config", str(config)])
+    assert "--heads must be at least 1; got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a flag wins over the file: now --virtual is what is wrong
+        main(["train", "--config", str(config), "--heads", "2", "--virtual", "3"])
+    assert "zbv runs 2 stages per rank; got 3" in capsys.readouterr().err
+    for text, error in [
+        ("batchsize = 8", "there is no setting 'batchsize'; did you mean 'batch_size'?"),
+        ('steps = "ten"', "steps must be a int; got 'ten'"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            main(["train", "--config", str(config)])
+        assert error in capsys.readouterr().err
+
+
+def test_every_preset_is_a_valid_config() -> None:
+    for preset in sorted(PRESETS.glob("*.toml")):
+        values = read_config(preset.stem)
+        if values.get("model") == "gpt2" and importlib.util.find_spec("transformers") is None:
+            continue
+        TrainConfig(**values)  # raises on a bad preset

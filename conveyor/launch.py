@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -200,7 +201,9 @@ def exit_rank() -> None:
 
 
 def _note_failure(rendezvous: str, rank: int, trace: str) -> None:
-    """Record the first rank to fail (before its links close and its peers fail in turn)."""
+    """Record each rank's failure, and which came first (before its links close and its peers fail in turn)."""
+    with open(f"{rendezvous}.failure-{rank}", "w") as file:
+        file.write(trace)
     try:
         with open(f"{rendezvous}.first-failure", "x") as file:
             file.write(f"{rank}\n{trace}")
@@ -208,10 +211,23 @@ def _note_failure(rendezvous: str, rank: int, trace: str) -> None:
         pass
 
 
+_WAITED_FOR = re.compile(r"the message from rank (\d+) over .* did not arrive within")
+
+
 def _first_failure(rendezvous: str) -> tuple[int, str] | None:
+    """The failure to report: the first, or, when that is a wait for a rank that was itself waiting, the wait
+    at the end of that chain, which names the rank that stopped (the others only waited on it)."""
     try:
         with open(f"{rendezvous}.first-failure") as file:
             rank, trace = file.read().split("\n", 1)
     except (FileNotFoundError, ValueError):
         return None
-    return int(rank), trace
+    chain = [int(rank)]
+    while (waited := _WAITED_FOR.search(trace)) is not None:
+        blamed = int(waited.group(1))
+        if blamed in chain or not os.path.exists(f"{rendezvous}.failure-{blamed}"):
+            break  # the blamed rank did not fail on its own: it is the one that stopped
+        with open(f"{rendezvous}.failure-{blamed}") as file:
+            trace = file.read()
+        chain.append(blamed)
+    return chain[-1], trace

@@ -128,3 +128,16 @@ def test_a_signalled_launcher_leaves_nothing_behind(tmp_path: Path, how: signal.
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid_file.read_text()), 0)
     assert not [p.name for p in scratch.iterdir() if p.name.startswith("conveyor-")], "rendezvous folder left behind"
+
+
+def test_the_launcher_blames_the_rank_at_the_end_of_a_chain_of_waits(tmp_path: Path) -> None:
+    from conveyor.launch import _first_failure, _note_failure
+
+    rendezvous = str(tmp_path / "rendezvous")
+    waited = "TimeoutError: rank {me}: the message from rank {peer} over ('act', 0, 1) did not arrive within 2 s"
+    _note_failure(rendezvous, 2, waited.format(me=2, peer=1))  # rank 2 gave up first, on rank 1 ...
+    _note_failure(rendezvous, 1, waited.format(me=1, peer=0))  # ... which was waiting on rank 0, stopped
+    assert _first_failure(rendezvous) == (1, waited.format(me=1, peer=0))
+    other = str(tmp_path / "other")
+    _note_failure(other, 1, "ValueError: boom")  # not a wait: the first failure is the one
+    assert _first_failure(other) == (1, "ValueError: boom")

@@ -139,11 +139,14 @@ def load_model(model: nn.Module, path: str | Path) -> None:
 def _make_optimizer_state(pipe: Any, metadata: Mapping[str, Any], state: dict[str, torch.Tensor]) -> None:
     """Give every parameter the optimizer state the checkpoint holds for it, as empty tensors DCP then fills
     (an optimizer that has not stepped yet has none)."""
+    names: dict[int, str] = {}  # id(parameter) -> its first name, as `_state` keys it
+    for stage in pipe.stages.values():
+        for name, param in stage.module.named_parameters():
+            names.setdefault(id(param), name)
     for optimizer in pipe.optimizers.values():
         for group in optimizer.param_groups:
             for param in group["params"]:
-                name = next(n for s in pipe.stages.values() for n, p in s.module.named_parameters() if p is param)
-                prefix = f"optim.{name}."
+                prefix = f"optim.{names[id(param)]}."
                 for key, meta in metadata.items():
                     if not key.startswith(prefix) or not hasattr(meta, "size"):
                         continue

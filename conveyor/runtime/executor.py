@@ -53,7 +53,7 @@ class Executor:
         missing = set(program.stages_of(rank)) - set(stages)
         if missing:
             raise ValueError(f"rank {rank} runs stages {sorted(missing)} of the schedule but was not given them")
-        if shared is None and any(_shares_gradients(program, s) for s in stages):
+        if shared is None and any(program.shares_gradients(s) for s in stages):
             raise ValueError(f"rank {rank} holds tied or replicated parameters: the executor needs SharedGradients")
         self.program = program
         self.rank = rank
@@ -224,7 +224,7 @@ class Executor:
 
     def _step(self, action: Action) -> None:
         s = action.stage
-        if self.shared is not None and _shares_gradients(self._program, s):
+        if self.shared is not None and self._program.shares_gradients(s):
             self._received(action, lambda: self.shared.wait(s, action.mb))  # type: ignore[union-attr]
         versions = self.stages[s].versions
         if versions is not None:
@@ -241,10 +241,6 @@ class Executor:
         result = wait()
         self.tracer.waited(action, start, time.perf_counter())
         return result
-
-
-def _shares_gradients(program: Program, stage: int) -> bool:
-    return bool(program.graph.ties_of(stage)) or len(program.replicas_of(stage)) > 1
 
 
 def _values(edge: Edge, num_outputs: int) -> list[int]:

@@ -206,6 +206,10 @@ class Program:
             raise ValueError(f"stage {stage} is replicated on ranks {list(ranks)}: its rank depends on the micro-batch")
         return ranks[mb % len(ranks)]
 
+    def shares_gradients(self, stage: int) -> bool:
+        """Whether `stage`'s gradients are summed with others before its step: it is tied, or replicated."""
+        return bool(self.graph.ties_of(stage)) or len(self.placement[stage]) > 1
+
     def same_rank(self, a: int, b: int, mb: int | None = None) -> bool:
         """Whether stages `a` and `b` run micro-batch `mb` on one rank."""
         return self.rank_of(a, mb) == self.rank_of(b, mb)

@@ -132,7 +132,7 @@ def _check_computes(program: Program) -> None:
                 continue
             if program.forward_only and a.kind is not Kind.FORWARD:
                 raise _fail(program, rank, index, "a forward-only program runs forwards and their transfers only")
-            if a.kind is Kind.REDUCE and not _shares_gradients(program, a.stage):
+            if a.kind is Kind.REDUCE and not program.shares_gradients(a.stage):
                 raise _fail(program, rank, index, f"stage {a.stage} shares no parameter with another stage or rank")
             if a.kind.optional_mb:
                 collective[(a.stage, a.kind, a.mb, rank)] += 1
@@ -166,11 +166,6 @@ def _check_computes(program: Program) -> None:
                 f"{what}: stage {s} steps both once per mini-batch ({s}STEP) and after single micro-batches;"
                 f" use one or the other\n{render_steps(program)}"
             )
-
-
-def _shares_gradients(program: Program, stage: int) -> bool:
-    """Whether `stage`'s gradients are summed with others before its step: tied, or replicated."""
-    return bool(program.graph.ties_of(stage)) or len(program.replicas_of(stage)) > 1
 
 
 def _edge_of(program: Program, action: Action) -> str | None:
@@ -362,7 +357,7 @@ def _local_prerequisites(
         window = range(program.num_microbatches) if mb is None else range(max(0, mb - len(replicas) + 1), mb + 1)
         mine = [k for k in window if program.rank_of(s, k) == rank]
         needs = [_backward_done(program, s, k, split) for k in mine]
-        if action.kind is Kind.STEP and _shares_gradients(program, s):
+        if action.kind is Kind.STEP and program.shares_gradients(s):
             needs.append(Action(s, Kind.REDUCE, mb))
         return needs
     return []

@@ -1,8 +1,8 @@
 """Randomized faults: a rank killed, stopped or raising at a random action of a random schedule.
 
 Every trial must end (every rank exits, the launcher raises) well within the launcher's deadline, with
-an error that names the victim. 20 seeded trials on 2 ranks here (most of each is starting processes); benchmarks/fault_trials.py runs 200 on 2 and 3 ranks and records the outcomes in
-docs/reliability.md.
+an error that names the victim. 20 seeded trials on 2 ranks here (most of each is starting processes);
+benchmarks/fault_trials.py runs many more on 2 and 3 ranks, recorded in docs/reliability.md.
 """
 
 from __future__ import annotations

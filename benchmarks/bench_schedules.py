@@ -23,7 +23,7 @@ processes used the CPU during a run, its steps in which they held up a rank
 run with too few steps left is measured again, so a shared machine skews the
 medians less.
 
-    python benchmarks/bench_schedules.py                   # 2 stages, 8 micro-batches, 1f1b
+    python benchmarks/bench_schedules.py                   # 2 ranks, 8 micro-batches, 1f1b
     python benchmarks/bench_schedules.py --schedule gpipe --json
     python benchmarks/bench_schedules.py --schedule zb-h1 --baseline 1f1b
     python benchmarks/bench_schedules.py --schedule zbv    # 2 ranks x 2 stages
@@ -75,7 +75,7 @@ TORCH_SCHEDULES = {
 class Config:
     """One benchmark: the model, the batch, the schedule and how long to measure."""
 
-    stages: int = 2
+    ranks: int = 2
     """Pipeline ranks, one process each (A and B); each runs the schedule's stages per rank."""
     microbatches: int = 8
     """Micro-batches per step, in all three methods."""
@@ -109,15 +109,15 @@ class Config:
     def __post_init__(self) -> None:
         if self.schedule not in TORCH_SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(TORCH_SCHEDULES)}; got {self.schedule!r}")
-        if self.stages < 2:
-            raise ValueError(f"a pipeline needs at least 2 stages to compare; got --stages {self.stages}")
+        if self.ranks < 2:
+            raise ValueError(f"a pipeline needs at least 2 ranks to compare; got --ranks {self.ranks}")
         if self.baseline and self.baseline not in SCHEDULES:
             raise ValueError(f"--baseline must be a conveyor schedule; got {self.baseline!r}")
         if self.layers < self.num_stages:
             raise ValueError(f"--layers {self.layers} cannot fill {self.num_stages} stages: use more")
-        if self.microbatches < self.stages:
-            raise ValueError(f"torch's schedules need micro-batches >= ranks ({self.stages}); got {self.microbatches}")
-        build_schedule(self.schedule, self.stages, self.microbatches)  # conveyor's own constraints
+        if self.microbatches < self.ranks:
+            raise ValueError(f"torch's schedules need micro-batches >= ranks ({self.ranks}); got {self.microbatches}")
+        build_schedule(self.schedule, self.ranks, self.microbatches)  # conveyor's own constraints
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} must be a multiple of --heads {self.heads}")
         if self.rounds < 1 or self.steps < 1 or self.warmup < 0 or self.retries < 0:
@@ -125,11 +125,11 @@ class Config:
 
     @property
     def num_stages(self) -> int:
-        return self.stages * SCHEDULES[self.schedule].default_virtual
+        return self.ranks * SCHEDULES[self.schedule].default_virtual
 
     def local_stages(self, rank: int, schedule: str | None = None) -> list[int]:
         """The stages `rank` runs, placed the same way by conveyor and torch."""
-        return build_schedule(schedule or self.schedule, self.stages, self.microbatches).stages_of(rank)
+        return build_schedule(schedule or self.schedule, self.ranks, self.microbatches).stages_of(rank)
 
     @property
     def batch_size(self) -> int:
@@ -138,7 +138,7 @@ class Config:
     @property
     def ideal_speedup(self) -> float:
         """Pipeline speedup over one process with equal stages and free transfers: p*m/(m+p-1)."""
-        p, m = self.stages, self.microbatches
+        p, m = self.ranks, self.microbatches
         return p * m / (m + p - 1)
 
 
@@ -320,7 +320,7 @@ RUNNERS: dict[str, Callable[..., None]] = {
 
 
 def torch_num_stages(cfg: Config) -> int:
-    return cfg.stages if cfg.schedule == "zb-h1" else cfg.num_stages
+    return cfg.ranks if cfg.schedule == "zb-h1" else cfg.num_stages
 
 
 def methods_of(cfg: Config) -> tuple[str, ...]:
@@ -378,7 +378,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     first_loss: dict[str, float] = {}
     for round_index in range(cfg.rounds):
         for name in methods_of(cfg):
-            world = 1 if name == "single" else cfg.stages
+            world = 1 if name == "single" else cfg.ranks
             for attempt in range(1 + cfg.retries):
                 _wait_until_quiet(log)
                 machine0, own0 = _cpu_seconds()
@@ -458,7 +458,7 @@ def summarize(
     speedup = single / conveyor
     # The best a one-stage-per-rank pipeline can do here: m + p - 1 slots of the
     # slowest rank, against m micro-batches through all stages in one process.
-    p, m = cfg.stages, cfg.microbatches
+    p, m = cfg.ranks, cfg.microbatches
     per_rank = [sum(stage_ms[s] for s in cfg.local_stages(rank)) for rank in range(p)]
     balance_bound = m * sum(per_rank) / ((m + p - 1) * max(per_rank))
     return {
@@ -579,8 +579,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
 def main(argv: list[str] | None = None) -> None:
     cfg, as_json = parse_args(argv)
     torch.set_num_threads(1)
-    if cfg.stages > (os.cpu_count() or 1):
-        print(f"warning: {cfg.stages} ranks on {os.cpu_count()} cores: ranks will share cores", file=sys.stderr)
+    if cfg.ranks > (os.cpu_count() or 1):
+        print(f"warning: {cfg.ranks} ranks on {os.cpu_count()} cores: ranks will share cores", file=sys.stderr)
     summary = run_benchmark(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(summary, indent=2) if as_json else format_table(summary))
 

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prof = commands.add_parser(
         "profile", help="measure F, B, W per stage and activation bytes of `conveyor train`'s model, for simulate"
     )
-    for name in ("stages", "virtual", "microbatches", "batch_size", "context", "dim", "layers", "heads", "threads"):
+    for name in ("ranks", "virtual", "microbatches", "batch_size", "context", "dim", "layers", "heads", "threads"):
         prof.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     prof.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="fixes stages per rank")
     prof.add_argument("--latency", action="store_true", help="also measure the transfer time of one activation")
@@ -70,14 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     show = commands.add_parser("show", help="print a schedule's per-rank actions and its timeline on a unit clock")
     show.add_argument("schedule", choices=list(SCHEDULES))
-    show.add_argument("--stages", type=int, default=4, help="pipeline ranks P (default: 4)")
+    show.add_argument("--ranks", type=int, default=4, help="pipeline ranks P (default: 4)")
     show.add_argument("--microbatches", type=int, default=8)
     show.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     _stream_flags(show, default=2)
 
     sim = commands.add_parser("simulate", help="predict a schedule's step time, bubble and memory from a cost model")
     sim.add_argument("--schedule", required=True, choices=list(SCHEDULES))
-    sim.add_argument("--stages", type=int, required=True)
+    sim.add_argument("--ranks", type=int, required=True, help="pipeline ranks P")
     sim.add_argument("--microbatches", type=int, required=True)
     sim.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     _stream_flags(sim, default=4)
@@ -139,13 +139,13 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .observe.simulate import CostModel, save_costs
     from .split import manual_split
 
-    values = {k: getattr(args, k) for k in ("stages", "schedule", "virtual", "microbatches", "batch_size", "context")}
+    values = {k: getattr(args, k) for k in ("ranks", "schedule", "virtual", "microbatches", "batch_size", "context")}
     try:
         config = TrainConfig(**values, dim=args.dim, layers=args.layers, heads=args.heads, threads=args.threads)
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(config.threads)
-    stages = config.stages * config.stages_per_rank
+    stages = config.num_stages
     gpt = config.gpt
     split = manual_split(lambda: GPT(gpt), stages)
     modules = [split.build_stage(s) for s in range(stages)]
@@ -176,7 +176,7 @@ def _stream_flags(command: argparse.ArgumentParser, default: int) -> None:
     command.add_argument(
         "--replicas",
         type=_replica_counts,
-        help="1F1B-RR: ranks per stage, e.g. 2,1 (gpipe, 1f1b, pipedream, pipedream-2bw; --stages counts them all)",
+        help="1F1B-RR: ranks per stage, e.g. 2,1 (gpipe, 1f1b, pipedream, pipedream-2bw; --ranks counts them all)",
     )
 
 
@@ -204,14 +204,14 @@ def _program(args: argparse.Namespace) -> Program:
     if SCHEDULES[args.schedule].asynchronous:
         return build_schedule(
             args.schedule,
-            args.stages,
+            args.ranks,
             args.microbatches,
             args.virtual,
             mini_batches=args.minibatches,
             vertical_sync=args.vertical_sync,
             replicas=args.replicas,
         )
-    return build_schedule(args.schedule, args.stages, args.microbatches, args.virtual, replicas=args.replicas)
+    return build_schedule(args.schedule, args.ranks, args.microbatches, args.virtual, replicas=args.replicas)
 
 
 def _list_schedules() -> None:
@@ -244,9 +244,9 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     else:
         if program.replicated:
             counts = ",".join(str(len(program.replicas_of(s))) for s in range(program.num_stages))
-            placed = f"{args.stages} ranks holding {program.num_stages} stages (replicas {counts})"
+            placed = f"{args.ranks} ranks holding {program.num_stages} stages (replicas {counts})"
         else:
-            placed = f"{args.stages} ranks x {program.num_stages // program.num_ranks} stage(s)"
+            placed = f"{args.ranks} ranks x {program.num_stages // program.num_ranks} stage(s)"
         print(f"{args.schedule}: {placed}, {args.microbatches} micro-batches")
         print(f"step time        {result.step_time:.6g}")
         print(f"bubble fraction  {result.bubble_fraction:.4f}")
@@ -263,7 +263,7 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.plot:
         from .observe.timeline import draw_timeline, spans_from_timing
 
-        title = f"{args.schedule}, {args.stages} ranks, {args.microbatches} micro-batches (simulated)"
+        title = f"{args.schedule}, {args.ranks} ranks, {args.microbatches} micro-batches (simulated)"
         path = draw_timeline(spans_from_timing(program, result.timing), args.plot, title)
         print(f"timeline written to {path}", file=sys.stderr)
     return 0

@@ -49,11 +49,11 @@ class TrainConfig:
     model_config: str = _option(
         "", "GPT-2 config fields over --dim/--layers/--heads/--context, e.g. n_layer=12,n_embd=768,n_head=12"
     )
-    stages: int = _option(2, "pipeline ranks (processes); the model is cut into stages x virtual stages")
+    ranks: int = _option(2, "processes; the model is cut into ranks x virtual stages (or --replicas' stages)")
     schedule: str = _option("1f1b", "pipeline schedule (`conveyor schedules` lists them)")
     virtual: int = _option(0, "stages per rank; 0 takes the schedule's default (1, or 2 for looped and V schedules)")
     replicas: str = _option(
-        "", "1F1B-RR: ranks per stage, e.g. 2,1 (stage 0 on two ranks, stage 1 on one; --stages counts them all)"
+        "", "1F1B-RR: ranks per stage, e.g. 2,1 (stage 0 on two ranks, stage 1 on one; --ranks counts them all)"
     )
     recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
     vertical_sync: bool = _option(False, "pipedream: every stage uses the weight version the first stage used")
@@ -99,7 +99,7 @@ class TrainConfig:
             raise ValueError("--model-config sets GPT-2 fields: use it with --model gpt2")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("stages", "microbatches", "steps", "batch_size", "context", "dim", "layers", "heads", "threads"):
+        for name in ("ranks", "microbatches", "steps", "batch_size", "context", "dim", "layers", "heads", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         if self.dim % self.heads:
@@ -187,8 +187,8 @@ class TrainConfig:
             raise ValueError(f"--replicas needs a schedule that replicates stages ({takers}); got {self.schedule}")
         if self.virtual not in (0, 1):
             raise ValueError("--replicas runs one stage per rank: drop --virtual")
-        if sum(counts) != self.stages:
-            raise ValueError(f"--replicas {self.replicas} holds {sum(counts)} ranks: use --stages {sum(counts)}")
+        if sum(counts) != self.ranks:
+            raise ValueError(f"--replicas {self.replicas} holds {sum(counts)} ranks: use --ranks {sum(counts)}")
 
     @property
     def replica_counts(self) -> tuple[int, ...] | None:
@@ -222,10 +222,11 @@ class TrainConfig:
     @property
     def num_stages(self) -> int:
         counts = self.replica_counts
-        return len(counts) if counts is not None else self.stages * self.stages_per_rank
+        return len(counts) if counts is not None else self.ranks * self.stages_per_rank
 
 
 PRESETS = Path(__file__).parent / "configs"
+RENAMED = {"stages": "ranks"}  # settings whose old name said the wrong thing: `stages` counted processes
 
 
 def read_config(name: str | Path) -> dict[str, Any]:
@@ -252,7 +253,7 @@ def read_config(name: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         setting = key.replace("-", "_")
         if setting not in kinds:
-            near = difflib.get_close_matches(setting, list(kinds), n=1)
+            near = [RENAMED[setting]] if setting in RENAMED else difflib.get_close_matches(setting, list(kinds), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ValueError(f"{path}: there is no setting {key!r}{hint}")
         kind = kinds[setting]
@@ -281,10 +282,10 @@ def train(config: TrainConfig) -> None:
         finally:
             dist.destroy_process_group()
         return
-    backend = default_backend(config.device, config.stages)
+    backend = default_backend(config.device, config.ranks)
     spawn(
         train_rank,
-        config.stages,
+        config.ranks,
         (config,),
         backend=backend,
         threads_per_rank=config.threads,
@@ -294,8 +295,8 @@ def train(config: TrainConfig) -> None:
 
 def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None:
     """One rank's training loop; returns the result on the last stage's rank."""
-    if world != config.stages:
-        raise ValueError(f"{config.stages} stages need {config.stages} ranks; {world} were started")
+    if world != config.ranks:
+        raise ValueError(f"--ranks {config.ranks} needs {config.ranks} processes; {world} were started")
     torch.set_num_threads(config.threads)
     device = _device_for(rank, config.device)
     split, loss_fn = _split(config)
@@ -549,7 +550,8 @@ def _write_trace(spans: list[tuple[int, Span]], folder: Path, config: TrainConfi
     last_step = max(step for step, _ in spans)
     shown = [span for step, span in spans if step == last_step]
     title = (
-        f"{config.schedule}, {config.stages} stages, {config.microbatches} micro-batches: step {last_step} (measured)"
+        f"{config.schedule}, {config.ranks} ranks, {config.num_stages} stages, {config.microbatches} micro-batches:"
+        f" step {last_step} (measured)"
     )
     origin = min(span.start for span in shown)
     in_ms = [replace(s, start=(s.start - origin) * 1e3, end=(s.end - origin) * 1e3) for s in shown]
@@ -568,7 +570,7 @@ def _describe(config: TrainConfig) -> str:
     fields = asdict(config)
     keys = (
         "model",
-        "stages",
+        "ranks",
         "replicas",
         "schedule",
         "virtual",

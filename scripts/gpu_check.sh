@@ -15,7 +15,7 @@ status=0
 python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))" \
     | tee "$out/versions.txt" || status=1
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda-tests.log" || status=1
-for run in "--stages 2 --schedule zbv" "--stages 2 --schedule 1f1b" "--stages 1 --schedule interleaved-1f1b --virtual 2"; do
+for run in "--ranks 2 --schedule zbv" "--ranks 2 --schedule 1f1b" "--ranks 1 --schedule interleaved-1f1b --virtual 2"; do
     name=$(echo "$run" | tr -d '-' | tr ' ' '_')
     # shellcheck disable=SC2086  # $run holds several options
     python3 -m conveyor train --device cuda $run --steps 30 --no-progress 2>&1 | tee "$out/train_$name.log" || status=1

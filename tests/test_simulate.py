@@ -112,9 +112,9 @@ def test_cost_files_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def
 
 
 def test_cli_json(capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["simulate", "--schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--json"]) == 0
+    assert main(["simulate", "--schedule", "1f1b", "--ranks", "4", "--microbatches", "8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["schedule"] == "1f1b" and report["stages"] == 4 and report["microbatches"] == 8
+    assert report["schedule"] == "1f1b" and report["ranks"] == 4 and report["microbatches"] == 8
     assert report["bubble_fraction"] == pytest.approx(3 / 11)
     assert report["peak_activations"] == [4, 3, 2, 1]
     assert report["step_time"] == pytest.approx(33.0)
@@ -123,7 +123,7 @@ def test_cli_json(capsys) -> None:  # type: ignore[no-untyped-def]
 def test_cli_plot_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("matplotlib")
     out = tmp_path / "timeline.png"
-    assert main(["simulate", "--schedule", "zbv", "--stages", "2", "--microbatches", "4", "--plot", str(out)]) == 0
+    assert main(["simulate", "--schedule", "zbv", "--ranks", "2", "--microbatches", "4", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

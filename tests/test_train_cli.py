@@ -72,7 +72,7 @@ def test_train_refuses_a_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.timeout(240)
 def test_train_gpt2_traced_into_four_stages_lowers_the_loss(capfd: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers")
-    argv = ["train", "--model", "gpt2", "--stages", "2", "--schedule", "zbv", "--steps", "10", "--dim", "32"]
+    argv = ["train", "--model", "gpt2", "--ranks", "2", "--schedule", "zbv", "--steps", "10", "--dim", "32"]
     argv += ["--layers", "4", "--heads", "2", "--context", "32", "--batch-size", "8", "--lr", "3e-3", "--no-progress"]
     assert main(argv) == 0
     out = capfd.readouterr().out
@@ -116,12 +116,12 @@ def test_train_refuses_asynchronous_options_for_synchronous_schedules(capsys: py
 
 @pytest.mark.timeout(240)
 def test_train_a_replicated_first_stage(capfd: pytest.CaptureFixture[str]) -> None:
-    argv = ["train", "--schedule", "pipedream", "--stages", "3", "--replicas", "2,1", "--steps", "10", "--dim", "32"]
+    argv = ["train", "--schedule", "pipedream", "--ranks", "3", "--replicas", "2,1", "--steps", "10", "--dim", "32"]
     argv += ["--layers", "2", "--heads", "2", "--context", "32", "--batch-size", "8", "--lr", "3e-3", "--no-progress"]
     assert main(argv) == 0
     out = capfd.readouterr().out
     # Each replica of stage 0 has NOAM = ceil(3 / 2) = 2 micro-batches in flight: its live version and one more.
-    assert "stages=3, replicas=2,1, schedule=pipedream" in out and "held at most: stage 0 2 (" in out, out
+    assert "ranks=3, replicas=2,1, schedule=pipedream" in out and "held at most: stage 0 2 (" in out, out
     line = next(line for line in out.splitlines() if line.startswith("loss "))
     first, last = (float(word) for word in line.split()[1:4:2])
     assert last < first, line
@@ -129,8 +129,8 @@ def test_train_a_replicated_first_stage(capfd: pytest.CaptureFixture[str]) -> No
 
 def test_train_checks_replicas_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, error in [
-        (["--replicas", "2,1"], "--replicas 2,1 holds 3 ranks: use --stages 3"),
-        (["--replicas", "2,1", "--stages", "3", "--schedule", "zbv"], "--replicas needs a schedule that replicates"),
+        (["--replicas", "2,1"], "--replicas 2,1 holds 3 ranks: use --ranks 3"),
+        (["--replicas", "2,1", "--ranks", "3", "--schedule", "zbv"], "--replicas needs a schedule that replicates"),
         (["--replicas", "2,x"], "--replicas takes ranks per stage, e.g. 2,1; got '2,x'"),
     ]:
         with pytest.raises(SystemExit):
@@ -173,7 +173,7 @@ def test_pictures_without_matplotlib_name_the_extra_before_any_work(
         main(["train", "--trace", str(tmp_path / "t")])
     assert "--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["simulate", "--schedule", "1f1b", "--stages", "2", "--microbatches", "4", "--plot", "x.png"])
+        main(["simulate", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "4", "--plot", "x.png"])
     assert "--plot draws with matplotlib: pip install 'conveyor[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
@@ -239,6 +239,7 @@ def test_a_toml_config_sets_defaults_the_flags_override(tmp_path: Path, capsys: 
     for text, error in [
         ("batchsize = 8", "there is no setting 'batchsize'; did you mean 'batch_size'?"),
         ('steps = "ten"', "steps must be a int; got 'ten'"),
+        ("stages = 2", "there is no setting 'stages'; did you mean 'ranks'?"),
     ]:
         config.write_text(text)
         with pytest.raises(SystemExit):

@@ -63,7 +63,7 @@ class Simulation:
     """What `simulate` predicts for one step."""
 
     schedule: str
-    stages: int
+    ranks: int
     microbatches: int
     step_time: float
     """The makespan: the largest span of any rank from its first action's start to its last action's end."""
@@ -85,7 +85,7 @@ class Simulation:
     def to_json(self) -> dict[str, object]:
         return {
             "schedule": self.schedule,
-            "stages": self.stages,
+            "ranks": self.ranks,
             "microbatches": self.microbatches,
             "step_time": self.step_time,
             "bubble_fraction": self.bubble_fraction,

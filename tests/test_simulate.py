@@ -14,7 +14,9 @@ EQUAL = parse_costs("f=1,b=1,w=1")
 
 
 def bubble_time(result) -> float:  # type: ignore[no-untyped-def]
-    return result.bubble_fraction * result.step_time
+    """Mean idle time of a rank within the longest rank's own span (the papers' bubble; cheaper to simulate than
+    the steady-state period, which equals that span for zbv with equal costs: see the zbv test below)."""
+    return sum(result.rank_span - busy for busy in result.busy) / len(result.busy)
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
@@ -57,6 +59,52 @@ def test_interleaved_bubble_time_is_1_over_v_of_1f1b(p: int, v: int, rounds: int
     interleaved = simulate(build_schedule("interleaved-1f1b", p, m, v), share)
     one_f_one_b = simulate(build_schedule("1f1b", p, m), EQUAL)
     assert bubble_time(interleaved) == pytest.approx(bubble_time(one_f_one_b) / v)
+
+
+def test_zbv_step_counts_the_ranks_offsets_and_its_period_does_not() -> None:
+    """The picture of zbv on 4 ranks ends at 51; each rank is busy 48 and, back to back, starts again at once."""
+    result = simulate(build_schedule("zbv", 4, 8), EQUAL)
+    assert result.step_time == pytest.approx(51.0)
+    assert result.step_time == pytest.approx(result.timing.makespan)
+    assert result.rank_span == pytest.approx(48.0)
+    assert result.period == pytest.approx(48.0)
+    assert result.bubble_fraction == pytest.approx(3 / 51)
+    assert result.period_bubble_fraction == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1"])
+def test_period_of_a_pipeline_whose_first_rank_is_its_critical_path_is_its_step(name: str) -> None:
+    result = simulate(build_schedule(name, 3, 6), EQUAL)
+    assert result.period == pytest.approx(result.step_time)
+
+
+def test_a_slow_last_rank_sets_the_period_and_steps_cannot_overlap_under_1f1b() -> None:
+    costs = parse_costs("f=1,b=1,w=1;f=2,b=2,w=2")  # rank 1 is twice as slow
+    result = simulate(build_schedule("1f1b", 2, 8), costs)
+    # Rank 0's first forward, rank 1's 8 x 6, rank 0's last whole backward; rank 0's next step's first
+    # forward follows that backward, so back-to-back steps repeat every 51 as well.
+    assert result.step_time == pytest.approx(1 + 48 + 2)
+    assert result.period == pytest.approx(51.0)
+
+
+def test_repeated_steps_form_one_valid_program() -> None:
+    from conveyor.observe.simulate import repeat_steps
+
+    program = build_schedule("zbv", 2, 4)
+    twice = repeat_steps(program, 2)
+    assert twice.num_microbatches == 8
+    assert sum(a.kind.name == "STEP" for a in twice.actions[0]) == 2 * sum(
+        a.kind.name == "STEP" for a in program.actions[0]
+    )
+    one = simulate(program, EQUAL)
+    both = simulate(twice, EQUAL)
+    assert one.step_time < both.step_time < 2 * one.step_time  # the second step starts before the first ends
+
+
+def test_the_optimizer_step_costs_what_the_model_says() -> None:
+    plain = simulate(build_schedule("1f1b", 2, 4), parse_costs("f=1,b=1,w=1"))
+    stepped = simulate(build_schedule("1f1b", 2, 4), CostModel((StageCosts(step=5.0),)))
+    assert stepped.step_time == pytest.approx(plain.step_time + 5.0)
 
 
 @pytest.mark.parametrize("p", [1, 2, 4, 8])
@@ -118,6 +166,14 @@ def test_cli_json(capsys) -> None:  # type: ignore[no-untyped-def]
     assert report["bubble_fraction"] == pytest.approx(3 / 11)
     assert report["peak_activations"] == [4, 3, 2, 1]
     assert report["step_time"] == pytest.approx(33.0)
+    assert report["period"] == pytest.approx(33.0)
+
+
+def test_cli_says_which_time_is_which(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["simulate", "--schedule", "zbv", "--ranks", "4", "--microbatches", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "step time        51 (synchronous" in out
+    assert "period           48 (steady state" in out
 
 
 def test_cli_plot_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -9,12 +9,23 @@ inputs have arrived).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from ..schedules import Action, Kind, Program, Timing, split_backwards, validate, versions_held
 
-__all__ = ["CostModel", "Simulation", "StageCosts", "load_costs", "parse_costs", "save_costs", "simulate"]
+__all__ = [
+    "CostModel",
+    "Simulation",
+    "StageCosts",
+    "load_costs",
+    "parse_costs",
+    "repeat_steps",
+    "save_costs",
+    "simulate",
+]
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,8 @@ class StageCosts:
     """A REDUCE: the time the rank spends offering its tied gradients (their arrival adds the latency)."""
     weight_bytes: float | None = None
     """Bytes of one version of the stage's weights, if known (weight stashing holds several)."""
+    step: float = 0.0
+    """A STEP: the optimizer step of the stage's weights (and zeroing their gradients)."""
 
     @property
     def whole_backward(self) -> float:
@@ -66,9 +79,11 @@ class Simulation:
     ranks: int
     microbatches: int
     step_time: float
-    """The makespan: the largest span of any rank from its first action's start to its last action's end."""
+    """The synchronous step: from the first action's start to the last action's end over all ranks. What one
+    step costs when something global ends it (a barrier, a global gradient norm, a loss reported to all ranks),
+    and what a benchmark that times steps between barriers measures."""
     bubble_fraction: float
-    """Mean idle share of the makespan over ranks: (makespan - busy) / makespan, as the zero-bubble paper."""
+    """Mean idle share of the synchronous step over ranks: (step_time - busy) / step_time."""
     peak_activations: list[int]
     """Per rank: the most micro-batches whose forward ran and whose backward (W, if split) had not."""
     peak_activation_bytes: list[float] | None
@@ -78,9 +93,31 @@ class Simulation:
     staleness: list[int] = field(default_factory=list)
     """Per stage: the most updates between the weights a gradient was computed with and those it updates."""
     throughput: float = 0.0
-    """Micro-batches per unit of time over the whole program, first start to last end on any rank."""
+    """Micro-batches per unit of time over the whole program (the synchronous step, or a whole stream)."""
     peak_weight_bytes: list[float] | None = None
     """Per stage, when the costs know a version's bytes: the weight versions held at most, in bytes."""
+    rank_span: float = 0.0
+    """The largest span of one rank, from its own first compute's start to its own last compute's end (what
+    `step_time` was before it counted the ranks' offsets; no run lasts this long, not even in the steady state)."""
+    busy: list[float] = field(default_factory=list)
+    """Per rank: the time it computes (and reduces and steps) in one step."""
+    program: Program | None = field(default=None, repr=False)
+    costs: CostModel = field(default_factory=CostModel, repr=False)
+
+    @cached_property
+    def period(self) -> float:
+        """The steady state: time per step when steps run back to back with nothing global between them, so a
+        rank starts its next step as soon as its own work and inputs allow. Simulated (on first use) as the
+        growth of a run of `PERIOD_STEPS` steps over its first half. 0 for an asynchronous program, a stream
+        already: its `throughput` is its steady state."""
+        if self.program is None or self.program.asynchronous:
+            return 0.0
+        return _period(self.program, self.costs)
+
+    @property
+    def period_bubble_fraction(self) -> float:
+        """Mean idle share of `period` over ranks: (period - busy) / period; the zero-bubble papers' bubble."""
+        return _bubble(self.period, self.busy)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -95,7 +132,14 @@ class Simulation:
             "staleness": self.staleness,
             "throughput": self.throughput,
             "peak_weight_bytes": self.peak_weight_bytes,
+            "rank_span": self.rank_span,
+            "period": self.period,
+            "period_bubble_fraction": self.period_bubble_fraction,
         }
+
+
+PERIOD_STEPS = 4
+"""Steps simulated back to back to find the steady-state period: the period is the last half's time per step."""
 
 
 def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
@@ -105,7 +149,44 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
     """
     costs.check(program.num_stages)
     split = split_backwards(program)
+    cost = _action_cost(costs, split)
+    timing = validate(program, cost, costs.latency)
+    spans = {}  # per rank, from its first compute's start to its last compute's end
+    for rank, actions in program.actions.items():
+        times = [
+            (b, e) for a, b, e in zip(actions, timing.start[rank], timing.end[rank], strict=True) if a.kind.is_compute
+        ]
+        if times:
+            spans[rank] = (min(b for b, _ in times), max(e for _, e in times))
+    rank_span = max((end - start for start, end in spans.values()), default=0.0)
+    step_time = _span(timing)
+    busy = [sum(cost(a) for a in program.actions.get(r, [])) for r in range(program.num_ranks)]
+    peaks, peak_bytes = _peak_memory(program, costs, split)
+    versions = versions_held(program)
+    held = [versions[s] for s in range(program.num_stages)]
+    known = all(costs.of(s).weight_bytes is not None for s in range(program.num_stages))
+    weight_bytes = [held[s] * float(costs.of(s).weight_bytes or 0.0) for s in range(program.num_stages)]
+    return Simulation(
+        program.name,
+        program.num_stages,
+        program.num_microbatches,
+        step_time,
+        _bubble(step_time, busy),
+        peaks,
+        peak_bytes,
+        timing,
+        held,
+        _staleness(program),
+        program.num_microbatches / step_time if step_time > 0 else 0.0,
+        weight_bytes if known else None,
+        rank_span,
+        busy,
+        program,
+        costs,
+    )
 
+
+def _action_cost(costs: CostModel, split: set[tuple[int, int | None]]) -> Callable[[Action], float]:
     def cost(action: Action) -> float:
         c = costs.of(action.stage)
         if action.kind is Kind.FORWARD:
@@ -116,41 +197,50 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
             return c.weight
         if action.kind is Kind.REDUCE:
             return c.reduce
+        if action.kind is Kind.STEP:
+            return c.step
         return 0.0
 
-    timing = validate(program, cost, costs.latency)
-    spans = {}  # per rank, from its first compute's start to its last compute's end
-    for rank, actions in program.actions.items():
-        times = [
-            (b, e) for a, b, e in zip(actions, timing.start[rank], timing.end[rank], strict=True) if a.kind.is_compute
-        ]
-        if times:
-            spans[rank] = (min(b for b, _ in times), max(e for _, e in times))
-    makespan = max((end - start for start, end in spans.values()), default=0.0)
-    busy = {rank: sum(cost(a) for a in program.actions[rank]) for rank in range(program.num_ranks)}
-    ranks = program.num_ranks
-    bubble = sum(makespan - busy[r] for r in range(ranks)) / (ranks * makespan) if makespan > 0 else 0.0
-    peaks, peak_bytes = _peak_memory(program, costs, split)
-    versions = versions_held(program)
-    held = [versions[s] for s in range(program.num_stages)]
-    known = all(costs.of(s).weight_bytes is not None for s in range(program.num_stages))
-    weight_bytes = [held[s] * float(costs.of(s).weight_bytes or 0.0) for s in range(program.num_stages)]
+    return cost
+
+
+def _span(timing: Timing) -> float:
+    """First start to last end over all ranks."""
     starts = [t for ts in timing.start.values() for t in ts]
-    whole = timing.makespan - min(starts, default=0.0)
-    return Simulation(
-        program.name,
-        program.num_stages,
-        program.num_microbatches,
-        makespan,
-        bubble,
-        peaks,
-        peak_bytes,
-        timing,
-        held,
-        _staleness(program),
-        program.num_microbatches / whole if whole > 0 else 0.0,
-        weight_bytes if known else None,
-    )
+    return timing.makespan - min(starts, default=0.0)
+
+
+def _bubble(span: float, busy: list[float]) -> float:
+    """Mean idle share of `span` over the ranks busy for `busy` each."""
+    return sum(span - b for b in busy) / (len(busy) * span) if span > 0 and busy else 0.0
+
+
+def _period(program: Program, costs: CostModel) -> float:
+    """Time per step of back-to-back steps (see `Simulation.period`)."""
+    half = PERIOD_STEPS // 2
+    spans = []
+    for steps in (half, PERIOD_STEPS):
+        repeated = repeat_steps(program, steps)
+        spans.append(_span(validate(repeated, _action_cost(costs, split_backwards(repeated)), costs.latency)))
+    return (spans[1] - spans[0]) / (PERIOD_STEPS - half)
+
+
+def repeat_steps(program: Program, steps: int) -> Program:
+    """A synchronous `program` run `steps` times on every rank back to back, as one program.
+
+    Step k's micro-batch j becomes micro-batch k m + j; a mini-batch's STEP and REDUCE (no micro-batch) are
+    keyed by the step's last micro-batch, so the validator sees `steps` distinct steps.
+    """
+    if program.asynchronous:
+        raise ValueError(f"{program.name or 'the program'} is asynchronous: it is a stream already")
+    m = program.num_microbatches
+
+    def shifted(action: Action, k: int) -> Action:
+        mb = k * m + (m - 1 if action.mb is None else action.mb)
+        return replace(action, mb=mb)
+
+    actions = {rank: [shifted(a, k) for k in range(steps) for a in row] for rank, row in program.actions.items()}
+    return Program(program.placement, m * steps, actions, program.name, program.graph, program.forward_only)
 
 
 def _staleness(program: Program) -> list[int]:

@@ -248,8 +248,11 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             placed = f"{args.ranks} ranks x {program.num_stages // program.num_ranks} stage(s)"
         print(f"{args.schedule}: {placed}, {args.microbatches} micro-batches")
-        print(f"step time        {result.step_time:.6g}")
-        print(f"bubble fraction  {result.bubble_fraction:.4f}")
+        print(f"step time        {result.step_time:.6g} (synchronous: first start to last end over all ranks)")
+        print(f"bubble fraction  {result.bubble_fraction:.4f} (of the synchronous step)")
+        if not program.asynchronous:
+            print(f"period           {result.period:.6g} (steady state: steps back to back, nothing global between)")
+            print(f"period bubble    {result.period_bubble_fraction:.4f} (of the period)")
         print(f"peak activations {result.peak_activations} (micro-batches, per rank)")
         if result.peak_activation_bytes is not None:
             print(f"peak bytes       {[f'{b:.4g}' for b in result.peak_activation_bytes]}")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from .runtime.agreement import agree
 from .runtime.executor import Executor
@@ -26,7 +27,7 @@ from .runtime.stage import LossFn, MicrobatchResult, Stage
 from .runtime.stage_io import StageIO
 from .runtime.transport import Channel, Transport
 from .runtime.weights import WeightVersions
-from .schedules import Kind, Program, StageGraph, build_schedule
+from .schedules import Kind, Program, StageGraph, build_schedule, schedule_info
 from .split import Split, manual_split
 
 __all__ = ["Pipeline", "OptimizerFactory", "RECOMPUTE"]
@@ -77,8 +78,14 @@ class Pipeline:
     0 and 1 and stage 1 on rank 2. A replicated stage's ranks take its
     micro-batches round-robin and sum their gradients before each step, so
     they keep identical weights; they must start identical (every rank builds
-    its stages from the same split and seed). The last stage, whose rank
-    reports the loss, and stages with tied parameters are not replicated.
+    its stages from the same split and seed). Replicating every stage
+    alike, `replicas=(D,) * stages`, is pipeline x data parallelism: D
+    pipelines that each run every D-th micro-batch and sum their gradients
+    (`mesh=` builds it from a DeviceMesh). Under a synchronous schedule the
+    last stage may be replicated too: its ranks add up their micro-batches'
+    losses, so each returns the mini-batch's. Stages with tied parameters,
+    and the last stage of an asynchronous schedule (whose rank streams each
+    micro-batch's loss), are not replicated.
 
     `timeout_s` bounds each wait for another rank's message (over gloo; NCCL
     keeps its process group's timeout): a peer that is stuck, stopped or
@@ -107,6 +114,7 @@ class Pipeline:
         weight_stashing: bool = True,
         vertical_sync: bool = False,
         replicas: Sequence[int] | None = None,
+        mesh: DeviceMesh | None = None,
         timeout_s: float | None = 120.0,
         nonfinite: str = "raise",
         device: torch.device | str = "cpu",
@@ -133,6 +141,8 @@ class Pipeline:
             raise ValueError("give num_stages with stage modules (or pass a split, which knows it)")
         total = graph.num_stages if graph is not None else num_stages
         assert total is not None
+        if mesh is not None:
+            replicas = _replicas_of_mesh(mesh, total, replicas, group)
         self.graph: StageGraph = graph or StageGraph.chain(total)
         # Before anything that could fail on some ranks only: ranks that disagree would send each other
         # messages of other sizes or in another order (a crash or a hang); here they all raise at once.
@@ -147,7 +157,7 @@ class Pipeline:
         }
         agree(settings, group, torch.device("cpu") if dist.get_backend(group) == "gloo" else self.device)
         if replicas is not None:
-            self._check_replicas(tuple(replicas), total, ranks)
+            self._check_replicas(tuple(replicas), total, ranks, schedule)
         elif total % ranks:
             raise ValueError(f"{total} stages cannot be spread evenly over {ranks} ranks")
         self._schedule, self._vertical_sync = schedule, vertical_sync
@@ -175,10 +185,15 @@ class Pipeline:
                 stage.versions = WeightVersions(stage.module, s, stashing=weight_stashing)
         self.optimizers = self._optimizers(optimizer)
         self._group = group
-        # Besides the schedule's channels: from the last stage's rank to each other rank, for its loss,
-        # and between the ranks of each tied parameter and of each replicated stage, for their gradients.
+        # Besides the schedule's channels: between the ranks of a replicated last stage, for their parts of
+        # the loss; from the last stage's (first) rank to each other rank, for the loss; and between the
+        # ranks of each tied parameter and of each replicated stage, for their gradients.
+        last_ranks = self.program.replicas_of(total - 1)
         loss: dict[Channel, tuple[int, int]] = {
-            ("loss", self.last_rank, r): (self.last_rank, r) for r in range(ranks) if r != self.last_rank
+            ("loss", a, b): (a, b)
+            for a in last_ranks
+            for b in range(ranks)
+            if a != b and (a == self.last_rank or b in last_ranks)
         }
         channels: dict[Channel, tuple[int, int]] = {
             **self.program.channels(),
@@ -186,7 +201,7 @@ class Pipeline:
             **shared_channels(self.program),
         }
         self.transport = Transport.open(channels, self.device, group, timeout_s)
-        shared = self._shared_gradients()
+        shared = self._shared_gradients(mesh)
         io = StageIO(self.transport, self.program, self.rank)
         self.executor = Executor(
             self.program, self.rank, self.stages, io, self._optimizer_step if optimizer else None, shared
@@ -270,15 +285,15 @@ class Pipeline:
             **kwargs,
         )
 
-    def _check_replicas(self, replicas: tuple[int, ...], num_stages: int, ranks: int) -> None:
+    def _check_replicas(self, replicas: tuple[int, ...], num_stages: int, ranks: int, schedule: str) -> None:
         if len(replicas) != num_stages:
             raise ValueError(f"replicas {replicas} name {len(replicas)} stages; the model has {num_stages}")
         if sum(replicas) != ranks:
             raise ValueError(f"replicas {replicas} hold {sum(replicas)} ranks; the process group has {ranks}")
-        if replicas[-1] != 1:
+        if replicas[-1] != 1 and schedule_info(schedule).asynchronous:
             raise ValueError(
-                f"the last stage has {replicas[-1]} replicas: conveyor does not replicate the last stage, whose"
-                " rank computes and reports the loss"
+                f"the last stage has {replicas[-1]} replicas: under {schedule} conveyor does not replicate the"
+                " last stage, whose rank streams every micro-batch's loss in order"
             )
         for tie in self.graph.ties:
             if any(replicas[s] > 1 for s in tie.stages):
@@ -287,7 +302,24 @@ class Pipeline:
                     " not replicate stages with tied parameters"
                 )
 
-    def _shared_gradients(self) -> SharedGradients | None:
+    def _replica_groups(self, mesh: DeviceMesh | None) -> dict[int, dist.ProcessGroup]:
+        """The process group of each replicated stage on this rank: the mesh's "dp" group, or one made here
+        by the stage's ranks (in stage order on each)."""
+        groups = {}
+        for s in range(self.program.num_stages):
+            ranks = self.program.replicas_of(s)
+            if len(ranks) < 2 or self.rank not in ranks:
+                continue
+            if mesh is not None:
+                groups[s] = mesh.get_group("dp")
+            else:
+                members = [r if self._group is None else dist.get_global_rank(self._group, r) for r in ranks]
+                created = dist.new_group(members, use_local_synchronization=True)
+                assert created is not None
+                groups[s] = created
+        return groups
+
+    def _shared_gradients(self, mesh: DeviceMesh | None) -> SharedGradients | None:
         """This rank's tied and replicated parameters, after checking that every rank holding them starts
         with the same bits."""
         tied = {}
@@ -306,7 +338,7 @@ class Pipeline:
                 self._check_equal_start(f"replicas{s}", ranks, replicated[s], f"stage {s}'s weights")
         if not tied and not replicated:
             return None
-        return SharedGradients(self.program, self.rank, tied, replicated, self.transport)
+        return SharedGradients(self.program, self.rank, tied, replicated, self._replica_groups(mesh), self.transport)
 
     def _check_equal_start(self, group: str, ranks: list[int], params: Sequence[nn.Parameter], what: str) -> None:
         """Raise unless `params` have the same bits on every rank of `ranks` (they sum gradients and step alike)."""
@@ -337,7 +369,13 @@ class Pipeline:
 
     @property
     def last_rank(self) -> int:
-        return self.program.rank_of(self.program.num_stages - 1)
+        """The rank that reports the loss: the last stage's (its first replica's, when it is replicated)."""
+        return self.last_ranks[0]
+
+    @property
+    def last_ranks(self) -> tuple[int, ...]:
+        """The ranks that hold the last stage (several when it is replicated); each returns the loss."""
+        return self.program.replicas_of(self.program.num_stages - 1)
 
     def step(
         self,
@@ -363,6 +401,8 @@ class Pipeline:
         steps wait until the program has run; `last_grad_norm` is the norm
         before clipping, on every rank.
         """
+        if outputs is not None:
+            self._check_whole_outputs("step(outputs=...)")
         if self.program.asynchronous:
             raise RuntimeError(
                 f"{self._schedule} never flushes between mini-batches, so it runs no single step: feed it with"
@@ -431,7 +471,7 @@ class Pipeline:
         Runs the schedule's forwards in its order and placement. Returns the
         loss where `step` would.
         """
-        if self.last_rank == self.rank and targets is None:
+        if self.rank in self.last_ranks and targets is None:
             raise ValueError(f"rank {self.rank} runs the last stage: evaluate() needs the targets")
         results = self._run(self.forward_program, inputs, targets, False, loss_on_all_ranks)
         return self._report(results, loss_on_all_ranks, None, None)
@@ -441,10 +481,18 @@ class Pipeline:
 
         On the last stage's rank; None on the others.
         """
+        self._check_whole_outputs("predict()")
         results = self._run(self.forward_program, inputs, None, True)
         if results is None:
             return None
         return concat_microbatches([r.output for r in results])
+
+    def _check_whole_outputs(self, what: str) -> None:
+        if len(self.last_ranks) > 1:
+            raise ValueError(
+                f"{what}: the last stage is replicated on ranks {list(self.last_ranks)}, and each holds only the"
+                " outputs of its own micro-batches; replicate only the earlier stages to get every output on one rank"
+            )
 
     @property
     def forward_program(self) -> Program:
@@ -537,11 +585,13 @@ class Pipeline:
         loss = None
         if results is not None:
             weighted = [r.loss * r.weight for r in results if r.loss is not None]
-            loss = torch.stack(weighted).sum()
+            loss = torch.stack(weighted).sum() if weighted else torch.zeros((), device=self.device)
             if losses is not None:
                 losses[:] = [r.loss for r in results if r.loss is not None]
             if outputs is not None:
                 outputs[:] = [r.output for r in results]
+            if len(self.last_ranks) > 1:
+                loss = self._sum_over_last_replicas(loss.detach())
         if loss_on_all_ranks:
             loss = self._share_loss(loss)
         return loss
@@ -570,13 +620,31 @@ class Pipeline:
         and a rank that exits right after its last step can then abort in that
         thread ("terminate called without an active exception").
         """
-        if loss is not None:
-            for channel in self.transport.channels:
-                if channel[0] == "loss":
-                    self.transport.send(loss.detach().float(), channel)
+        if self.rank == self.last_rank:
+            assert loss is not None
+            for r in range(self._num_ranks):
+                if r not in self.last_ranks:
+                    self.transport.send(loss.detach().float(), ("loss", self.rank, r))
             self.transport.flush()
             return loss
+        if loss is not None:  # another replica of the last stage: it has the sum already
+            return loss
         return self.transport.recv_now((), torch.float32, ("loss", self.last_rank, self.rank))
+
+    def _sum_over_last_replicas(self, part: torch.Tensor) -> torch.Tensor:
+        """The mini-batch loss from the parts of a replicated last stage's ranks, added in rank order on each
+        (the same bits on every one of them)."""
+        incoming = {}
+        for r in self.last_ranks:
+            if r != self.rank:
+                self.transport.send(part, ("loss", self.rank, r))
+                incoming[r] = self.transport.recv(tuple(part.shape), part.dtype, ("loss", r, self.rank))
+        parts = {self.rank: part, **{r: message.wait() for r, message in incoming.items()}}
+        self.transport.flush()
+        total = parts[self.last_ranks[0]]
+        for r in self.last_ranks[1:]:
+            total = total + parts[r]
+        return total
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This rank's parameters, each once (a tied tensor shared by two local stages included once)."""
@@ -683,6 +751,31 @@ class _Column:
 
     def __getitem__(self, k: int) -> Any:
         return self._feed.get(k, self._column)
+
+
+def _replicas_of_mesh(
+    mesh: DeviceMesh, num_stages: int, replicas: Sequence[int] | None, group: dist.ProcessGroup | None
+) -> tuple[int, ...]:
+    """Pipeline x data parallelism from a 2-D mesh ("pp", "dp"): every stage on its column of dp ranks.
+
+    The mesh must place rank pp_index * dp + dp_index at (pp_index, dp_index), as
+    `init_device_mesh(device, (pp, dp), mesh_dim_names=("pp", "dp"))` does: stage s on ranks s*dp .. s*dp+dp-1.
+    """
+    if replicas is not None or group is not None:
+        raise ValueError("give mesh= alone: it decides the replicas and the process group")
+    if mesh.mesh_dim_names != ("pp", "dp"):
+        raise ValueError(f"mesh= needs two dimensions named ('pp', 'dp'); got {mesh.mesh_dim_names}")
+    pp, dp = mesh.mesh.shape
+    if pp != num_stages:
+        raise ValueError(f"the mesh has {pp} pipeline ranks (pp) for {num_stages} stages: one stage per pp rank")
+    if mesh.mesh.numel() != dist.get_world_size():
+        raise ValueError(f"the mesh holds {mesh.mesh.numel()} ranks; the world has {dist.get_world_size()}")
+    expected = torch.arange(pp * dp).reshape(pp, dp)
+    if not torch.equal(mesh.mesh.cpu(), expected):
+        raise ValueError(
+            f"the mesh must hold stage s on ranks s*dp .. s*dp+dp-1 ({expected.tolist()}); got {mesh.mesh.tolist()}"
+        )
+    return (int(dp),) * num_stages
 
 
 def _method(program: Program) -> str:

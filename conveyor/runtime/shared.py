@@ -3,13 +3,16 @@
 Two things share them. A tied parameter (GPT-2's token embedding, reused by
 its LM head) is registered on every stage that uses it; stages on one rank
 share one tensor, so autograd already sums their parts, and ranks exchange
-theirs. A replicated stage (1F1B-RR) is held by several ranks that each ran
-some of its micro-batches; they exchange all of the stage's gradients.
+theirs. A replicated stage (1F1B-RR, or pipeline x data parallelism) is held
+by several ranks that each ran some of its micro-batches; they sum all of the
+stage's gradients, in one bucket, with an all-reduce over the process group
+of its replicas (as DDP does).
 
 A REDUCE action offers this rank's part once every local holder has offered
-it; the STEP behind it waits for the other ranks' parts and adds them up in
-rank order, so every holder ends with the same bits and steps alike, as the
-unsplit model's one parameter would.
+it; the STEP behind it waits for the sum: a tie's, from the other ranks'
+parts added up in rank order, a replicated stage's from its all-reduce. Every
+holder ends with the same bits and steps alike, as the unsplit model's one
+parameter would.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..schedules import Program, replica_gradient_scale
@@ -39,6 +43,8 @@ class _Group:
     params: Sequence[nn.Parameter]
     scale: float = 1.0
     """What the sum is multiplied by (see `replica_gradient_scale`)."""
+    collective: dist.ProcessGroup | None = None
+    """A replicated stage's: the process group of its replicas, which all-reduce its gradients."""
 
 
 def _tie_ranks(program: Program, index: int) -> list[int]:
@@ -59,7 +65,8 @@ class SharedGradients:
     """The gradient sums of this rank's shared tensors.
 
     `tied[i]` is the rank's tensor of tie i; `replicated[s]` the parameters of
-    a replicated stage s on this rank.
+    a replicated stage s on this rank, and `replica_groups[s]` the process group
+    of the ranks that hold it.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class SharedGradients:
         rank: int,
         tied: Mapping[int, nn.Parameter],
         replicated: Mapping[int, Sequence[nn.Parameter]],
+        replica_groups: Mapping[int, dist.ProcessGroup],
         transport: Transport,
     ) -> None:
         self.rank = rank
@@ -81,12 +89,20 @@ class SharedGradients:
             for i, p in tied.items()
         ]
         groups += [
-            _Group(f"replicas{s}", list(program.replicas_of(s)), {s}, list(params), replica_gradient_scale(program, s))
+            _Group(
+                f"replicas{s}",
+                list(program.replicas_of(s)),
+                {s},
+                list(params),
+                replica_gradient_scale(program, s),
+                replica_groups[s],
+            )
             for s, params in replicated.items()
         ]
         self._groups = {g.name: g for g in groups}
         self._offered: dict[Key, set[int]] = {}
         self._incoming: dict[Key, dict[int, Incoming]] = {}
+        self._sums: dict[Key, Incoming] = {}
         self._mine: dict[Key, torch.Tensor] = {}
         self._stepped: dict[Key, set[int]] = {}
 
@@ -103,6 +119,10 @@ class SharedGradients:
                 continue
             mine = _flat_grads(group.params)
             self._mine[key] = mine
+            if group.collective is not None:
+                what = f"rank {self.rank}: the sum of {group.name}'s gradients over ranks {group.ranks}"
+                self._sums[key] = self.transport.all_reduce(mine, group.collective, what)
+                continue
             incoming = {}
             for other in group.ranks:
                 if other != self.rank:
@@ -115,11 +135,15 @@ class SharedGradients:
         for group in self._groups_of(stage):
             key = (group.name, mb)
             if key in self._mine:  # the first local holder to step sums; the others find it done
-                parts = {self.rank: self._mine.pop(key)}
-                parts.update({r: incoming.wait() for r, incoming in self._incoming.pop(key).items()})
-                total = parts[group.ranks[0]]
-                for r in group.ranks[1:]:
-                    total = total + parts[r]
+                mine = self._mine.pop(key)
+                if key in self._sums:
+                    total = self._sums.pop(key).wait()
+                else:
+                    parts = {self.rank: mine}
+                    parts.update({r: incoming.wait() for r, incoming in self._incoming.pop(key).items()})
+                    total = parts[group.ranks[0]]
+                    for r in group.ranks[1:]:
+                        total = total + parts[r]
                 if group.scale != 1.0:
                     total = total * group.scale
                 _set_grads(group.params, total)
@@ -135,9 +159,12 @@ class SharedGradients:
 
 
 def _flat_grads(params: Sequence[nn.Parameter]) -> torch.Tensor:
-    """The parameters' gradients in one flat tensor (zeros where a parameter got none), one message per rank."""
+    """The parameters' gradients in one flat tensor (zeros where a parameter got none), one message per rank.
+
+    Always a copy, even of one parameter: the sum is still in flight when a later backward may add to `.grad`.
+    """
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-    return grads[0] if len(grads) == 1 else torch.cat(grads)
+    return torch.cat(grads)
 
 
 def _set_grads(params: Sequence[nn.Parameter], flat: torch.Tensor) -> None:

@@ -165,6 +165,18 @@ class Transport:
         bounded = self.timeout_s if dist.get_backend(self.group) == "gloo" else None
         return Incoming(buffer, work, self.device, what, bounded)
 
+    def all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup, what: str) -> Incoming:
+        """Start summing `tensor` over the ranks of `group` (a replicated stage's); `wait()` gives the sum.
+
+        One collective rather than a message to every other rank: a ring all-reduce sends each rank's
+        gradient about twice whatever the number of replicas. Every rank of `group` ends with the same bits.
+        """
+        buffer = tensor.detach()
+        buffer = (buffer.cpu() if self.stages_through_host else buffer.to(self.device)).contiguous()
+        work = dist.all_reduce(buffer, group=group, async_op=True)
+        bounded = self.timeout_s if dist.get_backend(group) == "gloo" else None
+        return Incoming(buffer, work, self.device, what, bounded)
+
     def recv_now(self, shape: tuple[int, ...], dtype: torch.dtype, channel: Channel) -> torch.Tensor:
         return self.recv(shape, dtype, channel).wait()
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from . import checkpoint
 from .data import TextBatches, stdlib_source_bytes
@@ -54,6 +55,11 @@ class TrainConfig:
     virtual: int = _option(0, "stages per rank; 0 takes the schedule's default (1, or 2 for looped and V schedules)")
     replicas: str = _option(
         "", "1F1B-RR: ranks per stage, e.g. 2,1 (stage 0 on two ranks, stage 1 on one; --ranks counts them all)"
+    )
+    dp: int = _option(
+        1,
+        "data parallelism: --dp D runs D pipelines of --ranks / D ranks (a pp x dp DeviceMesh), each taking every"
+        " D-th micro-batch of the mini-batch; they all-reduce their gradients before each step (gpipe, 1f1b)",
     )
     recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
     vertical_sync: bool = _option(False, "pipedream: every stage uses the weight version the first stage used")
@@ -99,7 +105,18 @@ class TrainConfig:
             raise ValueError("--model-config sets GPT-2 fields: use it with --model gpt2")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("ranks", "microbatches", "steps", "batch_size", "context", "dim", "layers", "heads", "threads"):
+        for name in (
+            "ranks",
+            "dp",
+            "microbatches",
+            "steps",
+            "batch_size",
+            "context",
+            "dim",
+            "layers",
+            "heads",
+            "threads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         if self.dim % self.heads:
@@ -124,6 +141,7 @@ class TrainConfig:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
         SCHEDULES[self.schedule].check_virtual(self.stages_per_rank)
         self._check_replicas()
+        self._check_data_parallel()
         layers = self.gpt2.n_layer if self.model == "gpt2" else self.layers  # also checks --model-config's fields
         if layers < self.num_stages:
             raise ValueError(
@@ -190,6 +208,31 @@ class TrainConfig:
         if sum(counts) != self.ranks:
             raise ValueError(f"--replicas {self.replicas} holds {sum(counts)} ranks: use --ranks {sum(counts)}")
 
+    def _check_data_parallel(self) -> None:
+        if self.dp == 1:
+            return
+        if self.ranks % self.dp:
+            raise ValueError(f"--dp {self.dp} does not divide --ranks {self.ranks}: each pipeline needs --ranks / --dp")
+        if self.schedule not in DATA_PARALLEL_SCHEDULES:
+            raise ValueError(
+                f"--dp runs under {' and '.join(DATA_PARALLEL_SCHEDULES)} (one stage per rank, flushed each step);"
+                f" got {self.schedule}"
+            )
+        if self.replicas:
+            raise ValueError("--dp replicates every stage alike; --replicas chooses per stage: give one of them")
+        if self.virtual not in (0, 1):
+            raise ValueError("--dp runs one stage per rank: drop --virtual")
+        if self.microbatches < self.dp:
+            raise ValueError(
+                f"--microbatches {self.microbatches} leaves some of the --dp {self.dp} pipelines without work:"
+                f" use at least {self.dp}"
+            )
+
+    @property
+    def pipeline_ranks(self) -> int:
+        """The ranks of one pipeline (pp): --ranks / --dp."""
+        return self.ranks // self.dp
+
     @property
     def replica_counts(self) -> tuple[int, ...] | None:
         """--replicas as numbers, or None without it."""
@@ -222,9 +265,10 @@ class TrainConfig:
     @property
     def num_stages(self) -> int:
         counts = self.replica_counts
-        return len(counts) if counts is not None else self.ranks * self.stages_per_rank
+        return len(counts) if counts is not None else self.pipeline_ranks * self.stages_per_rank
 
 
+DATA_PARALLEL_SCHEDULES = ("gpipe", "1f1b")  # flushed, one stage per rank, and able to replicate every stage
 PRESETS = Path(__file__).parent / "configs"
 RENAMED = {"stages": "ranks"}  # settings whose old name said the wrong thing: `stages` counted processes
 
@@ -300,6 +344,9 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     torch.set_num_threads(config.threads)
     device = _device_for(rank, config.device)
     split, loss_fn = _split(config)
+    mesh = None
+    if config.dp > 1:
+        mesh = init_device_mesh(device.type, (config.pipeline_ranks, config.dp), mesh_dim_names=("pp", "dp"))
     pipe = Pipeline(
         split,
         num_microbatches=config.microbatches,
@@ -309,6 +356,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         vertical_sync=config.vertical_sync,
         weight_stashing=config.weight_stashing,
         replicas=config.replica_counts,
+        mesh=mesh,
         timeout_s=config.timeout_s,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
         device=device,
@@ -571,6 +619,7 @@ def _describe(config: TrainConfig) -> str:
     keys = (
         "model",
         "ranks",
+        "dp",
         "replicas",
         "schedule",
         "virtual",
@@ -585,7 +634,7 @@ def _describe(config: TrainConfig) -> str:
     with torch.device("meta"):  # only counting: no memory, no init
         model = GPT(config.gpt) if config.model == "gpt" else _gpt2_model(config)
         params = sum(p.numel() for p in model.parameters())
-    optional = {"model": config.model != "gpt", "replicas": bool(config.replicas)}
+    optional = {"model": config.model != "gpt", "replicas": bool(config.replicas), "dp": config.dp > 1}
     shown = ", ".join(f"{k}={fields[k]}" for k in keys if optional.get(k, True))
     return shown + f", {params / 1e6:.1f}M parameters"
 

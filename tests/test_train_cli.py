@@ -253,3 +253,32 @@ def test_every_preset_is_a_valid_config() -> None:
         if values.get("model") == "gpt2" and importlib.util.find_spec("transformers") is None:
             continue
         TrainConfig(**values)  # raises on a bad preset
+
+
+@pytest.mark.timeout(300)
+def test_train_data_parallel_equals_one_pipeline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """--ranks 4 --dp 2 (two 2-rank pipelines, half the micro-batches each) trains as --ranks 2 does."""
+    argv = ["train", "--steps", "4", "--dim", "32", "--layers", "2", "--heads", "2", "--context", "32"]
+    argv += ["--batch-size", "8", "--microbatches", "4", "--clip-grad-norm", "0.5", "--no-progress"]
+    losses = {}
+    for name, extra in (("pp", ["--ranks", "2"]), ("pp x dp", ["--ranks", "4", "--dp", "2"])):
+        metrics = tmp_path / f"{name}.csv"
+        assert main([*argv, *extra, "--metrics", str(metrics)]) == 0
+        losses[name] = [float(row["loss"]) for row in csv.DictReader(metrics.open())]
+    assert "ranks=4, dp=2" in capfd.readouterr().out
+    assert len(losses["pp"]) == 4
+    for step, (one, two) in enumerate(zip(losses["pp"], losses["pp x dp"], strict=True)):
+        assert abs(one - two) <= 1e-5 * abs(one), f"step {step}: --dp 2 loss {two} != {one}"
+
+
+def test_train_checks_dp_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, error in [
+        (["--ranks", "3", "--dp", "2"], "--dp 2 does not divide --ranks 3"),
+        (["--ranks", "4", "--dp", "2", "--schedule", "zbv"], "--dp runs under gpipe and 1f1b"),
+        (["--ranks", "4", "--dp", "2", "--replicas", "2,2"], "give one of them"),
+        (["--ranks", "4", "--dp", "4", "--microbatches", "2"], "use at least 4"),
+        (["--dp", "0"], "--dp must be at least 1; got 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["train", *argv])
+        assert error in capsys.readouterr().err, argv

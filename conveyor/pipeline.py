@@ -66,6 +66,10 @@ class Pipeline:
     forward at once. `track_memory` counts the bytes each stage holds for
     backward (`Stage.peak_held_bytes`), at a small cost per forward.
 
+    `autocast=torch.bfloat16` runs every forward, its replay and the loss
+    under `torch.autocast` (mixed precision: fp32 weights, gradients and
+    optimizer state; bf16 matmuls, whose outputs cross ranks in bf16).
+
     An asynchronous schedule (`pipedream`, `pipedream-2bw`) never flushes
     between mini-batches: feed it with `stream`. Each backward then uses the
     weights its forward used (weight stashing; `weight_stashing=False` is the
@@ -111,6 +115,7 @@ class Pipeline:
         optimizer: OptimizerFactory | None = None,
         recompute: str = "none",
         track_memory: bool = False,
+        autocast: torch.dtype | None = None,
         weight_stashing: bool = True,
         vertical_sync: bool = False,
         replicas: Sequence[int] | None = None,
@@ -120,6 +125,11 @@ class Pipeline:
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
     ) -> None:
+        if autocast not in (None, torch.bfloat16):
+            raise ValueError(
+                f"autocast={autocast}: conveyor runs forwards under bfloat16 autocast (autocast=torch.bfloat16);"
+                " float16 would need a loss scaler whose overflow checks every stage agrees on, which it lacks"
+            )
         if not dist.is_initialized():
             raise RuntimeError("Pipeline needs torch.distributed to be initialized (see conveyor.launch)")
         if recompute not in RECOMPUTE:
@@ -153,6 +163,7 @@ class Pipeline:
             "replicas": str(None if replicas is None else tuple(replicas)),
             "vertical_sync": vertical_sync,
             "weight_stashing": weight_stashing,
+            "autocast": str(autocast),
             "stage graph": self.graph.describe(),
         }
         agree(settings, group, torch.device("cpu") if dist.get_backend(group) == "gloo" else self.device)
@@ -177,6 +188,7 @@ class Pipeline:
                 loss_fn if s == last else None,
                 recompute=recompute == "full" or (recompute == "all-but-last-stage" and s != last),
                 track_memory=track_memory,
+                autocast=autocast,
             )
             for s, module in modules.items()
         }

@@ -62,6 +62,7 @@ class TrainConfig:
         " D-th micro-batch of the mini-batch; they all-reduce their gradients before each step (gpipe, 1f1b)",
     )
     recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
+    precision: str = _option("fp32", "fp32, or bf16: forwards and the loss under bfloat16 autocast (fp32 weights)")
     vertical_sync: bool = _option(False, "pipedream: every stage uses the weight version the first stage used")
     weight_stashing: bool = _option(
         True, "pipedream: each backward uses its forward's weights (turn off for the ablation: the latest weights)"
@@ -95,6 +96,9 @@ class TrainConfig:
     checkpoint_every: int = _option(0, "steps between checkpoints; 0: only at the end (with --checkpoint-dir)")
     keep_checkpoints: int = _option(3, "how many of the latest checkpoints to keep")
     resume: bool = _option(False, "continue exactly from the latest checkpoint in --checkpoint-dir")
+    plan: str = _option(
+        "", "a plan file of `conveyor plan`: its split (and the settings it was made for, which must match)"
+    )
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -137,10 +141,16 @@ class TrainConfig:
         self._check_training_options()
         if self.trace and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r} (fp16 would need a loss"
+                " scaler that conveyor lacks)"
+            )
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
         SCHEDULES[self.schedule].check_virtual(self.stages_per_rank)
         self._check_replicas()
+        self._check_plan()
         self._check_data_parallel()
         layers = self.gpt2.n_layer if self.model == "gpt2" else self.layers  # also checks --model-config's fields
         if layers < self.num_stages:
@@ -233,6 +243,21 @@ class TrainConfig:
         """The ranks of one pipeline (pp): --ranks / --dp."""
         return self.ranks // self.dp
 
+    def _check_plan(self) -> None:
+        if not self.plan:
+            return
+        from .plan import Plan, split_with_plan
+
+        if self.model != "gpt" or self.dp != 1 or self.replicas:
+            raise ValueError("--plan splits conveyor's GPT into one pipeline: drop --model gpt2, --dp and --replicas")
+        plan = Plan.load(self.plan)
+        micro = -(-self.batch_size // self.microbatches)
+        plan.check_settings(
+            self.schedule, self.pipeline_ranks, self.stages_per_rank, self.microbatches, self.recompute, micro
+        )
+        gpt = self.gpt
+        split_with_plan(lambda: GPT(gpt), plan, seed=self.seed)  # refuses a plan made for another model
+
     @property
     def replica_counts(self) -> tuple[int, ...] | None:
         """--replicas as numbers, or None without it."""
@@ -268,6 +293,7 @@ class TrainConfig:
         return len(counts) if counts is not None else self.pipeline_ranks * self.stages_per_rank
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # --precision: the autocast dtype of the forwards
 DATA_PARALLEL_SCHEDULES = ("gpipe", "1f1b")  # flushed, one stage per rank, and able to replicate every stage
 PRESETS = Path(__file__).parent / "configs"
 RENAMED = {"stages": "ranks"}  # settings whose old name said the wrong thing: `stages` counted processes
@@ -353,6 +379,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         loss_fn=loss_fn,
         schedule=config.schedule,
         recompute=config.recompute,
+        autocast=PRECISIONS[config.precision],
         vertical_sync=config.vertical_sync,
         weight_stashing=config.weight_stashing,
         replicas=config.replica_counts,
@@ -590,6 +617,10 @@ def _split(config: TrainConfig) -> tuple[Split, LossFn]:
         split = trace_split(gpt2_lm(config.gpt2), (example,), num_stages=config.num_stages, seed=config.seed)
         return split, logits_loss
     gpt = config.gpt
+    if config.plan:
+        from .plan import split_with_plan
+
+        return split_with_plan(lambda: GPT(gpt), config.plan, seed=config.seed), lm_loss
     return manual_split(lambda: GPT(gpt), config.num_stages, seed=config.seed), lm_loss
 
 
@@ -621,6 +652,7 @@ def _describe(config: TrainConfig) -> str:
         "ranks",
         "dp",
         "replicas",
+        "precision",
         "schedule",
         "virtual",
         "microbatches",
@@ -634,7 +666,12 @@ def _describe(config: TrainConfig) -> str:
     with torch.device("meta"):  # only counting: no memory, no init
         model = GPT(config.gpt) if config.model == "gpt" else _gpt2_model(config)
         params = sum(p.numel() for p in model.parameters())
-    optional = {"model": config.model != "gpt", "replicas": bool(config.replicas), "dp": config.dp > 1}
+    optional = {
+        "model": config.model != "gpt",
+        "replicas": bool(config.replicas),
+        "dp": config.dp > 1,
+        "precision": config.precision != "fp32",
+    }
     shown = ", ".join(f"{k}={fields[k]}" for k in keys if optional.get(k, True))
     return shown + f", {params / 1e6:.1f}M parameters"
 

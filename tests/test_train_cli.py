@@ -271,13 +271,14 @@ def test_train_data_parallel_equals_one_pipeline(tmp_path: Path, capfd: pytest.C
         assert abs(one - two) <= 1e-5 * abs(one), f"step {step}: --dp 2 loss {two} != {one}"
 
 
-def test_train_checks_dp_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_checks_dp_and_precision_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, error in [
         (["--ranks", "3", "--dp", "2"], "--dp 2 does not divide --ranks 3"),
         (["--ranks", "4", "--dp", "2", "--schedule", "zbv"], "--dp runs under gpipe and 1f1b"),
         (["--ranks", "4", "--dp", "2", "--replicas", "2,2"], "give one of them"),
         (["--ranks", "4", "--dp", "4", "--microbatches", "2"], "use at least 4"),
         (["--dp", "0"], "--dp must be at least 1; got 0"),
+        (["--precision", "fp16"], "--precision must be one of fp32, bf16; got 'fp16'"),
     ]:
         with pytest.raises(SystemExit):
             main(["train", *argv])

@@ -67,6 +67,7 @@ class Stage:
         *,
         recompute: bool = False,
         track_memory: bool = False,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if index == num_stages - 1 and loss_fn is None:
             raise ValueError(f"stage {index} is the last stage and needs a loss function")
@@ -76,6 +77,8 @@ class Stage:
         self.loss_fn = loss_fn
         self.recompute = recompute
         self.track_memory = track_memory
+        self.autocast = autocast
+        """Run forwards (and the loss) under torch.autocast to this dtype (bfloat16); None: as the weights are."""
         self.held_bytes = 0
         self.peak_held_bytes = 0
         self._stash: dict[int, _Stash] = {}
@@ -108,8 +111,8 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
         counter = _SavedBytes(self.module, tensors_in(inputs)) if self.track_memory else None
         weights = self.versions.forward_tensors(mb) if self.versions is not None else None
-        with torch.enable_grad(), counter or contextlib.nullcontext():
-            if self.recompute:  # the replay during backward runs with the same weights
+        with torch.enable_grad(), counter or contextlib.nullcontext(), self._autocast():
+            if self.recompute:  # the replay during backward runs with the same weights and autocast state
                 output = checkpoint(self._call, inputs, weights, use_reentrant=False)
             else:
                 output = self._call(inputs, weights)
@@ -128,7 +131,7 @@ class Stage:
         self, mb: int, inputs: Any, target: Any = None, loss_weight: float = 1.0, keep_output: bool = False
     ) -> list[torch.Tensor]:
         """A forward for evaluation or inference: no graph, nothing kept but the last stage's result."""
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             output = self._call(inputs)
             if not self.is_last:
                 return _flatten_output(output, self.index)
@@ -226,6 +229,12 @@ class Stage:
     def activations_held(self) -> int:
         """Micro-batches whose forward ran and whose backward (W, if split) has not."""
         return len(self._stash) + len(self._weight_work)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        device = next(self.module.parameters(), torch.empty(0)).device.type
+        return torch.autocast(device, dtype=self.autocast)
 
     def _call(self, inputs: Any, weights: dict[str, torch.Tensor] | None = None) -> Any:
         """Call the module by the conventions above; with `weights`, on those tensors instead of its parameters."""

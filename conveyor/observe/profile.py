@@ -1,4 +1,4 @@
-"""Costs from a real model: time F, B, W and a whole backward of each stage, and the bytes it keeps.
+"""Costs from a real model: time F, B, W and a whole backward of each stage (or layer), and the bytes it keeps.
 
 The stages run one after another in this process, on one micro-batch, the
 way a rank would run them (same threads). B and W are timed as the runtime
@@ -6,13 +6,19 @@ splits a backward (`runtime/split_backward.py`: B the gradient of the stage's
 input, W the weight gradients afterwards), and a whole backward on its own,
 because a split costs more than one whole backward. The first stage has no
 input gradient to compute, so its B is 0 and its W is a whole backward.
+
+`profile_layers` does the same per layer (modules that chain like stages),
+and adds what a planner needs to cost any contiguous group of them: the
+optimizer's step, the parameters, and the bytes crossing each boundary.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,75 @@ from ..runtime.split_backward import backward_input
 from ..runtime.stage import LossFn, call_module
 from .simulate import CostModel, StageCosts
 
-__all__ = ["measure_latency", "profile_stages", "saved_activation_bytes"]
+__all__ = [
+    "OPTIMIZER_STATES",
+    "LayerCosts",
+    "LayerProfile",
+    "measure_latency",
+    "profile_layers",
+    "profile_stages",
+    "saved_activation_bytes",
+]
+
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+"""Tensors of state per parameter each optimizer keeps: SGD none, SGD with momentum a buffer, Adam two moments."""
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """One layer (or a group of modules that never part) on one micro-batch; times in seconds, sizes in bytes."""
+
+    name: str
+    forward: float
+    backward: float
+    """B: the input gradient (0 for the first layer, which has none: its backward is all W)."""
+    weight: float
+    """W: the weight gradients after B."""
+    whole: float
+    """The backward run whole."""
+    step: float
+    """The optimizer's step over the layer's parameters (and zeroing their gradients)."""
+    parameters: int
+    """Parameter count."""
+    parameter_bytes: float
+    activation_bytes: float
+    """Held for backward per micro-batch: saved tensors and inputs that need a gradient, not its output."""
+    output_bytes: float
+    """What the layer hands to the next one: the bytes sent when a stage boundary follows it."""
+    recompute_bytes: float = 0.0
+    """Held per micro-batch even when its stage recomputes: the loss's own saved tensors (last layer only)."""
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Every layer of a model, in order, at one micro-batch size, with the optimizer they were stepped with.
+
+    `fingerprint` names the model (its layer names and parameter shapes), so a profile is never applied to
+    another model.
+    """
+
+    fingerprint: str
+    microbatch_size: int
+    optimizer: str
+    layers: tuple[LayerCosts, ...]
+    latency: float = 0.0
+    first: bool = False
+    """Whether layers[0] is modules that always go to the first stage (a manual split's embeddings)."""
+    last: bool = False
+    """Whether layers[-1] is modules that always go to the last stage (a manual split's norm and head)."""
+
+    def save(self, path: str | Path) -> None:
+        data = {**asdict(self), "layers": [asdict(layer) for layer in self.layers]}
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerProfile:
+        data = json.loads(Path(path).read_text())
+        try:
+            layers = tuple(LayerCosts(**layer) for layer in data.pop("layers"))
+            return cls(**data, layers=layers)
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path} is not a layer profile written by conveyor ({error})") from None
 
 
 def profile_stages(
@@ -58,6 +132,127 @@ def profile_stages(
         with torch.no_grad():
             stage_input = _as_tuple(call_module(module, stage_input))
     return CostModel(tuple(costs), latency)
+
+
+def profile_layers(
+    layers: Sequence[nn.Module],
+    example_input: Any,
+    example_target: Any,
+    loss_fn: LossFn,
+    *,
+    names: Sequence[str] | None = None,
+    optimizer: str = "adamw",
+    fingerprint: str = "",
+    repeats: int = 5,
+    warmup: int = 2,
+    latency: float = 0.0,
+) -> LayerProfile:
+    """Measure each layer of a model on one micro-batch: modules that chain like stages (the output of one is
+    the input of the next; the last one's output goes to `loss_fn`), run one after another in this process.
+
+    Costs about (warmup + repeats) x (two forwards, two backwards and an optimizer step) per layer.
+    """
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
+    if names is not None and len(names) != len(layers):
+        raise ValueError(f"{len(names)} names for {len(layers)} layers")
+    inputs: list[Any] = []  # each layer's input, as the runtime hands it over
+    layer_input: Any = example_input
+    for index, module in enumerate(layers):
+        if index > 0:
+            layer_input = _as_leaves(layer_input)
+        inputs.append(layer_input)
+        with torch.no_grad():
+            layer_input = _as_tuple(call_module(module, layer_input))
+    last = len(layers) - 1
+    runs = [
+        _stage_runner(m, x, example_target if i == last else None, loss_fn if i == last else None)
+        for i, (m, x) in enumerate(zip(layers, inputs, strict=True))
+    ]
+    # Round-robin over the layers, so that a machine that slows down for a while slows every layer alike.
+    samples: list[list[tuple[float, float, float, float]]] = [[] for _ in layers]
+    for repeat in range(warmup + repeats):
+        for index, run in enumerate(runs):
+            sample = run()
+            if repeat >= warmup:
+                samples[index].append(sample)
+    measured = []
+    for index, module in enumerate(layers):
+        is_last = index == last
+        target, loss = (example_target, loss_fn) if is_last else (None, None)
+        f, b, w, whole = (statistics.median(column) for column in zip(*samples[index], strict=True))
+        held, output = _held_and_output(module, inputs[index], target, loss)
+        # A recomputing stage replays its module, not the loss after it: what the loss saved stays.
+        kept_by_loss = _loss_saved_bytes(_as_leaves(layer_input)[0], target, loss_fn) if is_last else 0.0
+        params = [p for p in module.parameters() if p.requires_grad]
+        measured.append(
+            LayerCosts(
+                names[index] if names is not None else str(index),
+                f,
+                b,
+                w,
+                whole,
+                _step_time(module, optimizer, repeats) if params else 0.0,
+                sum(p.numel() for p in params),
+                float(sum(p.numel() * p.element_size() for p in params)),
+                held,
+                0.0 if is_last else output,
+                kept_by_loss,
+            )
+        )
+    return LayerProfile(fingerprint, _samples(example_input), optimizer, tuple(measured), latency)
+
+
+def _samples(batch: Any) -> int:
+    sizes = [t.shape[0] for t in tensors_in(batch) if t.dim() > 0]
+    return sizes[0] if sizes else 1
+
+
+def _held_and_output(module: nn.Module, inputs: Any, target: Any, loss_fn: LossFn | None) -> tuple[float, float]:
+    """Bytes a forward keeps for backward besides its output (saved tensors, inputs needing a gradient), and the
+    bytes of its floating outputs."""
+    total = saved_activation_bytes(module, inputs, target, loss_fn)
+    with torch.no_grad():
+        output = call_module(module, _fresh_inputs(inputs))
+    sent = float(sum(t.untyped_storage().nbytes() for t in tensors_in(output) if t.is_floating_point()))
+    if loss_fn is not None:
+        return total, sent
+    # saved_activation_bytes counts the output too (it needs a gradient); the next layer's input holds it.
+    return max(0.0, total - sent), sent
+
+
+def _loss_saved_bytes(output: torch.Tensor, target: Any, loss_fn: LossFn) -> float:
+    """Bytes the loss saves for its backward (log-softmax's output, for cross-entropy)."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(output, target)
+    return float(sum(seen.values()))
+
+
+def _step_time(module: nn.Module, optimizer: str, repeats: int) -> float:
+    """Median time of the optimizer's step and zero_grad over `module`'s parameters, with gradients present."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    kinds: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "sgd": lambda: torch.optim.SGD(params, lr=0.0),
+        "momentum": lambda: torch.optim.SGD(params, lr=0.0, momentum=0.9),
+        "adam": lambda: torch.optim.Adam(params, lr=0.0),
+        "adamw": lambda: torch.optim.AdamW(params, lr=0.0),
+    }
+    stepper = kinds[optimizer]()
+    times = []
+    for _ in range(repeats + 1):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        start = time.perf_counter()
+        stepper.step()
+        stepper.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def saved_activation_bytes(module: nn.Module, inputs: Any, target: Any = None, loss_fn: LossFn | None = None) -> float:

@@ -1,0 +1,34 @@
+"""Planning: profile a model per layer, choose where to cut it, and the schedule, micro-batches and recompute
+that train it fastest within memory (`conveyor plan`)."""
+
+from .cost import RECOMPUTE_SETTINGS, MemoryModel, stage_costs
+from .layers import fingerprint, layer_split, profile_model
+from .partition import EXACT_LIMIT, METHODS, Partition, PlanError, count_splits, partition, splits
+from .plan_file import Plan, StageSummary, split_with_plan
+from .profiles import cached_profile, read_profiles, write_profiles
+from .search import Refused, make_plan, search
+
+__all__ = [
+    "EXACT_LIMIT",
+    "METHODS",
+    "RECOMPUTE_SETTINGS",
+    "MemoryModel",
+    "Partition",
+    "Plan",
+    "PlanError",
+    "Refused",
+    "StageSummary",
+    "cached_profile",
+    "count_splits",
+    "fingerprint",
+    "layer_split",
+    "make_plan",
+    "partition",
+    "profile_model",
+    "read_profiles",
+    "search",
+    "split_with_plan",
+    "splits",
+    "stage_costs",
+    "write_profiles",
+]

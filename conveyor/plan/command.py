@@ -1,0 +1,251 @@
+"""`conveyor plan`: profile `conveyor train`'s GPT per layer, choose a split (or, with --search, the whole
+configuration), print it and write the plan file that `conveyor train --plan` reads."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from ..observe.profile import OPTIMIZER_STATES, LayerProfile
+from ..schedules import SCHEDULES
+from .cost import RECOMPUTE_SETTINGS
+from .layers import fingerprint, layer_split, profile_model
+from .partition import EXACT_LIMIT, METHODS, PlanError
+from .plan_file import Plan
+from .profiles import cached_profile
+from .search import make_plan, search
+
+__all__ = ["add_plan_parser", "parse_bytes", "run_plan", "train_command"]
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str) -> float:
+    """`512MiB`, `2GiB`, `1.5e9` (bytes) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"a memory size such as 512MiB, 2GiB or 1e9 (bytes); got {text!r}")
+    try:
+        return float(match.group(1)) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a memory size such as 512MiB, 2GiB or 1e9; got {text!r}") from None
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(word) for word in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"micro-batch counts, e.g. 2,4,8; got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"micro-batch counts must be at least 1; got {text!r}")
+    return counts
+
+
+def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
+    """The `plan` subcommand; `defaults` is a TrainConfig, whose model sizes it plans for."""
+    plan = commands.add_parser(
+        "plan",
+        help="profile `conveyor train`'s GPT per layer and choose its split (--search: and the schedule,"
+        " micro-batches and recompute) that train fastest within memory; writes a plan for `train --plan`",
+    )
+    for name in ("ranks", "microbatches", "batch_size", "context", "dim", "layers", "heads", "threads", "seed"):
+        plan.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    plan.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule)
+    plan.add_argument("--virtual", type=int, default=0, help="stages per rank (default: the schedule's)")
+    plan.add_argument("--recompute", choices=list(RECOMPUTE_SETTINGS), default="none")
+    plan.add_argument("--method", choices=list(METHODS), default="auto", help="auto: time within --memory")
+    plan.add_argument("--memory", type=parse_bytes, help="per-rank memory cap, e.g. 512MiB or 2GiB (default: none)")
+    plan.add_argument(
+        "--optimizer", choices=list(OPTIMIZER_STATES), default="adamw", help="whose state counts (train: adamw)"
+    )
+    plan.add_argument("--search", action="store_true", help="rank schedules x micro-batches x recompute too")
+    plan.add_argument("--microbatch-counts", type=_counts, help="--search: micro-batch counts to try")
+    plan.add_argument("--top", type=int, default=5, help="--search: how many configurations to show")
+    plan.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="most splits searched exhaustively")
+    plan.add_argument(
+        "--profile", default="conveyor-profile.json", help="profile file, read and extended (default: %(default)s)"
+    )
+    plan.add_argument("--out", default="plan.json", help="the plan file (default: %(default)s)")
+    return plan
+
+
+def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from ..models import GPT, GPTConfig, lm_loss
+
+    if args.layers < 1 or args.dim % max(1, args.heads) or args.batch_size < 1 or args.ranks < 1:
+        parser.error("--layers, --batch-size and --ranks must be at least 1, and --dim a multiple of --heads")
+    torch.set_num_threads(args.threads)
+    gpt = GPTConfig(context=args.context, dim=args.dim, layers=args.layers, heads=args.heads)
+
+    def build() -> torch.nn.Module:
+        return GPT(gpt)
+
+    print_fingerprint = fingerprint(layer_split(build, seed=args.seed))
+
+    def profile_for(m: int) -> LayerProfile:
+        size = -(-args.batch_size // m)  # the largest micro-batch
+
+        def measure() -> LayerProfile:
+            tokens = torch.randint(
+                0, gpt.vocab_size, (size, args.context + 1), generator=torch.Generator().manual_seed(0)
+            )
+            return profile_model(
+                build, tokens[:, :-1], tokens[:, 1:], lm_loss, optimizer=args.optimizer, seed=args.seed
+            )
+
+        profile, measured = cached_profile(args.profile, print_fingerprint, size, args.optimizer, measure)
+        how = "measured" if measured else "reused"
+        print(f"profile of micro-batches of {size} x {args.context} tokens: {how} ({args.profile})")
+        return profile
+
+    try:
+        if args.search:
+            return _search(args, profile_for)
+        if args.microbatches > args.batch_size:
+            raise ValueError(f"{args.microbatches} micro-batches need a batch size of at least that")
+        plan = make_plan(
+            profile_for(args.microbatches),
+            args.schedule,
+            args.ranks,
+            args.microbatches,
+            args.virtual or None,
+            method=args.method,
+            memory_cap=args.memory,
+            recompute=args.recompute,
+            exact_limit=args.exact_limit,
+        )
+    except (PlanError, ValueError) as error:
+        parser.error(str(error).splitlines()[0] if not isinstance(error, PlanError) else str(error))
+    _print_plan(plan)
+    plan.save(args.out)
+    print(f"plan written to {args.out}; train with it:\n  {train_command(plan, args)}")
+    return 0
+
+
+def _search(args: argparse.Namespace, profile_for: Any) -> int:
+    counts = args.microbatch_counts or [m for m in (1, 2, 4, 8, 16, 32) if args.ranks <= m <= args.batch_size]
+    counts = [m for m in counts if m <= args.batch_size]
+    plans, refused = search(profile_for, args.ranks, counts, memory_cap=args.memory, exact_limit=args.exact_limit)
+    if not plans:
+        reasons = "; ".join(f"{r.schedule} m={r.microbatches} {r.recompute}: {r.why}" for r in refused[:5])
+        raise PlanError(f"no configuration fits: {reasons}")
+    print(_ranking(plans[: args.top]))
+    print(f"{len(plans)} configurations ranked, {len(refused)} did not apply or fit; best written to {args.out}")
+    best = plans[0]
+    best.save(args.out)
+    print()
+    _print_plan(best)
+    print(f"train with it:\n  {train_command(best, args)}")
+    return 0
+
+
+def _ranking(plans: list[Plan]) -> str:
+    columns = (
+        "#",
+        "schedule",
+        "v",
+        "m",
+        "recompute",
+        "blocks per stage",
+        "step (sync)",
+        "period",
+        "bubble",
+        "peak/rank",
+    )
+    rows = [
+        (
+            str(i + 1),
+            p.schedule,
+            str(p.virtual),
+            str(p.microbatches),
+            p.recompute,
+            ",".join(map(str, p.layers_per_stage)),
+            f"{p.step_time * 1e3:.1f} ms",
+            f"{p.period * 1e3:.1f} ms",
+            f"{p.bubble:.3f}",
+            " ".join(f"{b / 2**20:.0f}" for b in p.peak_bytes) + " MiB",
+        )
+        for i, p in enumerate(plans)
+    ]
+    return _table(columns, rows)
+
+
+def _table(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[k]) for row in [columns, *rows]) for k in range(len(columns))]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip() for row in [columns, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _print_plan(plan: Plan) -> None:
+    from ..schedules import build_schedule
+
+    program = build_schedule(plan.schedule, plan.ranks, plan.microbatches, plan.virtual)
+    rows = []
+    for s, stage in enumerate(plan.stages):
+        rank = program.rank_of(s)
+        rows.append(
+            (
+                str(s),
+                str(rank),
+                _compact(stage.layers),
+                f"{stage.parameters / 1e6:.2f}M",
+                f"{stage.forward * 1e3:.2f}",
+                f"{stage.backward * 1e3:.2f}",
+                f"{stage.busy * 1e3:.1f}",
+                f"{plan.peak_bytes[rank] / 2**20:.0f} MiB",
+            )
+        )
+    columns = ("stage", "rank", "layers", "params", "F ms/mb", "B+W ms/mb", "busy ms/step", "peak (rank)")
+    print(
+        f"{plan.schedule}, {plan.ranks} ranks x {plan.virtual} stage(s), {plan.microbatches} micro-batches of"
+        f" {plan.microbatch_size}, recompute {plan.recompute}, method {plan.method}"
+        f" ({'exact' if plan.exact else 'local search'})"
+    )
+    print(_table(columns, rows))
+    print(
+        f"predicted step {plan.step_time * 1e3:.1f} ms (synchronous: first start to last end over all ranks),"
+        f" period {plan.period * 1e3:.1f} ms (steady state, steps back to back), bubble {plan.bubble:.3f}"
+    )
+
+
+def _compact(names: tuple[str, ...]) -> str:
+    """`layers.0`, `layers.1`, `layers.2` -> `layers.0-2`."""
+    out: list[str] = []
+    run: list[int] = []
+    prefix = ""
+
+    def flush() -> None:
+        if run:
+            out.append(f"{prefix}{run[0]}" if len(run) == 1 else f"{prefix}{run[0]}-{run[-1]}")
+            run.clear()
+
+    for name in names:
+        head, _, tail = name.rpartition(".")
+        if tail.isdigit() and (not run or (head + "." == prefix and int(tail) == run[-1] + 1)):
+            prefix = head + "."
+            run.append(int(tail))
+            continue
+        flush()
+        if tail.isdigit():
+            prefix = head + "."
+            run.append(int(tail))
+        else:
+            out.append(name)
+    flush()
+    return ", ".join(out)
+
+
+def train_command(plan: Plan, args: argparse.Namespace) -> str:
+    """The `conveyor train` line that trains this plan's model with it."""
+    sizes = f"--layers {args.layers} --dim {args.dim} --heads {args.heads} --context {args.context}"
+    settings = (
+        f"--schedule {plan.schedule} --ranks {plan.ranks} --virtual {plan.virtual}"
+        f" --microbatches {plan.microbatches} --recompute {plan.recompute} --batch-size {args.batch_size}"
+    )
+    return f"conveyor train --plan {args.out} {settings} {sizes}"

@@ -1,0 +1,146 @@
+"""What a split costs: per-layer profiles summed into per-stage costs, and the memory each rank holds.
+
+A split is `layers_per_stage`, the blocks each stage owns (as `manual_split` takes it); the profile's end
+layers, if any, join the first and the last stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..observe.profile import OPTIMIZER_STATES, LayerCosts, LayerProfile
+from ..observe.simulate import CostModel, StageCosts
+from ..schedules import Kind, Program, split_backwards
+
+__all__ = ["RECOMPUTE_SETTINGS", "MemoryModel", "recomputed_stages", "stage_costs", "stage_layers", "static_bytes"]
+
+RECOMPUTE_SETTINGS = ("none", "full", "all-but-last-stage")
+
+
+def recomputed_stages(recompute: str, num_stages: int) -> list[bool]:
+    """Which stages re-run their forward during backward under `Pipeline(recompute=...)`."""
+    if recompute not in RECOMPUTE_SETTINGS:
+        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_SETTINGS)}; got {recompute!r}")
+    return [
+        recompute == "full" or (recompute == "all-but-last-stage" and s < num_stages - 1) for s in range(num_stages)
+    ]
+
+
+def stage_layers(profile: LayerProfile, layers_per_stage: Sequence[int]) -> list[list[int]]:
+    """For each stage, the indices of the profile's layers it owns."""
+    blocks = len(profile.layers) - profile.first - profile.last
+    if sum(layers_per_stage) != blocks or any(n < 0 for n in layers_per_stage):
+        raise ValueError(f"layers_per_stage {list(layers_per_stage)} must be non-negative and add up to {blocks}")
+    owned, at = [], int(profile.first)
+    for count in layers_per_stage:
+        owned.append(list(range(at, at + count)))
+        at += count
+    if profile.first:
+        owned[0].insert(0, 0)
+    if profile.last:
+        owned[-1].append(len(profile.layers) - 1)
+    for stage, layers in enumerate(owned):
+        if not layers:
+            raise ValueError(f"stage {stage} would own no layer (layers_per_stage {list(layers_per_stage)})")
+    return owned
+
+
+def stage_costs(profile: LayerProfile, layers_per_stage: Sequence[int], recompute: str = "none") -> CostModel:
+    """The simulator's costs of a split: each stage the sum of its layers.
+
+    The first stage has no input gradient, so all of its backward is W (a whole backward), as the runtime
+    runs it. A recomputing stage pays its forward once more, in its first backward action, and keeps only its
+    input, its output and what its loss saved.
+    """
+    owned = stage_layers(profile, layers_per_stage)
+    again = recomputed_stages(recompute, len(owned))
+    stages = []
+    for s, layers in enumerate(owned):
+        parts = [profile.layers[i] for i in layers]
+        forward = sum(p.forward for p in parts)
+        whole = sum(p.whole for p in parts)
+        backward, weight = (0.0, whole) if s == 0 else (sum(p.backward for p in parts), sum(p.weight for p in parts))
+        if again[s]:
+            whole += forward
+            if s == 0:
+                weight += forward
+            else:
+                backward += forward
+        stages.append(
+            StageCosts(
+                forward=forward,
+                backward=backward,
+                weight=weight,
+                activation_bytes=_held(profile, layers, s == 0, s == len(owned) - 1, again[s]),
+                whole=whole,
+                weight_bytes=sum(p.parameter_bytes for p in parts),
+                step=sum(p.step for p in parts),
+            )
+        )
+    return CostModel(tuple(stages), profile.latency)
+
+
+def _held(profile: LayerProfile, layers: list[int], first: bool, last: bool, recompute: bool) -> float:
+    """Bytes one micro-batch keeps on a stage from its forward to its backward."""
+    parts: list[LayerCosts] = [profile.layers[i] for i in layers]
+    output = 0.0 if last else parts[-1].output_bytes
+    if not recompute:
+        return sum(p.activation_bytes for p in parts) + output
+    stage_input = 0.0 if first else profile.layers[layers[0] - 1].output_bytes
+    return stage_input + output + sum(p.recompute_bytes for p in parts)
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak bytes per rank of a program, for any split: weights, gradients and optimizer state of the rank's
+    stages, plus the most activations its micro-batches hold at once.
+
+    The activations a rank holds at each point of its program are counts per stage that depend on the
+    schedule alone; `held` keeps the distinct count vectors of each rank, so a split's peak is a few dot
+    products, no simulation.
+    """
+
+    program: Program
+    held: dict[int, list[dict[int, int]]]
+
+    @classmethod
+    def of(cls, program: Program) -> MemoryModel:
+        split = split_backwards(program)
+        held: dict[int, list[dict[int, int]]] = {}
+        for rank in range(program.num_ranks):
+            now: dict[int, int] = {}
+            seen: list[dict[int, int]] = []
+            for action in program.actions.get(rank, []):
+                releases = Kind.WEIGHT if (action.stage, action.mb) in split else Kind.BACKWARD
+                if action.kind is Kind.FORWARD:
+                    now[action.stage] = now.get(action.stage, 0) + 1
+                elif action.kind is releases:
+                    now[action.stage] -= 1
+                else:
+                    continue
+                if action.kind is Kind.FORWARD and dict(now) not in seen:
+                    seen.append(dict(now))  # the peak falls right after a forward
+            held[rank] = seen or [{}]
+        return cls(program, held)
+
+    def peak(self, costs: CostModel, static: Sequence[float]) -> list[float]:
+        """Per rank: `static[s]` for each of its stages plus its peak activation bytes under `costs`."""
+        peaks = []
+        for rank in range(self.program.num_ranks):
+            fixed = sum(static[s] for s in self.program.stages_of(rank))
+            activations = max(
+                sum(n * float(costs.of(s).activation_bytes or 0.0) for s, n in counts.items())
+                for counts in self.held[rank]
+            )
+            peaks.append(fixed + activations)
+        return peaks
+
+
+def static_bytes(profile: LayerProfile, layers_per_stage: Sequence[int]) -> list[float]:
+    """Per stage: its parameters, their gradients and the optimizer's state (fp32 state as the parameters)."""
+    states = OPTIMIZER_STATES[profile.optimizer]
+    return [
+        (2 + states) * sum(profile.layers[i].parameter_bytes for i in layers)
+        for layers in stage_layers(profile, layers_per_stage)
+    ]

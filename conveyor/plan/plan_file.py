@@ -1,0 +1,118 @@
+"""A plan: the split, schedule, micro-batches and recompute chosen for one model, and what they should cost.
+
+It records the model's fingerprint (its layer names and parameter shapes), so a plan given to another model
+is an error, not a wrong split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..split import ManualSplit, manual_split
+from .layers import fingerprint
+
+__all__ = ["Plan", "StageSummary", "split_with_plan"]
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """One stage of a plan: what it owns and what the profile says it costs."""
+
+    layers: tuple[str, ...]
+    parameters: int
+    forward: float
+    """Seconds per micro-batch."""
+    backward: float
+    """Seconds per micro-batch, the whole backward (B + W where split)."""
+    busy: float
+    """Seconds the stage computes per step: its forwards, backwards and optimizer step."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `conveyor plan` chose; `conveyor train --plan FILE` and `split_with_plan` train with it."""
+
+    fingerprint: str
+    schedule: str
+    ranks: int
+    virtual: int
+    microbatches: int
+    microbatch_size: int
+    recompute: str
+    method: str
+    layers_per_stage: tuple[int, ...]
+    step_time: float
+    """Predicted synchronous step (seconds): first start to last end over all ranks."""
+    period: float
+    """Predicted steady-state time per step, steps back to back (seconds)."""
+    bubble: float
+    """Idle share of the synchronous step, mean over ranks."""
+    peak_bytes: tuple[float, ...]
+    """Predicted peak memory per rank: weights, gradients, optimizer state, activations in flight."""
+    memory_cap: float | None
+    exact: bool
+    """Whether the split was the best of every split (else of a local search)."""
+    stages: tuple[StageSummary, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.layers_per_stage)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+            stages = tuple(StageSummary(**{**s, "layers": tuple(s["layers"])}) for s in data.pop("stages"))
+            data["layers_per_stage"] = tuple(data["layers_per_stage"])
+            data["peak_bytes"] = tuple(data["peak_bytes"])
+            return cls(**data, stages=stages)
+        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a plan written by conveyor plan ({error})") from None
+        except OSError as error:
+            raise ValueError(f"cannot read the plan {path}: {error.strerror}") from None
+
+    def check_model(self, split: ManualSplit, what: str = "the model") -> None:
+        """Refuse `split`'s model unless it is the one this plan was made for."""
+        found = fingerprint(split)
+        if found != self.fingerprint:
+            raise ValueError(
+                f"this plan is for the model with fingerprint {self.fingerprint} (its layers' names and parameter"
+                f" shapes), but {what} has {found}: make a plan for it with `conveyor plan`"
+            )
+
+    def check_settings(
+        self, schedule: str, ranks: int, virtual: int, microbatches: int, recompute: str, microbatch_size: int
+    ) -> None:
+        """Refuse settings other than the plan's (the largest micro-batch's size included), naming the flags."""
+        names = ("schedule", "ranks", "virtual", "microbatches", "recompute", "microbatch_size")
+        ours = (self.schedule, self.ranks, self.virtual, self.microbatches, self.recompute, self.microbatch_size)
+        theirs = (schedule, ranks, virtual, microbatches, recompute, microbatch_size)
+        differ = [k for k, a, b in zip(names, ours, theirs, strict=True) if a != b]
+        if differ:
+            flags = {k: a for k, a in zip(names, ours, strict=True)}
+            wanted = " ".join(
+                f"--batch-size {self.microbatch_size * self.microbatches}"
+                if k == "microbatch_size"
+                else f"--{k} {flags[k]}"
+                for k in differ
+            )
+            got = ", ".join(f"{k.replace('_', ' ')} {b}" for k, b in zip(names, theirs, strict=True) if k in differ)
+            raise ValueError(f"the plan {self.schedule} was made for other settings ({got} given): use {wanted}")
+
+
+def split_with_plan(
+    model: nn.Module | Callable[[], nn.Module], plan: Plan | str | Path, *, blocks: str | None = None, seed: int = 0
+) -> ManualSplit:
+    """`manual_split(model, ...)` with the plan's stages, after checking that the plan is for this model."""
+    chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+    split = manual_split(model, chosen.num_stages, chosen.layers_per_stage, blocks=blocks, seed=seed)
+    chosen.check_model(split)
+    return split

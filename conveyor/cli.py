@@ -14,6 +14,7 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from .launch import exit_rank, under_torchrun
 from .models import lm_loss
 from .pipeline import RECOMPUTE
+from .plan.command import add_plan_parser, run_plan
 from .schedules import SCHEDULES, Program, build_schedule, render_steps, render_timeline, validate
 from .train import MODELS, TrainConfig, export_checkpoint, read_config, train
 
@@ -75,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     _stream_flags(show, default=2)
 
+    plan_parser = add_plan_parser(commands, defaults)
+
     sim = commands.add_parser("simulate", help="predict a schedule's step time, bubble and memory from a cost model")
     sim.add_argument("--schedule", required=True, choices=list(SCHEDULES))
     sim.add_argument("--ranks", type=int, required=True, help="pipeline ranks P")
@@ -118,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
         except (ValueError, OSError) as error:
             parser.error(str(error))
+    elif args.command == "plan":
+        return run_plan(args, plan_parser)
     elif args.command == "simulate":
         return _simulate(args, parser)
     elif args.command == "show":

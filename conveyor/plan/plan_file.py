@@ -113,6 +113,6 @@ def split_with_plan(
 ) -> ManualSplit:
     """`manual_split(model, ...)` with the plan's stages, after checking that the plan is for this model."""
     chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
-    split = manual_split(model, chosen.num_stages, chosen.layers_per_stage, blocks=blocks, seed=seed)
-    chosen.check_model(split)
-    return split
+    whole = manual_split(model, 1, blocks=blocks, seed=seed)
+    chosen.check_model(whole)  # before the split, which would refuse another model's counts less clearly
+    return manual_split(model, chosen.num_stages, chosen.layers_per_stage, blocks=blocks, seed=seed)

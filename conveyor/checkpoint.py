@@ -15,7 +15,8 @@ number of ranks, stages or schedule loads with another (each rank asks for
 the keys of its own stages), and into the unsplit model (`load_model`).
 Saving is atomic: DCP writes into `step-<n>.partial`, which becomes
 `step-<n>` only once every rank has finished, so a save killed halfway leaves
-the previous checkpoint as the latest. Loading reads tensors only (DCP's
+the previous checkpoint as the latest; `save_async` writes on a thread while
+training goes on, and publishes the same way when waited for. Loading reads tensors only (DCP's
 tensor files; nothing is unpickled).
 """
 
@@ -24,7 +25,8 @@ from __future__ import annotations
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-__all__ = ["checkpoints", "latest", "load", "load_model", "save"]
+__all__ = ["PendingSave", "checkpoints", "latest", "load", "load_model", "save", "save_async"]
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -85,22 +87,86 @@ def save(
     `files` are text files (name -> contents) written with it, such as the trainer's config. Returns the
     checkpoint's folder.
     """
+    partial, final = _begin(pipe, directory, step)
+    dcp.save(_state(pipe, extra or {}), checkpoint_id=str(partial), process_group=pipe.group)
+    return _publish(pipe.group, pipe.rank, partial, final, keep, files)
+
+
+class PendingSave:
+    """A checkpoint DCP is writing on a thread (`save_async`); `wait()` makes it the latest and returns its folder."""
+
+    def __init__(self, written: Future[Any], publish: Callable[[], Path]) -> None:
+        self._written, self._publish = written, publish
+
+    def wait(self) -> Path:
+        self._written.result()  # raises what the writing thread raised
+        return self._publish()
+
+
+def save_async(
+    pipe: Any,
+    directory: str | Path,
+    step: int,
+    extra: Mapping[str, torch.Tensor] | None = None,
+    keep: int = 3,
+    files: Mapping[str, str] | None = None,
+) -> PendingSave:
+    """`save`, but training goes on while the files are written: only the copy of this rank's state to host
+    memory happens now (DCP's staging), and DCP writes the files on a thread.
+
+    Every rank calls `wait()` on the result at the same point (before the next save, and before it exits):
+    until then the checkpoint is `step-<n>.partial`, not the latest. DCP's collectives run on a gloo group of
+    their own, so they never interleave with the pipeline's messages.
+    """
+    group = _background_group(pipe.group)
+    partial, final = _begin(pipe, directory, step)
+    response = dcp.async_save(_state(pipe, extra or {}), checkpoint_id=str(partial), process_group=group)
+    written = response if isinstance(response, Future) else response.upload_completion
+    return PendingSave(written, lambda: _publish(group, pipe.rank, partial, final, keep, files))
+
+
+_background_groups: dict[str, dist.ProcessGroup] = {}
+
+
+def _background_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """A gloo group over the ranks of `group`, made once (by every rank, at its first asynchronous save)."""
+    name = "default" if group is None else group.group_name
+    if name not in _background_groups:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        created = dist.new_group(ranks, backend="gloo")
+        assert created is not None
+        _background_groups[name] = created
+    return _background_groups[name]
+
+
+def _begin(pipe: Any, directory: str | Path, step: int) -> tuple[Path, Path]:
+    """The folders of checkpoint `step`, being written and done, once rank 0 made room for it."""
     folder = Path(directory)
     final = folder / f"step-{step}"
     partial = folder / f"step-{step}.partial"
-    group = pipe.group
     if pipe.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # a save of this step killed earlier
+    dist.barrier(pipe.group)
+    return partial, final
+
+
+def _publish(
+    group: dist.ProcessGroup | None,
+    rank: int,
+    partial: Path,
+    final: Path,
+    keep: int,
+    files: Mapping[str, str] | None,
+) -> Path:
+    """Once every rank's shards and the metadata are written: rename `partial` to `final`, keep the last `keep`."""
     dist.barrier(group)
-    dcp.save(_state(pipe, extra or {}), checkpoint_id=str(partial), process_group=group)
-    dist.barrier(group)  # every rank's shards and the metadata are written
-    if pipe.rank == 0:
+    if rank == 0:
         for name, text in (files or {}).items():
             (partial / name).write_text(text)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        for old in checkpoints(folder)[:-keep] if keep > 0 else []:
+        for old in checkpoints(final.parent)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier(group)
     return final

@@ -95,6 +95,9 @@ class TrainConfig:
     )
     checkpoint_every: int = _option(0, "steps between checkpoints; 0: only at the end (with --checkpoint-dir)")
     keep_checkpoints: int = _option(3, "how many of the latest checkpoints to keep")
+    async_checkpoints: bool = _option(
+        False, "write each checkpoint on a thread while training goes on; it becomes the latest at the next save"
+    )
     resume: bool = _option(False, "continue exactly from the latest checkpoint in --checkpoint-dir")
     plan: str = _option(
         "", "a plan file of `conveyor plan`: its split (and the settings it was made for, which must match)"
@@ -198,8 +201,8 @@ class TrainConfig:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _check_checkpoints(self) -> None:
-        if (self.resume or self.checkpoint_every) and not self.checkpoint_dir:
-            raise ValueError("--resume and --checkpoint-every need --checkpoint-dir")
+        if (self.resume or self.checkpoint_every or self.async_checkpoints) and not self.checkpoint_dir:
+            raise ValueError("--resume, --checkpoint-every and --async-checkpoints need --checkpoint-dir")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("--checkpoint-every must be 0 or more and --keep-checkpoints at least 1")
         if self.resume and checkpoint.latest(self.checkpoint_dir) is None:
@@ -485,6 +488,7 @@ def _losses(
     mini-batch the mean over its micro-batches (each updated the weights on its own, in pipedream), and
     drains before each checkpoint and evaluation: a stream runs from one to the next.
     """
+    saves = _Checkpoints(pipe, data, config)
     if not pipe.program.asynchronous:
         first_traced = max(1, config.steps - config.trace_steps)
         # The norm is measured when clipping, or for the metrics (clipping at infinity changes nothing).
@@ -504,7 +508,8 @@ def _losses(
             norm = None if pipe.last_grad_norm is None or clip is None else float(pipe.last_grad_norm)
             evaluated = _evaluate_after(step + 1, pipe, data, config)
             yield StepLog(step, None if loss is None else loss.item(), lr, norm, evaluated)
-            _checkpoint_after(step + 1, pipe, data, config)
+            saves.after(step + 1)
+        saves.finish()
         return
     m = config.microbatches
     if recorder is not None:  # a stream has no step boundary to meet at: record it all, by mini-batch
@@ -531,7 +536,8 @@ def _losses(
         if logs and evaluated is not None:  # the evaluation after the stream's last mini-batch
             logs[-1] = replace(logs[-1], eval_loss=evaluated)
         yield from logs
-        _checkpoint_after(step, pipe, data, config)
+        saves.after(step)
+    saves.finish()
 
 
 def _evaluate_after(steps_done: int, pipe: Pipeline, data: TextBatches, config: TrainConfig) -> float | None:
@@ -544,16 +550,38 @@ def _evaluate_after(steps_done: int, pipe: Pipeline, data: TextBatches, config: 
     return None if losses[0] is None else sum(float(loss) for loss in losses if loss is not None) / len(losses)
 
 
-def _checkpoint_after(steps_done: int, pipe: Pipeline, data: TextBatches, config: TrainConfig) -> None:
-    """Save when `steps_done` is a multiple of --checkpoint-every, or the last step (with --checkpoint-dir)."""
-    if not config.checkpoint_dir:
-        return
-    every = config.checkpoint_every
-    if steps_done != config.steps and not (every and steps_done % every == 0):
-        return
-    extra = {"step": torch.tensor(steps_done), "data": data.position()}
-    files = {"conveyor-train.json": json.dumps(asdict(config), indent=1) + "\n"}
-    checkpoint.save(pipe, config.checkpoint_dir, steps_done, extra, config.keep_checkpoints, files)
+class _Checkpoints:
+    """The checkpoints --checkpoint-dir asks for: every --checkpoint-every steps and after the last.
+
+    With --async-checkpoints a save only copies the state to host memory and DCP writes it on a thread; it
+    is published (becomes the latest) when the next save begins, or at the end (`finish`).
+    """
+
+    def __init__(self, pipe: Pipeline, data: TextBatches, config: TrainConfig) -> None:
+        self._pipe, self._data, self._config = pipe, data, config
+        self._pending: checkpoint.PendingSave | None = None
+
+    def after(self, steps_done: int) -> None:
+        config = self._config
+        if not config.checkpoint_dir:
+            return
+        every = config.checkpoint_every
+        if steps_done != config.steps and not (every and steps_done % every == 0):
+            return
+        self.finish()
+        extra = {"step": torch.tensor(steps_done), "data": self._data.position()}
+        files = {"conveyor-train.json": json.dumps(asdict(config), indent=1) + "\n"}
+        arguments = (self._pipe, config.checkpoint_dir, steps_done, extra, config.keep_checkpoints, files)
+        if config.async_checkpoints:
+            self._pending = checkpoint.save_async(*arguments)
+        else:
+            checkpoint.save(*arguments)
+
+    def finish(self) -> None:
+        """Publish the checkpoint being written, if any (every rank, at the same point)."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
 
 
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:

@@ -55,6 +55,21 @@ def test_resuming_continues_exactly(tmp_path: Path, capfd: pytest.CaptureFixture
 
 
 @pytest.mark.timeout(300)
+def test_asynchronous_checkpoints_equal_synchronous_ones(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """--async-checkpoints writes while the next steps train: each checkpoint still holds its own step's state."""
+    plan = ["--steps", "6", "--checkpoint-every", "2"]
+    _train(capfd, *plan, "--checkpoint-dir", str(tmp_path / "sync"))
+    _train(capfd, *plan, "--checkpoint-dir", str(tmp_path / "async"), "--async-checkpoints")
+    names = [p.name for p in checkpoint.checkpoints(tmp_path / "async")]
+    assert names == ["step-2", "step-4", "step-6"] and not list((tmp_path / "async").glob("*.partial"))
+    for name in names:
+        one, other = _tensors(tmp_path / "sync" / name), _tensors(tmp_path / "async" / name)
+        assert one.keys() == other.keys()
+        for key in one:
+            assert torch.equal(one[key], other[key]), f"{name}: {key} differs when written asynchronously"
+
+
+@pytest.mark.timeout(300)
 def test_a_checkpoint_loads_with_other_stages_and_into_the_unsplit_model(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -96,4 +111,4 @@ def test_checkpoint_errors_name_the_problem(tmp_path: Path, capsys: pytest.Captu
     assert f"--resume: no complete checkpoint in {tmp_path}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--resume"])
-    assert "--resume and --checkpoint-every need --checkpoint-dir" in capsys.readouterr().err
+    assert "--resume, --checkpoint-every and --async-checkpoints need --checkpoint-dir" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from .plan_file import Plan
 from .profiles import cached_profile
 from .search import make_plan, search
 
-__all__ = ["add_plan_parser", "parse_bytes", "run_plan", "train_command"]
+__all__ = ["add_plan_parser", "parse_bytes", "ranking_table", "run_plan", "train_command"]
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -134,7 +134,7 @@ def _search(args: argparse.Namespace, profile_for: Any) -> int:
     if not plans:
         reasons = "; ".join(f"{r.schedule} m={r.microbatches} {r.recompute}: {r.why}" for r in refused[:5])
         raise PlanError(f"no configuration fits: {reasons}")
-    print(_ranking(plans[: args.top]))
+    print(ranking_table(plans[: args.top]))
     print(f"{len(plans)} configurations ranked, {len(refused)} did not apply or fit; best written to {args.out}")
     best = plans[0]
     best.save(args.out)
@@ -144,7 +144,7 @@ def _search(args: argparse.Namespace, profile_for: Any) -> int:
     return 0
 
 
-def _ranking(plans: list[Plan]) -> str:
+def ranking_table(plans: list[Plan]) -> str:
     columns = (
         "#",
         "schedule",

@@ -1,0 +1,136 @@
+"""Does `conveyor plan` pay? A GPT whose embedding and LM head cost as much as several blocks, on 2 ranks.
+
+The GPT has a large vocabulary (8192 by default, against 8 blocks of width 128), so its head and loss are as
+costly as about six blocks. For each schedule, the planner's `auto` split and the even split by layer count
+(`uniform`, what `manual_split` does unasked) are predicted from one per-layer profile and then trained for
+real on 2 spawned ranks (`plan_measure.py`: gloo, one thread each, AdamW; a step timed on rank 0 between
+two barriers, the way the simulator's synchronous step is defined). Runs are interleaved (each schedule's
+auto, then its even split, round after round), so drift of a shared machine hits both.
+
+    python benchmarks/plan_large_vocab.py
+    python benchmarks/plan_large_vocab.py --schedules 1f1b zbv --rounds 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from plan_measure import commit, machine, measure_plan
+
+from conveyor.models import GPT, GPTConfig, lm_loss
+from conveyor.observe.profile import LayerProfile, measure_latency
+from conveyor.plan import make_plan, profile_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--schedules", nargs="+", default=["1f1b", "gpipe", "zb-h1", "zbv"])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--microbatch-size", type=int, default=2)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per run (after 2 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each (schedule, split), interleaved")
+    parser.add_argument("--repeats", type=int, default=7, help="profiling repeats per layer")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = GPTConfig(vocab_size=args.vocab, context=args.context, dim=args.dim, layers=args.layers, heads=4)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    profile = measure_profile(config, args)
+    plans = {
+        (name, method): make_plan(profile, name, args.ranks, args.microbatches, method=method)
+        for name in args.schedules
+        for method in ("auto", "uniform")
+    }
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in plans}
+    loads: list[tuple[float, float, float]] = [os.getloadavg()]
+    for _ in range(args.rounds):
+        for key, plan in plans.items():
+            times[key] += measure_plan(plan, config, args.steps)
+            loads.append(os.getloadavg())
+    rows = []
+    for (name, method), plan in plans.items():
+        measured = statistics.median(times[(name, method)])
+        rows.append(
+            {
+                "schedule": name,
+                "method": method,
+                "layers_per_stage": list(plan.layers_per_stage),
+                "predicted_s": plan.step_time,
+                "measured_s": measured,
+                "error": (plan.step_time - measured) / measured,
+                "steps_s": times[(name, method)],
+            }
+        )
+    report = {
+        "command": " ".join(["python", *sys.argv]),
+        "started": started,
+        "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": machine(),
+        "load_averages_1_5_15": loads,
+        "commit": commit(),
+        "torch": torch.__version__,
+        "config": vars(args),
+        "profile": [vars(layer) for layer in profile.layers],
+        "latency_s": profile.latency,
+        "rows": rows,
+    }
+    _print(rows, args)
+    shown = [tuple(round(x, 2) for x in load) for load in loads]
+    print(f"load averages (1, 5, 15 min) before and after each run: {shown}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def measure_profile(config: GPTConfig, args: argparse.Namespace) -> LayerProfile:
+    tokens = torch.randint(
+        0, config.vocab_size, (args.microbatch_size, args.context + 1), generator=torch.Generator().manual_seed(0)
+    )
+    profile = profile_model(lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=args.repeats)
+    boundary = max(layer.output_bytes for layer in profile.layers)
+    latency = measure_latency(int(boundary))
+    return LayerProfile(
+        profile.fingerprint,
+        profile.microbatch_size,
+        profile.optimizer,
+        profile.layers,
+        latency,
+        profile.first,
+        profile.last,
+    )
+
+
+def _print(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    print(
+        f"{args.ranks} ranks, {args.microbatches} micro-batches of {args.microbatch_size} x {args.context} tokens;"
+        f" GPT {args.layers} blocks, dim {args.dim}, vocab {args.vocab}"
+    )
+    print(f"{'schedule':<10} {'split':<8} {'blocks/stage':<14} {'predicted':>10} {'measured':>10} {'error':>8}")
+    by_key = {(r["schedule"], r["method"]): r for r in rows}
+    for row in rows:
+        predicted, measured = float(row["predicted_s"]) * 1e3, float(row["measured_s"]) * 1e3  # type: ignore[arg-type]
+        split = ",".join(map(str, row["layers_per_stage"]))  # type: ignore[call-overload]
+        print(
+            f"{row['schedule']:<10} {row['method']:<8} {split:<14} {predicted:>8.1f}ms {measured:>8.1f}ms"
+            f" {float(row['error']):>+8.1%}"  # type: ignore[arg-type]
+        )
+    for name in dict.fromkeys(r["schedule"] for r in rows):
+        auto, even = by_key[(name, "auto")], by_key[(name, "uniform")]
+        speedup = float(even["measured_s"]) / float(auto["measured_s"])  # type: ignore[arg-type]
+        predicted = float(even["predicted_s"]) / float(auto["predicted_s"])  # type: ignore[arg-type]
+        print(f"{name}: auto is {speedup:.3f}x faster than the even split (predicted {predicted:.3f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

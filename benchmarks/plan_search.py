@@ -1,0 +1,126 @@
+"""`conveyor plan --search` on `conveyor train`'s default GPT, checked by training: is the first entry of its
+ranking as fast as predicted, and no slower than the default configuration (1f1b, 4 micro-batches, the even
+split)?
+
+The search profiles every layer at each micro-batch size it tries (16 sequences of 128 bytes cut into 2, 4,
+8 or 16 micro-batches), measures the transfer time of one boundary's activations between two gloo ranks,
+and ranks every synchronous schedule x micro-batch count x recompute setting on 2 ranks by the simulated
+synchronous step of its best split. Then the first entry and the default configuration are trained for
+real, interleaved over rounds (`plan_measure.py`).
+
+    python benchmarks/plan_search.py
+    python benchmarks/plan_search.py --rounds 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from plan_measure import commit, machine, measure_plan
+
+from conveyor.models import GPT, lm_loss
+from conveyor.observe.profile import LayerProfile, measure_latency
+from conveyor.plan import make_plan, profile_model, search
+from conveyor.plan.command import ranking_table
+from conveyor.train import TrainConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--microbatch-counts", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per run (after 2 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = TrainConfig().gpt  # conveyor train's GPT: 4 blocks, dim 256, 128 bytes of context
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    profiles: dict[int, LayerProfile] = {}
+
+    def profile_for(m: int) -> LayerProfile:
+        if m not in profiles:
+            size = -(-args.batch_size // m)
+            generator = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, config.vocab_size, (size, config.context + 1), generator=generator)
+            p = profile_model(lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=7)
+            latency = measure_latency(int(max(layer.output_bytes for layer in p.layers)))
+            profiles[m] = LayerProfile(
+                p.fingerprint, p.microbatch_size, p.optimizer, p.layers, latency, p.first, p.last
+            )
+        return profiles[m]
+
+    plans, refused = search(profile_for, args.ranks, args.microbatch_counts)
+    print(ranking_table(plans[: args.top]))
+    print(f"{len(plans)} configurations ranked; {len(refused)} did not apply")
+    best = plans[0]
+    default = make_plan(profile_for(4), "1f1b", args.ranks, 4, method="uniform")
+    times: dict[str, list[float]] = {"best": [], "default": []}
+    loads = [os.getloadavg()]
+    for _ in range(args.rounds):
+        for name, plan in (("best", best), ("default", default)):
+            times[name] += measure_plan(plan, config, args.steps)
+            loads.append(os.getloadavg())
+    rows = []
+    for name, plan in (("best", best), ("default", default)):
+        measured = statistics.median(times[name])
+        rows.append(
+            {
+                "which": name,
+                "schedule": plan.schedule,
+                "virtual": plan.virtual,
+                "microbatches": plan.microbatches,
+                "recompute": plan.recompute,
+                "layers_per_stage": list(plan.layers_per_stage),
+                "predicted_s": plan.step_time,
+                "measured_s": measured,
+                "error": (plan.step_time - measured) / measured,
+                "steps_s": times[name],
+            }
+        )
+        print(
+            f"{name:<8} {plan.schedule} v={plan.virtual} m={plan.microbatches} recompute {plan.recompute}"
+            f" blocks {list(plan.layers_per_stage)}: predicted {plan.step_time * 1e3:.1f} ms, measured"
+            f" {measured * 1e3:.1f} ms ({(plan.step_time - measured) / measured:+.1%})"
+        )
+    print(f"best / default measured: {rows[0]['measured_s'] / rows[1]['measured_s']:.3f}")  # type: ignore[operator]
+    print(f"load averages before and after each run: {[tuple(round(x, 2) for x in load) for load in loads]}")
+    if args.json:
+        report = {
+            "command": " ".join(["python", *sys.argv]),
+            "started": started,
+            "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "machine": machine(),
+            "load_averages_1_5_15": loads,
+            "commit": commit(),
+            "torch": torch.__version__,
+            "ranking": [
+                {
+                    "schedule": p.schedule,
+                    "virtual": p.virtual,
+                    "microbatches": p.microbatches,
+                    "recompute": p.recompute,
+                    "layers_per_stage": list(p.layers_per_stage),
+                    "predicted_s": p.step_time,
+                    "period_s": p.period,
+                    "bubble": p.bubble,
+                    "peak_bytes": list(p.peak_bytes),
+                }
+                for p in plans
+            ],
+            "rows": rows,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

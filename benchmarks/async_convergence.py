@@ -1,7 +1,7 @@
 """Loss after the same samples: `conveyor train` under 1f1b, pipedream and pipedream-2bw, and 2BW's rule on one process.
 
 Each schedule trains `conveyor train`'s default task (its GPT on the standard
-library's source, AdamW, lr 1e-3, 16 x 128 tokens a step) for the same steps,
+library's source, AdamW, lr 1e-3 unless --lr, 16 x 128 tokens a step) for the same steps,
 so every schedule sees the same samples in the same order. One process then
 trains the same model two ways without any pipeline: plainly (what 1f1b must
 equal) and with 2BW's one-step-delayed gradient, W(t+1) = W(t) - step(grad
@@ -9,6 +9,7 @@ f(W(t-1))) (what pipedream-2bw must equal). The losses compared are the mean
 of each run's last 5 steps.
 
     python benchmarks/async_convergence.py --steps 100 --json out.json
+    python benchmarks/async_convergence.py --steps 300 --lr 3e-4 --schedules 1f1b,pipedream-2bw --no-one-process
 """
 
 from __future__ import annotations
@@ -27,21 +28,22 @@ from conveyor.models import GPT, GPTConfig, lm_loss
 SCHEDULES = ("1f1b", "pipedream", "pipedream-2bw")
 
 
-def pipeline_loss(schedule: str, steps: int) -> float:
+def pipeline_loss(schedule: str, steps: int, lr: float) -> float:
     """The mean of the last 5 steps' losses that `conveyor train` prints."""
     command = [sys.executable, "-m", "conveyor", "train", "--schedule", schedule, "--steps", str(steps)]
+    command += ["--lr", str(lr)]
     command.append("--no-progress")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("loss "))
     return float(line.split("mean of the last 5 steps ")[1].split(")")[0])
 
 
-def one_process_loss(steps: int, delayed: bool) -> float:
+def one_process_loss(steps: int, delayed: bool, lr: float) -> float:
     """`conveyor train`'s model, data and optimizer on one process; with `delayed`, 2BW's update rule."""
     torch.set_num_threads(2)
     torch.manual_seed(0)  # the weights conveyor train's seed 0 gives every stage
     model = GPT(GPTConfig())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     data = TextBatches(stdlib_source_bytes(), 128, 16, seed=0)
     previous = copy.deepcopy(model)  # W(t - 1)
     losses = []
@@ -65,17 +67,22 @@ def one_process_loss(steps: int, delayed: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's learning rate, for every run")
+    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="which pipelines to train (1f1b first)")
+    parser.add_argument("--no-one-process", action="store_true", help="skip the two single-process references")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    results: dict[str, float] = {name: pipeline_loss(name, args.steps) for name in SCHEDULES}
-    results["one process"] = one_process_loss(args.steps, delayed=False)
-    results["one process, 2BW's rule"] = one_process_loss(args.steps, delayed=True)
+    results: dict[str, float] = {name: pipeline_loss(name, args.steps, args.lr) for name in args.schedules.split(",")}
+    if not args.no_one_process:
+        results["one process"] = one_process_loss(args.steps, False, args.lr)
+        results["one process, 2BW's rule"] = one_process_loss(args.steps, True, args.lr)
     base = results["1f1b"]
     for name, loss in results.items():
         print(f"{name:24s} {loss:.4f}  ({100 * (loss / base - 1):+.1f} % against 1f1b)")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"steps": args.steps, "python": sys.version.split()[0], "losses": results}, file, indent=2)
+            run = {"steps": args.steps, "lr": args.lr, "python": sys.version.split()[0], "losses": results}
+            json.dump(run, file, indent=2)
 
 
 if __name__ == "__main__":

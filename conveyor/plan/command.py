@@ -4,11 +4,12 @@ configuration), print it and write the plan file that `conveyor train --plan` re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..observe.profile import OPTIMIZER_STATES, LayerProfile
+from ..observe.profile import OPTIMIZER_STATES, LayerProfile, measure_latency
 from ..schedules import SCHEDULES
 from .cost import RECOMPUTE_SETTINGS
 from .layers import fingerprint, layer_split, profile_model
@@ -64,6 +65,9 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
     plan.add_argument("--search", action="store_true", help="rank schedules x micro-batches x recompute too")
     plan.add_argument("--microbatch-counts", type=_counts, help="--search: micro-batch counts to try")
     plan.add_argument("--top", type=int, default=5, help="--search: how many configurations to show")
+    plan.add_argument(
+        "--latency", action="store_true", help="measure the transfer time of one boundary's activations (2 ranks)"
+    )
     plan.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="most splits searched exhaustively")
     plan.add_argument(
         "--profile", default="conveyor-profile.json", help="profile file, read and extended (default: %(default)s)"
@@ -94,9 +98,13 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             tokens = torch.randint(
                 0, gpt.vocab_size, (size, args.context + 1), generator=torch.Generator().manual_seed(0)
             )
-            return profile_model(
+            found = profile_model(
                 build, tokens[:, :-1], tokens[:, 1:], lm_loss, optimizer=args.optimizer, seed=args.seed
             )
+            if not args.latency:
+                return found
+            latency = measure_latency(int(max(layer.output_bytes for layer in found.layers)))
+            return dataclasses.replace(found, latency=latency)
 
         profile, measured = cached_profile(args.profile, print_fingerprint, size, args.optimizer, measure)
         how = "measured" if measured else "reused"
@@ -198,10 +206,11 @@ def _print_plan(plan: Plan) -> None:
                 f"{stage.forward * 1e3:.2f}",
                 f"{stage.backward * 1e3:.2f}",
                 f"{stage.busy * 1e3:.1f}",
+                f"{stage.sends / 2**20:.2f} MiB",
                 f"{plan.peak_bytes[rank] / 2**20:.0f} MiB",
             )
         )
-    columns = ("stage", "rank", "layers", "params", "F ms/mb", "B+W ms/mb", "busy ms/step", "peak (rank)")
+    columns = ("stage", "rank", "layers", "params", "F ms/mb", "B+W ms/mb", "busy ms/step", "sends/mb", "peak (rank)")
     print(
         f"{plan.schedule}, {plan.ranks} ranks x {plan.virtual} stage(s), {plan.microbatches} micro-batches of"
         f" {plan.microbatch_size}, recompute {plan.recompute}, method {plan.method}"

@@ -31,6 +31,8 @@ class StageSummary:
     """Seconds per micro-batch, the whole backward (B + W where split)."""
     busy: float
     """Seconds the stage computes per step: its forwards, backwards and optimizer step."""
+    sends: float = 0.0
+    """Bytes of activations it sends on per micro-batch (its last layer's output; 0 on the last stage)."""
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ def make_plan(
                 c.forward,
                 c.whole_backward,
                 microbatches * (c.forward + c.whole_backward) + c.step,
+                0.0 if s == len(chosen.layers_per_stage) - 1 else profile.layers[layers[-1]].output_bytes,
             )
         )
     return Plan(

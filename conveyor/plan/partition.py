@@ -292,4 +292,4 @@ def _balanced(work: list[float], first: bool, last: bool, lows: list[int]) -> tu
 
 
 def _gib(value: float | None) -> str:
-    return "any memory" if value is None else f"{value:,.0f} bytes ({value / 2**30:.3f} GiB)"
+    return "any memory" if value is None else f"{value:,.0f} bytes ({value / 2**20:.2f} MiB)"

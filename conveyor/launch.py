@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import traceback
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -109,7 +110,11 @@ def spawn(
             while not context.join(timeout=0.5, grace_period=1.0):  # a stopped rank ignores SIGTERM: kill it soon
                 if deadline is not None and time.monotonic() > deadline:
                     running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-                    raise TimeoutError(f"ranks {running} of {world_size} were still running after {timeout_s:.0f} s")
+                    stopped = [rank for rank in running if _is_stopped(context.processes[rank].pid)]
+                    why = f"; rank(s) {stopped} stopped by a signal (SIGSTOP, or a debugger)" if stopped else ""
+                    raise TimeoutError(
+                        f"ranks {running} of {world_size} were still running after {timeout_s:.0f} s{why}"
+                    )
         except mp.ProcessRaisedException as error:
             # torch names the rank whose process ended first, which may be a peer that lost
             # its link to the rank that really failed: name the rank that failed first.
@@ -125,6 +130,15 @@ def spawn(
             ) from None
         finally:
             _stop(context.processes)
+
+
+def _is_stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (state T or t in /proc, on Linux; False where /proc is absent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] in ("T", "t")  # the state follows the command name's ")"
 
 
 def _stop(processes: list[Any]) -> None:

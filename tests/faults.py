@@ -139,5 +139,6 @@ def _names(error: str, victim: int) -> bool:
         rf"the message from rank {victim} over",  # a peer's bounded wait (stop)
         rf"could not send to rank {victim} over",  # a peer's send to it (kill)
         rf"ranks \[{victim}\] of \d+ were still running",  # the launcher's deadline (stop, nobody waiting)
+        rf"rank\(s\) \[{victim}\] stopped by a signal",  # the deadline, while peers still wait (stop)
     ]
     return any(re.search(p, error) for p in patterns)

@@ -65,6 +65,18 @@ def test_a_hanging_rank_gives_a_timeout_error_and_is_stopped(tmp_path: Path) -> 
         os.kill(int(pid_file.read_text()), 0)  # the hanging rank was terminated and reaped
 
 
+def _rank_one_stops(rank: int, world: int) -> None:
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    time.sleep(600)
+
+
+@pytest.mark.timeout(60)
+def test_the_deadline_names_a_stopped_rank() -> None:
+    with pytest.raises(TimeoutError, match=r"still running after 10 s; rank\(s\) \[1\] stopped by a signal"):
+        spawn(_rank_one_stops, 2, timeout_s=10)
+
+
 def _returns(rank: int, world: int, out: str) -> None:
     Path(out, f"{rank}-of-{world}").write_text(str(torch.get_num_threads()))
 

@@ -18,9 +18,9 @@ import tempfile
 import threading
 import time
 import traceback
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch

@@ -401,10 +401,11 @@ class Pipeline:
     ) -> torch.Tensor | None:
         """Run one mini-batch through the pipeline: forward, backward and (with an optimizer) a step.
 
-        Returns the mini-batch loss on the last stage's rank (on every rank
-        with `loss_on_all_ranks`, at the cost of one message per rank), else None.
-        On the last stage's rank, `losses` (if given) is filled with each
-        micro-batch's mean loss, and `outputs` with each micro-batch's output
+        Returns the mini-batch loss on the last stage's rank (on each of its
+        ranks when it is replicated; on every rank with `loss_on_all_ranks`,
+        at the cost of one message per rank), else None. On the last stage's
+        rank, `losses` (if given) is filled with each micro-batch's mean loss
+        (a replica's own micro-batches', when it is replicated), and `outputs` with each micro-batch's output
         of the last stage (kept, detached, only when asked).
 
         With `max_grad_norm`, the gradients are clipped by their global norm

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from plan_measure import commit, machine, measure_plan
+from plan_measure import Measured, commit, machine, measure_plan
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
@@ -53,15 +52,15 @@ def main() -> None:
         for name in args.schedules
         for method in ("auto", "uniform")
     }
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in plans}
+    times = {key: Measured() for key in plans}
     loads: list[tuple[float, float, float]] = [os.getloadavg()]
     for _ in range(args.rounds):
         for key, plan in plans.items():
-            times[key] += measure_plan(plan, config, args.steps)
+            measure_plan(plan, config, args.steps, times[key])
             loads.append(os.getloadavg())
     rows = []
     for (name, method), plan in plans.items():
-        measured = statistics.median(times[(name, method)])
+        measured = times[(name, method)].median
         rows.append(
             {
                 "schedule": name,
@@ -70,7 +69,7 @@ def main() -> None:
                 "predicted_s": plan.step_time,
                 "measured_s": measured,
                 "error": (plan.step_time - measured) / measured,
-                "steps_s": times[(name, method)],
+                **times[(name, method)].to_json(),
             }
         )
     report = {
@@ -123,7 +122,7 @@ def _print(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
         split = ",".join(map(str, row["layers_per_stage"]))  # type: ignore[call-overload]
         print(
             f"{row['schedule']:<10} {row['method']:<8} {split:<14} {predicted:>8.1f}ms {measured:>8.1f}ms"
-            f" {float(row['error']):>+8.1%}"  # type: ignore[arg-type]
+            f" {float(row['error']):>+8.1%}  {row['undisturbed_steps']}/{len(row['steps_s'])} undisturbed steps"  # type: ignore[arg-type]
         )
     for name in dict.fromkeys(r["schedule"] for r in rows):
         auto, even = by_key[(name, "auto")], by_key[(name, "uniform")]

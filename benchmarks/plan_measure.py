@@ -3,6 +3,12 @@
 Ranks are spawned by `conveyor.spawn` (gloo, one torch thread each); the pipeline is built from the plan
 (`split_with_plan`, its schedule, stages per rank, micro-batches and recompute) with AdamW, and each step
 is timed on rank 0 between two barriers, as the simulator's synchronous step is defined.
+
+The machine these run on is shared. As `bench_schedules.py` does, each rank reads how long its main thread
+(which does all compute, one torch thread) queued for a CPU during each step (the kernel's schedstat), and
+a step in which some rank queued for more than DISTURBED of it counts as disturbed; `Measured.median` is
+the median of the undisturbed steps when at least half are, else of all (and says so). Before each run the
+parent waits (up to a minute) until other processes use less than QUIET_CORES.
 """
 
 from __future__ import annotations
@@ -10,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
+import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,13 +32,85 @@ from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.plan import Plan, split_with_plan
 
 WARMUP = 2
+DISTURBED = 0.10
+QUIET_CORES = 0.1
 
 
-def measure_plan(plan: Plan, config: GPTConfig, steps: int, timeout_s: float = 600) -> list[float]:
-    """Seconds of each of `steps` steps (after WARMUP more) of `plan` on `config`'s GPT."""
+@dataclass
+class Measured:
+    """Step times of runs of one plan, and how long the ranks queued for a CPU in each step."""
+
+    times: list[float] = field(default_factory=list)
+    queued: list[float] = field(default_factory=list)
+    """Per step: the most any rank's main thread waited for a CPU (seconds)."""
+    foreign_cores: list[float] = field(default_factory=list)
+    """Per run: CPU cores other processes used while the parent waited to start it."""
+
+    @property
+    def undisturbed(self) -> list[float]:
+        return [t for t, q in zip(self.times, self.queued, strict=True) if q <= DISTURBED * t]
+
+    @property
+    def median(self) -> float:
+        kept = self.undisturbed
+        return statistics.median(kept if 2 * len(kept) >= len(self.times) else self.times)
+
+    @property
+    def disturbed_too_often(self) -> bool:
+        return 2 * len(self.undisturbed) < len(self.times)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "median_s": self.median,
+            "median_all_steps_s": statistics.median(self.times),
+            "steps_s": self.times,
+            "queued_s": self.queued,
+            "undisturbed_steps": len(self.undisturbed),
+            "disturbed_too_often": self.disturbed_too_often,
+            "foreign_cores_before_runs": self.foreign_cores,
+        }
+
+
+def measure_plan(plan: Plan, config: GPTConfig, steps: int, into: Measured, timeout_s: float = 600) -> None:
+    """Add `steps` steps (after WARMUP more) of `plan` on `config`'s GPT to `into`."""
+    into.foreign_cores.append(wait_until_quiet())
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         spawn(_rank, plan.ranks, (plan, config, steps, out.name), timeout_s=timeout_s)
-        return [float(t) for t in json.loads(Path(out.name).read_text())]
+        result = json.loads(Path(out.name).read_text())
+    into.times += [float(t) for t in result["times"]]
+    into.queued += [float(q) for q in result["queued"]]
+
+
+def wait_until_quiet(limit_s: float = 60) -> float:
+    """Wait while other processes keep more than QUIET_CORES busy (at most `limit_s`); the cores they used last."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        machine0, own0 = _cpu_seconds()
+        time.sleep(0.5)
+        machine1, own1 = _cpu_seconds()
+        foreign = max(0.0, (machine1 - machine0 - (own1 - own0)) / 0.5)
+        if foreign < QUIET_CORES or time.monotonic() > deadline:
+            return foreign
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine and this process (with its children) have used."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    machine = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return machine, own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _run_delay() -> float:
+    """Seconds this thread has waited for a CPU while ready to run (the kernel's schedstat; 0 without it)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _rank(rank: int, world: int, plan: Plan, config: GPTConfig, steps: int, out: str) -> None:
@@ -45,17 +126,21 @@ def _rank(rank: int, world: int, plan: Plan, config: GPTConfig, steps: int, out:
     batch = plan.microbatches * plan.microbatch_size
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (batch, config.context + 1), generator=generator)
-    times = []
+    times, queued = [], []
     for step in range(steps + WARMUP):
         dist.barrier()
-        start = time.perf_counter()
+        start, delay = time.perf_counter(), _run_delay()
         pipe.step(tokens[:, :-1], tokens[:, 1:])
         dist.barrier()
         if step >= WARMUP:
             times.append(time.perf_counter() - start)
+            queued.append(_run_delay() - delay)
     pipe.close()
+    every: list[list[float]] = [[] for _ in range(world)]
+    dist.all_gather_object(every, queued)
     if rank == 0:
-        Path(out).write_text(json.dumps(times))
+        most = [max(per_rank[i] for per_rank in every) for i in range(len(times))]
+        Path(out).write_text(json.dumps({"times": times, "queued": most}))
 
 
 def machine() -> str:

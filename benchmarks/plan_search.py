@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from plan_measure import commit, machine, measure_plan
+from plan_measure import Measured, commit, machine, measure_plan
 
 from conveyor.models import GPT, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
@@ -64,15 +63,15 @@ def main() -> None:
     print(f"{len(plans)} configurations ranked; {len(refused)} did not apply")
     best = plans[0]
     default = make_plan(profile_for(4), "1f1b", args.ranks, 4, method="uniform")
-    times: dict[str, list[float]] = {"best": [], "default": []}
+    times = {"best": Measured(), "default": Measured()}
     loads = [os.getloadavg()]
     for _ in range(args.rounds):
         for name, plan in (("best", best), ("default", default)):
-            times[name] += measure_plan(plan, config, args.steps)
+            measure_plan(plan, config, args.steps, times[name])
             loads.append(os.getloadavg())
     rows = []
     for name, plan in (("best", best), ("default", default)):
-        measured = statistics.median(times[name])
+        measured = times[name].median
         rows.append(
             {
                 "which": name,
@@ -84,13 +83,14 @@ def main() -> None:
                 "predicted_s": plan.step_time,
                 "measured_s": measured,
                 "error": (plan.step_time - measured) / measured,
-                "steps_s": times[name],
+                **times[name].to_json(),
             }
         )
         print(
             f"{name:<8} {plan.schedule} v={plan.virtual} m={plan.microbatches} recompute {plan.recompute}"
             f" blocks {list(plan.layers_per_stage)}: predicted {plan.step_time * 1e3:.1f} ms, measured"
-            f" {measured * 1e3:.1f} ms ({(plan.step_time - measured) / measured:+.1%})"
+            f" {measured * 1e3:.1f} ms ({(plan.step_time - measured) / measured:+.1%});"
+            f" {len(times[name].undisturbed)}/{len(times[name].times)} undisturbed steps"
         )
     print(f"best / default measured: {rows[0]['measured_s'] / rows[1]['measured_s']:.3f}")  # type: ignore[operator]
     print(f"load averages before and after each run: {[tuple(round(x, 2) for x in load) for load in loads]}")

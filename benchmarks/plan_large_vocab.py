@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, commit, machine, measure_plan
+from plan_measure import Measured, commit, machine, measure_plan, wait_until_quiet
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
@@ -46,6 +46,7 @@ def main() -> None:
     torch.set_num_threads(1)
     config = GPTConfig(vocab_size=args.vocab, context=args.context, dim=args.dim, layers=args.layers, heads=4)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    quiet_before_profile = wait_until_quiet()  # a profile taken while others compute would inflate every layer
     profile = measure_profile(config, args)
     plans = {
         (name, method): make_plan(profile, name, args.ranks, args.microbatches, method=method)
@@ -78,6 +79,7 @@ def main() -> None:
         "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "machine": machine(),
         "load_averages_1_5_15": loads,
+        "foreign_cores_before_profile": quiet_before_profile,
         "commit": commit(),
         "torch": torch.__version__,
         "config": vars(args),

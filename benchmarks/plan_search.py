@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, commit, machine, measure_plan
+from plan_measure import Measured, commit, machine, measure_plan, wait_until_quiet
 
 from conveyor.models import GPT, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
@@ -45,9 +45,11 @@ def main() -> None:
     config = TrainConfig().gpt  # conveyor train's GPT: 4 blocks, dim 256, 128 bytes of context
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     profiles: dict[int, LayerProfile] = {}
+    foreign: dict[int, float] = {}
 
     def profile_for(m: int) -> LayerProfile:
         if m not in profiles:
+            foreign[m] = wait_until_quiet()  # a profile taken while others compute would inflate every layer
             size = -(-args.batch_size // m)
             generator = torch.Generator().manual_seed(0)
             tokens = torch.randint(0, config.vocab_size, (size, config.context + 1), generator=generator)
@@ -101,6 +103,7 @@ def main() -> None:
             "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "machine": machine(),
             "load_averages_1_5_15": loads,
+            "foreign_cores_before_profiles": foreign,
             "commit": commit(),
             "torch": torch.__version__,
             "ranking": [

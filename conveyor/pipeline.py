@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .runtime.agreement import agree
 from .runtime.executor import Executor
+from .runtime.loss_scale import LossScale
 from .runtime.microbatch import (
     batch_size,
     concat_microbatches,
@@ -69,6 +71,9 @@ class Pipeline:
     `autocast=torch.bfloat16` runs every forward, its replay and the loss
     under `torch.autocast` (mixed precision: fp32 weights, gradients and
     optimizer state; bf16 matmuls, whose outputs cross ranks in bf16).
+    `autocast=torch.float16` does the same in float16 and scales the loss
+    (`loss_scale`, as torch's GradScaler): an update in which any stage's
+    gradients overflowed is skipped on every rank (synchronous schedules).
 
     An asynchronous schedule (`pipedream`, `pipedream-2bw`) never flushes
     between mini-batches: feed it with `stream`. Each backward then uses the
@@ -125,10 +130,12 @@ class Pipeline:
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
     ) -> None:
-        if autocast not in (None, torch.bfloat16):
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None; got {autocast}")
+        if autocast is torch.float16 and schedule_info(schedule).asynchronous:
             raise ValueError(
-                f"autocast={autocast}: conveyor runs forwards under bfloat16 autocast (autocast=torch.bfloat16);"
-                " float16 would need a loss scaler whose overflow checks every stage agrees on, which it lacks"
+                f"autocast=torch.float16 needs a loss scale that every stage steps or skips with, once per step;"
+                f" {schedule} updates inside a stream: use bfloat16"
             )
         if not dist.is_initialized():
             raise RuntimeError("Pipeline needs torch.distributed to be initialized (see conveyor.launch)")
@@ -137,6 +144,8 @@ class Pipeline:
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE)}; got {nonfinite!r}")
         self.nonfinite = nonfinite
+        self.loss_scale = LossScale() if autocast is torch.float16 else None
+        """float16's dynamic loss scale (`runtime/loss_scale.py`), the same on every rank; None otherwise."""
         self.last_grad_norm: torch.Tensor | None = None
         self.steps_taken: dict[int, int] = {}
         self.skipped_steps = 0
@@ -421,18 +430,33 @@ class Pipeline:
                 f"{self._schedule} never flushes between mini-batches, so it runs no single step: feed it with"
                 " Pipeline.stream(batches, num_batches), which drains at the end"
             )
-        if max_grad_norm is None:
+        if max_grad_norm is None and self.loss_scale is None:
             results = self._run(self.program, inputs, targets, outputs is not None, loss_on_all_ranks)
             return self._report(results, loss_on_all_ranks, losses, outputs)
-        deferred: list[int] = []  # the global norm needs every stage's gradients: step once the program is done
+        # The global norm and float16's overflow check need every stage's gradients: step once the program is done.
+        deferred: list[int] = []
         self.executor.optimizer_step = deferred.append
+        last = self.stages.get(self.program.num_stages - 1)
+        if last is not None and self.loss_scale is not None:
+            last.loss_scale = self.loss_scale.scale
         try:
             results = self._run(self.program, inputs, targets, outputs is not None, loss_on_all_ranks)
         finally:
             self.executor.optimizer_step = self._optimizer_step if self.optimizers else None
-        self.last_grad_norm = self.clip_grad_norm_(max_grad_norm)
-        for stage in deferred:
-            self._optimizer_step(stage)
+        finite = True
+        if self.loss_scale is not None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            finite = self.loss_scale.unscale(grads, self._group, self.device)
+        if finite:
+            if max_grad_norm is not None:
+                self.last_grad_norm = self.clip_grad_norm_(max_grad_norm)
+            for stage in deferred:
+                self._optimizer_step(stage)
+        else:  # a gradient overflowed on some rank: every rank skips this update, and the scale backs off
+            self.zero_grad()
+            self.last_grad_norm = torch.tensor(math.inf)
+        if self.loss_scale is not None:
+            self.loss_scale.update(finite)
         return self._report(results, loss_on_all_ranks, losses, outputs)
 
     def grad_norm(self) -> torch.Tensor:

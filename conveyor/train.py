@@ -62,7 +62,11 @@ class TrainConfig:
         " D-th micro-batch of the mini-batch; they all-reduce their gradients before each step (gpipe, 1f1b)",
     )
     recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
-    precision: str = _option("fp32", "fp32, or bf16: forwards and the loss under bfloat16 autocast (fp32 weights)")
+    precision: str = _option(
+        "fp32",
+        "fp32; bf16: forwards and the loss under bfloat16 autocast (fp32 weights); fp16: float16 autocast with a"
+        " dynamic loss scale that every stage skips overflowed updates with (synchronous schedules)",
+    )
     vertical_sync: bool = _option(False, "pipedream: every stage uses the weight version the first stage used")
     weight_stashing: bool = _option(
         True, "pipedream: each backward uses its forward's weights (turn off for the ablation: the latest weights)"
@@ -145,10 +149,9 @@ class TrainConfig:
         if self.trace and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'")
         if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r} (fp16 would need a loss"
-                " scaler that conveyor lacks)"
-            )
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.precision == "fp16" and SCHEDULES[self.schedule].asynchronous:
+            raise ValueError(f"--precision fp16 steps or skips once per mini-batch; {self.schedule} cannot: use bf16")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
         SCHEDULES[self.schedule].check_virtual(self.stages_per_rank)
@@ -296,7 +299,11 @@ class TrainConfig:
         return len(counts) if counts is not None else self.pipeline_ranks * self.stages_per_rank
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # --precision: the autocast dtype of the forwards
+PRECISIONS = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}  # --precision: the autocast dtype of the forwards
 DATA_PARALLEL_SCHEDULES = ("gpipe", "1f1b")  # flushed, one stage per rank, and able to replicate every stage
 PRESETS = Path(__file__).parent / "configs"
 RENAMED = {"stages": "ranks"}  # settings whose old name said the wrong thing: `stages` counted processes
@@ -450,7 +457,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     last_mean = sum(losses[-window:]) / window
     print(
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {window} steps {last_mean:.4f})"
-        f" | {rate:,.0f} tokens/s | {config.steps} steps in {seconds:.1f} s",
+        f" | {rate:,.0f} tokens/s | {len(losses)} steps in {seconds:.1f} s",
         flush=True,
     )
     if evaluations:
@@ -569,7 +576,7 @@ class _Checkpoints:
         if steps_done != config.steps and not (every and steps_done % every == 0):
             return
         self.finish()
-        extra = {"step": torch.tensor(steps_done), "data": self._data.position()}
+        extra = {"step": torch.tensor(steps_done), "data": self._data.position(), **_loss_scale_state(self._pipe)}
         files = {"conveyor-train.json": json.dumps(asdict(config), indent=1) + "\n"}
         arguments = (self._pipe, config.checkpoint_dir, steps_done, extra, config.keep_checkpoints, files)
         if config.async_checkpoints:
@@ -610,12 +617,19 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     return target
 
 
+def _loss_scale_state(pipe: Pipeline) -> dict[str, torch.Tensor]:
+    """float16's loss scale, for a checkpoint (nothing without it)."""
+    return {} if pipe.loss_scale is None else {"loss_scale": pipe.loss_scale.state()}
+
+
 def _resume(pipe: Pipeline, data: TextBatches, config: TrainConfig) -> int:
     """Load the latest checkpoint into `pipe` and `data`; the step to continue from."""
     path = checkpoint.latest(config.checkpoint_dir)
     assert path is not None  # checked with the config
-    extra = {"step": torch.tensor(0), "data": data.position()}
+    extra = {"step": torch.tensor(0), "data": data.position(), **_loss_scale_state(pipe)}
     checkpoint.load(pipe, path, extra)
+    if pipe.loss_scale is not None:
+        pipe.loss_scale.load_state(extra["loss_scale"])
     data.seek(extra["data"])
     step = int(extra["step"])
     if step > config.steps:

@@ -37,11 +37,13 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("schedule", ["1f1b", "pipedream"])
+@pytest.mark.parametrize("schedule", ["1f1b", "pipedream", "1f1b fp16"])
 def test_resuming_continues_exactly(tmp_path: Path, capfd: pytest.CaptureFixture[str], schedule: str) -> None:
-    """6 steps with a checkpoint every 3 equal 3 steps, stop, resume, 3 more: bit for bit (fp32, CPU)."""
+    """6 steps with a checkpoint every 3 equal 3 steps, stop, resume, 3 more: bit for bit (fp32, CPU; and fp16
+    autocast, whose loss scale the checkpoint keeps)."""
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    plan = ["--schedule", schedule, "--checkpoint-every", "3"]
+    name, *precision = schedule.split()
+    plan = ["--schedule", name, "--checkpoint-every", "3", *(["--precision", "fp16"] if precision else [])]
     _, last_whole = _train(capfd, "--steps", "6", "--checkpoint-dir", str(whole), *plan)
     _train(capfd, "--steps", "3", "--checkpoint-dir", str(halves), *plan)
     _, last_resumed = _train(capfd, "--steps", "6", "--checkpoint-dir", str(halves), "--resume", *plan)

@@ -80,7 +80,56 @@ def test_bf16_autocast_trains_like_the_unsplit_model_under_autocast() -> None:
     spawn(_bf16, 2, timeout_s=100)
 
 
-def test_float16_is_refused_by_name() -> None:
+def _one_process_fp16(init_scale: float) -> tuple[list[float], list[float]]:
+    """The unsplit model under float16 autocast with torch's GradScaler: each step's loss and scale after it."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    losses, scales = [], []
+    for tokens in _batches():
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+        scales.append(scaler.get_scale())
+    return losses, scales
+
+
+def _fp16(rank: int, world: int) -> None:
+    pipe = Pipeline(
+        manual_split(lambda: GPT(CONFIG), 2, seed=0),
+        num_microbatches=4,
+        loss_fn=lm_loss,
+        autocast=torch.float16,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
+    )
+    assert pipe.loss_scale is not None
+    pipe.loss_scale.scale = 2.0**22  # overflows at first: the first updates are skipped, on every rank
+    losses, scales = [], []
+    for tokens in _batches():
+        loss = pipe.step(tokens[:, :-1], tokens[:, 1:], loss_on_all_ranks=True)
+        assert loss is not None
+        losses.append(loss.item())
+        scales.append(pipe.loss_scale.scale)
+    pipe.close()
+    expected_losses, expected_scales = _one_process_fp16(2.0**22)
+    assert scales == expected_scales, f"rank {rank}: scales {scales}, GradScaler's {expected_scales}"
+    assert 0 < pipe.loss_scale.skipped < STEPS, f"rank {rank}: {pipe.loss_scale.skipped} skipped, scales {scales}"
+    for step, (mine, same) in enumerate(zip(losses, expected_losses, strict=True)):
+        assert abs(mine - same) <= 1e-2 * abs(same), f"rank {rank}, step {step}: {mine} against {same}"
+    assert losses[-1] < losses[0], f"fp16 did not train: {losses}"
+
+
+@pytest.mark.timeout(120)
+def test_float16_skips_and_scales_as_grad_scaler_on_every_rank() -> None:
+    spawn(_fp16, 2, timeout_s=100)
+
+
+def test_float16_is_refused_for_a_stream() -> None:
     # Checked before anything else, without a process group.
-    with pytest.raises(ValueError, match="float16 would need a loss scaler"):
-        Pipeline({}, num_microbatches=2, loss_fn=lm_loss, num_stages=2, autocast=torch.float16)
+    with pytest.raises(ValueError, match="pipedream updates inside a stream: use bfloat16"):
+        Pipeline({}, num_microbatches=2, loss_fn=lm_loss, num_stages=2, schedule="pipedream", autocast=torch.float16)

@@ -278,7 +278,8 @@ def test_train_checks_dp_and_precision_before_starting(capsys: pytest.CaptureFix
         (["--ranks", "4", "--dp", "2", "--replicas", "2,2"], "give one of them"),
         (["--ranks", "4", "--dp", "4", "--microbatches", "2"], "use at least 4"),
         (["--dp", "0"], "--dp must be at least 1; got 0"),
-        (["--precision", "fp16"], "--precision must be one of fp32, bf16; got 'fp16'"),
+        (["--precision", "fp8"], "--precision must be one of fp32, bf16, fp16; got 'fp8'"),
+        (["--precision", "fp16", "--schedule", "pipedream"], "--precision fp16 steps or skips once per mini-batch"),
     ]:
         with pytest.raises(SystemExit):
             main(["train", *argv])

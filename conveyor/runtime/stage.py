@@ -78,7 +78,9 @@ class Stage:
         self.recompute = recompute
         self.track_memory = track_memory
         self.autocast = autocast
-        """Run forwards (and the loss) under torch.autocast to this dtype (bfloat16); None: as the weights are."""
+        """Run forwards (and the loss) under torch.autocast to this dtype; None: as the weights are."""
+        self.loss_scale = 1.0
+        """On the last stage: what its loss is multiplied by before backward (float16's loss scale)."""
         self.held_bytes = 0
         self.peak_held_bytes = 0
         self._stash: dict[int, _Stash] = {}
@@ -118,7 +120,8 @@ class Stage:
                 output = self._call(inputs, weights)
             if self.is_last:
                 loss = self._loss(mb, output, target, loss_weight, keep_output)
-        outputs = [loss * loss_weight] if self.is_last else _flatten_output(output, self.index)
+        # The loss backpropagated: its share of the mini-batch, times the float16 loss scale (else 1).
+        outputs = [loss * (loss_weight * self.loss_scale)] if self.is_last else _flatten_output(output, self.index)
         self._check_gradient_flows(outputs)
         stash = _Stash([] if self.is_first else list(inputs), outputs)
         if counter is not None:

@@ -1,0 +1,75 @@
+"""Dynamic loss scaling for float16 across stages: one scale, and one decision to step or skip, for all ranks.
+
+float16's smallest normal number is 6e-5: small gradients vanish in it. As
+torch's GradScaler does, the last stage multiplies its loss by a scale S
+before backward, so every gradient (the activations' between stages
+included) is S times larger; before the update each stage divides its
+weights' gradients by S. When any gradient overflowed to inf or NaN the
+update is skipped and S halves; after `growth_interval` updates without
+one, S doubles.
+
+What a single process decides from its own gradients, a pipeline must
+decide together: were one stage to skip while the others step, the stages
+would hold weights of different steps. So each rank reports whether its
+gradients are finite, one all-reduce takes the worst, and every rank
+skips or steps alike and keeps the same S.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["LossScale"]
+
+
+class LossScale:
+    """The scale of a float16 pipeline's loss (torch.amp.GradScaler's defaults and rules)."""
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+    ) -> None:
+        self.scale = init_scale
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self._good_steps = 0
+        self.skipped = 0
+        """Updates skipped so far because a gradient overflowed."""
+
+    def unscale(self, grads: Iterable[torch.Tensor], group: dist.ProcessGroup | None, device: torch.device) -> bool:
+        """Divide this rank's gradients by the scale and return whether every rank's are finite (a collective)."""
+        inverse = 1.0 / self.scale
+        finite = True
+        for grad in grads:
+            grad.mul_(inverse)
+            finite = finite and bool(torch.isfinite(grad).all())
+        overflow = torch.tensor(0.0 if finite else 1.0, device=device)
+        if dist.get_backend(group) == "gloo":
+            overflow = overflow.cpu()
+        dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=group)
+        return not bool(overflow.item())
+
+    def state(self) -> torch.Tensor:
+        """The scale and its counters, for a checkpoint (float64: the scale is a power of 2 up to 2**1023)."""
+        return torch.tensor([self.scale, self._good_steps, self.skipped], dtype=torch.float64)
+
+    def load_state(self, state: torch.Tensor) -> None:
+        scale, good, skipped = state.tolist()
+        self.scale, self._good_steps, self.skipped = scale, int(good), int(skipped)
+
+    def update(self, finite: bool) -> None:
+        """After a step (finite) or a skipped one: back off, or grow after `growth_interval` good steps."""
+        if not finite:
+            self.scale *= self.backoff_factor
+            self._good_steps = 0
+            self.skipped += 1
+            return
+        self._good_steps += 1
+        if self._good_steps == self.growth_interval:
+            self.scale *= self.growth_factor
+            self._good_steps = 0

@@ -66,29 +66,29 @@ def _pp_by_dp(rank: int, world: int) -> None:
     torch.manual_seed(5)
     x, y = torch.randn(10, 4), torch.randn(10, 2)  # 10 rows: unequal micro-batches
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
-    for schedule in ("gpipe", "1f1b"):
-        for m, clip in ((4, False), (3, True)):  # m = 3: the replicas run 2 and 1 micro-batches
-            where = f"pp=2 x dp=2, {schedule}, m={m}, clip={clip}, rank {rank}"
-            pipe = Pipeline(
-                manual_split(build(), 2),
-                num_microbatches=m,
-                loss_fn=F.mse_loss,
-                schedule=schedule,
-                mesh=mesh,
-                optimizer=lambda params: torch.optim.Adam(params, lr=LR),
-            )
-            assert sorted(pipe.stages) == [rank // 2], f"{where}: stages {sorted(pipe.stages)}"
-            assert pipe.last_ranks == (2, 3)
-            trained = build()
-            trained.load_state_dict(_check(pipe, x, y, clip, where))
-            with torch.no_grad():
-                wanted = F.mse_loss(trained(x), y)
-            evaluated = pipe.evaluate(x, y)  # the replicas of the last stage add up their parts, as step does
-            if rank >= 2:
-                assert evaluated is not None and relative_error(evaluated, wanted) <= 1e-5, f"{where}: evaluate"
-                with pytest.raises(ValueError, match=r"the last stage is replicated on ranks \[2, 3\]"):
-                    pipe.predict(x)
-            pipe.close()
+    # m = 3: the replicas run 2 and 1 micro-batches, and the clipping's norm counts each stage once.
+    for schedule, m, clip in (("gpipe", 4, False), ("1f1b", 3, True)):
+        where = f"pp=2 x dp=2, {schedule}, m={m}, clip={clip}, rank {rank}"
+        pipe = Pipeline(
+            manual_split(build(), 2),
+            num_microbatches=m,
+            loss_fn=F.mse_loss,
+            schedule=schedule,
+            mesh=mesh,
+            optimizer=lambda params: torch.optim.Adam(params, lr=LR),
+        )
+        assert sorted(pipe.stages) == [rank // 2], f"{where}: stages {sorted(pipe.stages)}"
+        assert pipe.last_ranks == (2, 3)
+        trained = build()
+        trained.load_state_dict(_check(pipe, x, y, clip, where))
+        with torch.no_grad():
+            wanted = F.mse_loss(trained(x), y)
+        evaluated = pipe.evaluate(x, y)  # the replicas of the last stage add up their parts, as step does
+        if rank >= 2:
+            assert evaluated is not None and relative_error(evaluated, wanted) <= 1e-5, f"{where}: evaluate"
+            with pytest.raises(ValueError, match=r"the last stage is replicated on ranks \[2, 3\]"):
+                pipe.predict(x)
+        pipe.close()
 
 
 @pytest.mark.timeout(300)

@@ -35,7 +35,7 @@ class MetricsWriter:
         self._board: Any = None
         if tensorboard:
             if importlib.util.find_spec("tensorboard") is None:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+                raise ValueError("--tensorboard needs the tensorboard package: pip install 'conveyor[tensorboard]'")
             from torch.utils.tensorboard import SummaryWriter
 
             self._board = SummaryWriter(str(tensorboard))

@@ -191,7 +191,7 @@ class TrainConfig:
                 " --clip-grad-norm, --warmup-steps and --lr-decay are for the synchronous schedules"
             )
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+            raise ValueError("--tensorboard needs the tensorboard package: pip install 'conveyor[tensorboard]'")
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of step `step` (from 0): linear warm-up, then constant or cosine decay to --min-lr."""

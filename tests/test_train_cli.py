@@ -204,9 +204,20 @@ def test_train_writes_metrics_evaluates_and_clips(tmp_path: Path, capfd: pytest.
     argv = ["train", "--steps", "6", "--dim", "32", "--layers", "2", "--heads", "2", "--context", "32"]
     argv += ["--batch-size", "8", "--no-progress", "--eval-every", "3", "--metrics", str(metrics)]
     argv += ["--warmup-steps", "2", "--lr-decay", "cosine", "--clip-grad-norm", "0.5"]
-    assert main(argv) == 0
+    board = tmp_path / "board"
+    has_board = importlib.util.find_spec("tensorboard") is not None  # the [tensorboard] extra, which CI installs
+    assert main([*argv, *(["--tensorboard", str(board)] if has_board else [])]) == 0
     out = capfd.readouterr().out
     rows = list(csv.DictReader(metrics.open()))
+    if has_board:  # TensorBoard holds the CSV's values
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(board))
+        events.Reload()
+        for name in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mib"):
+            logged = [(e.step, e.value) for e in events.Scalars(name)]
+            assert logged == [(int(r["step"]), pytest.approx(float(r[name]))) for r in rows], name
+        assert [e.step for e in events.Scalars("eval_loss")] == [3, 6]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["eval_loss"] != "" for r in rows] == [False, False, True, False, False, True]
     config = TrainConfig(steps=6, warmup_steps=2, lr_decay="cosine")

@@ -222,3 +222,14 @@ def test_the_reduction_of_tied_gradients_is_timed_and_drawn() -> None:
     assert result.timing.makespan == plain.timing.makespan + 2.0 + 0.5
     reductions = [s for s in spans_from_timing(tied, result.timing) if s.kind == "RD"]
     assert [(s.rank, s.stage, s.mb, s.end - s.start) for s in reductions] == [(0, 0, None, 2.0), (1, 1, None, 2.0)]
+
+
+def test_the_period_of_tied_and_replicated_programs_repeats_their_reductions() -> None:
+    from conveyor.schedules import StageGraph, Tie
+
+    tied = build_schedule("1f1b", 2, 4, graph=StageGraph.chain(2, [Tie(((0, "embed"), (1, "head")))]))
+    replicated = build_schedule("1f1b", 3, 4, replicas=(2, 1))
+    for program in (tied, replicated):
+        result = simulate(program, CostModel((StageCosts(1, 1, 1, reduce=0.5),), latency=0.25))
+        assert 0 < result.period <= result.step_time
+    assert simulate(build_schedule("pipedream", 2, 4, mini_batches=2), EQUAL).period == 0.0  # a stream: no period

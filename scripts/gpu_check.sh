@@ -3,7 +3,8 @@
 #   bash scripts/gpu_check.sh
 # 1. tests/test_cuda.py: every schedule with all stages in one process (NCCL), two ranks sharing
 #    the GPU over gloo (tensors staged through host memory), weights equal on CPU and GPU;
-# 2. `conveyor train --device cuda` both ways, to compare with the same runs on CPU;
+# 2. `conveyor train --device cuda` both ways, to compare with the same runs on CPU, and with bf16, fp16
+#    and --dp 2;
 # 3. the rest of the suite under that machine's torch (it may be older than the one CI uses),
 #    with the CUDA cases other files hold (dropout replayed by recompute on the GPU).
 # Logs go to $OUT (or ./gpu-check); the exit status is 1 if anything failed.
@@ -15,7 +16,10 @@ status=0
 python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))" \
     | tee "$out/versions.txt" || status=1
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda-tests.log" || status=1
-for run in "--ranks 2 --schedule zbv" "--ranks 2 --schedule 1f1b" "--ranks 1 --schedule interleaved-1f1b --virtual 2"; do
+# Then mixed precision on the GPU (bf16, and fp16 with its loss scale), and pp x dp over gloo (2 x 2 ranks
+# staging through host memory: NCCL refuses two ranks on one GPU).
+for run in "--ranks 2 --schedule zbv" "--ranks 2 --schedule 1f1b" "--ranks 1 --schedule interleaved-1f1b --virtual 2" \
+    "--ranks 2 --precision bf16" "--ranks 2 --precision fp16" "--ranks 4 --dp 2"; do
     name=$(echo "$run" | tr -d '-' | tr ' ' '_')
     # shellcheck disable=SC2086  # $run holds several options
     python3 -m conveyor train --device cuda $run --steps 30 --no-progress 2>&1 | tee "$out/train_$name.log" || status=1

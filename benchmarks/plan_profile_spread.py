@@ -1,0 +1,52 @@
+"""How much does a per-layer profile move from one run to the next? Profile the default GPT several times
+back to back and print each profile's predicted step time for a few configurations.
+
+A spread here is a spread in every prediction `conveyor plan` makes from one profile.
+
+    python benchmarks/plan_profile_spread.py
+    python benchmarks/plan_profile_spread.py --profiles 5 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from conveyor.models import GPT, lm_loss
+from conveyor.plan import make_plan, profile_model
+from conveyor.train import TrainConfig
+
+CONFIGURATIONS = (("dualpipev", 8, "auto"), ("1f1b", 8, "auto"), ("1f1b", 4, "uniform"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profiles", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="repeats per layer in each profile")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = TrainConfig().gpt
+    predictions: dict[tuple[str, int, str], list[float]] = {c: [] for c in CONFIGURATIONS}
+    for _ in range(args.profiles):
+        for m in sorted({m for _, m, _ in CONFIGURATIONS}):
+            size = -(-args.batch_size // m)
+            tokens = torch.randint(0, 256, (size, config.context + 1), generator=torch.Generator().manual_seed(0))
+            profile = profile_model(lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=args.repeats)
+            for name, count, method in CONFIGURATIONS:
+                if count == m:
+                    plan = make_plan(profile, name, 2, m, method=method)
+                    predictions[(name, m, method)].append(plan.step_time)
+        print(time.strftime("%H:%M:%S"), f"load {os.getloadavg()[0]:.2f}", flush=True)
+    for (name, m, method), times in predictions.items():
+        low, high = min(times), max(times)
+        shown = " ".join(f"{t * 1e3:.1f}" for t in times)
+        print(f"{name} m={m} {method}: {shown} ms; spread {(high - low) / low:.1%}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

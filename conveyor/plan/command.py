@@ -66,6 +66,9 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
     plan.add_argument("--microbatch-counts", type=_counts, help="--search: micro-batch counts to try")
     plan.add_argument("--top", type=int, default=5, help="--search: how many configurations to show")
     plan.add_argument(
+        "--repeats", type=int, default=7, help="timed runs of each layer (median); more steadies a noisy machine"
+    )
+    plan.add_argument(
         "--latency", action="store_true", help="measure the transfer time of one boundary's activations (2 ranks)"
     )
     plan.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="most splits searched exhaustively")
@@ -81,8 +84,10 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     from ..models import GPT, GPTConfig, lm_loss
 
-    if args.layers < 1 or args.dim % max(1, args.heads) or args.batch_size < 1 or args.ranks < 1:
-        parser.error("--layers, --batch-size and --ranks must be at least 1, and --dim a multiple of --heads")
+    if min(args.layers, args.batch_size, args.ranks, args.repeats, args.heads) < 1 or args.dim % args.heads:
+        parser.error(
+            "--layers, --batch-size, --ranks, --repeats and --heads must be at least 1, and --dim a multiple of --heads"
+        )
     torch.set_num_threads(args.threads)
     gpt = GPTConfig(context=args.context, dim=args.dim, layers=args.layers, heads=args.heads)
 
@@ -99,7 +104,13 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 0, gpt.vocab_size, (size, args.context + 1), generator=torch.Generator().manual_seed(0)
             )
             found = profile_model(
-                build, tokens[:, :-1], tokens[:, 1:], lm_loss, optimizer=args.optimizer, seed=args.seed
+                build,
+                tokens[:, :-1],
+                tokens[:, 1:],
+                lm_loss,
+                optimizer=args.optimizer,
+                seed=args.seed,
+                repeats=args.repeats,
             )
             if not args.latency:
                 return found

@@ -162,7 +162,7 @@ loss_fn = lm_loss
 # rank its first-step loss) to `<out>.<rank>.json`; the parent merges them.
 
 
-def _run_delay() -> float:
+def run_delay() -> float:
     """Seconds this thread has spent ready to run but waiting for a CPU (the kernel's schedstat; 0 without it)."""
     try:
         with open("/proc/thread-self/schedstat") as f:
@@ -184,7 +184,7 @@ def _measure(cfg: Config, step: Callable[[], float | None], synced: bool) -> dic
     for index in range(cfg.warmup + cfg.steps):
         if synced:
             dist.barrier()
-        delay = _run_delay()
+        delay = run_delay()
         start = time.perf_counter()
         loss = step()
         elapsed = time.perf_counter() - start
@@ -192,7 +192,7 @@ def _measure(cfg: Config, step: Callable[[], float | None], synced: bool) -> dic
             first_loss = loss
         if index >= cfg.warmup:
             times.append(elapsed)
-            queued.append(_run_delay() - delay)
+            queued.append(run_delay() - delay)
     return {"times": times, "queued": queued, "loss": first_loss}
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bench_schedules import run_delay  # benchmarks/ is on the path of a script run from it
 
 from conveyor import Pipeline, spawn
 from conveyor.models import GPT, GPTConfig, lm_loss
@@ -104,15 +105,6 @@ def _cpu_seconds() -> tuple[float, float]:
     return machine, own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _run_delay() -> float:
-    """Seconds this thread has waited for a CPU while ready to run (the kernel's schedstat; 0 without it)."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def _rank(rank: int, world: int, plan: Plan, config: GPTConfig, steps: int, out: str) -> None:
     torch.set_num_threads(1)
     pipe = Pipeline(
@@ -129,12 +121,12 @@ def _rank(rank: int, world: int, plan: Plan, config: GPTConfig, steps: int, out:
     times, queued = [], []
     for step in range(steps + WARMUP):
         dist.barrier()
-        start, delay = time.perf_counter(), _run_delay()
+        start, delay = time.perf_counter(), run_delay()
         pipe.step(tokens[:, :-1], tokens[:, 1:])
         dist.barrier()
         if step >= WARMUP:
             times.append(time.perf_counter() - start)
-            queued.append(_run_delay() - delay)
+            queued.append(run_delay() - delay)
     pipe.close()
     every: list[list[float]] = [[] for _ in range(world)]
     dist.all_gather_object(every, queued)

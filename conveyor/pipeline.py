@@ -706,7 +706,8 @@ class Pipeline:
             return
         optimizer = self.optimizers[stage]
         self.steps_taken[stage] = self.steps_taken.get(stage, 0) + 1
-        if self.nonfinite != "allow" and not _finite_grads(optimizer):
+        # Under float16 the loss scale has checked every rank's gradients already (and skips together).
+        if self.nonfinite != "allow" and self.loss_scale is None and not _finite_grads(optimizer):
             where = f"stage {stage} (rank {self.rank}), update {self.steps_taken[stage]}"
             if self.nonfinite == "raise":
                 raise FloatingPointError(

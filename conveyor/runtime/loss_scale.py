@@ -44,11 +44,12 @@ class LossScale:
     def unscale(self, grads: Iterable[torch.Tensor], group: dist.ProcessGroup | None, device: torch.device) -> bool:
         """Divide this rank's gradients by the scale and return whether every rank's are finite (a collective)."""
         inverse = 1.0 / self.scale
-        finite = True
+        checks = []
         for grad in grads:
             grad.mul_(inverse)
-            finite = finite and bool(torch.isfinite(grad).all())
-        overflow = torch.tensor(0.0 if finite else 1.0, device=device)
+            checks.append(torch.isfinite(grad).all())
+        # One flag for all of them (on a GPU, no host sync per tensor), the worst over the ranks.
+        overflow = (~torch.stack(checks).all()).float() if checks else torch.zeros((), device=device)
         if dist.get_backend(group) == "gloo":
             overflow = overflow.cpu()
         dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=group)

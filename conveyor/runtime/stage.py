@@ -236,8 +236,8 @@ class Stage:
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast is None:
             return contextlib.nullcontext()
-        device = next(self.module.parameters(), torch.empty(0)).device.type
-        return torch.autocast(device, dtype=self.autocast)
+        param = next(self.module.parameters(), None)
+        return torch.autocast(param.device.type if param is not None else "cpu", dtype=self.autocast)
 
     def _call(self, inputs: Any, weights: dict[str, torch.Tensor] | None = None) -> Any:
         """Call the module by the conventions above; with `weights`, on those tensors instead of its parameters."""

@@ -229,6 +229,7 @@ class Pipeline:
         )
         self._forward_program: Program | None = None
         self._streams: dict[int, Program] = {}
+        self._stream_lr: Callable[[int], float] | None = None
 
     @classmethod
     def from_model(
@@ -435,7 +436,7 @@ class Pipeline:
             return self._report(results, loss_on_all_ranks, losses, outputs)
         # The global norm and float16's overflow check need every stage's gradients: step once the program is done.
         deferred: list[int] = []
-        self.executor.optimizer_step = deferred.append
+        self.executor.optimizer_step = lambda stage, mb: deferred.append(stage)
         last = self.stages.get(self.program.num_stages - 1)
         if last is not None and self.loss_scale is not None:
             last.loss_scale = self.loss_scale.scale
@@ -562,10 +563,17 @@ class Pipeline:
         self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs, options)
         return self.stages[last].pop_results() if last in self.stages else None
 
-    def stream(self, batches: Iterable[tuple[Any, Any]], num_batches: int) -> Iterator[tuple[int, torch.Tensor]]:
+    def stream(
+        self, batches: Iterable[tuple[Any, Any]], num_batches: int, lr: Callable[[int], float] | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Train on `num_batches` mini-batches of `batches` ((inputs, targets) pairs), yielding each
         micro-batch's mean loss as its forward ends: (micro-batch index in the stream, loss), on the last
         stage's rank (nothing elsewhere; iterate it on every rank all the same).
+
+        `lr(i)`, if given, is the learning rate of the updates that follow mini-batch i of the stream (from
+        0): a warm-up or a decay. An asynchronous schedule's stages update at their own times, so each sets
+        the rate of its own updates from the mini-batch that each follows (all of pipedream's updates within
+        a mini-batch share its rate); no rank waits for another.
 
         An asynchronous schedule runs them as one program that stays full across mini-batch boundaries and
         drains only at the end, after which every micro-batch's work is done (stop a stream there before a
@@ -576,9 +584,17 @@ class Pipeline:
         """
         if num_batches < 1:
             raise ValueError(f"a stream needs at least 1 mini-batch; got {num_batches}")
-        if not self.program.asynchronous:
-            yield from self._stream_steps(batches, num_batches)
-            return
+        self._stream_lr = lr
+        try:
+            if self.program.asynchronous:
+                yield from self._stream_async(batches, num_batches)
+            else:
+                yield from self._stream_steps(batches, num_batches)
+        finally:
+            self._stream_lr = None
+
+    def _stream_async(self, batches: Iterable[tuple[Any, Any]], num_batches: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """An asynchronous schedule's stream: one program over all `num_batches` mini-batches."""
         program = self._stream_program(num_batches)
         feed = _Feed(iter(batches), self.num_microbatches, num_batches, self.device, program.microbatches_per_step)
         last = self.stages.get(self.program.num_stages - 1)
@@ -600,6 +616,8 @@ class Pipeline:
         for index, (inputs, targets) in enumerate(batches):
             if index == num_batches:
                 break
+            if self._stream_lr is not None:
+                _set_lr(self.optimizers.values(), self._stream_lr(index))
             losses: list[torch.Tensor] = []
             self.step(inputs, targets, losses=losses)
             for loss in losses:
@@ -701,10 +719,13 @@ class Pipeline:
         for stage in self.stages.values():
             stage.module.zero_grad(set_to_none=True)
 
-    def _optimizer_step(self, stage: int) -> None:
+    def _optimizer_step(self, stage: int, mb: int | None = None) -> None:
         if stage not in self.optimizers:
             return
         optimizer = self.optimizers[stage]
+        if self._stream_lr is not None and mb is not None:
+            # Each update of a stream takes the rate of the mini-batch it follows, on every stage alike.
+            _set_lr([optimizer], self._stream_lr(mb // self.num_microbatches))
         self.steps_taken[stage] = self.steps_taken.get(stage, 0) + 1
         # Under float16 the loss scale has checked every rank's gradients already (and skips together).
         if self.nonfinite != "allow" and self.loss_scale is None and not _finite_grads(optimizer):
@@ -720,6 +741,12 @@ class Pipeline:
             optimizer.step()
         # Only this optimizer's parameters: a tied tensor another local stage steps keeps its gradient for it.
         optimizer.zero_grad(set_to_none=True)
+
+
+def _set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
 
 class _Feed:

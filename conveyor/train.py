@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import json
 import math
@@ -185,10 +186,10 @@ class TrainConfig:
         if self.eval_batches < 1:
             raise ValueError(f"--eval-batches must be at least 1; got {self.eval_batches}")
         asynchronous = SCHEDULES[self.schedule].asynchronous
-        if asynchronous and (self.clip_grad_norm or self.warmup_steps or self.lr_decay != "none"):
+        if asynchronous and self.clip_grad_norm:
             raise ValueError(
-                f"{self.schedule} updates inside a stream, between mini-batches no rank can meet at:"
-                " --clip-grad-norm, --warmup-steps and --lr-decay are for the synchronous schedules"
+                f"{self.schedule} updates inside a stream, between mini-batches no rank can meet at, so no"
+                " global gradient norm exists: --clip-grad-norm is for the synchronous schedules"
             )
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("--tensorboard needs the tensorboard package: pip install 'conveyor[tensorboard]'")
@@ -533,10 +534,11 @@ def _losses(
         batches = (data.next() for _ in range(length))
         parts: list[float] = []
         logs = []
-        for index, loss in pipe.stream(batches, length):
+        rate = functools.partial(lambda first, i: config.learning_rate(first + i), step)
+        for index, loss in pipe.stream(batches, length, lr=rate):
             parts.append(loss.item())
             if len(parts) == m:
-                logs.append(StepLog(step + index // m, sum(parts) / m, config.lr))
+                logs.append(StepLog(step + index // m, sum(parts) / m, config.learning_rate(step + index // m)))
                 parts = []
         step += length
         evaluated = _evaluate_after(step, pipe, data, config)

@@ -54,17 +54,26 @@ class Recording(torch.optim.Optimizer):
         self.inner.zero_grad(set_to_none)
 
 
+RATES = {"sgd": LR, "adam": 0.01}
 OPTIMIZERS: dict[str, Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = {
-    "sgd": lambda params: torch.optim.SGD(params, lr=LR),
-    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "sgd": lambda params: torch.optim.SGD(params, lr=RATES["sgd"]),
+    "adam": lambda params: torch.optim.Adam(params, lr=RATES["adam"]),
 }
 
 
-def simulate(program: Program, optimizer: str, m: int = M) -> tuple[list[nn.Module], list[list[list[torch.Tensor]]]]:
+def warm_up(optimizer: str) -> Callable[[int], float]:
+    """A learning rate rising over the stream's mini-batches, so a rate taken from the wrong one shows."""
+    return lambda i: RATES[optimizer] * (i + 1) / BATCHES
+
+
+def simulate(
+    program: Program, optimizer: str, m: int = M, lr: Callable[[int], float] | None = None
+) -> tuple[list[nn.Module], list[list[list[torch.Tensor]]]]:
     """The stream on one process with stashed weights: each stage's final module and the gradient of each step.
 
     Stage s steps after each group of `step_group(program, s)` micro-batches with their mean gradient
-    (one micro-batch's under pipedream, one per replica of a replicated stage, a mini-batch's under 2BW).
+    (one micro-batch's under pipedream, one per replica of a replicated stage, a mini-batch's under 2BW),
+    at the rate `lr` gives the mini-batch of the group's last micro-batch, if given.
     """
     num_stages = program.num_stages
     split = manual_split(build(), num_stages)
@@ -91,6 +100,9 @@ def simulate(program: Program, optimizer: str, m: int = M) -> tuple[list[nn.Modu
                 param.grad = grad if param.grad is None else param.grad + grad
             if (k + 1) % groups[s] == 0:
                 logs[s].append([p.grad.clone() for p in stage.parameters()])
+                if lr is not None:
+                    for group in optimizers[s].param_groups:
+                        group["lr"] = lr(k // m)
                 optimizers[s].step()
                 optimizers[s].zero_grad()
                 history[s].append(_copy(stage))
@@ -101,17 +113,21 @@ def _copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in module.named_parameters()}
 
 
-CASES = [  # schedule, vertical sync, optimizer
-    ("pipedream", False, "sgd"),
-    ("pipedream", True, "sgd"),
-    ("pipedream-2bw", False, "sgd"),
-    ("pipedream-2bw", False, "adam"),
+CASES = [  # schedule, vertical sync, optimizer, warm-up
+    ("pipedream", False, "sgd", False),
+    ("pipedream", True, "sgd", False),
+    ("pipedream-2bw", False, "sgd", False),
+    ("pipedream-2bw", False, "adam", False),
+    ("pipedream", False, "adam", True),
+    ("pipedream-2bw", False, "sgd", True),
 ]
 
 
 def _against_the_simulation(rank: int, world: int) -> None:
-    for schedule, vertical, optimizer in CASES:
-        where = f"{schedule}{' (vertical sync)' if vertical else ''} with {optimizer}, rank {rank}"
+    for schedule, vertical, optimizer, warming in CASES:
+        where = f"{schedule}{' (vertical sync)' if vertical else ''} with {optimizer}{' warming up' if warming else ''}"
+        where += f", rank {rank}"
+        rate = warm_up(optimizer) if warming else None
         program = build_schedule(schedule, RANKS, M, mini_batches=BATCHES, vertical_sync=vertical)
         log: list[list[torch.Tensor]] = []
         pipe = Pipeline(
@@ -122,8 +138,8 @@ def _against_the_simulation(rank: int, world: int) -> None:
             vertical_sync=vertical,
             optimizer=lambda params, optimizer=optimizer, log=log: Recording(OPTIMIZERS[optimizer](params), log),
         )
-        losses = list(pipe.stream(batches(), BATCHES))
-        stages, logs = simulate(program, optimizer)
+        losses = list(pipe.stream(batches(), BATCHES, lr=rate))
+        stages, logs = simulate(program, optimizer, lr=rate)
         if rank == RANKS - 1:
             assert [k for k, _ in losses] == list(range(M * BATCHES)), f"{where}: losses out of order"
         else:

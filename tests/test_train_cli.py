@@ -93,11 +93,19 @@ def test_train_checks_the_gpt2_config_before_starting(capsys: pytest.CaptureFixt
 
 
 @pytest.mark.timeout(240)
-def test_train_pipedream_streams_and_reports_its_weight_versions(capfd: pytest.CaptureFixture[str]) -> None:
+def test_train_pipedream_streams_and_reports_its_weight_versions(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     argv = ["train", "--schedule", "pipedream", "--steps", "10", "--dim", "32", "--layers", "2", "--heads", "2"]
     argv += ["--context", "32", "--batch-size", "8", "--lr", "3e-3", "--no-progress", "--vertical-sync"]
+    argv += ["--warmup-steps", "3", "--lr-decay", "cosine", "--metrics", str(tmp_path / "metrics.csv")]
     assert main(argv) == 0
     out = capfd.readouterr().out
+    # The stream's updates follow the warm-up and the decay (the rates the ranks set are checked against a
+    # single-process run in test_pipedream_distributed.py).
+    rates = [float(row["lr"]) for row in csv.DictReader((tmp_path / "metrics.csv").open())]
+    expected = [TrainConfig(lr=3e-3, warmup_steps=3, lr_decay="cosine", steps=10).learning_rate(s) for s in range(10)]
+    assert rates == pytest.approx(expected, rel=1e-6), rates
     # Two ranks of one stage each; with vertical sync both keep the first stage's version of 2 in-flight micro-batches.
     assert "weight versions held at most: stage 0 2 (" in out and ", stage 1 2 (" in out, out
     line = next(line for line in out.splitlines() if line.startswith("loss "))
@@ -229,12 +237,10 @@ def test_train_writes_metrics_evaluates_and_clips(tmp_path: Path, capfd: pytest.
     assert "peak memory per rank" in out
 
 
-def test_async_schedules_refuse_per_step_training_options(capsys: pytest.CaptureFixture[str]) -> None:
+def test_async_schedules_refuse_gradient_clipping(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--schedule", "pipedream", "--clip-grad-norm", "1"])
-    assert (
-        "--clip-grad-norm, --warmup-steps and --lr-decay are for the synchronous schedules" in capsys.readouterr().err
-    )
+    assert "--clip-grad-norm is for the synchronous schedules" in capsys.readouterr().err
 
 
 def test_a_toml_config_sets_defaults_the_flags_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -38,7 +38,9 @@ class Executor:
     Values move along the edges of the program's stage graph: between stages
     on this rank in memory, to and from other ranks through `io`. `shared`
     sums the gradients several stages or ranks share (REDUCE, then STEP): tied
-    parameters, and a replicated stage's.
+    parameters, and a replicated stage's. `optimizer_step(stage, mb)` runs each
+    STEP: `mb` is the micro-batch an asynchronous schedule's STEP follows, None
+    for a step after a whole mini-batch.
     """
 
     def __init__(
@@ -47,7 +49,7 @@ class Executor:
         rank: int,
         stages: dict[int, Stage],
         io: StageIO,
-        optimizer_step: Callable[[int], None] | None = None,
+        optimizer_step: Callable[[int, int | None], None] | None = None,
         shared: SharedGradients | None = None,
     ) -> None:
         missing = set(program.stages_of(rank)) - set(stages)
@@ -230,7 +232,7 @@ class Executor:
         if versions is not None:
             versions.before_step()
         if self.optimizer_step is not None:
-            self.optimizer_step(s)
+            self.optimizer_step(s, action.mb)
         if versions is not None:
             versions.after_step()
 

@@ -10,6 +10,7 @@ of each run's last 5 steps.
 
     python benchmarks/async_convergence.py --steps 100 --json out.json
     python benchmarks/async_convergence.py --steps 300 --lr 3e-4 --schedules 1f1b,pipedream-2bw --no-one-process
+    python benchmarks/async_convergence.py --steps 300 --warmup-steps 50 --lr-decay cosine
 """
 
 from __future__ import annotations
@@ -24,30 +25,34 @@ import torch
 
 from conveyor.data import TextBatches, stdlib_source_bytes
 from conveyor.models import GPT, GPTConfig, lm_loss
+from conveyor.train import TrainConfig
 
 SCHEDULES = ("1f1b", "pipedream", "pipedream-2bw")
 
 
-def pipeline_loss(schedule: str, steps: int, lr: float) -> float:
+def pipeline_loss(schedule: str, config: TrainConfig) -> float:
     """The mean of the last 5 steps' losses that `conveyor train` prints."""
-    command = [sys.executable, "-m", "conveyor", "train", "--schedule", schedule, "--steps", str(steps)]
-    command += ["--lr", str(lr)]
+    command = [sys.executable, "-m", "conveyor", "train", "--schedule", schedule, "--steps", str(config.steps)]
+    command += ["--lr", str(config.lr), "--warmup-steps", str(config.warmup_steps), "--lr-decay", config.lr_decay]
     command.append("--no-progress")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("loss "))
     return float(line.split("mean of the last 5 steps ")[1].split(")")[0])
 
 
-def one_process_loss(steps: int, delayed: bool, lr: float) -> float:
-    """`conveyor train`'s model, data and optimizer on one process; with `delayed`, 2BW's update rule."""
+def one_process_loss(config: TrainConfig, delayed: bool) -> float:
+    """`conveyor train`'s model, data, optimizer and learning rates on one process; with `delayed`, 2BW's
+    update rule."""
     torch.set_num_threads(2)
     torch.manual_seed(0)  # the weights conveyor train's seed 0 gives every stage
     model = GPT(GPTConfig())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     data = TextBatches(stdlib_source_bytes(), 128, 16, seed=0)
     previous = copy.deepcopy(model)  # W(t - 1)
     losses = []
-    for _ in range(steps):
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate(step)
         x, y = data.next()
         used = previous if delayed else model
         used.zero_grad(set_to_none=True)
@@ -67,21 +72,25 @@ def one_process_loss(steps: int, delayed: bool, lr: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's learning rate, for every run")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's (peak) learning rate, for every run")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, as conveyor train's")
+    parser.add_argument("--lr-decay", default="none", choices=("none", "cosine"), help="as conveyor train's")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="which pipelines to train (1f1b first)")
     parser.add_argument("--no-one-process", action="store_true", help="skip the two single-process references")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    results: dict[str, float] = {name: pipeline_loss(name, args.steps, args.lr) for name in args.schedules.split(",")}
+    config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, lr_decay=args.lr_decay)
+    results: dict[str, float] = {name: pipeline_loss(name, config) for name in args.schedules.split(",")}
     if not args.no_one_process:
-        results["one process"] = one_process_loss(args.steps, False, args.lr)
-        results["one process, 2BW's rule"] = one_process_loss(args.steps, True, args.lr)
+        results["one process"] = one_process_loss(config, False)
+        results["one process, 2BW's rule"] = one_process_loss(config, True)
     base = results["1f1b"]
     for name, loss in results.items():
         print(f"{name:24s} {loss:.4f}  ({100 * (loss / base - 1):+.1f} % against 1f1b)")
     if args.json:
         with open(args.json, "w") as file:
-            run = {"steps": args.steps, "lr": args.lr, "python": sys.version.split()[0], "losses": results}
+            run = {"steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup_steps, "lr_decay": args.lr_decay}
+            run.update({"python": sys.version.split()[0], "losses": results})
             json.dump(run, file, indent=2)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import functools
 import importlib.util
 import json
 import math
@@ -534,7 +533,10 @@ def _losses(
         batches = (data.next() for _ in range(length))
         parts: list[float] = []
         logs = []
-        rate = functools.partial(lambda first, i: config.learning_rate(first + i), step)
+
+        def rate(i: int, first: int = step) -> float:  # mini-batch i of this stream is step first + i
+            return config.learning_rate(first + i)
+
         for index, loss in pipe.stream(batches, length, lr=rate):
             parts.append(loss.item())
             if len(parts) == m:

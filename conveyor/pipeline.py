@@ -29,7 +29,7 @@ from .runtime.stage import LossFn, MicrobatchResult, Stage
 from .runtime.stage_io import StageIO
 from .runtime.transport import Channel, Transport
 from .runtime.weights import WeightVersions
-from .schedules import Kind, Program, StageGraph, build_schedule, schedule_info
+from .schedules import Kind, Program, StageGraph, build_schedule, schedule_info, validate
 from .split import Split, manual_split
 
 __all__ = ["Pipeline", "OptimizerFactory", "RECOMPUTE"]
@@ -650,6 +650,18 @@ class Pipeline:
         if loss_on_all_ranks:
             loss = self._share_loss(loss)
         return loss
+
+    def run_program(self, program: Program, inputs: Any = None, targets: Any = None) -> None:
+        """Run `program` once over a mini-batch: a lowered program of this pipeline's own stages, placement and
+        micro-batch count, in an order of the caller's (the graph profiler's, `observe/profile_graph.py`). It is
+        validated first; its STEP actions, if any, step the optimizers."""
+        if program.placement != self.program.placement or program.num_microbatches != self.num_microbatches:
+            raise ValueError(
+                f"run_program needs this pipeline's placement {self.program.placement} and"
+                f" {self.num_microbatches} micro-batches; got {program.placement} and {program.num_microbatches}"
+            )
+        validate(program)
+        self._run(program, inputs, targets, False)
 
     def close(self) -> None:
         """End the messages left waiting for a next step (see `StageIO.close`); every rank calls it after the same step.

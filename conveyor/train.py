@@ -252,17 +252,30 @@ class TrainConfig:
     def _check_plan(self) -> None:
         if not self.plan:
             return
-        from .plan import Plan, split_with_plan
+        from .plan import Plan, fingerprint, traced_fingerprint
+        from .split import manual_split
 
-        if self.model != "gpt" or self.dp != 1 or self.replicas:
-            raise ValueError("--plan splits conveyor's GPT into one pipeline: drop --model gpt2, --dp and --replicas")
+        if self.dp != 1 or self.replicas:
+            raise ValueError("--plan splits the model into one pipeline: drop --dp and --replicas")
         plan = Plan.load(self.plan)
+        cut = "traced" if self.model == "gpt2" else "manual"
+        if plan.split != cut:
+            raise ValueError(
+                f"{self.plan} is a plan for a model cut {plan.split}, but --model {self.model} is cut {cut}:"
+                f" make one with `conveyor plan --model {self.model}`"
+            )
         micro = -(-self.batch_size // self.microbatches)
         plan.check_settings(
             self.schedule, self.pipeline_ranks, self.stages_per_rank, self.microbatches, self.recompute, micro
         )
-        gpt = self.gpt
-        split_with_plan(lambda: GPT(gpt), plan, seed=self.seed)  # refuses a plan made for another model
+        # A plan made for another model is refused here, before any rank starts.
+        if self.model == "gpt2":
+            from .models.gpt2 import gpt2_lm
+
+            plan.check_model(traced_fingerprint(gpt2_lm(self.gpt2)))
+        else:
+            gpt = self.gpt
+            plan.check_model(fingerprint(manual_split(lambda: GPT(gpt), 1, seed=self.seed)))
 
     @property
     def replica_counts(self) -> tuple[int, ...] | None:
@@ -288,10 +301,9 @@ class TrainConfig:
     @property
     def gpt2(self) -> Any:
         """The GPT2Config of `--model gpt2`: conveyor's sizes, then --model-config's fields."""
-        from .models.gpt2 import gpt2_config, parse_overrides
+        from .models.gpt2 import sized_gpt2_config
 
-        sizes = {"n_embd": self.dim, "n_layer": self.layers, "n_head": self.heads, "n_positions": self.context}
-        return gpt2_config(parse_overrides(self.model_config), **sizes)
+        return sized_gpt2_config(self.dim, self.layers, self.heads, self.context, self.model_config)
 
     @property
     def num_stages(self) -> int:
@@ -660,6 +672,11 @@ def _split(config: TrainConfig) -> tuple[Split, LossFn]:
         from .models.gpt2 import gpt2_lm, logits_loss
 
         example = torch.zeros(2, config.context, dtype=torch.long)  # a micro-batch's shape; the batch size may vary
+        if config.plan:
+            from .plan import split_with_plan
+
+            split = split_with_plan(gpt2_lm(config.gpt2), config.plan, example_args=(example,), seed=config.seed)
+            return split, logits_loss
         split = trace_split(gpt2_lm(config.gpt2), (example,), num_stages=config.num_stages, seed=config.seed)
         return split, logits_loss
     gpt = config.gpt

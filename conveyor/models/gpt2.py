@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["gpt2_config", "gpt2_lm", "logits_loss", "parse_overrides"]
+__all__ = ["gpt2_config", "gpt2_lm", "logits_loss", "parse_overrides", "sized_gpt2_config"]
 
 _MISSING = "GPT-2 needs Hugging Face transformers: pip install 'conveyor[hf]'"
 
@@ -49,6 +49,13 @@ def gpt2_config(overrides: Mapping[str, Any] | None = None, **defaults: Any) -> 
             raise ValueError(f"GPT2Config has no field {key!r}{f'; did you mean {close}' if close else ''}")
     values.update(overrides or {})
     return config_class(**values)
+
+
+def sized_gpt2_config(dim: int, layers: int, heads: int, context: int, model_config: str = "") -> Any:
+    """The GPT2Config of `--model gpt2` (`conveyor train`, `conveyor plan`): conveyor's sizes, then the
+    `n_layer=12,...` fields of `--model-config`."""
+    sizes = {"n_embd": dim, "n_layer": layers, "n_head": heads, "n_positions": context}
+    return gpt2_config(parse_overrides(model_config), **sizes)
 
 
 def gpt2_lm(config: Any) -> Callable[[], nn.Module]:

@@ -86,6 +86,8 @@ class LayerProfile:
     """Whether layers[0] is modules that always go to the first stage (a manual split's embeddings)."""
     last: bool = False
     """Whether layers[-1] is modules that always go to the last stage (a manual split's norm and head)."""
+    split: str = "manual"
+    """How the model is cut: "manual" (`manual_split`) or "traced" (`trace_split`), as its plans must be."""
 
     def save(self, path: str | Path) -> None:
         data = {**asdict(self), "layers": [asdict(layer) for layer in self.layers]}
@@ -183,7 +185,7 @@ def profile_layers(
         f, b, w, whole = (statistics.median(column) for column in zip(*samples[index], strict=True))
         held, output = _held_and_output(module, inputs[index], target, loss)
         # A recomputing stage replays its module, not the loss after it: what the loss saved stays.
-        kept_by_loss = _loss_saved_bytes(_as_leaves(layer_input)[0], target, loss_fn) if is_last else 0.0
+        kept_by_loss = loss_saved_bytes(_as_leaves(layer_input)[0], target, loss_fn) if is_last else 0.0
         params = [p for p in module.parameters() if p.requires_grad]
         measured.append(
             LayerCosts(
@@ -192,7 +194,7 @@ def profile_layers(
                 b,
                 w,
                 whole,
-                _step_time(module, optimizer, repeats) if params else 0.0,
+                step_time(module, optimizer, repeats) if params else 0.0,
                 sum(p.numel() for p in params),
                 float(sum(p.numel() * p.element_size() for p in params)),
                 held,
@@ -200,10 +202,11 @@ def profile_layers(
                 kept_by_loss,
             )
         )
-    return LayerProfile(fingerprint, _samples(example_input), optimizer, tuple(measured), latency)
+    return LayerProfile(fingerprint, microbatch_rows(example_input), optimizer, tuple(measured), latency)
 
 
-def _samples(batch: Any) -> int:
+def microbatch_rows(batch: Any) -> int:
+    """The samples in a micro-batch: dim 0 of its first tensor that has one."""
     sizes = [t.shape[0] for t in tensors_in(batch) if t.dim() > 0]
     return sizes[0] if sizes else 1
 
@@ -221,7 +224,7 @@ def _held_and_output(module: nn.Module, inputs: Any, target: Any, loss_fn: LossF
     return max(0.0, total - sent), sent
 
 
-def _loss_saved_bytes(output: torch.Tensor, target: Any, loss_fn: LossFn) -> float:
+def loss_saved_bytes(output: torch.Tensor, target: Any, loss_fn: LossFn) -> float:
     """Bytes the loss saves for its backward (log-softmax's output, for cross-entropy)."""
     seen: dict[int, int] = {}
 
@@ -234,7 +237,7 @@ def _loss_saved_bytes(output: torch.Tensor, target: Any, loss_fn: LossFn) -> flo
     return float(sum(seen.values()))
 
 
-def _step_time(module: nn.Module, optimizer: str, repeats: int) -> float:
+def step_time(module: nn.Module, optimizer: str, repeats: int) -> float:
     """Median time of the optimizer's step and zero_grad over `module`'s parameters, with gradients present."""
     params = [p for p in module.parameters() if p.requires_grad]
     kinds: dict[str, Callable[[], torch.optim.Optimizer]] = {

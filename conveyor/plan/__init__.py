@@ -2,7 +2,7 @@
 that train it fastest within memory (`conveyor plan`)."""
 
 from .cost import RECOMPUTE_SETTINGS, MemoryModel, stage_costs
-from .layers import fingerprint, layer_split, profile_model
+from .layers import SPLITS, fingerprint, layer_split, profile_model, traced_fingerprint, traced_layer_split
 from .partition import EXACT_LIMIT, METHODS, Partition, PlanError, count_splits, partition, splits
 from .plan_file import Plan, StageSummary, split_with_plan
 from .profiles import cached_profile, read_profiles, write_profiles
@@ -12,6 +12,7 @@ __all__ = [
     "EXACT_LIMIT",
     "METHODS",
     "RECOMPUTE_SETTINGS",
+    "SPLITS",
     "MemoryModel",
     "Partition",
     "Plan",
@@ -30,5 +31,7 @@ __all__ = [
     "split_with_plan",
     "splits",
     "stage_costs",
+    "traced_fingerprint",
+    "traced_layer_split",
     "write_profiles",
 ]

@@ -1,18 +1,18 @@
-"""`conveyor plan`: profile `conveyor train`'s GPT per layer, choose a split (or, with --search, the whole
-configuration), print it and write the plan file that `conveyor train --plan` reads."""
+"""`conveyor plan`: profile `conveyor train`'s model (its GPT, or GPT-2 traced) per layer, choose a split (or,
+with --search, the whole configuration), print it and write the plan file that `conveyor train --plan` reads."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..observe.profile import OPTIMIZER_STATES, LayerProfile, measure_latency
 from ..schedules import SCHEDULES
 from .cost import RECOMPUTE_SETTINGS
-from .layers import fingerprint, layer_split, profile_model
+from .layers import fingerprint, layer_split, profile_model, traced_fingerprint
 from .partition import EXACT_LIMIT, METHODS, PlanError
 from .plan_file import Plan
 from .profiles import cached_profile
@@ -49,9 +49,11 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
     """The `plan` subcommand; `defaults` is a TrainConfig, whose model sizes it plans for."""
     plan = commands.add_parser(
         "plan",
-        help="profile `conveyor train`'s GPT per layer and choose its split (--search: and the schedule,"
+        help="profile `conveyor train`'s model per layer and choose its split (--search: and the schedule,"
         " micro-batches and recompute) that train fastest within memory; writes a plan for `train --plan`",
     )
+    plan.add_argument("--model", choices=["gpt", "gpt2"], default=defaults.model, help="as `conveyor train --model`")
+    plan.add_argument("--model-config", default="", help="--model gpt2: GPT-2 config fields, as `conveyor train`")
     for name in ("ranks", "microbatches", "batch_size", "context", "dim", "layers", "heads", "threads", "seed"):
         plan.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     plan.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule)
@@ -82,32 +84,31 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
 def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from ..models import GPT, GPTConfig, lm_loss
-
     if min(args.layers, args.batch_size, args.ranks, args.repeats, args.heads) < 1 or args.dim % args.heads:
         parser.error(
             "--layers, --batch-size, --ranks, --repeats and --heads must be at least 1, and --dim a multiple of --heads"
         )
+    if args.model_config and args.model != "gpt2":
+        parser.error("--model-config sets GPT-2 fields: use it with --model gpt2")
     torch.set_num_threads(args.threads)
-    gpt = GPTConfig(context=args.context, dim=args.dim, layers=args.layers, heads=args.heads)
-
-    def build() -> torch.nn.Module:
-        return GPT(gpt)
-
-    print_fingerprint = fingerprint(layer_split(build, seed=args.seed))
+    try:
+        model = _model(args)
+    except (ImportError, ValueError) as error:
+        parser.error(str(error))
 
     def profile_for(m: int) -> LayerProfile:
         size = -(-args.batch_size // m)  # the largest micro-batch
 
         def measure() -> LayerProfile:
             tokens = torch.randint(
-                0, gpt.vocab_size, (size, args.context + 1), generator=torch.Generator().manual_seed(0)
+                0, model.vocab_size, (size, args.context + 1), generator=torch.Generator().manual_seed(0)
             )
             found = profile_model(
-                build,
+                model.build,
                 tokens[:, :-1],
                 tokens[:, 1:],
-                lm_loss,
+                model.loss,
+                split=model.split,
                 optimizer=args.optimizer,
                 seed=args.seed,
                 repeats=args.repeats,
@@ -117,7 +118,7 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             latency = measure_latency(int(max(layer.output_bytes for layer in found.layers)))
             return dataclasses.replace(found, latency=latency)
 
-        profile, measured = cached_profile(args.profile, print_fingerprint, size, args.optimizer, measure)
+        profile, measured = cached_profile(args.profile, model.fingerprint, size, args.optimizer, measure)
         how = "measured" if measured else "reused"
         print(f"profile of micro-batches of {size} x {args.context} tokens: {how} ({args.profile})")
         return profile
@@ -144,6 +145,34 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     plan.save(args.out)
     print(f"plan written to {args.out}; train with it:\n  {train_command(plan, args)}")
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """What `conveyor train --model` trains, as the planner needs it."""
+
+    build: Callable[[], Any]
+    loss: Callable[[Any, Any], Any]
+    split: str
+    vocab_size: int
+    fingerprint: str
+
+
+def _model(args: argparse.Namespace) -> _Model:
+    if args.model == "gpt2":
+        from ..models.gpt2 import gpt2_lm, logits_loss, sized_gpt2_config
+
+        config = sized_gpt2_config(args.dim, args.layers, args.heads, args.context, args.model_config)
+        build = gpt2_lm(config)
+        return _Model(build, logits_loss, "traced", config.vocab_size, traced_fingerprint(build))
+    from ..models import GPT, GPTConfig, lm_loss
+
+    gpt = GPTConfig(context=args.context, dim=args.dim, layers=args.layers, heads=args.heads)
+
+    def build_gpt() -> Any:
+        return GPT(gpt)
+
+    return _Model(build_gpt, lm_loss, "manual", gpt.vocab_size, fingerprint(layer_split(build_gpt, seed=args.seed)))
 
 
 def _search(args: argparse.Namespace, profile_for: Any) -> int:
@@ -264,6 +293,8 @@ def _compact(names: tuple[str, ...]) -> str:
 def train_command(plan: Plan, args: argparse.Namespace) -> str:
     """The `conveyor train` line that trains this plan's model with it."""
     sizes = f"--layers {args.layers} --dim {args.dim} --heads {args.heads} --context {args.context}"
+    if args.model != "gpt":
+        sizes = f"--model {args.model} {sizes}" + (f" --model-config {args.model_config}" if args.model_config else "")
     settings = (
         f"--schedule {plan.schedule} --ranks {plan.ranks} --virtual {plan.virtual}"
         f" --microbatches {plan.microbatches} --recompute {plan.recompute} --batch-size {args.batch_size}"

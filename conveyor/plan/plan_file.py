@@ -10,11 +10,13 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from ..split import ManualSplit, manual_split
-from .layers import fingerprint
+from ..split import Split, manual_split
+from ..split.traced import trace_split
+from .layers import fingerprint, traced_fingerprint
 
 __all__ = ["Plan", "StageSummary", "split_with_plan"]
 
@@ -60,6 +62,8 @@ class Plan:
     exact: bool
     """Whether the split was the best of every split (else of a local search)."""
     stages: tuple[StageSummary, ...]
+    split: str = "manual"
+    """How the model is cut: "manual" (`manual_split`) or "traced" (`trace_split`), as its profile was."""
 
     @property
     def num_stages(self) -> int:
@@ -81,9 +85,8 @@ class Plan:
         except OSError as error:
             raise ValueError(f"cannot read the plan {path}: {error.strerror}") from None
 
-    def check_model(self, split: ManualSplit, what: str = "the model") -> None:
-        """Refuse `split`'s model unless it is the one this plan was made for."""
-        found = fingerprint(split)
+    def check_model(self, found: str, what: str = "the model") -> None:
+        """Refuse a model of fingerprint `found` (`fingerprint`, `traced_fingerprint`) unless it is this plan's."""
         if found != self.fingerprint:
             raise ValueError(
                 f"this plan is for the model with fingerprint {self.fingerprint} (its layers' names and parameter"
@@ -111,10 +114,22 @@ class Plan:
 
 
 def split_with_plan(
-    model: nn.Module | Callable[[], nn.Module], plan: Plan | str | Path, *, blocks: str | None = None, seed: int = 0
-) -> ManualSplit:
-    """`manual_split(model, ...)` with the plan's stages, after checking that the plan is for this model."""
+    model: nn.Module | Callable[[], nn.Module],
+    plan: Plan | str | Path,
+    *,
+    example_args: tuple[Any, ...] | None = None,
+    blocks: str | None = None,
+    seed: int = 0,
+) -> Split:
+    """The plan's stages of `model`, after checking that the plan is for this model: a `manual_split`, or for a
+    plan of a traced model a `trace_split` on `example_args` (one micro-batch, as `trace_split` takes it)."""
     chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if chosen.split == "traced":
+        if example_args is None:
+            raise ValueError("this plan cuts a traced model: give split_with_plan the example_args to trace it with")
+        # Before the trace, which would refuse another model's counts less clearly.
+        chosen.check_model(traced_fingerprint(model, blocks=blocks))
+        return trace_split(model, example_args, layers_per_stage=chosen.layers_per_stage, blocks=blocks, seed=seed)
     whole = manual_split(model, 1, blocks=blocks, seed=seed)
-    chosen.check_model(whole)  # before the split, which would refuse another model's counts less clearly
+    chosen.check_model(fingerprint(whole))
     return manual_split(model, chosen.num_stages, chosen.layers_per_stage, blocks=blocks, seed=seed)

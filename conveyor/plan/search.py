@@ -73,6 +73,7 @@ def make_plan(
         memory_cap,
         chosen.exact,
         tuple(stages),
+        profile.split,
     )
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..manual import even_split
 
-__all__ = ["where_to_cut"]
+__all__ = ["block_container", "where_to_cut"]
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
@@ -34,7 +34,7 @@ def where_to_cut(
         return list(split_points.items()), True
     if not counted:
         return [], True
-    container, children = _block_container(model, blocks)
+    container, children = block_container(model, blocks)
     counts = _blocks_per_stage(container or type(model).__name__, len(children), num_stages, layers_per_stage)
     prefix = f"{container}." if container else ""
     points: list[tuple[str, str]] = []
@@ -83,7 +83,7 @@ def _blocks_per_stage(
     return counts
 
 
-def _block_container(model: nn.Module, blocks: str | None) -> tuple[str, list[str]]:
+def block_container(model: nn.Module, blocks: str | None) -> tuple[str, list[str]]:
     """The dotted name of the module holding the blocks, and its children's names in order."""
     if blocks is not None:
         try:

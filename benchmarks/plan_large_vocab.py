@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, commit, machine, measure_plan, wait_until_quiet
+from plan_measure import Measured, Workload, commit, machine, measure_plan, wait_until_quiet
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
@@ -57,7 +57,7 @@ def main() -> None:
     loads: list[tuple[float, float, float]] = [os.getloadavg()]
     for _ in range(args.rounds):
         for key, plan in plans.items():
-            measure_plan(plan, config, args.steps, times[key])
+            measure_plan(plan, Workload("gpt", config), args.steps, times[key])
             loads.append(os.getloadavg())
     rows = []
     for (name, method), plan in plans.items():

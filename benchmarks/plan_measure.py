@@ -21,16 +21,20 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from bench_schedules import run_delay  # benchmarks/ is on the path of a script run from it
 
 from conveyor import Pipeline, spawn
-from conveyor.models import GPT, GPTConfig, lm_loss
+from conveyor.models import GPT, lm_loss
+from conveyor.models.gpt2 import gpt2_lm, logits_loss
 from conveyor.plan import Plan, split_with_plan
+from conveyor.split import Split
 
 WARMUP = 2
 DISTURBED = 0.10
@@ -72,11 +76,50 @@ class Measured:
         }
 
 
-def measure_plan(plan: Plan, config: GPTConfig, steps: int, into: Measured, timeout_s: float = 600) -> None:
-    """Add `steps` steps (after WARMUP more) of `plan` on `config`'s GPT to `into`."""
+@dataclass(frozen=True)
+class Workload:
+    """The model a plan benchmark trains: conveyor's GPT (`model` "gpt", cut by hand, `config` a GPTConfig) or
+    Hugging Face's GPT-2 ("gpt2", traced, a GPT2Config), as `conveyor train --model` does."""
+
+    model: str
+    config: Any
+
+    @property
+    def split(self) -> str:
+        return "traced" if self.model == "gpt2" else "manual"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def context(self) -> int:
+        return int(self.config.n_positions if self.model == "gpt2" else self.config.context)
+
+    def builder(self) -> Callable[[], torch.nn.Module]:
+        if self.model == "gpt2":
+            return gpt2_lm(self.config)
+        config = self.config
+        return lambda: GPT(config)
+
+    def loss(self, output: Any, targets: torch.Tensor) -> torch.Tensor:
+        return logits_loss(output, targets) if self.model == "gpt2" else lm_loss(output, targets)
+
+    def tokens(self, rows: int) -> torch.Tensor:
+        """`rows` sequences of context + 1 tokens, the same in every process."""
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, self.vocab_size, (rows, self.context + 1), generator=generator)
+
+    def plan_split(self, plan: Plan) -> Split:
+        example = (self.tokens(2)[:, :-1],) if self.split == "traced" else None
+        return split_with_plan(self.builder(), plan, example_args=example)
+
+
+def measure_plan(plan: Plan, workload: Workload, steps: int, into: Measured, timeout_s: float = 600) -> None:
+    """Add `steps` steps (after WARMUP more) of `plan` on `workload`'s model to `into`."""
     into.foreign_cores.append(wait_until_quiet())
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        spawn(_rank, plan.ranks, (plan, config, steps, out.name), timeout_s=timeout_s)
+        spawn(_rank, plan.ranks, (plan, workload, steps, out.name), timeout_s=timeout_s)
         result = json.loads(Path(out.name).read_text())
     into.times += [float(t) for t in result["times"]]
     into.queued += [float(q) for q in result["queued"]]
@@ -105,19 +148,17 @@ def _cpu_seconds() -> tuple[float, float]:
     return machine, own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _rank(rank: int, world: int, plan: Plan, config: GPTConfig, steps: int, out: str) -> None:
+def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out: str) -> None:
     torch.set_num_threads(1)
     pipe = Pipeline(
-        split_with_plan(lambda: GPT(config), plan),
+        workload.plan_split(plan),
         num_microbatches=plan.microbatches,
-        loss_fn=lm_loss,
+        loss_fn=workload.loss,
         schedule=plan.schedule,
         recompute=plan.recompute,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
     )
-    batch = plan.microbatches * plan.microbatch_size
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, config.vocab_size, (batch, config.context + 1), generator=generator)
+    tokens = workload.tokens(plan.microbatches * plan.microbatch_size)
     times, queued = [], []
     for step in range(steps + WARMUP):
         dist.barrier()

@@ -1,6 +1,6 @@
-"""`conveyor plan --search` on `conveyor train`'s default GPT, checked by training: is the first entry of its
-ranking as fast as predicted, and no slower than the default configuration (1f1b, 4 micro-batches, the even
-split)?
+"""`conveyor plan --search` on `conveyor train`'s default GPT (or, with `--model gpt2`, Hugging Face's GPT-2
+of the same sizes, traced), checked by training: is the first entry of its ranking as fast as predicted, and
+no slower than the default configuration (1f1b, 4 micro-batches, the even split)?
 
 The search profiles every layer at each micro-batch size it tries (16 sequences of 128 bytes cut into 2, 4,
 8 or 16 micro-batches), measures the transfer time of one boundary's activations between two gloo ranks,
@@ -10,11 +10,13 @@ real, interleaved over rounds (`plan_measure.py`).
 
     python benchmarks/plan_search.py
     python benchmarks/plan_search.py --rounds 3 --json out.json
+    python benchmarks/plan_search.py --model gpt2     # needs the [hf] extra
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,9 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, commit, machine, measure_plan, wait_until_quiet
+from plan_measure import Measured, Workload, commit, machine, measure_plan, wait_until_quiet
 
-from conveyor.models import GPT, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
 from conveyor.plan import make_plan, profile_model, search
 from conveyor.plan.command import ranking_table
@@ -33,6 +34,7 @@ from conveyor.train import TrainConfig
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["gpt", "gpt2"], default="gpt", help="as `conveyor train --model`")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--microbatch-counts", type=int, nargs="+", default=[2, 4, 8, 16])
@@ -42,7 +44,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = TrainConfig().gpt  # conveyor train's GPT: 4 blocks, dim 256, 128 bytes of context
+    # conveyor train's model: 4 blocks, dim 256, 128 bytes of context
+    defaults = TrainConfig(model=args.model)
+    workload = Workload(args.model, defaults.gpt2 if args.model == "gpt2" else defaults.gpt)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     profiles: dict[int, LayerProfile] = {}
     foreign: dict[int, float] = {}
@@ -50,14 +54,12 @@ def main() -> None:
     def profile_for(m: int) -> LayerProfile:
         if m not in profiles:
             foreign[m] = wait_until_quiet()  # a profile taken while others compute would inflate every layer
-            size = -(-args.batch_size // m)
-            generator = torch.Generator().manual_seed(0)
-            tokens = torch.randint(0, config.vocab_size, (size, config.context + 1), generator=generator)
-            p = profile_model(lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=7)
-            latency = measure_latency(int(max(layer.output_bytes for layer in p.layers)))
-            profiles[m] = LayerProfile(
-                p.fingerprint, p.microbatch_size, p.optimizer, p.layers, latency, p.first, p.last
+            tokens = workload.tokens(-(-args.batch_size // m))
+            p = profile_model(
+                workload.builder(), tokens[:, :-1], tokens[:, 1:], workload.loss, split=workload.split, repeats=7
             )
+            latency = measure_latency(int(max(layer.output_bytes for layer in p.layers)))
+            profiles[m] = dataclasses.replace(p, latency=latency)
         return profiles[m]
 
     plans, refused = search(profile_for, args.ranks, args.microbatch_counts)
@@ -69,7 +71,7 @@ def main() -> None:
     loads = [os.getloadavg()]
     for _ in range(args.rounds):
         for name, plan in (("best", best), ("default", default)):
-            measure_plan(plan, config, args.steps, times[name])
+            measure_plan(plan, workload, args.steps, times[name])
             loads.append(os.getloadavg())
     rows = []
     for name, plan in (("best", best), ("default", default)):
@@ -106,6 +108,7 @@ def main() -> None:
             "foreign_cores_before_profiles": foreign,
             "commit": commit(),
             "torch": torch.__version__,
+            "model": args.model,
             "ranking": [
                 {
                     "schedule": p.schedule,

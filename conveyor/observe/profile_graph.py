@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..schedules import Action, Kind, Program, lower
 from ..split import Split
-from .profile import OPTIMIZER_STATES, LayerCosts, LayerProfile, microbatch_rows, step_time
+from .profile import OPTIMIZER_STATES, LayerCosts, LayerProfile, loss_saved_bytes, microbatch_rows, step_time
 from .trace import Recorder
 
 __all__ = ["profile_split"]
@@ -167,8 +167,6 @@ def _output_sizes(pipe: Any) -> dict[int, list[int]]:
 
 def _loss_saved(stage: Any) -> list[float]:
     """What the last stage's loss saves for backward (kept when the stage recomputes), filled by its counting run."""
-    from .profile import loss_saved_bytes
-
     kept = [0.0]
     loss_fn = stage.loss_fn
 

@@ -106,6 +106,15 @@ def test_plan_and_train_gpt2_with_it(tmp_path: Path, capfd: pytest.CaptureFixtur
         TrainConfig(model="gpt2", plan=str(out), layers=3, dim=64, heads=2, context=16, batch_size=4, microbatches=2)
 
 
+def test_a_traced_model_with_nothing_around_its_blocks_is_refused_by_name() -> None:
+    def blocks_only() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+    x, y = torch.randn(4, 8), torch.randn(4, 4)
+    with pytest.raises(ValueError, match="the nodes before the blocks, each block and the nodes after it"):
+        profile_model(blocks_only, x, y, torch.nn.functional.mse_loss, split="traced", repeats=1, warmup=0)
+
+
 def _with_counts(plan: Plan, counts: tuple[int, ...]) -> Plan:
     import dataclasses
 

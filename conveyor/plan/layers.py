@@ -83,8 +83,18 @@ def traced_layer_split(
     each block, the nodes after it; and the layers' names."""
     container, children = block_container(_structure(model), blocks)
     prefix = f"{container}." if container else ""
-    split = trace_split(model, example_args, layers_per_stage=[0, *[1] * len(children), 0], blocks=blocks, seed=seed)
     where = container or "the blocks"
+    counts = [0, *[1] * len(children), 0]
+    try:
+        split = trace_split(model, example_args, layers_per_stage=counts, blocks=blocks, seed=seed)
+    except ValueError as error:
+        if "would run nothing" not in str(error):
+            raise
+        raise ValueError(
+            f"the planner cuts a traced model into the nodes before {where}, each block and the nodes after it, and"
+            f" one of those ends is empty ({error}): plan it with the manual split, or give it modules around its"
+            " blocks"
+        ) from error
     return split, [f"before {where}", *(prefix + name for name in children), f"after {where}"]
 
 

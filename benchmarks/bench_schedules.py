@@ -14,7 +14,8 @@ cut into the same micro-batches:
   D. with --baseline NAME: conveyor again, with schedule NAME (zb-h1 against 1f1b, say).
 
 A and B run one process per stage, started by `conveyor.spawn` (gloo); C runs
-one process. Every process uses one torch thread. Runs are interleaved
+one process. Every process uses one torch thread and keeps the host memory a step frees, as conveyor's
+`Pipeline` makes its processes do (`conveyor/runtime/host_memory.py`). Runs are interleaved
 (A, B, C, A, B, C, ...) so that drift of the machine hits all three alike; each
 run's warm-up steps are dropped. A step is a barrier, the pipeline step (or the
 accumulation loop) and an SGD step; its time is the slowest rank's. When other
@@ -55,6 +56,7 @@ from torch import nn
 
 from conveyor import Pipeline, spawn, split_model
 from conveyor.models.gpt import GPT, GPTConfig, lm_loss
+from conveyor.runtime.host_memory import keep_freed_host_memory
 from conveyor.schedules import SCHEDULES, build_schedule
 
 METHODS = ("conveyor", "torch", "single", "baseline")
@@ -237,6 +239,7 @@ def run_torch(rank: int, world: int, cfg: Config, out: str) -> None:
     from torch.distributed import pipelining
 
     torch.set_num_threads(1)
+    keep_freed_host_memory()  # as conveyor's Pipeline does, so the two engines share an allocator
     model = build_model(cfg)
     num_stages = torch_num_stages(cfg)
     local = cfg.local_stages(rank) if cfg.schedule != "zb-h1" else [rank]
@@ -269,6 +272,7 @@ def run_torch(rank: int, world: int, cfg: Config, out: str) -> None:
 
 def run_single(rank: int, world: int, cfg: Config, out: str) -> None:
     torch.set_num_threads(1)
+    keep_freed_host_memory()
     model = build_model(cfg)
     x, y = make_batch(cfg)
     inputs, targets = x.tensor_split(cfg.microbatches), y.tensor_split(cfg.microbatches)

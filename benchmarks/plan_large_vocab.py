@@ -25,7 +25,7 @@ from plan_measure import Measured, Workload, commit, machine, measure_plan, wait
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
-from conveyor.plan import make_plan, profile_model
+from conveyor.plan import Plan, make_plan, profile_model
 
 
 def main() -> None:
@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each (schedule, split), interleaved")
     parser.add_argument("--repeats", type=int, default=7, help="profiling repeats per layer")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--predict-only", action="store_true", help="profile and print the predicted speedups; train nothing"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = GPTConfig(vocab_size=args.vocab, context=args.context, dim=args.dim, layers=args.layers, heads=4)
@@ -53,6 +56,9 @@ def main() -> None:
         for name in args.schedules
         for method in ("auto", "uniform")
     }
+    if args.predict_only:
+        _print_predictions(plans, args)
+        return
     times = {key: Measured() for key in plans}
     loads: list[tuple[float, float, float]] = [os.getloadavg()]
     for _ in range(args.rounds):
@@ -110,6 +116,17 @@ def measure_profile(config: GPTConfig, args: argparse.Namespace) -> LayerProfile
         profile.first,
         profile.last,
     )
+
+
+def _print_predictions(plans: dict[tuple[str, str], Plan], args: argparse.Namespace) -> None:
+    """What the planner expects of this workload, before anything is trained (to choose a workload by)."""
+    print(f"GPT {args.layers} blocks, dim {args.dim}, vocab {args.vocab}; {args.microbatches} x {args.microbatch_size}")
+    for name in args.schedules:
+        auto, even = plans[(name, "auto")], plans[(name, "uniform")]
+        print(
+            f"{name}: auto {list(auto.layers_per_stage)} {auto.step_time * 1e3:.1f} ms, even"
+            f" {list(even.layers_per_stage)} {even.step_time * 1e3:.1f} ms: {even.step_time / auto.step_time:.3f}x"
+        )
 
 
 def _print(rows: list[dict[str, object]], args: argparse.Namespace) -> None:

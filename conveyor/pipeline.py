@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .runtime.agreement import agree
 from .runtime.executor import Executor
+from .runtime.host_memory import keep_freed_host_memory
 from .runtime.loss_scale import LossScale
 from .runtime.microbatch import (
     batch_size,
@@ -151,6 +152,8 @@ class Pipeline:
         self.skipped_steps = 0
         self.rank = dist.get_rank(group)
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()  # each step frees and allocates the same again (runtime/host_memory.py)
         ranks = dist.get_world_size(group)
         split = model if isinstance(model, Split) else None
         graph = split.graph if split is not None else None

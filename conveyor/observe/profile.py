@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..runtime.host_memory import keep_freed_host_memory
 from ..runtime.microbatch import map_tensors, tensors_in
 from ..runtime.split_backward import backward_input
 from ..runtime.stage import LossFn, call_module
@@ -114,6 +115,7 @@ def profile_stages(
     latency: float = 0.0,
 ) -> CostModel:
     """Measure each stage of a split model (stage order) on one micro-batch; times in seconds."""
+    keep_freed_host_memory()  # as a Pipeline does: a profile should see the run's allocator
     costs = []
     stage_input: Any = example_input
     for index, module in enumerate(modules):
@@ -158,6 +160,7 @@ def profile_layers(
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
     if names is not None and len(names) != len(layers):
         raise ValueError(f"{len(names)} names for {len(layers)} layers")
+    keep_freed_host_memory()  # as a Pipeline does: a profile should see the run's allocator
     inputs: list[Any] = []  # each layer's input, as the runtime hands it over
     layer_input: Any = example_input
     for index, module in enumerate(layers):

@@ -1,0 +1,95 @@
+"""Does keeping freed host memory pay? The same pipeline run with it (conveyor's default) and without
+(CONVEYOR_KEEP_HOST_MEMORY=0: glibc's own policy, which hands a step's freed memory back to the system).
+
+`conveyor train`'s default GPT (1F1B, 4 micro-batches, the even split) and Hugging Face's GPT-2 at the same
+sizes (1F1B and DualPipeV), on 2 spawned gloo ranks with one thread each and AdamW; a step is timed on rank 0
+between two barriers (`plan_measure.py`, which also sets aside steps in which a rank queued for a CPU). The
+two settings alternate run by run, so drift of the machine hits both.
+
+    python benchmarks/host_memory.py
+    python benchmarks/host_memory.py --rounds 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from plan_measure import Measured, Workload, commit, machine, measure_plan
+
+from conveyor.plan import Plan, make_plan, profile_model
+from conveyor.train import TrainConfig
+
+OFF = "CONVEYOR_KEEP_HOST_MEMORY"
+CASES = (("gpt", "1f1b", "uniform"), ("gpt2", "1f1b", "uniform"), ("gpt2", "dualpipev", "auto"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per run (after 2 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    plans = {case: _plan(*case) for case in CASES}
+    times = {(case, kept): Measured() for case in CASES for kept in (True, False)}
+    for _ in range(args.rounds):
+        for case, (workload, plan) in plans.items():
+            for kept in (True, False):
+                if kept:
+                    os.environ.pop(OFF, None)
+                else:
+                    os.environ[OFF] = "0"  # the spawned ranks inherit it
+                measure_plan(plan, workload, args.steps, times[(case, kept)])
+    os.environ.pop(OFF, None)
+    rows = []
+    for case, (_, plan) in plans.items():
+        kept, freed = times[(case, True)], times[(case, False)]
+        rows.append(
+            {
+                "model": case[0],
+                "schedule": plan.schedule,
+                "layers_per_stage": list(plan.layers_per_stage),
+                "kept_s": kept.median,
+                "default_s": freed.median,
+                "ratio": kept.median / freed.median,
+                "kept": kept.to_json(),
+                "default": freed.to_json(),
+            }
+        )
+        print(
+            f"{case[0]:<5} {plan.schedule:<10} {list(plan.layers_per_stage)}: kept {kept.median * 1e3:.1f} ms,"
+            f" glibc's default {freed.median * 1e3:.1f} ms, ratio {kept.median / freed.median:.3f}"
+            f" ({len(kept.undisturbed)}/{len(kept.times)} and {len(freed.undisturbed)}/{len(freed.times)}"
+            " undisturbed steps)"
+        )
+    if args.json:
+        report = {
+            "command": " ".join(["python", *sys.argv]),
+            "started": started,
+            "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "machine": machine(),
+            "commit": commit(),
+            "torch": torch.__version__,
+            "rows": rows,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _plan(model: str, schedule: str, method: str) -> tuple[Workload, Plan]:
+    """The plan `conveyor plan` makes for the case on 2 ranks, 4 micro-batches of 4 sequences."""
+    defaults = TrainConfig(model=model)
+    workload = Workload(model, defaults.gpt2 if model == "gpt2" else defaults.gpt)
+    tokens = workload.tokens(4)
+    profile = profile_model(workload.builder(), tokens[:, :-1], tokens[:, 1:], workload.loss, split=workload.split)
+    return workload, make_plan(profile, schedule, 2, 4, method=method)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

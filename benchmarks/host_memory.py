@@ -16,11 +16,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, commit, machine, measure_plan
+from plan_measure import Measured, Workload, measure_plan, now, provenance
 
 from conveyor.plan import Plan, make_plan, profile_model
 from conveyor.train import TrainConfig
@@ -36,7 +35,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    started = now()
     plans = {case: _plan(*case) for case in CASES}
     times = {(case, kept): Measured() for case in CASES for kept in (True, False)}
     for _ in range(args.rounds):
@@ -71,12 +70,7 @@ def main() -> None:
         )
     if args.json:
         report = {
-            "command": " ".join(["python", *sys.argv]),
-            "started": started,
-            "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "machine": machine(),
-            "commit": commit(),
-            "torch": torch.__version__,
+            **provenance(started),
             "rows": rows,
         }
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, commit, machine, measure_plan, wait_until_quiet
+from plan_measure import Measured, Workload, measure_plan, now, provenance, wait_until_quiet
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
@@ -48,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = GPTConfig(vocab_size=args.vocab, context=args.context, dim=args.dim, layers=args.layers, heads=4)
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    started = now()
     quiet_before_profile = wait_until_quiet()  # a profile taken while others compute would inflate every layer
     profile = measure_profile(config, args)
     plans = {
@@ -80,14 +79,9 @@ def main() -> None:
             }
         )
     report = {
-        "command": " ".join(["python", *sys.argv]),
-        "started": started,
-        "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": machine(),
+        **provenance(started),
         "load_averages_1_5_15": loads,
         "foreign_cores_before_profile": quiet_before_profile,
-        "commit": commit(),
-        "torch": torch.__version__,
         "config": vars(args),
         "profile": [vars(layer) for layer in profile.layers],
         "latency_s": profile.latency,

@@ -19,6 +19,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -174,6 +175,22 @@ def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out
     if rank == 0:
         most = [max(per_rank[i] for per_rank in every) for i in range(len(times))]
         Path(out).write_text(json.dumps({"times": times, "queued": most}))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def provenance(started: str) -> dict[str, str]:
+    """What a result file records of how it was made: the command, when, where and at which commit."""
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "started": started,
+        "ended": now(),
+        "machine": machine(),
+        "commit": commit(),
+        "torch": torch.__version__,
+    }
 
 
 def machine() -> str:

@@ -20,11 +20,10 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, commit, machine, measure_plan, wait_until_quiet
+from plan_measure import Measured, Workload, measure_plan, now, provenance, wait_until_quiet
 
 from conveyor.observe.profile import LayerProfile, measure_latency
 from conveyor.plan import make_plan, profile_model, search
@@ -47,7 +46,7 @@ def main() -> None:
     # conveyor train's model: 4 blocks, dim 256, 128 bytes of context
     defaults = TrainConfig(model=args.model)
     workload = Workload(args.model, defaults.gpt2 if args.model == "gpt2" else defaults.gpt)
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    started = now()
     profiles: dict[int, LayerProfile] = {}
     foreign: dict[int, float] = {}
 
@@ -100,14 +99,9 @@ def main() -> None:
     print(f"load averages before and after each run: {[tuple(round(x, 2) for x in load) for load in loads]}")
     if args.json:
         report = {
-            "command": " ".join(["python", *sys.argv]),
-            "started": started,
-            "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "machine": machine(),
+            **provenance(started),
             "load_averages_1_5_15": loads,
             "foreign_cores_before_profiles": foreign,
-            "commit": commit(),
-            "torch": torch.__version__,
             "model": args.model,
             "ranking": [
                 {

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, measure_plan, now, provenance, wait_until_quiet
+from plan_measure import Measured, Workload, measure_plan, now, provenance, replayed_step, wait_until_quiet
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile, measure_latency
@@ -67,6 +67,7 @@ def main() -> None:
     rows = []
     for (name, method), plan in plans.items():
         measured = times[(name, method)].median
+        replayed = replayed_step(plan, profile, times[(name, method)])
         rows.append(
             {
                 "schedule": name,
@@ -75,6 +76,8 @@ def main() -> None:
                 "predicted_s": plan.step_time,
                 "measured_s": measured,
                 "error": (plan.step_time - measured) / measured,
+                "replayed_s": replayed,
+                "model_error": (replayed - measured) / measured,
                 **times[(name, method)].to_json(),
             }
         )
@@ -128,14 +131,18 @@ def _print(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
         f"{args.ranks} ranks, {args.microbatches} micro-batches of {args.microbatch_size} x {args.context} tokens;"
         f" GPT {args.layers} blocks, dim {args.dim}, vocab {args.vocab}"
     )
-    print(f"{'schedule':<10} {'split':<8} {'blocks/stage':<14} {'predicted':>10} {'measured':>10} {'error':>8}")
+    print(
+        f"{'schedule':<10} {'split':<8} {'blocks/stage':<14} {'predicted':>10} {'measured':>10} {'error':>8}"
+        f" {'replayed':>10} {'error':>8}  (replayed: simulated with the runs' own action times)"
+    )
     by_key = {(r["schedule"], r["method"]): r for r in rows}
     for row in rows:
         predicted, measured = float(row["predicted_s"]) * 1e3, float(row["measured_s"]) * 1e3  # type: ignore[arg-type]
         split = ",".join(map(str, row["layers_per_stage"]))  # type: ignore[call-overload]
         print(
             f"{row['schedule']:<10} {row['method']:<8} {split:<14} {predicted:>8.1f}ms {measured:>8.1f}ms"
-            f" {float(row['error']):>+8.1%}  {row['undisturbed_steps']}/{len(row['steps_s'])} undisturbed steps"  # type: ignore[arg-type]
+            f" {float(row['error']):>+8.1%} {float(row['replayed_s']) * 1e3:>8.1f}ms {float(row['model_error']):>+8.1%}"  # type: ignore[arg-type]
+            f"  {row['undisturbed_steps']}/{len(row['steps_s'])} undisturbed steps"
         )
     for name in dict.fromkeys(r["schedule"] for r in rows):
         auto, even = by_key[(name, "auto")], by_key[(name, "uniform")]

@@ -9,10 +9,16 @@ The machine these run on is shared. As `bench_schedules.py` does, each rank read
 a step in which some rank queued for more than DISTURBED of it counts as disturbed; `Measured.median` is
 the median of the undisturbed steps when at least half are, else of all (and says so). Before each run the
 parent waits (up to a minute) until other processes use less than QUIET_CORES.
+
+The measured steps are traced too: each stage's median time of each kind of compute goes with the step times,
+so that `replayed_step` can split a prediction's error into the schedule model's own (the plan simulated with
+the run's action times) and the profile's (its action times against the run's, on a machine whose speed
+drifts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -34,7 +40,12 @@ from bench_schedules import run_delay  # benchmarks/ is on the path of a script 
 from conveyor import Pipeline, spawn
 from conveyor.models import GPT, lm_loss
 from conveyor.models.gpt2 import gpt2_lm, logits_loss
-from conveyor.plan import Plan, split_with_plan
+from conveyor.observe.profile import LayerProfile
+from conveyor.observe.simulate import CostModel, simulate
+from conveyor.observe.timeline import Span
+from conveyor.observe.trace import Recorder, gather_spans
+from conveyor.plan import Plan, split_with_plan, stage_costs
+from conveyor.schedules import build_schedule
 from conveyor.split import Split
 
 WARMUP = 2
@@ -51,6 +62,17 @@ class Measured:
     """Per step: the most any rank's main thread waited for a CPU (seconds)."""
     foreign_cores: list[float] = field(default_factory=list)
     """Per run: CPU cores other processes used while the parent waited to start it."""
+    actions: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    """Per run: each stage's median time of each kind of compute (`action_times`)."""
+
+    def action_times(self) -> dict[int, dict[str, float]]:
+        """Per stage and kind of compute, the median over runs of the runs' medians."""
+        kinds: dict[int, dict[str, list[float]]] = {}
+        for run in self.actions:
+            for stage, times in run.items():
+                for kind, t in times.items():
+                    kinds.setdefault(int(stage), {}).setdefault(kind, []).append(t)
+        return {s: {k: statistics.median(ts) for k, ts in by.items()} for s, by in kinds.items()}
 
     @property
     def undisturbed(self) -> list[float]:
@@ -74,6 +96,7 @@ class Measured:
             "undisturbed_steps": len(self.undisturbed),
             "disturbed_too_often": self.disturbed_too_often,
             "foreign_cores_before_runs": self.foreign_cores,
+            "action_times_s": {str(s): times for s, times in self.action_times().items()},
         }
 
 
@@ -124,6 +147,23 @@ def measure_plan(plan: Plan, workload: Workload, steps: int, into: Measured, tim
         result = json.loads(Path(out.name).read_text())
     into.times += [float(t) for t in result["times"]]
     into.queued += [float(q) for q in result["queued"]]
+    into.actions.append(result["actions"])
+
+
+def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> float:
+    """The plan's step simulated with the action times its runs measured in place of the profile's (the
+    optimizer steps and the latency stay the profile's): what the schedule model predicts given how fast the
+    machine computed during the runs. Its difference from the measured step is the model's own error; the
+    rest of a prediction's error is the profile's times against the runs'."""
+    costs = stage_costs(profile, plan.layers_per_stage, plan.recompute)
+    fields = {"F": "forward", "B": "backward", "W": "weight", "whole": "whole"}
+    measured_times = measured.action_times()
+    stages = [
+        dataclasses.replace(c, **{fields[k]: t for k, t in measured_times.get(s, {}).items()})
+        for s, c in enumerate(costs.stages)
+    ]
+    program = build_schedule(plan.schedule, plan.ranks, plan.microbatches, plan.virtual)
+    return simulate(program, CostModel(tuple(stages), costs.latency)).step_time
 
 
 def wait_until_quiet(limit_s: float = 60) -> float:
@@ -161,7 +201,11 @@ def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out
     )
     tokens = workload.tokens(plan.microbatches * plan.microbatch_size)
     times, queued = [], []
+    recorder = Recorder(rank)
     for step in range(steps + WARMUP):
+        if step == WARMUP:
+            pipe.executor.tracer = recorder  # action times, for `replayed_step`
+        recorder.step = step
         dist.barrier()
         start, delay = time.perf_counter(), run_delay()
         pipe.step(tokens[:, :-1], tokens[:, 1:])
@@ -172,9 +216,23 @@ def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out
     pipe.close()
     every: list[list[float]] = [[] for _ in range(world)]
     dist.all_gather_object(every, queued)
+    spans = gather_spans(recorder)
     if rank == 0:
         most = [max(per_rank[i] for per_rank in every) for i in range(len(times))]
-        Path(out).write_text(json.dumps({"times": times, "queued": most}))
+        Path(out).write_text(json.dumps({"times": times, "queued": most, "actions": action_medians(spans)}))
+
+
+def action_medians(spans: list[tuple[int, Span]]) -> dict[str, dict[str, float]]:
+    """Per stage, the median time of each kind of compute in `spans`: F, B (split from its W), W, and whole
+    (a B with no W of its own: the whole backward)."""
+    split = {(step, span.stage, span.mb) for step, span in spans if span.kind == "W"}
+    samples: dict[int, dict[str, list[float]]] = {}
+    for step, span in spans:
+        if span.kind not in ("F", "B", "W"):
+            continue
+        kind = "whole" if span.kind == "B" and (step, span.stage, span.mb) not in split else span.kind
+        samples.setdefault(span.stage, {}).setdefault(kind, []).append(span.end - span.start)
+    return {str(s): {k: statistics.median(ts) for k, ts in by.items()} for s, by in samples.items()}
 
 
 def now() -> str:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, measure_plan, now, provenance, wait_until_quiet
+from plan_measure import Measured, Workload, measure_plan, now, provenance, replayed_step, wait_until_quiet
 
 from conveyor.observe.profile import LayerProfile, measure_latency
 from conveyor.plan import make_plan, profile_model, search
@@ -75,6 +75,7 @@ def main() -> None:
     rows = []
     for name, plan in (("best", best), ("default", default)):
         measured = times[name].median
+        replayed = replayed_step(plan, profile_for(plan.microbatches), times[name])
         rows.append(
             {
                 "which": name,
@@ -86,6 +87,8 @@ def main() -> None:
                 "predicted_s": plan.step_time,
                 "measured_s": measured,
                 "error": (plan.step_time - measured) / measured,
+                "replayed_s": replayed,
+                "model_error": (replayed - measured) / measured,
                 **times[name].to_json(),
             }
         )
@@ -93,7 +96,8 @@ def main() -> None:
             f"{name:<8} {plan.schedule} v={plan.virtual} m={plan.microbatches} recompute {plan.recompute}"
             f" blocks {list(plan.layers_per_stage)}: predicted {plan.step_time * 1e3:.1f} ms, measured"
             f" {measured * 1e3:.1f} ms ({(plan.step_time - measured) / measured:+.1%});"
-            f" {len(times[name].undisturbed)}/{len(times[name].times)} undisturbed steps"
+            f" {len(times[name].undisturbed)}/{len(times[name].times)} undisturbed steps; with the runs' own action"
+            f" times {replayed * 1e3:.1f} ms ({(replayed - measured) / measured:+.1%})"
         )
     print(f"best / default measured: {rows[0]['measured_s'] / rows[1]['measured_s']:.3f}")  # type: ignore[operator]
     print(f"load averages before and after each run: {[tuple(round(x, 2) for x in load) for load in loads]}")

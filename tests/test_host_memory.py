@@ -13,15 +13,22 @@ pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
 )
 
-# 5 "steps" that each allocate and free 64 MiB in blocks of 1 MiB, as a step's activations are; the
-# minor page faults after two steps have grown the heap.
+# 5 "steps" that each allocate, fill and free 128 MiB in blocks of 1 MiB, as a step's activations are (through
+# malloc itself, so that nothing small lands between the blocks and pins the heap's top, as a tensor's own
+# bookkeeping may); the minor page faults after two steps have grown the heap.
 CHURN = """
-import resource, sys, torch
+import ctypes, resource
 from conveyor.runtime.host_memory import keep_freed_host_memory
 kept = keep_freed_host_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
 def step():
-    blocks = [torch.ones(256, 1024) for _ in range(64)]
-    del blocks
+    blocks = [libc.malloc(1 << 20) for _ in range(128)]
+    for block in blocks:
+        ctypes.memset(block, 1, 1 << 20)
+    for block in blocks:
+        libc.free(block)
 step()
 step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -45,7 +52,7 @@ def _churn(**env: str) -> tuple[bool, int]:
 def test_kept_memory_is_not_faulted_in_again_each_step() -> None:
     kept, faults = _churn()
     assert kept
-    # 5 x 64 MiB handed back and faulted in again would be about 80,000 faults of 4 KiB pages
+    # 5 x 128 MiB handed back and faulted in again would be about 160,000 faults of 4 KiB pages
     assert faults < 1000, f"{faults} minor page faults in 5 steps of kept memory"
     default, default_faults = _churn(CONVEYOR_KEEP_HOST_MEMORY="0")
     assert not default

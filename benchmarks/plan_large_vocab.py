@@ -9,6 +9,7 @@ auto, then its even split, round after round), so drift of a shared machine hits
 
     python benchmarks/plan_large_vocab.py
     python benchmarks/plan_large_vocab.py --schedules 1f1b zbv --rounds 2 --json out.json
+    python benchmarks/plan_large_vocab.py --predict-only --microbatch-size 4 --vocab 12288   # choose a workload
 """
 
 from __future__ import annotations

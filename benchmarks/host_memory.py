@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from plan_measure import Measured, Workload, measure_plan, now, provenance
 
-from conveyor.plan import Plan, make_plan, profile_model
+from conveyor.observe.profile import LayerProfile
+from conveyor.plan import make_plan, profile_model
 from conveyor.train import TrainConfig
 
 OFF = "CONVEYOR_KEEP_HOST_MEMORY"
@@ -36,7 +37,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = now()
-    plans = {case: _plan(*case) for case in CASES}
+    profiles = {model: _profile(model) for model in dict.fromkeys(model for model, _, _ in CASES)}
+    plans = {
+        (model, schedule, method): (profiles[model][0], make_plan(profiles[model][1], schedule, 2, 4, method=method))
+        for model, schedule, method in CASES
+    }
     times = {(case, kept): Measured() for case in CASES for kept in (True, False)}
     for _ in range(args.rounds):
         for case, (workload, plan) in plans.items():
@@ -76,13 +81,15 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _plan(model: str, schedule: str, method: str) -> tuple[Workload, Plan]:
-    """The plan `conveyor plan` makes for the case on 2 ranks, 4 micro-batches of 4 sequences."""
+def _profile(model: str) -> tuple[Workload, LayerProfile]:
+    """`conveyor train`'s model and its profile at 4 sequences per micro-batch, what the cases' plans cut by
+    (2 ranks, 4 micro-batches)."""
     defaults = TrainConfig(model=model)
     workload = Workload(model, defaults.gpt2 if model == "gpt2" else defaults.gpt)
     tokens = workload.tokens(4)
-    profile = profile_model(workload.builder(), tokens[:, :-1], tokens[:, 1:], workload.loss, split=workload.split)
-    return workload, make_plan(profile, schedule, 2, 4, method=method)
+    return workload, profile_model(
+        workload.builder(), tokens[:, :-1], tokens[:, 1:], workload.loss, split=workload.split
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ CONVEYOR_KEEP_HOST_MEMORY=0 leaves glibc's own policy in place.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -35,21 +36,14 @@ TRIM_THRESHOLD = 2**31 - 1
 _ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
 _TUNABLES = ("glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold")
 
-_state: dict[str, bool] = {}
 
-
+@functools.cache
 def keep_freed_host_memory() -> bool:
     """Make this process's malloc keep the memory a step frees, once per process; whether it now does.
 
     False where it leaves malloc alone: not glibc, the environment sets the thresholds (see the module
     docstring), or CONVEYOR_KEEP_HOST_MEMORY=0.
     """
-    if "kept" not in _state:
-        _state["kept"] = _configure()
-    return _state["kept"]
-
-
-def _configure() -> bool:
     if os.environ.get("CONVEYOR_KEEP_HOST_MEMORY", "1") == "0" or _set_by_environment():
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -24,8 +24,8 @@ import torch
 from plan_measure import Measured, Workload, measure_plan, now, provenance, replayed_step, wait_until_quiet
 
 from conveyor.models import GPT, GPTConfig, lm_loss
-from conveyor.observe.profile import LayerProfile, measure_latency
-from conveyor.plan import Plan, make_plan, profile_model
+from conveyor.observe.profile import LayerProfile
+from conveyor.plan import Plan, make_plan, profile_model, with_measured_transfers
 
 
 def main() -> None:
@@ -88,7 +88,7 @@ def main() -> None:
         "foreign_cores_before_profile": quiet_before_profile,
         "config": vars(args),
         "profile": [vars(layer) for layer in profile.layers],
-        "latency_s": profile.latency,
+        "transfers_s": vars(profile.transfers) if profile.transfers else None,
         "rows": rows,
     }
     _print(rows, args)
@@ -103,17 +103,7 @@ def measure_profile(config: GPTConfig, args: argparse.Namespace) -> LayerProfile
         0, config.vocab_size, (args.microbatch_size, args.context + 1), generator=torch.Generator().manual_seed(0)
     )
     profile = profile_model(lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=args.repeats)
-    boundary = max(layer.output_bytes for layer in profile.layers)
-    latency = measure_latency(int(boundary))
-    return LayerProfile(
-        profile.fingerprint,
-        profile.microbatch_size,
-        profile.optimizer,
-        profile.layers,
-        latency,
-        profile.first,
-        profile.last,
-    )
+    return with_measured_transfers(profile)
 
 
 def _print_predictions(plans: dict[tuple[str, str], Plan], args: argparse.Namespace) -> None:

@@ -10,10 +10,10 @@ a step in which some rank queued for more than DISTURBED of it counts as disturb
 the median of the undisturbed steps when at least half are, else of all (and says so). Before each run the
 parent waits (up to a minute) until other processes use less than QUIET_CORES.
 
-The measured steps are traced too: each stage's median time of each kind of compute goes with the step times,
-so that `replayed_step` can split a prediction's error into the schedule model's own (the plan simulated with
-the run's action times) and the profile's (its action times against the run's, on a machine whose speed
-drifts).
+The measured steps are traced too: each stage's median time of each kind of compute, and the mean time a send
+and a receive's post took, go with the step times, so that `replayed_step` can split a prediction's error into
+the schedule model's own (the plan simulated with the run's action times) and the profile's (its action times
+against the run's, on a machine whose speed drifts).
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from conveyor import Pipeline, spawn
 from conveyor.models import GPT, lm_loss
 from conveyor.models.gpt2 import gpt2_lm, logits_loss
 from conveyor.observe.profile import LayerProfile
-from conveyor.observe.simulate import CostModel, simulate
+from conveyor.observe.simulate import simulate
 from conveyor.observe.timeline import Span
 from conveyor.observe.trace import Recorder, gather_spans
 from conveyor.plan import Plan, split_with_plan, stage_costs
-from conveyor.schedules import build_schedule
+from conveyor.schedules import Action, build_schedule
 from conveyor.split import Split
 
 WARMUP = 2
@@ -64,6 +64,8 @@ class Measured:
     """Per run: CPU cores other processes used while the parent waited to start it."""
     actions: list[dict[str, dict[str, float]]] = field(default_factory=list)
     """Per run: each stage's median time of each kind of compute (`action_times`)."""
+    transfers: list[dict[str, float]] = field(default_factory=list)
+    """Per run: the mean time a send ("send") and a receive's post ("recv") kept its rank busy."""
 
     def action_times(self) -> dict[int, dict[str, float]]:
         """Per stage and kind of compute, the median over runs of the runs' medians."""
@@ -73,6 +75,10 @@ class Measured:
                 for kind, t in times.items():
                     kinds.setdefault(int(stage), {}).setdefault(kind, []).append(t)
         return {s: {k: statistics.median(ts) for k, ts in by.items()} for s, by in kinds.items()}
+
+    def transfer_times(self) -> dict[str, float]:
+        """The mean over runs of each run's mean send and receive post."""
+        return {kind: statistics.mean(run[kind] for run in self.transfers) for kind in ("send", "recv")}
 
     @property
     def undisturbed(self) -> list[float]:
@@ -97,6 +103,7 @@ class Measured:
             "disturbed_too_often": self.disturbed_too_often,
             "foreign_cores_before_runs": self.foreign_cores,
             "action_times_s": {str(s): times for s, times in self.action_times().items()},
+            "transfer_times_s": self.transfer_times() if self.transfers else None,
         }
 
 
@@ -148,13 +155,14 @@ def measure_plan(plan: Plan, workload: Workload, steps: int, into: Measured, tim
     into.times += [float(t) for t in result["times"]]
     into.queued += [float(q) for q in result["queued"]]
     into.actions.append(result["actions"])
+    into.transfers.append(result["transfers"])
 
 
 def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> float:
-    """The plan's step simulated with the action times its runs measured in place of the profile's (the
-    optimizer steps and the latency stay the profile's): what the schedule model predicts given how fast the
-    machine computed during the runs. Its difference from the measured step is the model's own error; the
-    rest of a prediction's error is the profile's times against the runs'."""
+    """The plan's step simulated with the action times its runs measured in place of the profile's, sends and
+    receive posts included (the optimizer steps and the latency stay the profile's): what the schedule model
+    predicts given how fast the machine computed during the runs. Its difference from the measured step is the
+    model's own error; the rest of a prediction's error is the profile's times against the runs'."""
     costs = stage_costs(profile, plan.layers_per_stage, plan.recompute)
     fields = {"F": "forward", "B": "backward", "W": "weight", "whole": "whole"}
     measured_times = measured.action_times()
@@ -163,7 +171,8 @@ def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> floa
         for s, c in enumerate(costs.stages)
     ]
     program = build_schedule(plan.schedule, plan.ranks, plan.microbatches, plan.virtual)
-    return simulate(program, CostModel(tuple(stages), costs.latency)).step_time
+    replayed = dataclasses.replace(costs, stages=tuple(stages), **measured.transfer_times())
+    return simulate(program, replayed).step_time
 
 
 def wait_until_quiet(limit_s: float = 60) -> float:
@@ -201,7 +210,7 @@ def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out
     )
     tokens = workload.tokens(plan.microbatches * plan.microbatch_size)
     times, queued = [], []
-    recorder = Recorder(rank)
+    recorder = _TransfersToo(rank)
     for step in range(steps + WARMUP):
         if step == WARMUP:
             pipe.executor.tracer = recorder  # action times, for `replayed_step`
@@ -216,10 +225,27 @@ def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out
     pipe.close()
     every: list[list[float]] = [[] for _ in range(world)]
     dist.all_gather_object(every, queued)
+    transfers: list[dict[str, list[float]]] = [{} for _ in range(world)]
+    dist.all_gather_object(transfers, recorder.transfers)
     spans = gather_spans(recorder)
     if rank == 0:
         most = [max(per_rank[i] for per_rank in every) for i in range(len(times))]
-        Path(out).write_text(json.dumps({"times": times, "queued": most, "actions": action_medians(spans)}))
+        means = {kind: statistics.mean(t for of_rank in transfers for t in of_rank[kind]) for kind in ("send", "recv")}
+        result = {"times": times, "queued": most, "actions": action_medians(spans), "transfers": means}
+        Path(out).write_text(json.dumps(result))
+
+
+class _TransfersToo(Recorder):
+    """A Recorder that also times each send and each receive's post (a trace's spans are computes only)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(rank)
+        self.transfers: dict[str, list[float]] = {"send": [], "recv": []}
+
+    def action_ended(self, action: Action) -> None:
+        if action.kind.is_transfer:
+            self.transfers["send" if action.kind.is_send else "recv"].append(time.perf_counter() - self._started)
+        super().action_ended(action)
 
 
 def action_medians(spans: list[tuple[int, Span]]) -> dict[str, dict[str, float]]:

@@ -16,7 +16,6 @@ real, interleaved over rounds (`plan_measure.py`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -25,8 +24,8 @@ from pathlib import Path
 import torch
 from plan_measure import Measured, Workload, measure_plan, now, provenance, replayed_step, wait_until_quiet
 
-from conveyor.observe.profile import LayerProfile, measure_latency
-from conveyor.plan import make_plan, profile_model, search
+from conveyor.observe.profile import LayerProfile
+from conveyor.plan import make_plan, profile_model, search, with_measured_transfers
 from conveyor.plan.command import ranking_table
 from conveyor.train import TrainConfig
 
@@ -57,8 +56,7 @@ def main() -> None:
             p = profile_model(
                 workload.builder(), tokens[:, :-1], tokens[:, 1:], workload.loss, split=workload.split, repeats=7
             )
-            latency = measure_latency(int(max(layer.output_bytes for layer in p.layers)))
-            profiles[m] = dataclasses.replace(p, latency=latency)
+            profiles[m] = with_measured_transfers(p)
         return profiles[m]
 
     plans, refused = search(profile_for, args.ranks, args.microbatch_counts)

@@ -2,8 +2,9 @@
 
 For each schedule: the small GPT of `conveyor train` is split into stages,
 each stage's F, B and W times are profiled in one process (one thread, as a
-rank has), the point-to-point latency of one activation is measured between
-two processes, and `conveyor.observe.simulate` predicts the step time. Then
+rank has), what a message of one activation costs is measured between two
+processes (`measure_transfers`: its latency, and the time a send and a
+receive's post take), and `conveyor.observe.simulate` predicts the step time. Then
 the same model, schedule and micro-batches run for real on spawned ranks and
 the median step time is measured. Prints the table (or `--json`).
 
@@ -27,8 +28,9 @@ import torch.distributed as dist
 
 from conveyor import Pipeline, spawn, split_model
 from conveyor.models import GPT, GPTConfig, lm_loss
-from conveyor.observe.profile import measure_latency, profile_stages
+from conveyor.observe.profile import profile_stages
 from conveyor.observe.simulate import CostModel, simulate
+from conveyor.observe.transfers import measure_transfers, with_transfers
 from conveyor.schedules import build_schedule, schedule_info
 
 
@@ -61,6 +63,8 @@ def main() -> None:
                 "error": (predicted - measured) / measured,
                 "costs": [vars(stage) for stage in costs.stages],
                 "latency_s": costs.latency,
+                "send_s": costs.send,
+                "recv_s": costs.recv,
             }
         )
     if args.json:
@@ -80,7 +84,7 @@ def profile(config: GPTConfig, stages: int, args: argparse.Namespace) -> CostMod
     tokens = torch.randint(0, config.vocab_size, (micro, args.context + 1), generator=torch.Generator().manual_seed(0))
     costs = profile_stages(modules, tokens[:, :-1], tokens[:, 1:], lm_loss)
     activation = micro * args.context * config.dim * 4
-    return CostModel(costs.stages, measure_latency(activation))
+    return with_transfers(costs, measure_transfers(activation))
 
 
 def measure(name: str, config: GPTConfig, stages: int, args: argparse.Namespace) -> float:

@@ -64,7 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("ranks", "virtual", "microbatches", "batch_size", "context", "dim", "layers", "heads", "threads"):
         prof.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     prof.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule, help="fixes stages per rank")
-    prof.add_argument("--latency", action="store_true", help="also measure the transfer time of one activation")
+    prof.add_argument(
+        "--no-transfers",
+        dest="transfers",
+        action="store_false",
+        help="give messages between ranks no time (default: measure them, 2 ranks on this machine, a few seconds)",
+    )
     prof.add_argument(
         "--out", default="costs.json", help="cost file for `conveyor simulate --costs` (default: %(default)s)"
     )
@@ -140,8 +145,9 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from .models import GPT
-    from .observe.profile import measure_latency, profile_stages
-    from .observe.simulate import CostModel, save_costs
+    from .observe.profile import profile_stages
+    from .observe.simulate import save_costs
+    from .observe.transfers import measure_transfers, with_transfers
     from .split import manual_split
 
     values = {k: getattr(args, k) for k in ("ranks", "schedule", "virtual", "microbatches", "batch_size", "context")}
@@ -157,8 +163,8 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     micro = -(-config.batch_size // config.microbatches)  # the largest micro-batch
     tokens = torch.randint(0, gpt.vocab_size, (micro, config.context + 1))
     costs = profile_stages(modules, tokens[:, :-1], tokens[:, 1:], lm_loss)
-    if args.latency:
-        costs = CostModel(costs.stages, measure_latency(micro * config.context * config.dim * 4))
+    if args.transfers:
+        costs = with_transfers(costs, measure_transfers(micro * config.context * config.dim * 4))
     save_costs(costs, args.out)
     for index, stage in enumerate(costs.stages):
         print(
@@ -166,7 +172,10 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f" W {stage.weight * 1e3:.2f} ms, whole backward {stage.whole_backward * 1e3:.2f} ms,"
             f" {(stage.activation_bytes or 0) / 2**20:.1f} MiB held per micro-batch"
         )
-    print(f"latency {costs.latency * 1e3:.3f} ms; written to {args.out}")
+    print(
+        f"each message: send {costs.send * 1e3:.3f} ms, receive's post {costs.recv * 1e3:.3f} ms, latency"
+        f" {costs.latency * 1e3:.3f} ms; written to {args.out}"
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from conveyor.observe.profile import OPTIMIZER_STATES, LayerCosts, LayerProfile
 from conveyor.observe.simulate import simulate
+from conveyor.observe.transfers import TransferCosts
 from conveyor.plan import MemoryModel, PlanError, count_splits, partition, splits, stage_costs
 from conveyor.plan.cost import stage_layers
 from conveyor.schedules import build_schedule
@@ -54,7 +55,8 @@ def profiles(draw: st.DrawFn, most_blocks: int = 5) -> LayerProfile:
         whole = draw(st.floats(0.6, 1.0).map(lambda x, b=b, w=w: round(x * (b + w), 1)))
         layers.append(layer(f"l{i}", draw(small), b, w, whole, draw(st.integers(0, 50)), draw(small), draw(small)))
     optimizer = draw(st.sampled_from(sorted(OPTIMIZER_STATES)))
-    return LayerProfile("test", 1, optimizer, tuple(layers), draw(st.sampled_from([0.0, 0.5])), first, last)
+    transfers = draw(st.sampled_from([None, TransferCosts(0.5, 0.2, 0.1)]))
+    return LayerProfile("test", 1, optimizer, tuple(layers), transfers, first, last)
 
 
 def peak_per_rank(profile: LayerProfile, program, split: tuple[int, ...], recompute: str = "none") -> list[float]:  # type: ignore[no-untyped-def]
@@ -171,7 +173,7 @@ def test_stage_costs_add_layers_up_as_the_runtime_runs_them() -> None:
         layer("b1", 3, 4, 5, 8, 20, 6, 4),
         layer("head", 7, 6, 5, 10, 30, 9, 0),
     )
-    profile = LayerProfile("t", 1, "adam", layers, 0.25, first=True, last=True)
+    profile = LayerProfile("t", 1, "adam", layers, TransferCosts(0.25, 0.5, 0.125), first=True, last=True)
     costs = stage_costs(profile, (1, 1))
     first, last = costs.stages
     # The first stage has no input gradient: its backward is all W, a whole backward.
@@ -179,7 +181,8 @@ def test_stage_costs_add_layers_up_as_the_runtime_runs_them() -> None:
     assert (last.forward, last.backward, last.weight, last.whole) == (10, 10, 10, 18)
     assert first.activation_bytes == 1 + 6 + 4  # both layers' held bytes and the output it sends
     assert last.activation_bytes == 6 + 9
-    assert first.step == pytest.approx(3.0) and costs.latency == 0.25
+    assert first.step == pytest.approx(3.0)
+    assert (costs.latency, costs.send, costs.recv) == (0.25, 0.5, 0.125)
     again = stage_costs(profile, (1, 1), "full").stages
     assert (again[0].weight, again[0].whole, again[1].backward, again[1].whole) == (14, 14, 20, 28)
     assert again[0].activation_bytes == 4  # a recomputing stage keeps its output (and input, past the first)

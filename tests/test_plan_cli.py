@@ -11,7 +11,7 @@ import torch
 from conveyor.cli import main
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import saved_activation_bytes
-from conveyor.plan import Plan, profile_model, split_with_plan, stage_costs
+from conveyor.plan import Plan, profile_model, read_profiles, split_with_plan, stage_costs
 from conveyor.train import TrainConfig
 
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--context", "16", "--batch-size", "4", "--microbatches", "2"]
@@ -21,6 +21,7 @@ def plan_argv(tmp_path: Path, *extra: str) -> list[str]:
     return ["plan", *TINY, "--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path / "plan.json"), *extra]
 
 
+@pytest.mark.timeout(120)  # it measures what a message costs between 2 spawned ranks
 def test_plan_prints_stages_writes_a_plan_and_reuses_its_profile(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -35,12 +36,36 @@ def test_plan_prints_stages_writes_a_plan_and_reuses_its_profile(
     assert f"conveyor train --plan {tmp_path / 'plan.json'}" in out
     assert main(plan_argv(tmp_path, "--method", "uniform")) == 0
     again = capsys.readouterr().out
-    assert "measured" not in again and ": reused" in again
+    assert "tokens: reused" in again
     assert Plan.load(tmp_path / "plan.json").layers_per_stage == (1, 1)
 
 
+@pytest.mark.timeout(120)
+def test_plan_charges_what_a_message_costs_measured_once_and_kept_with_the_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(plan_argv(tmp_path, "--method", "uniform", "--no-transfers")) == 0
+    assert "take no time in this prediction (--no-transfers)" in capsys.readouterr().out
+    free = Plan.load(tmp_path / "plan.json")
+    assert free.transfers is None
+    assert read_profiles(tmp_path / "profile.json")[0].transfers is None
+    # The kept profile lacks them: they are measured now, added to it, and charged to the prediction.
+    assert main(plan_argv(tmp_path, "--method", "uniform")) == 0
+    out = capsys.readouterr().out
+    assert "tokens: reused" in out and "a send busies its rank" in out
+    charged = Plan.load(tmp_path / "plan.json")
+    assert charged.transfers is not None and min(charged.transfers.send, charged.transfers.recv) > 0
+    assert charged.transfers.latency > 0 and charged.transfers.nbytes > 0
+    (kept,) = read_profiles(tmp_path / "profile.json")
+    assert kept.transfers == charged.transfers
+    # 1f1b on 2 ranks has sends and receive posts on its critical path.
+    assert charged.step_time > free.step_time
+    assert main(plan_argv(tmp_path, "--method", "uniform")) == 0
+    assert Plan.load(tmp_path / "plan.json").transfers == charged.transfers  # reused, not measured again
+
+
 def test_search_ranks_configurations_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = plan_argv(tmp_path, "--search", "--microbatch-counts", "2,4", "--top", "3")
+    argv = plan_argv(tmp_path, "--search", "--microbatch-counts", "2,4", "--top", "3", "--no-transfers")
     assert main(argv) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("#"))
@@ -59,19 +84,19 @@ def test_search_ranks_configurations_side_by_side(tmp_path: Path, capsys: pytest
 
 def test_a_cap_nothing_fits_says_the_smallest_that_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        main(plan_argv(tmp_path, "--memory", "1KiB"))
+        main(plan_argv(tmp_path, "--memory", "1KiB", "--no-transfers"))
     err = capsys.readouterr().err
     assert "fits in 1,024 bytes" in err and "the smallest peak is" in err and "layers per stage" in err
 
 
 def test_more_stages_than_layers_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        main(plan_argv(tmp_path, "--ranks", "5"))  # 4 layers: the embeddings, 2 blocks, the head
+        main(plan_argv(tmp_path, "--ranks", "5", "--no-transfers"))  # 4 layers: the embeddings, 2 blocks, the head
     assert "5 stages need at least 5 layers to own; the model has 4" in capsys.readouterr().err
 
 
 def test_a_plan_for_another_model_or_other_settings_is_refused(tmp_path: Path) -> None:
-    assert main(plan_argv(tmp_path)) == 0
+    assert main(plan_argv(tmp_path, "--no-transfers")) == 0
     path = str(tmp_path / "plan.json")
     sizes = {"dim": 32, "heads": 2, "context": 16, "batch_size": 4, "microbatches": 2}
     TrainConfig(plan=path, layers=2, **sizes)  # the model it was made for
@@ -87,7 +112,7 @@ def test_a_plan_for_another_model_or_other_settings_is_refused(tmp_path: Path) -
 
 @pytest.mark.timeout(120)
 def test_train_with_a_plan(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    assert main(plan_argv(tmp_path)) == 0
+    assert main(plan_argv(tmp_path, "--no-transfers")) == 0
     argv = [
         "train",
         *TINY,

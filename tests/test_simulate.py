@@ -130,6 +130,18 @@ def test_latency_and_per_stage_costs_lengthen_the_step() -> None:
     assert slow.step_time == pytest.approx(1 + 0.5 + 3 + 2 + 0.5 + 1)
 
 
+def test_sends_and_receive_posts_keep_their_rank_busy() -> None:
+    # 0F0 0SF0>1 0RB0<1 0B0 on rank 0; 1RF0<0 1F0 1B0 1SB0>0 on rank 1: both sends are on the chain.
+    program = build_schedule("gpipe", 2, 1)
+    sent = simulate(program, parse_costs("f=1,b=1,w=0,send=0.25,comm=0.5"))
+    assert sent.step_time == pytest.approx(4 + 2 * 0.25 + 2 * 0.5)
+    posted = simulate(program, parse_costs("f=1,b=1,w=0,send=0.25,recv=0.125,comm=0.5"))
+    assert posted.step_time == pytest.approx(sent.step_time)  # each post runs while its rank waits anyway
+    assert posted.busy == pytest.approx([2 + 0.25 + 0.125] * 2)  # and counts as work, not bubble
+    # A post longer than the wait delays the forward behind it: rank 1 posts until 2, then F, B; rank 0's B.
+    assert simulate(program, parse_costs("f=1,b=1,w=0,recv=2")).step_time == pytest.approx(5.0)
+
+
 def test_costs_for_the_wrong_number_of_stages_are_refused() -> None:
     with pytest.raises(ValueError, match="3 stages; the schedule has 2"):
         simulate(build_schedule("1f1b", 2, 2), parse_costs("f=1;f=1;f=1"))
@@ -153,7 +165,9 @@ def test_a_deadlocking_program_is_reported_with_its_ranks_and_actions() -> None:
 
 
 def test_cost_files_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    costs = CostModel((StageCosts(0.1, 0.2, 0.05, 1e6, 0.22), StageCosts(0.2, 0.1, 0.1, 2e6)), latency=0.001)
+    costs = CostModel(
+        (StageCosts(0.1, 0.2, 0.05, 1e6, 0.22), StageCosts(0.2, 0.1, 0.1, 2e6)), latency=0.001, send=2e-4, recv=1e-4
+    )
     path = tmp_path / "costs.json"
     save_costs(costs, path)
     assert load_costs(str(path)) == costs

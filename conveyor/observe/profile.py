@@ -30,12 +30,12 @@ from ..runtime.microbatch import map_tensors, tensors_in
 from ..runtime.split_backward import backward_input
 from ..runtime.stage import LossFn, call_module
 from .simulate import CostModel, StageCosts
+from .transfers import TransferCosts
 
 __all__ = [
     "OPTIMIZER_STATES",
     "LayerCosts",
     "LayerProfile",
-    "measure_latency",
     "profile_layers",
     "profile_stages",
     "saved_activation_bytes",
@@ -82,7 +82,8 @@ class LayerProfile:
     microbatch_size: int
     optimizer: str
     layers: tuple[LayerCosts, ...]
-    latency: float = 0.0
+    transfers: TransferCosts | None = None
+    """What a message between two ranks costs on this machine, if measured (`measure_transfers`)."""
     first: bool = False
     """Whether layers[0] is modules that always go to the first stage (a manual split's embeddings)."""
     last: bool = False
@@ -90,16 +91,25 @@ class LayerProfile:
     split: str = "manual"
     """How the model is cut: "manual" (`manual_split`) or "traced" (`trace_split`), as its plans must be."""
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LayerProfile:
+        """A profile from `to_json`'s form; raises KeyError or TypeError for anything else."""
+        data = dict(data)
+        layers = tuple(LayerCosts(**layer) for layer in data.pop("layers"))
+        transfers = data.pop("transfers", None)
+        data.pop("latency", None)  # profiles before `transfers`: a latency alone, measured again when wanted
+        return cls(**data, layers=layers, transfers=None if transfers is None else TransferCosts(**transfers))
+
     def save(self, path: str | Path) -> None:
-        data = {**asdict(self), "layers": [asdict(layer) for layer in self.layers]}
-        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LayerProfile:
-        data = json.loads(Path(path).read_text())
         try:
-            layers = tuple(LayerCosts(**layer) for layer in data.pop("layers"))
-            return cls(**data, layers=layers)
+            return cls.from_json(json.loads(Path(path).read_text()))
         except (KeyError, TypeError) as error:
             raise ValueError(f"{path} is not a layer profile written by conveyor ({error})") from None
 
@@ -112,7 +122,6 @@ def profile_stages(
     *,
     repeats: int = 5,
     warmup: int = 2,
-    latency: float = 0.0,
 ) -> CostModel:
     """Measure each stage of a split model (stage order) on one micro-batch; times in seconds."""
     keep_freed_host_memory()  # as a Pipeline does: a profile should see the run's allocator
@@ -135,7 +144,7 @@ def profile_stages(
         costs.append(StageCosts(f, b, w, activation, whole))
         with torch.no_grad():
             stage_input = _as_tuple(call_module(module, stage_input))
-    return CostModel(tuple(costs), latency)
+    return CostModel(tuple(costs))
 
 
 def profile_layers(
@@ -149,7 +158,6 @@ def profile_layers(
     fingerprint: str = "",
     repeats: int = 5,
     warmup: int = 2,
-    latency: float = 0.0,
 ) -> LayerProfile:
     """Measure each layer of a model on one micro-batch: modules that chain like stages (the output of one is
     the input of the next; the last one's output goes to `loss_fn`), run one after another in this process.
@@ -205,7 +213,7 @@ def profile_layers(
                 kept_by_loss,
             )
         )
-    return LayerProfile(fingerprint, microbatch_rows(example_input), optimizer, tuple(measured), latency)
+    return LayerProfile(fingerprint, microbatch_rows(example_input), optimizer, tuple(measured))
 
 
 def microbatch_rows(batch: Any) -> int:
@@ -329,35 +337,3 @@ def _fresh_inputs(inputs: Any) -> Any:
 
 def _as_tuple(output: Any) -> tuple[torch.Tensor, ...]:
     return tuple(output) if isinstance(output, (tuple, list)) else (output,)
-
-
-def measure_latency(nbytes: int, repeats: int = 20, timeout_s: float = 60) -> float:
-    """One-way time (seconds) of an `nbytes` point-to-point message between two spawned gloo ranks.
-
-    Measured as half of a median round trip; the simulator adds it to every cross-rank dependency.
-    """
-    import tempfile
-
-    from ..launch import spawn
-
-    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        spawn(_ping_pong, 2, (nbytes, repeats, out.name), timeout_s=timeout_s)
-        return float(Path(out.name).read_text())
-
-
-def _ping_pong(rank: int, world: int, nbytes: int, repeats: int, out: str) -> None:
-    import torch.distributed as dist
-
-    payload = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
-    rounds = []
-    for _ in range(repeats + 2):
-        start = time.perf_counter()
-        if rank == 0:
-            dist.send(payload, 1)
-            dist.recv(payload, 1)
-        else:
-            dist.recv(payload, 0)
-            dist.send(payload, 0)
-        rounds.append(time.perf_counter() - start)
-    if rank == 0:
-        Path(out).write_text(str(statistics.median(rounds[2:]) / 2))

@@ -143,7 +143,9 @@ def _profile(
             )
         )
     pipe.close()
-    return LayerProfile(fingerprint, microbatch_rows(example_input), optimizer, tuple(layers), 0.0, first, last)
+    return LayerProfile(
+        fingerprint, microbatch_rows(example_input), optimizer, tuple(layers), first=first, last=last
+    )
 
 
 def _program(placement: Any, split: Split, actions: list[Action]) -> Program:

@@ -1,9 +1,9 @@
 """The simulator: run a schedule's action lists against a cost model, before spending a GPU-hour.
 
 Pure Python, no torch: it reads the same lowered program the executor runs,
-on the validator's clock (a send takes no time, a received tensor arrives
-`latency` after its send, a compute starts when its rank is free and its
-inputs have arrived).
+on the validator's clock (a send keeps its rank busy for `send`, posting a
+receive for `recv`, a received tensor arrives `latency` after its send ends,
+and a compute starts when its rank is free and its inputs have arrived).
 """
 
 from __future__ import annotations
@@ -56,10 +56,15 @@ class StageCosts:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-stage costs (one entry, or one per stage) and the point-to-point latency."""
+    """Per-stage costs (one entry, or one per stage) and what a message between ranks costs."""
 
     stages: tuple[StageCosts, ...] = (StageCosts(),)
     latency: float = 0.0
+    """From the end of a send to the tensor's arrival on the other rank."""
+    send: float = 0.0
+    """The time a SEND keeps its rank busy (the executor's own work, and the transport's, to start it)."""
+    recv: float = 0.0
+    """The time posting a receive (RF, RB) keeps its rank busy."""
 
     def of(self, stage: int) -> StageCosts:
         if len(self.stages) == 1:
@@ -100,7 +105,7 @@ class Simulation:
     """The largest span of one rank, from its own first compute's start to its own last compute's end (what
     `step_time` was before it counted the ranks' offsets; no run lasts this long, not even in the steady state)."""
     busy: list[float] = field(default_factory=list)
-    """Per rank: the time it computes (and reduces and steps) in one step."""
+    """Per rank: the time it is busy in one step: computing, reducing, stepping, sending and posting receives."""
     program: Program | None = field(default=None, repr=False)
     costs: CostModel = field(default_factory=CostModel, repr=False)
 
@@ -199,7 +204,7 @@ def _action_cost(costs: CostModel, split: set[tuple[int, int | None]]) -> Callab
             return c.reduce
         if action.kind is Kind.STEP:
             return c.step
-        return 0.0
+        return costs.send if action.kind.is_send else costs.recv
 
     return cost
 
@@ -290,7 +295,8 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
     """Parse ``f=1,b=2,w=1,comm=0.1`` (one set for all stages) or ``f=1,b=2;f=2,b=3`` (one per stage).
 
     Keys: f, b, w, whole (a backward run whole; default b + w), reduce (offering tied gradients), bytes (held per
-    micro-batch), weights (bytes of one version of the stage's weights), comm (latency).
+    micro-batch), weights (bytes of one version of the stage's weights); and for every stage at once comm
+    (latency), send and recv (the time a send, or a receive's post, keeps its rank busy).
     """
     names = {
         "f": "forward",
@@ -301,22 +307,25 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
         "reduce": "reduce",
         "weights": "weight_bytes",
     }
+    messages = {"comm": "latency", "send": "send", "recv": "recv"}
     stages: list[StageCosts] = []
-    comm = 0.0
+    transfers: dict[str, float] = {}
     for part in text.split(";"):
         values: dict[str, float] = {}
         for item in filter(None, (p.strip() for p in part.split(","))):
             key, _, value = item.partition("=")
-            if key == "comm":
-                comm = float(value)
+            if key in messages:
+                transfers[messages[key]] = float(value)
             elif key in names:
                 values[names[key]] = float(value)
             else:
                 raise ValueError(
-                    f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, comm, bytes and weights"
+                    f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, bytes, weights, comm, send and recv"
                 )
         stages.append(StageCosts(**values))  # type: ignore[arg-type]
-    return CostModel(tuple(stages), comm if latency is None else latency)
+    if latency is not None:
+        transfers["latency"] = latency
+    return CostModel(tuple(stages), **transfers)
 
 
 def load_costs(spec: str) -> CostModel:
@@ -325,10 +334,16 @@ def load_costs(spec: str) -> CostModel:
     if spec.endswith(".json") or path.is_file():
         data = json.loads(path.read_text())
         stages = tuple(StageCosts(**stage) for stage in data["stages"])
-        return CostModel(stages, float(data.get("latency", 0.0)))
+        transfers = {key: float(data.get(key, 0.0)) for key in ("latency", "send", "recv")}
+        return CostModel(stages, **transfers)
     return parse_costs(spec)
 
 
 def save_costs(costs: CostModel, path: str | Path) -> None:
-    data = {"stages": [asdict(stage) for stage in costs.stages], "latency": costs.latency}
+    data = {
+        "stages": [asdict(stage) for stage in costs.stages],
+        "latency": costs.latency,
+        "send": costs.send,
+        "recv": costs.recv,
+    }
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -2,10 +2,18 @@
 that train it fastest within memory (`conveyor plan`)."""
 
 from .cost import RECOMPUTE_SETTINGS, MemoryModel, stage_costs
-from .layers import SPLITS, fingerprint, layer_split, profile_model, traced_fingerprint, traced_layer_split
+from .layers import (
+    SPLITS,
+    fingerprint,
+    layer_split,
+    profile_model,
+    traced_fingerprint,
+    traced_layer_split,
+    with_measured_transfers,
+)
 from .partition import EXACT_LIMIT, METHODS, Partition, PlanError, count_splits, partition, splits
 from .plan_file import Plan, StageSummary, split_with_plan
-from .profiles import cached_profile, read_profiles, write_profiles
+from .profiles import cached_profile, read_profiles, store_profile, write_profiles
 from .search import Refused, make_plan, search
 
 __all__ = [
@@ -31,7 +39,9 @@ __all__ = [
     "split_with_plan",
     "splits",
     "stage_costs",
+    "store_profile",
     "traced_fingerprint",
     "traced_layer_split",
+    "with_measured_transfers",
     "write_profiles",
 ]

@@ -9,13 +9,13 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..observe.profile import OPTIMIZER_STATES, LayerProfile, measure_latency
+from ..observe.profile import OPTIMIZER_STATES, LayerProfile
 from ..schedules import SCHEDULES
 from .cost import RECOMPUTE_SETTINGS
-from .layers import fingerprint, layer_split, profile_model, traced_fingerprint
+from .layers import fingerprint, layer_split, profile_model, traced_fingerprint, with_measured_transfers
 from .partition import EXACT_LIMIT, METHODS, PlanError
 from .plan_file import Plan
-from .profiles import cached_profile
+from .profiles import cached_profile, store_profile
 from .search import make_plan, search
 
 __all__ = ["add_plan_parser", "parse_bytes", "ranking_table", "run_plan", "train_command"]
@@ -71,7 +71,11 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
         "--repeats", type=int, default=7, help="timed runs of each layer (median); more steadies a noisy machine"
     )
     plan.add_argument(
-        "--latency", action="store_true", help="measure the transfer time of one boundary's activations (2 ranks)"
+        "--no-transfers",
+        dest="transfers",
+        action="store_false",
+        help="give messages between ranks no time (default: measure their latency and the time a send and a"
+        " receive's post take, 2 ranks on this machine, a few seconds, kept with the profile)",
     )
     plan.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="most splits searched exhaustively")
     plan.add_argument(
@@ -113,14 +117,16 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 seed=args.seed,
                 repeats=args.repeats,
             )
-            if not args.latency:
-                return found
-            latency = measure_latency(int(max(layer.output_bytes for layer in found.layers)))
-            return dataclasses.replace(found, latency=latency)
+            return with_measured_transfers(found) if args.transfers else found
 
         profile, measured = cached_profile(args.profile, model.fingerprint, size, args.optimizer, measure)
         how = "measured" if measured else "reused"
         print(f"profile of micro-batches of {size} x {args.context} tokens: {how} ({args.profile})")
+        if not args.transfers:
+            return dataclasses.replace(profile, transfers=None)
+        if profile.transfers is None:  # a profile kept by an earlier `--no-transfers`
+            profile = with_measured_transfers(profile)
+            store_profile(args.profile, profile)
         return profile
 
     try:
@@ -261,6 +267,14 @@ def _print_plan(plan: Plan) -> None:
         f"predicted step {plan.step_time * 1e3:.1f} ms (synchronous: first start to last end over all ranks),"
         f" period {plan.period * 1e3:.1f} ms (steady state, steps back to back), bubble {plan.bubble:.3f}"
     )
+    t = plan.transfers
+    if t is None:
+        print("messages between ranks take no time in this prediction (--no-transfers)")
+    else:
+        print(
+            f"each message between ranks: a send busies its rank {t.send * 1e3:.2f} ms, a receive's post"
+            f" {t.recv * 1e3:.2f} ms, latency {t.latency * 1e3:.2f} ms (measured at {t.nbytes / 2**20:.2f} MiB)"
+        )
 
 
 def _compact(names: tuple[str, ...]) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..observe.profile import OPTIMIZER_STATES, LayerCosts, LayerProfile
 from ..observe.simulate import CostModel, StageCosts
+from ..observe.transfers import with_transfers
 from ..schedules import Kind, Program, split_backwards
 
 __all__ = ["RECOMPUTE_SETTINGS", "MemoryModel", "recomputed_stages", "stage_costs", "stage_layers", "static_bytes"]
@@ -78,7 +79,7 @@ def stage_costs(profile: LayerProfile, layers_per_stage: Sequence[int], recomput
                 step=sum(p.step for p in parts),
             )
         )
-    return CostModel(tuple(stages), profile.latency)
+    return with_transfers(CostModel(tuple(stages)), profile.transfers)
 
 
 def _held(profile: LayerProfile, layers: list[int], first: bool, last: bool, recompute: bool) -> float:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..observe.profile import LayerProfile, profile_layers
 from ..observe.profile_graph import profile_split
+from ..observe.transfers import measure_transfers
 from ..runtime.stage import LossFn
 from ..schedules import StageGraph
 from ..split import Layout, ManualSplit, manual_split
@@ -34,6 +35,7 @@ __all__ = [
     "profile_model",
     "traced_fingerprint",
     "traced_layer_split",
+    "with_measured_transfers",
 ]
 
 SPLITS = ("manual", "traced")
@@ -130,7 +132,6 @@ def profile_model(
     seed: int = 0,
     repeats: int = 5,
     warmup: int = 2,
-    latency: float = 0.0,
 ) -> LayerProfile:
     """Profile each layer of `model` on one micro-batch (`example_input`, its target) in this process.
 
@@ -157,7 +158,7 @@ def profile_model(
             first=True,
             last=True,
         )
-        return dataclasses.replace(profile, latency=latency, split="traced")
+        return dataclasses.replace(profile, split="traced")
     units = layer_split(model, blocks=blocks, seed=seed)
     modules = [units.build_stage(i) for i in range(units.num_stages)]
     profile = profile_layers(
@@ -170,6 +171,12 @@ def profile_model(
         fingerprint=fingerprint(units),
         repeats=repeats,
         warmup=warmup,
-        latency=latency,
     )
     return dataclasses.replace(profile, first=bool(units.layout.first), last=bool(units.layout.last))
+
+
+def with_measured_transfers(profile: LayerProfile) -> LayerProfile:
+    """`profile` with what a message as large as its largest boundary's costs, measured on this machine
+    (`measure_transfers`: two spawned gloo ranks, a few seconds)."""
+    nbytes = int(max(layer.output_bytes for layer in profile.layers))
+    return dataclasses.replace(profile, transfers=measure_transfers(nbytes))

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from ..observe.transfers import TransferCosts
 from ..split import Split, manual_split
 from ..split.traced import trace_split
 from .layers import fingerprint, traced_fingerprint
@@ -64,6 +65,8 @@ class Plan:
     stages: tuple[StageSummary, ...]
     split: str = "manual"
     """How the model is cut: "manual" (`manual_split`) or "traced" (`trace_split`), as its profile was."""
+    transfers: TransferCosts | None = None
+    """What the prediction charged each message between ranks (None: nothing, they were not measured)."""
 
     @property
     def num_stages(self) -> int:
@@ -79,7 +82,8 @@ class Plan:
             stages = tuple(StageSummary(**{**s, "layers": tuple(s["layers"])}) for s in data.pop("stages"))
             data["layers_per_stage"] = tuple(data["layers_per_stage"])
             data["peak_bytes"] = tuple(data["peak_bytes"])
-            return cls(**data, stages=stages)
+            transfers = data.pop("transfers", None)
+            return cls(**data, stages=stages, transfers=None if transfers is None else TransferCosts(**transfers))
         except (KeyError, TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a plan written by conveyor plan ({error})") from None
         except OSError as error:

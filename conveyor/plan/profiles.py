@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
-from ..observe.profile import LayerCosts, LayerProfile
+from ..observe.profile import LayerProfile
 
-__all__ = ["cached_profile", "read_profiles", "write_profiles"]
+__all__ = ["cached_profile", "read_profiles", "store_profile", "write_profiles"]
 
 
 def read_profiles(path: str | Path) -> list[LayerProfile]:
@@ -19,17 +18,24 @@ def read_profiles(path: str | Path) -> list[LayerProfile]:
         return []
     try:
         data = json.loads(file.read_text())
-        return [
-            LayerProfile(**{**entry, "layers": tuple(LayerCosts(**layer) for layer in entry["layers"])})
-            for entry in data["profiles"]
-        ]
+        return [LayerProfile.from_json(entry) for entry in data["profiles"]]
     except (KeyError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"{file} is not a profile file written by conveyor plan ({error}): remove it") from None
 
 
 def write_profiles(path: str | Path, profiles: list[LayerProfile]) -> None:
-    entries = [{**asdict(p), "layers": [asdict(layer) for layer in p.layers]} for p in profiles]
+    entries = [p.to_json() for p in profiles]
     Path(path).write_text(json.dumps({"profiles": entries}, indent=1) + "\n")
+
+
+def _key(profile: LayerProfile) -> tuple[str, int, str]:
+    return profile.fingerprint, profile.microbatch_size, profile.optimizer
+
+
+def store_profile(path: str | Path, profile: LayerProfile) -> None:
+    """Put `profile` in `path`, in place of the one of the same model, micro-batch size and optimizer if any."""
+    others = [p for p in read_profiles(path) if _key(p) != _key(profile)]
+    write_profiles(path, [*others, profile])
 
 
 def cached_profile(
@@ -39,11 +45,7 @@ def cached_profile(
     measured now."""
     profiles = read_profiles(path) if path else []
     for profile in profiles:
-        if (profile.fingerprint, profile.microbatch_size, profile.optimizer) == (
-            fingerprint,
-            microbatch_size,
-            optimizer,
-        ):
+        if _key(profile) == (fingerprint, microbatch_size, optimizer):
             return profile, False
     profile = measure()
     if profile.fingerprint != fingerprint:

@@ -74,6 +74,7 @@ def make_plan(
         chosen.exact,
         tuple(stages),
         profile.split,
+        profile.transfers,
     )
 
 

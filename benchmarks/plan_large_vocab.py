@@ -79,6 +79,7 @@ def main() -> None:
                 "error": (plan.step_time - measured) / measured,
                 "replayed_s": replayed,
                 "model_error": (replayed - measured) / measured,
+                "each_error": (times[(name, method)].replayed_each - measured) / measured,
                 **times[(name, method)].to_json(),
             }
         )
@@ -124,8 +125,9 @@ def _print(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
     )
     print(
         f"{'schedule':<10} {'split':<8} {'blocks/stage':<14} {'predicted':>10} {'measured':>10} {'error':>8}"
-        f" {'replayed':>10} {'error':>8}  (replayed: simulated with the runs' own action times)"
+        f" {'replayed':>10} {'error':>8} {'each':>10} {'error':>8}"
     )
+    print("  (replayed: simulated with the runs' per-kind action times; each: every step with its own actions' times)")
     by_key = {(r["schedule"], r["method"]): r for r in rows}
     for row in rows:
         predicted, measured = float(row["predicted_s"]) * 1e3, float(row["measured_s"]) * 1e3  # type: ignore[arg-type]
@@ -133,6 +135,7 @@ def _print(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
         print(
             f"{row['schedule']:<10} {row['method']:<8} {split:<14} {predicted:>8.1f}ms {measured:>8.1f}ms"
             f" {float(row['error']):>+8.1%} {float(row['replayed_s']) * 1e3:>8.1f}ms {float(row['model_error']):>+8.1%}"  # type: ignore[arg-type]
+            f" {float(row['replayed_each_s']) * 1e3:>8.1f}ms {float(row['each_error']):>+8.1%}"  # type: ignore[arg-type]
             f"  {row['undisturbed_steps']}/{len(row['steps_s'])} undisturbed steps"
         )
     for name in dict.fromkeys(r["schedule"] for r in rows):

@@ -10,10 +10,14 @@ a step in which some rank queued for more than DISTURBED of it counts as disturb
 the median of the undisturbed steps when at least half are, else of all (and says so). Before each run the
 parent waits (up to a minute) until other processes use less than QUIET_CORES.
 
-The measured steps are traced too: each stage's median time of each kind of compute, and the mean time a send
-and a receive's post took, go with the step times, so that `replayed_step` can split a prediction's error into
-the schedule model's own (the plan simulated with the run's action times) and the profile's (its action times
-against the run's, on a machine whose speed drifts).
+The measured steps are traced too: how long each action kept its rank busy (computes without their wait for
+inputs, sends, receive posts), so that a prediction's error splits in three. `replayed_step` simulates the plan
+with the runs' per-kind times (each stage's median F, B, W and whole backward, the mean send and post) in
+place of the profile's: its difference from the prediction is the profile's error (its times against the
+runs', on a machine whose speed drifts), and its difference from the measured step the schedule model's.
+`Measured.replayed_each` simulates each step with each of its actions' own times: what is left between it
+and the measured step is what the simulator's semantics miss; between it and `replayed_step`, what timing
+every instance of a kind by one number misses (slow instances on closely coupled ranks).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from conveyor.observe.simulate import simulate
 from conveyor.observe.timeline import Span
 from conveyor.observe.trace import Recorder, gather_spans
 from conveyor.plan import Plan, split_with_plan, stage_costs
-from conveyor.schedules import Action, build_schedule
+from conveyor.schedules import Action, Program, build_schedule, validate
 from conveyor.split import Split
 
 WARMUP = 2
@@ -66,6 +70,8 @@ class Measured:
     """Per run: each stage's median time of each kind of compute (`action_times`)."""
     transfers: list[dict[str, float]] = field(default_factory=list)
     """Per run: the mean time a send ("send") and a receive's post ("recv") kept its rank busy."""
+    each: list[float] = field(default_factory=list)
+    """Per step: the step simulated with each of its actions' own times (`replay_each`)."""
 
     def action_times(self) -> dict[int, dict[str, float]]:
         """Per stage and kind of compute, the median over runs of the runs' medians."""
@@ -86,8 +92,17 @@ class Measured:
 
     @property
     def median(self) -> float:
-        kept = self.undisturbed
-        return statistics.median(kept if 2 * len(kept) >= len(self.times) else self.times)
+        return self._median_of_kept(self.times)
+
+    @property
+    def replayed_each(self) -> float:
+        """The median of `each` over the steps `median` takes."""
+        return self._median_of_kept(self.each)
+
+    def _median_of_kept(self, values: list[float]) -> float:
+        """The median of `values` (one per step) over the undisturbed steps when at least half are, else all."""
+        kept = [v for v, t, q in zip(values, self.times, self.queued, strict=True) if q <= DISTURBED * t]
+        return statistics.median(kept if 2 * len(kept) >= len(self.times) else values)
 
     @property
     def disturbed_too_often(self) -> bool:
@@ -104,6 +119,8 @@ class Measured:
             "foreign_cores_before_runs": self.foreign_cores,
             "action_times_s": {str(s): times for s, times in self.action_times().items()},
             "transfer_times_s": self.transfer_times() if self.transfers else None,
+            "replayed_each_s": self.replayed_each,
+            "replayed_each_steps_s": self.each,
         }
 
 
@@ -156,6 +173,7 @@ def measure_plan(plan: Plan, workload: Workload, steps: int, into: Measured, tim
     into.queued += [float(q) for q in result["queued"]]
     into.actions.append(result["actions"])
     into.transfers.append(result["transfers"])
+    into.each += [float(t) for t in result["each"]]
 
 
 def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> float:
@@ -210,7 +228,7 @@ def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out
     )
     tokens = workload.tokens(plan.microbatches * plan.microbatch_size)
     times, queued = [], []
-    recorder = _TransfersToo(rank)
+    recorder = _EveryAction(rank)
     for step in range(steps + WARMUP):
         if step == WARMUP:
             pipe.executor.tracer = recorder  # action times, for `replayed_step`
@@ -225,27 +243,49 @@ def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out
     pipe.close()
     every: list[list[float]] = [[] for _ in range(world)]
     dist.all_gather_object(every, queued)
-    transfers: list[dict[str, list[float]]] = [{} for _ in range(world)]
-    dist.all_gather_object(transfers, recorder.transfers)
+    busy: list[list[tuple[int, str, float]]] = [[] for _ in range(world)]
+    dist.all_gather_object(busy, recorder.busy)
     spans = gather_spans(recorder)
     if rank == 0:
         most = [max(per_rank[i] for per_rank in every) for i in range(len(times))]
-        means = {kind: statistics.mean(t for of_rank in transfers for t in of_rank[kind]) for kind in ("send", "recv")}
-        result = {"times": times, "queued": most, "actions": action_medians(spans), "transfers": means}
+        everything = [row for of_rank in busy for row in of_rank]
+        latency = plan.transfers.latency if plan.transfers else 0.0  # the profile's, as in `replayed_step`
+        result = {
+            "times": times,
+            "queued": most,
+            "actions": action_medians(spans),
+            "transfers": transfer_means(everything, pipe.program),
+            "each": [replay_each(pipe.program, everything, step, latency) for step in range(WARMUP, steps + WARMUP)],
+        }
         Path(out).write_text(json.dumps(result))
 
 
-class _TransfersToo(Recorder):
-    """A Recorder that also times each send and each receive's post (a trace's spans are computes only)."""
+class _EveryAction(Recorder):
+    """A Recorder that also keeps how long each action kept its rank busy: (step, action, seconds), a compute
+    without its wait for inputs, and the sends and receive posts a trace's spans leave out."""
 
     def __init__(self, rank: int) -> None:
         super().__init__(rank)
-        self.transfers: dict[str, list[float]] = {"send": [], "recv": []}
+        self.busy: list[tuple[int, str, float]] = []
 
     def action_ended(self, action: Action) -> None:
-        if action.kind.is_transfer:
-            self.transfers["send" if action.kind.is_send else "recv"].append(time.perf_counter() - self._started)
+        began = self._waited_until if self._waited_until is not None else self._started
+        self.busy.append((self.step, str(action), time.perf_counter() - began))
         super().action_ended(action)
+
+
+def transfer_means(busy: list[tuple[int, str, float]], program: Program) -> dict[str, float]:
+    """The mean time a send ("send") and a receive's post ("recv") kept its rank busy."""
+    kinds = {str(a): a.kind for actions in program.actions.values() for a in actions}
+    sends = [t for _, name, t in busy if kinds[name].is_send]
+    posts = [t for _, name, t in busy if kinds[name].is_recv]
+    return {"send": statistics.mean(sends), "recv": statistics.mean(posts)}
+
+
+def replay_each(program: Program, busy: list[tuple[int, str, float]], step: int, latency: float) -> float:
+    """Step `step` simulated with each of its actions' own busy times (and `latency`)."""
+    own = {name: t for s, name, t in busy if s == step}
+    return validate(program, lambda action: own[str(action)], latency).span
 
 
 def action_medians(spans: list[tuple[int, Span]]) -> dict[str, dict[str, float]]:

@@ -87,6 +87,7 @@ def main() -> None:
                 "error": (plan.step_time - measured) / measured,
                 "replayed_s": replayed,
                 "model_error": (replayed - measured) / measured,
+                "each_error": (times[name].replayed_each - measured) / measured,
                 **times[name].to_json(),
             }
         )
@@ -94,8 +95,9 @@ def main() -> None:
             f"{name:<8} {plan.schedule} v={plan.virtual} m={plan.microbatches} recompute {plan.recompute}"
             f" blocks {list(plan.layers_per_stage)}: predicted {plan.step_time * 1e3:.1f} ms, measured"
             f" {measured * 1e3:.1f} ms ({(plan.step_time - measured) / measured:+.1%});"
-            f" {len(times[name].undisturbed)}/{len(times[name].times)} undisturbed steps; with the runs' own action"
-            f" times {replayed * 1e3:.1f} ms ({(replayed - measured) / measured:+.1%})"
+            f" {len(times[name].undisturbed)}/{len(times[name].times)} undisturbed steps; with the runs' per-kind"
+            f" action times {replayed * 1e3:.1f} ms ({(replayed - measured) / measured:+.1%}), with each step's own"
+            f" {times[name].replayed_each * 1e3:.1f} ms ({(times[name].replayed_each - measured) / measured:+.1%})"
         )
     print(f"best / default measured: {rows[0]['measured_s'] / rows[1]['measured_s']:.3f}")  # type: ignore[operator]
     print(f"load averages before and after each run: {[tuple(round(x, 2) for x in load) for load in loads]}")

@@ -143,9 +143,7 @@ def _profile(
             )
         )
     pipe.close()
-    return LayerProfile(
-        fingerprint, microbatch_rows(example_input), optimizer, tuple(layers), first=first, last=last
-    )
+    return LayerProfile(fingerprint, microbatch_rows(example_input), optimizer, tuple(layers), first=first, last=last)
 
 
 def _program(placement: Any, split: Split, actions: list[Action]) -> Program:

@@ -164,7 +164,7 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
         if times:
             spans[rank] = (min(b for b, _ in times), max(e for _, e in times))
     rank_span = max((end - start for start, end in spans.values()), default=0.0)
-    step_time = _span(timing)
+    step_time = timing.span
     busy = [sum(cost(a) for a in program.actions.get(r, [])) for r in range(program.num_ranks)]
     peaks, peak_bytes = _peak_memory(program, costs, split)
     versions = versions_held(program)
@@ -209,12 +209,6 @@ def _action_cost(costs: CostModel, split: set[tuple[int, int | None]]) -> Callab
     return cost
 
 
-def _span(timing: Timing) -> float:
-    """First start to last end over all ranks."""
-    starts = [t for ts in timing.start.values() for t in ts]
-    return timing.makespan - min(starts, default=0.0)
-
-
 def _bubble(span: float, busy: list[float]) -> float:
     """Mean idle share of `span` over the ranks busy for `busy` each."""
     return sum(span - b for b in busy) / (len(busy) * span) if span > 0 and busy else 0.0
@@ -226,7 +220,7 @@ def _period(program: Program, costs: CostModel) -> float:
     spans = []
     for steps in (half, PERIOD_STEPS):
         repeated = repeat_steps(program, steps)
-        spans.append(_span(validate(repeated, _action_cost(costs, split_backwards(repeated)), costs.latency)))
+        spans.append(validate(repeated, _action_cost(costs, split_backwards(repeated)), costs.latency).span)
     return (spans[1] - spans[0]) / (PERIOD_STEPS - half)
 
 

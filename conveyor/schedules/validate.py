@@ -50,6 +50,11 @@ class Timing:
     def makespan(self) -> float:
         return max((max(ends) for ends in self.end.values() if ends), default=0.0)
 
+    @property
+    def span(self) -> float:
+        """From the first action's start to the last action's end over all ranks: the synchronous step."""
+        return self.makespan - min((t for starts in self.start.values() for t in starts), default=0.0)
+
 
 def unit_cost(action: Action) -> float:
     """Every compute takes one tick, transfers, reductions and steps take none."""

@@ -106,6 +106,7 @@ def main() -> None:
             **provenance(started),
             "load_averages_1_5_15": loads,
             "foreign_cores_before_profiles": foreign,
+            "transfers_s": {m: vars(p.transfers) if p.transfers else None for m, p in profiles.items()},
             "model": args.model,
             "ranking": [
                 {

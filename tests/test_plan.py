@@ -3,6 +3,9 @@ same every time; stage costs add up layers as the runtime runs them; bad request
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -153,6 +156,17 @@ def test_the_local_search_stays_within_the_cap_and_never_beats_the_optimum(
     assert not local.exact
     assert local.step_time >= exact.step_time - 1e-9
     assert max(local.peak_bytes) <= cap
+
+
+def test_a_profile_keeps_its_transfers_and_one_from_before_them_loads_without(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    layers = (layer("a", 1, 0, 1, 2, 0, 10.0, 1), layer("b", 1, 1, 1, 2, 0, 3.0, 1))
+    measured = LayerProfile("t", 1, "sgd", layers, TransferCosts(1e-4, 3e-4, 2e-4, 4096))
+    measured.save(tmp_path / "p.json")
+    assert LayerProfile.load(tmp_path / "p.json") == measured
+    older = {**measured.to_json(), "latency": 1e-4}  # a latency alone, as profiles were written before
+    del older["transfers"]
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    assert LayerProfile.load(tmp_path / "old.json") == dataclasses.replace(measured, transfers=None)
 
 
 def test_memory_model_counts_each_schedules_micro_batches_in_flight() -> None:

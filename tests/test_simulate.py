@@ -197,6 +197,20 @@ def test_cli_plot_writes_a_png(tmp_path) -> None:  # type: ignore[no-untyped-def
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(120)  # it measures what a message costs between 2 spawned ranks
+def test_cli_profile_writes_costs_that_simulate_reads(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    sizes = ["--layers", "2", "--dim", "32", "--heads", "2", "--context", "16", "--batch-size", "4"]
+    out = tmp_path / "costs.json"
+    assert main(["profile", *sizes, "--microbatches", "2", "--out", str(out)]) == 0
+    assert "each message: send" in capsys.readouterr().out
+    costs = load_costs(str(out))
+    assert len(costs.stages) == 2 and all(c.forward > 0 and c.whole_backward > 0 for c in costs.stages)
+    assert min(costs.latency, costs.send, costs.recv) > 0  # measured by default
+    assert main(["simulate", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "2", "--costs", str(out)]) == 0
+    assert main(["profile", *sizes, "--microbatches", "2", "--out", str(out), "--no-transfers"]) == 0
+    assert (load_costs(str(out)).send, load_costs(str(out)).recv, load_costs(str(out)).latency) == (0, 0, 0)
+
+
 def test_a_whole_backward_costs_what_the_model_says() -> None:
     """Unsplit backwards (all of 1f1b's, zbv's fused ones) cost `whole`, split ones B and W."""
     cheaper = parse_costs("f=1,b=1,w=1,whole=1.5")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, measure_plan, now, provenance
+from plan_measure import Measured, Workload, measure_plans, now, provenance
 
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import make_plan, profile_model
@@ -50,7 +50,7 @@ def main() -> None:
                     os.environ.pop(OFF, None)
                 else:
                     os.environ[OFF] = "0"  # the spawned ranks inherit it
-                measure_plan(plan, workload, args.steps, times[(case, kept)])
+                measure_plans([plan], workload, args.steps, [times[(case, kept)]])  # a process setting: runs apart
     os.environ.pop(OFF, None)
     rows = []
     for case, (_, plan) in plans.items():

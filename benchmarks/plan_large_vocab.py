@@ -1,15 +1,16 @@
 """Does `conveyor plan` pay? A GPT whose embedding and LM head cost as much as several blocks, on 2 ranks.
 
-The GPT has a large vocabulary (8192 by default, against 8 blocks of width 128), so its head and loss are as
-costly as about six blocks. For each schedule, the planner's `auto` split and the even split by layer count
-(`uniform`, what `manual_split` does unasked) are predicted from one per-layer profile and then trained for
-real on 2 spawned ranks (`plan_measure.py`: gloo, one thread each, AdamW; a step timed on rank 0 between
-two barriers, the way the simulator's synchronous step is defined). Runs are interleaved (each schedule's
-auto, then its even split, round after round), so drift of a shared machine hits both.
+The GPT has a large vocabulary (12288 by default, against 8 blocks of width 128; micro-batches of 4 x 64
+tokens), so its head and loss compute as much as about six blocks. For each schedule, the planner's `auto`
+split and the even split by layer count (`uniform`, what `manual_split` does unasked) are predicted from one
+per-layer profile and then trained for real on 2 spawned ranks (`plan_measure.py`: gloo, one thread each,
+AdamW; a step timed on rank 0 between two barriers, the way the simulator's synchronous step is defined).
+The two splits of a schedule run in the same ranks, a step of one and then a step of the other
+(`measure_plans`), so drift of a shared machine hits both alike.
 
     python benchmarks/plan_large_vocab.py
     python benchmarks/plan_large_vocab.py --schedules 1f1b zbv --rounds 2 --json out.json
-    python benchmarks/plan_large_vocab.py --predict-only --microbatch-size 4 --vocab 12288   # choose a workload
+    python benchmarks/plan_large_vocab.py --predict-only --microbatch-size 2 --vocab 8192   # choose a workload
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, measure_plan, now, provenance, replayed_step, wait_until_quiet
+from plan_measure import Measured, Workload, measure_plans, now, provenance, replayed_step, wait_until_quiet
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile
@@ -33,13 +34,13 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=["1f1b", "gpipe", "zb-h1", "zbv"])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--microbatch-size", type=int, default=2)
+    parser.add_argument("--microbatch-size", type=int, default=4)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=12288)
     parser.add_argument("--steps", type=int, default=8, help="measured steps per run (after 2 warm-up steps)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each (schedule, split), interleaved")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each schedule (its two splits in turn)")
     parser.add_argument("--repeats", type=int, default=7, help="profiling repeats per layer")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
@@ -62,8 +63,9 @@ def main() -> None:
     times = {key: Measured() for key in plans}
     loads: list[tuple[float, float, float]] = [os.getloadavg()]
     for _ in range(args.rounds):
-        for key, plan in plans.items():
-            measure_plan(plan, Workload("gpt", config), args.steps, times[key])
+        for name in args.schedules:
+            pair = [(name, "auto"), (name, "uniform")]
+            measure_plans([plans[k] for k in pair], Workload("gpt", config), args.steps, [times[k] for k in pair])
             loads.append(os.getloadavg())
     rows = []
     for (name, method), plan in plans.items():

@@ -2,7 +2,9 @@
 
 Ranks are spawned by `conveyor.spawn` (gloo, one torch thread each); the pipeline is built from the plan
 (`split_with_plan`, its schedule, stages per rank, micro-batches and recompute) with AdamW, and each step
-is timed on rank 0 between two barriers, as the simulator's synchronous step is defined.
+is timed on rank 0 between two barriers, as the simulator's synchronous step is defined. `measure_plans`
+runs several plans in the same ranks, one step of each in turn, so that a machine whose speed drifts from
+one second to the next slows them alike and their ratio holds.
 
 The machine these run on is shared. As `bench_schedules.py` does, each rank reads how long its main thread
 (which does all compute, one torch thread) queued for a CPU during each step (the kernel's schedstat), and
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,17 +165,22 @@ class Workload:
         return split_with_plan(self.builder(), plan, example_args=example)
 
 
-def measure_plan(plan: Plan, workload: Workload, steps: int, into: Measured, timeout_s: float = 600) -> None:
-    """Add `steps` steps (after WARMUP more) of `plan` on `workload`'s model to `into`."""
-    into.foreign_cores.append(wait_until_quiet())
+def measure_plans(plans: Sequence[Plan], workload: Workload, steps: int, into: Sequence[Measured]) -> None:
+    """Add `steps` steps (after WARMUP more) of each plan on `workload`'s model to its `into`, taken in turn in
+    the same ranks: a step of the first plan, one of the second, and so on."""
+    if len({plan.ranks for plan in plans}) != 1 or len(plans) != len(into):
+        raise ValueError("plans measured together need the same ranks, and one Measured each")
+    foreign = wait_until_quiet()
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        spawn(_rank, plan.ranks, (plan, workload, steps, out.name), timeout_s=timeout_s)
-        result = json.loads(Path(out.name).read_text())
-    into.times += [float(t) for t in result["times"]]
-    into.queued += [float(q) for q in result["queued"]]
-    into.actions.append(result["actions"])
-    into.transfers.append(result["transfers"])
-    into.each += [float(t) for t in result["each"]]
+        spawn(_rank, plans[0].ranks, (list(plans), workload, steps, out.name), timeout_s=300 + 60 * len(plans))
+        results = json.loads(Path(out.name).read_text())
+    for measured, result in zip(into, results, strict=True):
+        measured.foreign_cores.append(foreign)
+        measured.times += [float(t) for t in result["times"]]
+        measured.queued += [float(q) for q in result["queued"]]
+        measured.actions.append(result["actions"])
+        measured.transfers.append(result["transfers"])
+        measured.each += [float(t) for t in result["each"]]
 
 
 def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> float:
@@ -216,48 +223,72 @@ def _cpu_seconds() -> tuple[float, float]:
     return machine, own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _rank(rank: int, world: int, plan: Plan, workload: Workload, steps: int, out: str) -> None:
+def _rank(rank: int, world: int, plans: list[Plan], workload: Workload, steps: int, out: str) -> None:
     torch.set_num_threads(1)
-    pipe = Pipeline(
-        workload.plan_split(plan),
-        num_microbatches=plan.microbatches,
-        loss_fn=workload.loss,
-        schedule=plan.schedule,
-        recompute=plan.recompute,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
-    )
-    tokens = workload.tokens(plan.microbatches * plan.microbatch_size)
-    times, queued = [], []
-    recorder = _EveryAction(rank)
+    pipes = [
+        Pipeline(
+            workload.plan_split(plan),
+            num_microbatches=plan.microbatches,
+            loss_fn=workload.loss,
+            schedule=plan.schedule,
+            recompute=plan.recompute,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
+        )
+        for plan in plans
+    ]
+    tokens = [workload.tokens(plan.microbatches * plan.microbatch_size) for plan in plans]
+    times: list[list[float]] = [[] for _ in plans]
+    queued: list[list[float]] = [[] for _ in plans]
+    recorders = [_EveryAction(rank) for _ in plans]
     for step in range(steps + WARMUP):
-        if step == WARMUP:
-            pipe.executor.tracer = recorder  # action times, for `replayed_step`
-        recorder.step = step
-        dist.barrier()
-        start, delay = time.perf_counter(), run_delay()
-        pipe.step(tokens[:, :-1], tokens[:, 1:])
-        dist.barrier()
-        if step >= WARMUP:
-            times.append(time.perf_counter() - start)
-            queued.append(run_delay() - delay)
-    pipe.close()
+        for i, pipe in enumerate(pipes):
+            if step == WARMUP:
+                pipe.executor.tracer = recorders[i]  # action times, for `replayed_step` and `replay_each`
+            recorders[i].step = step
+            dist.barrier()
+            start, delay = time.perf_counter(), run_delay()
+            pipe.step(tokens[i][:, :-1], tokens[i][:, 1:])
+            dist.barrier()
+            if step >= WARMUP:
+                times[i].append(time.perf_counter() - start)
+                queued[i].append(run_delay() - delay)
+    results = [
+        _result(rank, world, plan, pipe, recorder, t, q, steps)
+        for plan, pipe, recorder, t, q in zip(plans, pipes, recorders, times, queued, strict=True)
+    ]
+    for pipe in pipes:
+        pipe.close()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def _result(
+    rank: int,
+    world: int,
+    plan: Plan,
+    pipe: Pipeline,
+    recorder: _EveryAction,
+    times: list[float],
+    queued: list[float],
+    steps: int,
+) -> dict[str, Any]:
+    """One plan's measurements, gathered on rank 0 (empty elsewhere). Collective."""
     every: list[list[float]] = [[] for _ in range(world)]
     dist.all_gather_object(every, queued)
     busy: list[list[tuple[int, str, float]]] = [[] for _ in range(world)]
     dist.all_gather_object(busy, recorder.busy)
     spans = gather_spans(recorder)
-    if rank == 0:
-        most = [max(per_rank[i] for per_rank in every) for i in range(len(times))]
-        everything = [row for of_rank in busy for row in of_rank]
-        latency = plan.transfers.latency if plan.transfers else 0.0  # the profile's, as in `replayed_step`
-        result = {
-            "times": times,
-            "queued": most,
-            "actions": action_medians(spans),
-            "transfers": transfer_means(everything, pipe.program),
-            "each": [replay_each(pipe.program, everything, step, latency) for step in range(WARMUP, steps + WARMUP)],
-        }
-        Path(out).write_text(json.dumps(result))
+    if rank != 0:
+        return {}
+    everything = [row for of_rank in busy for row in of_rank]
+    latency = plan.transfers.latency if plan.transfers else 0.0  # the profile's, as in `replayed_step`
+    return {
+        "times": times,
+        "queued": [max(per_rank[i] for per_rank in every) for i in range(len(times))],
+        "actions": action_medians(spans),
+        "transfers": transfer_means(everything, pipe.program),
+        "each": [replay_each(pipe.program, everything, step, latency) for step in range(WARMUP, steps + WARMUP)],
+    }
 
 
 class _EveryAction(Recorder):

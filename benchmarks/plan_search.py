@@ -3,10 +3,10 @@ of the same sizes, traced), checked by training: is the first entry of its ranki
 no slower than the default configuration (1f1b, 4 micro-batches, the even split)?
 
 The search profiles every layer at each micro-batch size it tries (16 sequences of 128 bytes cut into 2, 4,
-8 or 16 micro-batches), measures the transfer time of one boundary's activations between two gloo ranks,
+8 or 16 micro-batches), measures what a message of one boundary's activations costs between two gloo ranks,
 and ranks every synchronous schedule x micro-batch count x recompute setting on 2 ranks by the simulated
 synchronous step of its best split. Then the first entry and the default configuration are trained for
-real, interleaved over rounds (`plan_measure.py`).
+real in the same ranks, a step of one and then a step of the other, over rounds (`plan_measure.py`).
 
     python benchmarks/plan_search.py
     python benchmarks/plan_search.py --rounds 3 --json out.json
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, measure_plan, now, provenance, replayed_step, wait_until_quiet
+from plan_measure import Measured, Workload, measure_plans, now, provenance, replayed_step, wait_until_quiet
 
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import make_plan, profile_model, search, with_measured_transfers
@@ -67,9 +67,8 @@ def main() -> None:
     times = {"best": Measured(), "default": Measured()}
     loads = [os.getloadavg()]
     for _ in range(args.rounds):
-        for name, plan in (("best", best), ("default", default)):
-            measure_plan(plan, workload, args.steps, times[name])
-            loads.append(os.getloadavg())
+        measure_plans([best, default], workload, args.steps, [times["best"], times["default"]])
+        loads.append(os.getloadavg())
     rows = []
     for name, plan in (("best", best), ("default", default)):
         measured = times[name].median

@@ -1,11 +1,12 @@
 """What a message between two ranks costs, measured on this machine: the simulator's latency, send and recv.
 
 A send and a receive's post are not free on CPU: gloo starts the transfer in the calling thread, and its own
-network thread competes with the ranks' compute for the cores. On the 2-CPU VMs of docs/benchmarks.md a
-send kept its rank busy for about 0.2 ms and a post for 0.1-0.25 ms, 12-53 ms per step of a 2-rank ZBV,
-which a simulator that gave them no time left out of its prediction. So they are measured the way a pipeline
-incurs them: two spawned gloo ranks (one thread each), both computing between messages, exchange tensors
-through conveyor's own `Transport`, and each send and post is timed where it is called.
+network thread competes with the ranks' compute for the cores. On the 2-CPU VM of docs/benchmarks.md a send
+kept its rank busy 0.3-0.5 ms on average and a post 0.2-0.8 ms, 12-63 ms per step of a 2-rank ZBV over both
+ranks, which a simulator that gave them no time left out of its prediction. So they are measured much as a
+pipeline incurs them: two spawned gloo ranks (one thread each), both computing between messages, exchange
+tensors through conveyor's own `Transport`, and each send and post is timed where it is called. The posts
+come out cheaper than a pipeline's (docs/planning.md, "Messages between ranks").
 """
 
 from __future__ import annotations

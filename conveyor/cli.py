@@ -173,7 +173,8 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f" {(stage.activation_bytes or 0) / 2**20:.1f} MiB held per micro-batch"
         )
     print(
-        f"each message: send {costs.send * 1e3:.3f} ms, receive's post {costs.recv * 1e3:.3f} ms, latency"
+        f"each message: send {costs.send * 1e3:.3f} ms, receive's post {costs.recv * 1e3:.3f} ms"
+        f" ({(costs.late_recv or costs.recv) * 1e3:.3f} ms after its message arrived), latency"
         f" {costs.latency * 1e3:.3f} ms; written to {args.out}"
     )
     return 0

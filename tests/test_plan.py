@@ -160,9 +160,13 @@ def test_the_local_search_stays_within_the_cap_and_never_beats_the_optimum(
 
 def test_a_profile_keeps_its_transfers_and_one_from_before_them_loads_without(tmp_path) -> None:  # type: ignore[no-untyped-def]
     layers = (layer("a", 1, 0, 1, 2, 0, 10.0, 1), layer("b", 1, 1, 1, 2, 0, 3.0, 1))
-    measured = LayerProfile("t", 1, "sgd", layers, TransferCosts(1e-4, 3e-4, 2e-4, 4096))
+    measured = LayerProfile("t", 1, "sgd", layers, TransferCosts(1e-4, 3e-4, 2e-4, 4096, late_recv=9e-4))
     measured.save(tmp_path / "p.json")
     assert LayerProfile.load(tmp_path / "p.json") == measured
+    early_only = measured.to_json()
+    del early_only["transfers"]["late_recv"]  # type: ignore[index]  # as written before late posts were measured
+    (tmp_path / "early.json").write_text(json.dumps(early_only))
+    assert LayerProfile.load(tmp_path / "early.json").transfers == TransferCosts(1e-4, 3e-4, 2e-4, 4096)
     older = {**measured.to_json(), "latency": 1e-4}  # a latency alone, as profiles were written before
     del older["transfers"]
     (tmp_path / "old.json").write_text(json.dumps(older))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from conveyor.cli import main
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import saved_activation_bytes
 from conveyor.plan import Plan, profile_model, read_profiles, split_with_plan, stage_costs
+from conveyor.plan.profiles import store_profile
 from conveyor.train import TrainConfig
 
 TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--context", "16", "--batch-size", "4", "--microbatches", "2"]
@@ -56,12 +58,22 @@ def test_plan_charges_what_a_message_costs_measured_once_and_kept_with_the_profi
     charged = Plan.load(tmp_path / "plan.json")
     assert charged.transfers is not None and min(charged.transfers.send, charged.transfers.recv) > 0
     assert charged.transfers.latency > 0 and charged.transfers.nbytes > 0
+    assert charged.transfers.late_recv is not None and charged.transfers.late_recv > 0
+    assert "after its message arrived" in out
     (kept,) = read_profiles(tmp_path / "profile.json")
     assert kept.transfers == charged.transfers
     # 1f1b on 2 ranks has sends and receive posts on its critical path.
     assert charged.step_time > free.step_time
     assert main(plan_argv(tmp_path, "--method", "uniform")) == 0
     assert Plan.load(tmp_path / "plan.json").transfers == charged.transfers  # reused, not measured again
+    # A profile kept before late posts were measured has them measured too.
+    store_profile(
+        tmp_path / "profile.json",
+        dataclasses.replace(kept, transfers=dataclasses.replace(charged.transfers, late_recv=None)),
+    )
+    assert main(plan_argv(tmp_path, "--method", "uniform")) == 0
+    remeasured = Plan.load(tmp_path / "plan.json").transfers
+    assert remeasured is not None and remeasured.late_recv is not None and remeasured != charged.transfers
 
 
 def test_search_ranks_configurations_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

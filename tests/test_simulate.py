@@ -142,6 +142,24 @@ def test_sends_and_receive_posts_keep_their_rank_busy() -> None:
     assert simulate(program, parse_costs("f=1,b=1,w=0,recv=2")).step_time == pytest.approx(5.0)
 
 
+def test_a_receive_posted_after_its_message_arrived_costs_late() -> None:
+    # Rank 1 posts 1RF1 when 0SF1 has just arrived, and rank 0 posts 0RB1 when 1SB1 has: both are late.
+    # Rank 1: RF0, F0 [1, 2], RF1 late [2, 2.5], F1, B0, SB0 at 4.5, B1, SB1 at 5.5. Rank 0: F0, F1, RB0 posted
+    # early at 2, B0 [4.5, 5.5], RB1 late [5.5, 6], B1 [6, 7].
+    program = Program.from_strings(
+        [
+            "0F0 0SF0>1 0F1 0SF1>1 0RB0<1 0B0 0RB1<1 0B1 0STEP",
+            "1RF0<0 1F0 1RF1<0 1F1 1B0 1SB0>0 1B1 1SB1>0 1STEP",
+        ],
+        placement=[0, 1],
+        num_microbatches=2,
+    )
+    assert simulate(program, parse_costs("f=1,b=1,w=0")).step_time == pytest.approx(6.0)
+    late = simulate(program, parse_costs("f=1,b=1,w=0,recv=0.1,late=0.5"))
+    assert late.step_time == pytest.approx(7.0)
+    assert late.busy == pytest.approx([4 + 0.1 + 0.5] * 2)  # one early post at 0.1, one late at 0.5 each
+
+
 def test_costs_for_the_wrong_number_of_stages_are_refused() -> None:
     with pytest.raises(ValueError, match="3 stages; the schedule has 2"):
         simulate(build_schedule("1f1b", 2, 2), parse_costs("f=1;f=1;f=1"))
@@ -166,7 +184,11 @@ def test_a_deadlocking_program_is_reported_with_its_ranks_and_actions() -> None:
 
 def test_cost_files_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     costs = CostModel(
-        (StageCosts(0.1, 0.2, 0.05, 1e6, 0.22), StageCosts(0.2, 0.1, 0.1, 2e6)), latency=0.001, send=2e-4, recv=1e-4
+        (StageCosts(0.1, 0.2, 0.05, 1e6, 0.22), StageCosts(0.2, 0.1, 0.1, 2e6)),
+        latency=0.001,
+        send=2e-4,
+        recv=1e-4,
+        late_recv=3e-3,
     )
     path = tmp_path / "costs.json"
     save_costs(costs, path)
@@ -205,10 +227,11 @@ def test_cli_profile_writes_costs_that_simulate_reads(tmp_path, capsys) -> None:
     assert "each message: send" in capsys.readouterr().out
     costs = load_costs(str(out))
     assert len(costs.stages) == 2 and all(c.forward > 0 and c.whole_backward > 0 for c in costs.stages)
-    assert min(costs.latency, costs.send, costs.recv) > 0  # measured by default
+    assert costs.late_recv is not None and min(costs.latency, costs.send, costs.recv, costs.late_recv) > 0  # measured
     assert main(["simulate", "--schedule", "1f1b", "--ranks", "2", "--microbatches", "2", "--costs", str(out)]) == 0
     assert main(["profile", *sizes, "--microbatches", "2", "--out", str(out), "--no-transfers"]) == 0
-    assert (load_costs(str(out)).send, load_costs(str(out)).recv, load_costs(str(out)).latency) == (0, 0, 0)
+    free = load_costs(str(out))
+    assert (free.send, free.recv, free.latency, free.late_recv) == (0, 0, 0, None)
 
 
 def test_a_whole_backward_costs_what_the_model_says() -> None:

@@ -2,8 +2,9 @@
 
 Pure Python, no torch: it reads the same lowered program the executor runs,
 on the validator's clock (a send keeps its rank busy for `send`, posting a
-receive for `recv`, a received tensor arrives `latency` after its send ends,
-and a compute starts when its rank is free and its inputs have arrived).
+receive for `recv`, or `late_recv` if its message arrived first, a received
+tensor arrives `latency` after its send ends, and a compute starts when its
+rank is free and its inputs have arrived).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class CostModel:
     """The time a SEND keeps its rank busy (the executor's own work, and the transport's, to start it)."""
     recv: float = 0.0
     """The time posting a receive (RF, RB) keeps its rank busy."""
+    late_recv: float | None = None
+    """The time posting a receive keeps its rank busy when its message arrived first (gloo: the receiver then
+    tells the sender to start, a system call under contention); None: `recv`, as any post."""
 
     def of(self, stage: int) -> StageCosts:
         if len(self.stages) == 1:
@@ -155,7 +159,7 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
     costs.check(program.num_stages)
     split = split_backwards(program)
     cost = _action_cost(costs, split)
-    timing = validate(program, cost, costs.latency)
+    timing = validate(program, cost, costs.latency, costs.late_recv)
     spans = {}  # per rank, from its first compute's start to its last compute's end
     for rank, actions in program.actions.items():
         times = [
@@ -165,7 +169,10 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
             spans[rank] = (min(b for b, _ in times), max(e for _, e in times))
     rank_span = max((end - start for start, end in spans.values()), default=0.0)
     step_time = timing.span
-    busy = [sum(cost(a) for a in program.actions.get(r, [])) for r in range(program.num_ranks)]
+    busy = [
+        sum(e - b for b, e in zip(timing.start.get(r, []), timing.end.get(r, []), strict=True))
+        for r in range(program.num_ranks)
+    ]
     peaks, peak_bytes = _peak_memory(program, costs, split)
     versions = versions_held(program)
     held = [versions[s] for s in range(program.num_stages)]
@@ -220,7 +227,8 @@ def _period(program: Program, costs: CostModel) -> float:
     spans = []
     for steps in (half, PERIOD_STEPS):
         repeated = repeat_steps(program, steps)
-        spans.append(validate(repeated, _action_cost(costs, split_backwards(repeated)), costs.latency).span)
+        repeated_cost = _action_cost(costs, split_backwards(repeated))
+        spans.append(validate(repeated, repeated_cost, costs.latency, costs.late_recv).span)
     return (spans[1] - spans[0]) / (PERIOD_STEPS - half)
 
 
@@ -290,7 +298,8 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
 
     Keys: f, b, w, whole (a backward run whole; default b + w), reduce (offering tied gradients), bytes (held per
     micro-batch), weights (bytes of one version of the stage's weights); and for every stage at once comm
-    (latency), send and recv (the time a send, or a receive's post, keeps its rank busy).
+    (latency), send and recv (the time a send, or a receive's post, keeps its rank busy) and late (a post
+    after its message arrived).
     """
     names = {
         "f": "forward",
@@ -301,7 +310,7 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
         "reduce": "reduce",
         "weights": "weight_bytes",
     }
-    messages = {"comm": "latency", "send": "send", "recv": "recv"}
+    messages = {"comm": "latency", "send": "send", "recv": "recv", "late": "late_recv"}
     stages: list[StageCosts] = []
     transfers: dict[str, float] = {}
     for part in text.split(";"):
@@ -314,7 +323,8 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
                 values[names[key]] = float(value)
             else:
                 raise ValueError(
-                    f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, bytes, weights, comm, send and recv"
+                    f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, bytes, weights, comm, send, recv"
+                    " and late"
                 )
         stages.append(StageCosts(**values))  # type: ignore[arg-type]
     if latency is not None:
@@ -329,7 +339,8 @@ def load_costs(spec: str) -> CostModel:
         data = json.loads(path.read_text())
         stages = tuple(StageCosts(**stage) for stage in data["stages"])
         transfers = {key: float(data.get(key, 0.0)) for key in ("latency", "send", "recv")}
-        return CostModel(stages, **transfers)
+        late = data.get("late_recv")
+        return CostModel(stages, **transfers, late_recv=None if late is None else float(late))
     return parse_costs(spec)
 
 
@@ -339,5 +350,6 @@ def save_costs(costs: CostModel, path: str | Path) -> None:
         "latency": costs.latency,
         "send": costs.send,
         "recv": costs.recv,
+        "late_recv": costs.late_recv,
     }
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -42,16 +42,24 @@ class TransferCosts:
     send: float
     """Mean time a send keeps its rank busy, while both ranks compute between messages."""
     recv: float
-    """Mean time posting a receive keeps its rank busy, likewise."""
+    """Mean time posting a receive keeps its rank busy, likewise (posted as its message is sent)."""
     nbytes: int = 0
     """The message size they were measured with."""
+    late_recv: float | None = None
+    """Mean time posting a receive keeps its rank busy when its message arrived first (None: not measured)."""
 
 
 def with_transfers(costs: CostModel, transfers: TransferCosts | None) -> CostModel:
     """`costs` with each message costing what `transfers` says (nothing, if not measured)."""
     if transfers is None:
-        return dataclasses.replace(costs, latency=0.0, send=0.0, recv=0.0)
-    return dataclasses.replace(costs, latency=transfers.latency, send=transfers.send, recv=transfers.recv)
+        return dataclasses.replace(costs, latency=0.0, send=0.0, recv=0.0, late_recv=None)
+    return dataclasses.replace(
+        costs,
+        latency=transfers.latency,
+        send=transfers.send,
+        recv=transfers.recv,
+        late_recv=transfers.late_recv,
+    )
 
 
 def measure_transfers(nbytes: int, rounds: int = ROUNDS, timeout_s: float = 120) -> TransferCosts:
@@ -65,7 +73,7 @@ def measure_transfers(nbytes: int, rounds: int = ROUNDS, timeout_s: float = 120)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         spawn(_exchange, 2, (nbytes, rounds, out.name), timeout_s=timeout_s)
         data = json.loads(Path(out.name).read_text())
-    return TransferCosts(data["latency"], data["send"], data["recv"], nbytes)
+    return TransferCosts(data["latency"], data["send"], data["recv"], nbytes, data["late_recv"])
 
 
 def _exchange(rank: int, world: int, nbytes: int, rounds: int, out: str) -> None:
@@ -105,16 +113,31 @@ def _exchange(rank: int, world: int, nbytes: int, rounds: int, out: str) -> None
         if index >= WARMUP:
             sends.append(sent - start)
             posts.append(posted - sent)
+
+    # A receive posted after its message arrived, while the sender computes on (each rank receives in turn).
+    late_posts = []
+    for index in range(WARMUP + rounds):
+        if index % 2 == rank:
+            transport.send(payload.clone(), mine)
+            _compute(work, COMPUTE_S)
+            continue
+        _compute(work, COMPUTE_S / 2)
+        start = time.perf_counter()
+        incoming = transport.recv(payload.shape, payload.dtype, theirs)
+        posted = time.perf_counter()
+        incoming.wait()
+        _compute(work, COMPUTE_S / 2)
+        if index >= WARMUP:
+            late_posts.append(posted - start)
     transport.flush()
     gathered: list[list[list[float]]] = [[], []]
-    dist.all_gather_object(gathered, [sends, posts])
+    dist.all_gather_object(gathered, [sends, posts, late_posts])
     if rank == 0:
-        every_send = [t for sends_of, _ in gathered for t in sends_of]
-        every_post = [t for _, posts_of in gathered for t in posts_of]
         result = {
             "latency": statistics.median(round_trips[WARMUP:]) / 2,
-            "send": statistics.mean(every_send),
-            "recv": statistics.mean(every_post),
+            "send": statistics.mean(t for of_rank in gathered for t in of_rank[0]),
+            "recv": statistics.mean(t for of_rank in gathered for t in of_rank[1]),
+            "late_recv": statistics.mean(t for of_rank in gathered for t in of_rank[2]),
         }
         Path(out).write_text(json.dumps(result))
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..observe.profile import OPTIMIZER_STATES, LayerProfile
+from ..observe.transfers import TransferCosts
 from ..schedules import SCHEDULES
 from .cost import RECOMPUTE_SETTINGS
 from .layers import fingerprint, layer_split, profile_model, traced_fingerprint, with_measured_transfers
@@ -124,7 +125,8 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"profile of micro-batches of {size} x {args.context} tokens: {how} ({args.profile})")
         if not args.transfers:
             return dataclasses.replace(profile, transfers=None)
-        if profile.transfers is None:  # a profile kept by an earlier `--no-transfers`
+        # A profile kept by an earlier `--no-transfers`, or from before late posts were measured.
+        if profile.transfers is None or profile.transfers.late_recv is None:
             profile = with_measured_transfers(profile)
             store_profile(args.profile, profile)
         return profile
@@ -273,8 +275,15 @@ def _print_plan(plan: Plan) -> None:
     else:
         print(
             f"each message between ranks: a send busies its rank {t.send * 1e3:.2f} ms, a receive's post"
-            f" {t.recv * 1e3:.2f} ms, latency {t.latency * 1e3:.2f} ms (measured at {t.nbytes / 2**20:.2f} MiB)"
+            f" {t.recv * 1e3:.2f} ms ({_late(t)}), latency {t.latency * 1e3:.2f} ms (measured at"
+            f" {t.nbytes / 2**20:.2f} MiB)"
         )
+
+
+def _late(transfers: TransferCosts) -> str:
+    if transfers.late_recv is None:
+        return "the same after its message arrived: not measured"
+    return f"{transfers.late_recv * 1e3:.2f} ms after its message arrived"
 
 
 def _compact(names: tuple[str, ...]) -> str:

@@ -61,11 +61,19 @@ def unit_cost(action: Action) -> float:
     return 1.0 if action.kind.is_compute else 0.0
 
 
-def validate(program: Program, cost: Callable[[Action], float] = unit_cost, latency: float = 0.0) -> Timing:
+def validate(
+    program: Program,
+    cost: Callable[[Action], float] = unit_cost,
+    latency: float = 0.0,
+    late_recv: float | None = None,
+) -> Timing:
     """Check `program` and return its timing under `cost`; raise ScheduleError if it cannot run.
 
     `cost(action)` is how long an action keeps its rank busy; a received
     tensor (or another stage's shared gradient) arrives `latency` after its send.
+    With `late_recv`, a receive posted after its message arrived takes that long
+    instead (gloo moves a message whose receive was not posted only once the
+    receiver tells the sender to start, and that costs the receiver).
 
     Catches: actions on a rank that does not own their stage, missing or
     repeated computes, steps and reductions, a compute whose input was not
@@ -78,7 +86,7 @@ def validate(program: Program, cost: Callable[[Action], float] = unit_cost, late
     _check_computes(program)
     _check_channels(program)
     _check_reductions(program)
-    timing = _run(program, cost, latency)
+    timing = _run(program, cost, latency, late_recv)
     _check_versions(program)
     return timing
 
@@ -391,7 +399,7 @@ def _posted(program: Program, rank: int, action: Action) -> Message | None:
     return None
 
 
-def _run(program: Program, cost: Callable[[Action], float], latency: float) -> Timing:
+def _run(program: Program, cost: Callable[[Action], float], latency: float, late_recv: float | None) -> Timing:
     """Run all ranks on a clock, one action at a time, until done or stuck."""
     ranks = sorted(program.actions)
     split = split_backwards(program)
@@ -418,6 +426,10 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float) -> T
                 arrivals = [sent_at[m] + (latency if _sender(program, m)[0] != rank else 0.0) for m in awaited]
                 begin = max([clock[rank], *arrivals])
                 clock[rank] = begin + cost(action)
+                if late_recv is not None and action.kind.is_recv:
+                    message = _message_of(action)
+                    if message in sent_at and sent_at[message] + latency <= begin:
+                        clock[rank] = begin + late_recv
                 start[rank].append(begin)
                 end[rank].append(clock[rank])
                 posted = _posted(program, rank, action)

@@ -14,8 +14,8 @@ parent waits (up to a minute) until other processes use less than QUIET_CORES.
 
 The measured steps are traced too: how long each action kept its rank busy (computes without their wait for
 inputs, sends, receive posts), so that a prediction's error splits in three. `replayed_step` simulates the plan
-with the runs' per-kind times (each stage's median F, B, W and whole backward, the mean send and post) in
-place of the profile's: its difference from the prediction is the profile's error (its times against the
+with the runs' per-kind times (each stage's mean F, B, W and whole backward, send and post: a step adds up
+instances, slow ones too, so the mean is the one number that predicts it) in place of the profile's: its difference from the prediction is the profile's error (its times against the
 runs', on a machine whose speed drifts), and its difference from the measured step the schedule model's.
 `Measured.replayed_each` simulates each step with each of its actions' own times: what is left between it
 and the measured step is what the simulator's semantics miss; between it and `replayed_step`, what timing
@@ -69,20 +69,20 @@ class Measured:
     foreign_cores: list[float] = field(default_factory=list)
     """Per run: CPU cores other processes used while the parent waited to start it."""
     actions: list[dict[str, dict[str, float]]] = field(default_factory=list)
-    """Per run: each stage's median time of each kind of compute (`action_times`)."""
+    """Per run: each stage's mean time of each kind of compute (`action_means`)."""
     transfers: list[dict[str, float]] = field(default_factory=list)
     """Per run: the mean time a send ("send") and a receive's post ("recv") kept its rank busy."""
     each: list[float] = field(default_factory=list)
     """Per step: the step simulated with each of its actions' own times (`replay_each`)."""
 
     def action_times(self) -> dict[int, dict[str, float]]:
-        """Per stage and kind of compute, the median over runs of the runs' medians."""
+        """Per stage and kind of compute, the mean over runs of the runs' means."""
         kinds: dict[int, dict[str, list[float]]] = {}
         for run in self.actions:
             for stage, times in run.items():
                 for kind, t in times.items():
                     kinds.setdefault(int(stage), {}).setdefault(kind, []).append(t)
-        return {s: {k: statistics.median(ts) for k, ts in by.items()} for s, by in kinds.items()}
+        return {s: {k: statistics.mean(ts) for k, ts in by.items()} for s, by in kinds.items()}
 
     def transfer_times(self) -> dict[str, float]:
         """The mean over runs of each run's mean send and receive post."""
@@ -286,7 +286,7 @@ def _result(
     return {
         "times": times,
         "queued": [max(per_rank[i] for per_rank in every) for i in range(len(times))],
-        "actions": action_medians(spans),
+        "actions": action_means(spans),
         "transfers": transfer_means(everything, pipe.program),
         "each": [replay_each(pipe.program, everything, step, latency) for step in range(WARMUP, steps + WARMUP)],
     }
@@ -320,8 +320,8 @@ def replay_each(program: Program, busy: list[tuple[int, str, float]], step: int,
     return validate(program, lambda action: own[str(action)], latency).span
 
 
-def action_medians(spans: list[tuple[int, Span]]) -> dict[str, dict[str, float]]:
-    """Per stage, the median time of each kind of compute in `spans`: F, B (split from its W), W, and whole
+def action_means(spans: list[tuple[int, Span]]) -> dict[str, dict[str, float]]:
+    """Per stage, the mean time of each kind of compute in `spans`: F, B (split from its W), W, and whole
     (a B with no W of its own: the whole backward)."""
     split = {(step, span.stage, span.mb) for step, span in spans if span.kind == "W"}
     samples: dict[int, dict[str, list[float]]] = {}
@@ -330,7 +330,7 @@ def action_medians(spans: list[tuple[int, Span]]) -> dict[str, dict[str, float]]
             continue
         kind = "whole" if span.kind == "B" and (step, span.stage, span.mb) not in split else span.kind
         samples.setdefault(span.stage, {}).setdefault(kind, []).append(span.end - span.start)
-    return {str(s): {k: statistics.median(ts) for k, ts in by.items()} for s, by in samples.items()}
+    return {str(s): {k: statistics.mean(ts) for k, ts in by.items()} for s, by in samples.items()}
 
 
 def now() -> str:

@@ -2,9 +2,10 @@
 
 The GPT has a large vocabulary (12288 by default, against 8 blocks of width 128; micro-batches of 4 x 64
 tokens), so its head and loss compute as much as about six blocks. For each schedule, the planner's `auto`
-split and the even split by layer count (`uniform`, what `manual_split` does unasked) are predicted from one
-per-layer profile and then trained for real on 2 spawned ranks (`plan_measure.py`: gloo, one thread each,
-AdamW; a step timed on rank 0 between two barriers, the way the simulator's synchronous step is defined).
+split and the even split by layer count (`uniform`, what `manual_split` does unasked) are predicted from a
+per-layer profile taken right before they are trained for real on 2 spawned ranks (`plan_measure.py`:
+gloo, one thread each, AdamW; a step timed on rank 0 between two barriers, the way the simulator's
+synchronous step is defined).
 The two splits of a schedule run in the same ranks, a step of one and then a step of the other
 (`measure_plans`), so drift of a shared machine hits both alike.
 
@@ -26,7 +27,8 @@ from plan_measure import Measured, Workload, measure_plans, now, provenance, rep
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile
-from conveyor.plan import Plan, make_plan, profile_model, with_measured_transfers
+from conveyor.plan import Plan, profile_model, with_measured_transfers
+from conveyor.plan import make_plan as plan_for
 
 
 def main() -> None:
@@ -50,27 +52,30 @@ def main() -> None:
     torch.set_num_threads(1)
     config = GPTConfig(vocab_size=args.vocab, context=args.context, dim=args.dim, layers=args.layers, heads=4)
     started = now()
-    quiet_before_profile = wait_until_quiet()  # a profile taken while others compute would inflate every layer
-    profile = measure_profile(config, args)
-    plans = {
-        (name, method): make_plan(profile, name, args.ranks, args.microbatches, method=method)
-        for name in args.schedules
-        for method in ("auto", "uniform")
-    }
     if args.predict_only:
-        _print_predictions(plans, args)
+        profile = measure_profile(config, args)
+        _print_predictions({key: make_plan(profile, *key, args) for key in _keys(args)}, args)
         return
-    times = {key: Measured() for key in plans}
+    # Each schedule is profiled right before its two splits are trained: on a machine whose speed drifts
+    # from one minute to the next, a profile taken minutes earlier mispredicts by the drift alone.
+    profiles: dict[str, LayerProfile] = {}
+    quiet_before_profiles: dict[str, float] = {}
+    plans: dict[tuple[str, str], Plan] = {}
+    times = {key: Measured() for key in _keys(args)}
     loads: list[tuple[float, float, float]] = [os.getloadavg()]
-    for _ in range(args.rounds):
-        for name in args.schedules:
-            pair = [(name, "auto"), (name, "uniform")]
+    for name in args.schedules:
+        quiet_before_profiles[name] = wait_until_quiet()  # a profile taken while others compute inflates it
+        profiles[name] = measure_profile(config, args)
+        pair = [(name, "auto"), (name, "uniform")]
+        for key in pair:
+            plans[key] = make_plan(profiles[name], *key, args)
+        for _ in range(args.rounds):
             measure_plans([plans[k] for k in pair], Workload("gpt", config), args.steps, [times[k] for k in pair])
             loads.append(os.getloadavg())
     rows = []
     for (name, method), plan in plans.items():
         measured = times[(name, method)].median
-        replayed = replayed_step(plan, profile, times[(name, method)])
+        replayed = replayed_step(plan, profiles[name], times[(name, method)])
         rows.append(
             {
                 "schedule": name,
@@ -88,10 +93,15 @@ def main() -> None:
     report = {
         **provenance(started),
         "load_averages_1_5_15": loads,
-        "foreign_cores_before_profile": quiet_before_profile,
         "config": vars(args),
-        "profile": [vars(layer) for layer in profile.layers],
-        "transfers_s": vars(profile.transfers) if profile.transfers else None,
+        "profiles": {
+            name: {
+                "foreign_cores_before": quiet_before_profiles[name],
+                "layers": [vars(layer) for layer in profile.layers],
+                "transfers_s": vars(profile.transfers) if profile.transfers else None,
+            }
+            for name, profile in profiles.items()
+        },
         "rows": rows,
     }
     _print(rows, args)
@@ -99,6 +109,15 @@ def main() -> None:
     print(f"load averages (1, 5, 15 min) before and after each run: {shown}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _keys(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(schedule, split method) of every plan the benchmark compares."""
+    return [(name, method) for name in args.schedules for method in ("auto", "uniform")]
+
+
+def make_plan(profile: LayerProfile, name: str, method: str, args: argparse.Namespace) -> Plan:
+    return plan_for(profile, name, args.ranks, args.microbatches, method=method)
 
 
 def measure_profile(config: GPTConfig, args: argparse.Namespace) -> LayerProfile:

@@ -15,8 +15,9 @@ parent waits (up to a minute) until other processes use less than QUIET_CORES.
 The measured steps are traced too: how long each action kept its rank busy (computes without their wait for
 inputs, sends, receive posts), so that a prediction's error splits in three. `replayed_step` simulates the plan
 with the runs' per-kind times (each stage's mean F, B, W and whole backward, send and post: a step adds up
-instances, slow ones too, so the mean is the one number that predicts it) in place of the profile's: its difference from the prediction is the profile's error (its times against the
-runs', on a machine whose speed drifts), and its difference from the measured step the schedule model's.
+instances, slow ones too, so the mean is the one number that predicts it) in place of the profile's: its
+difference from the prediction is the profile's error (its times against the runs', on a machine whose
+speed drifts), and its difference from the measured step the schedule model's.
 `Measured.replayed_each` simulates each step with each of its actions' own times: what is left between it
 and the measured step is what the simulator's semantics miss; between it and `replayed_step`, what timing
 every instance of a kind by one number misses (slow instances on closely coupled ranks).

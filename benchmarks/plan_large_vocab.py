@@ -29,6 +29,7 @@ from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import Plan, profile_model, with_measured_transfers
 from conveyor.plan import make_plan as plan_for
+from conveyor.plan.command import PROFILE_SECONDS
 
 
 def main() -> None:
@@ -43,7 +44,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=12288)
     parser.add_argument("--steps", type=int, default=8, help="measured steps per run (after 2 warm-up steps)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each schedule (its two splits in turn)")
-    parser.add_argument("--repeats", type=int, default=7, help="profiling repeats per layer")
+    parser.add_argument("--repeats", type=int, default=7, help="profiling repeats per layer, at least")
+    parser.add_argument(
+        "--profile-seconds", type=float, default=PROFILE_SECONDS, help="each profile's timed rounds last this long"
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--predict-only", action="store_true", help="profile and print the predicted speedups; train nothing"
@@ -124,7 +128,14 @@ def measure_profile(config: GPTConfig, args: argparse.Namespace) -> LayerProfile
     tokens = torch.randint(
         0, config.vocab_size, (args.microbatch_size, args.context + 1), generator=torch.Generator().manual_seed(0)
     )
-    profile = profile_model(lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=args.repeats)
+    profile = profile_model(
+        lambda: GPT(config),
+        tokens[:, :-1],
+        tokens[:, 1:],
+        lm_loss,
+        repeats=args.repeats,
+        min_seconds=args.profile_seconds,
+    )
     return with_measured_transfers(profile)
 
 

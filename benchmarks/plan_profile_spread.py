@@ -5,6 +5,7 @@ A spread here is a spread in every prediction `conveyor plan` makes from one pro
 
     python benchmarks/plan_profile_spread.py
     python benchmarks/plan_profile_spread.py --profiles 5 --repeats 7
+    python benchmarks/plan_profile_spread.py --profile-seconds 20   # as `conveyor plan` profiles
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ CONFIGURATIONS = (("dualpipev", 8, "auto"), ("1f1b", 8, "auto"), ("1f1b", 4, "un
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profiles", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=7, help="repeats per layer in each profile")
+    parser.add_argument("--repeats", type=int, default=7, help="repeats per layer in each profile, at least")
+    parser.add_argument("--profile-seconds", type=float, default=0.0, help="each profile's timed rounds last this long")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -36,7 +38,14 @@ def main() -> None:
         for m in sorted({m for _, m, _ in CONFIGURATIONS}):
             size = -(-args.batch_size // m)
             tokens = torch.randint(0, 256, (size, config.context + 1), generator=torch.Generator().manual_seed(0))
-            profile = profile_model(lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=args.repeats)
+            profile = profile_model(
+                lambda: GPT(config),
+                tokens[:, :-1],
+                tokens[:, 1:],
+                lm_loss,
+                repeats=args.repeats,
+                min_seconds=args.profile_seconds,
+            )
             for name, count, method in CONFIGURATIONS:
                 if count == m:
                     plan = make_plan(profile, name, 2, m, method=method)

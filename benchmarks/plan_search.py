@@ -26,7 +26,7 @@ from plan_measure import Measured, Workload, measure_plans, now, provenance, rep
 
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import make_plan, profile_model, search, with_measured_transfers
-from conveyor.plan.command import ranking_table
+from conveyor.plan.command import PROFILE_SECONDS, ranking_table
 from conveyor.train import TrainConfig
 
 
@@ -54,7 +54,13 @@ def main() -> None:
             foreign[m] = wait_until_quiet()  # a profile taken while others compute would inflate every layer
             tokens = workload.tokens(-(-args.batch_size // m))
             p = profile_model(
-                workload.builder(), tokens[:, :-1], tokens[:, 1:], workload.loss, split=workload.split, repeats=7
+                workload.builder(),
+                tokens[:, :-1],
+                tokens[:, 1:],
+                workload.loss,
+                split=workload.split,
+                repeats=7,
+                min_seconds=PROFILE_SECONDS,  # as `conveyor plan` profiles
             )
             profiles[m] = with_measured_transfers(p)
         return profiles[m]

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conveyor.observe.profile import OPTIMIZER_STATES, LayerCosts, LayerProfile
+from conveyor.observe.profile import OPTIMIZER_STATES, LayerCosts, LayerProfile, timed_rounds
 from conveyor.observe.simulate import simulate
 from conveyor.observe.transfers import TransferCosts
 from conveyor.plan import MemoryModel, PlanError, count_splits, partition, splits, stage_costs
@@ -171,6 +172,15 @@ def test_a_profile_keeps_its_transfers_and_one_from_before_them_loads_without(tm
     del older["transfers"]
     (tmp_path / "old.json").write_text(json.dumps(older))
     assert LayerProfile.load(tmp_path / "old.json") == dataclasses.replace(measured, transfers=None)
+
+
+def test_a_profile_warms_up_then_times_until_it_has_its_repeats_and_its_seconds() -> None:
+    assert list(timed_rounds(2, 3)) == [False, False, True, True, True]
+    start, timed = time.perf_counter(), 0
+    for is_timed in timed_rounds(1, 1, min_seconds=0.05):
+        time.sleep(0.01)  # a round of 10 ms: 5 of them fill the 50 ms
+        timed += is_timed
+    assert time.perf_counter() - start >= 0.05 and timed >= 5
 
 
 def test_memory_model_counts_each_schedules_micro_batches_in_flight() -> None:

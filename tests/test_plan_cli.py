@@ -20,7 +20,8 @@ TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--context", "16", "--ba
 
 
 def plan_argv(tmp_path: Path, *extra: str) -> list[str]:
-    return ["plan", *TINY, "--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path / "plan.json"), *extra]
+    files = ["--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path / "plan.json")]
+    return ["plan", *TINY, "--profile-seconds", "0", *files, *extra]  # a profile of a few rounds, for speed
 
 
 @pytest.mark.timeout(120)  # it measures what a message costs between 2 spawned ranks
@@ -105,6 +106,12 @@ def test_more_stages_than_layers_is_refused(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         main(plan_argv(tmp_path, "--ranks", "5", "--no-transfers"))  # 4 layers: the embeddings, 2 blocks, the head
     assert "5 stages need at least 5 layers to own; the model has 4" in capsys.readouterr().err
+
+
+def test_a_negative_profile_time_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(plan_argv(tmp_path, "--profile-seconds", "-1", "--no-transfers"))
+    assert "--profile-seconds must be at least 0; got -1.0" in capsys.readouterr().err
 
 
 def test_a_plan_for_another_model_or_other_settings_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ __all__ = [
     "profile_layers",
     "profile_stages",
     "saved_activation_bytes",
+    "timed_rounds",
 ]
 
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
@@ -114,6 +115,23 @@ class LayerProfile:
             raise ValueError(f"{path} is not a layer profile written by conveyor ({error})") from None
 
 
+def timed_rounds(warmup: int, repeats: int, min_seconds: float = 0.0) -> Iterator[bool]:
+    """One item per round of a profile, True for a timed one: `warmup` untimed rounds, then timed ones until
+    there have been `repeats` and `min_seconds` have passed since the first.
+
+    A profile that lasts a few seconds samples the machine's speed over a few seconds; a run measures it over
+    tens. On the shared VM of docs/benchmarks.md, profiles of 4 s moved 15-23 % from one to the next, of 23 s
+    5-11 % (benchmarks/plan_profile_spread.py).
+    """
+    for _ in range(warmup):
+        yield False
+    started = time.perf_counter()
+    done = 0
+    while done < repeats or time.perf_counter() - started < min_seconds:
+        yield True
+        done += 1
+
+
 def profile_stages(
     modules: Sequence[nn.Module],
     example_input: Any,
@@ -158,11 +176,13 @@ def profile_layers(
     fingerprint: str = "",
     repeats: int = 5,
     warmup: int = 2,
+    min_seconds: float = 0.0,
 ) -> LayerProfile:
     """Measure each layer of a model on one micro-batch: modules that chain like stages (the output of one is
     the input of the next; the last one's output goes to `loss_fn`), run one after another in this process.
 
-    Costs about (warmup + repeats) x (two forwards, two backwards and an optimizer step) per layer.
+    Costs about (warmup + repeats) x (two forwards, two backwards and an optimizer step) per layer, and the
+    timed rounds last at least `min_seconds` (`timed_rounds`).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
@@ -184,10 +204,10 @@ def profile_layers(
     ]
     # Round-robin over the layers, so that a machine that slows down for a while slows every layer alike.
     samples: list[list[tuple[float, float, float, float]]] = [[] for _ in layers]
-    for repeat in range(warmup + repeats):
+    for timed in timed_rounds(warmup, repeats, min_seconds):
         for index, run in enumerate(runs):
             sample = run()
-            if repeat >= warmup:
+            if timed:
                 samples[index].append(sample)
     measured = []
     for index, module in enumerate(layers):

@@ -21,7 +21,15 @@ import torch.distributed as dist
 
 from ..schedules import Action, Kind, Program, lower
 from ..split import Split
-from .profile import OPTIMIZER_STATES, LayerCosts, LayerProfile, loss_saved_bytes, microbatch_rows, step_time
+from .profile import (
+    OPTIMIZER_STATES,
+    LayerCosts,
+    LayerProfile,
+    loss_saved_bytes,
+    microbatch_rows,
+    step_time,
+    timed_rounds,
+)
 from .trace import Recorder
 
 __all__ = ["profile_split"]
@@ -38,6 +46,7 @@ def profile_split(
     fingerprint: str = "",
     repeats: int = 5,
     warmup: int = 2,
+    min_seconds: float = 0.0,
     first: bool = False,
     last: bool = False,
 ) -> LayerProfile:
@@ -45,7 +54,7 @@ def profile_split(
 
     Needs torch.distributed uninitialized (it makes a one-rank gloo group for the pipeline, and ends it).
     Costs about (warmup + repeats) x (two forward and two backward passes of the model) and an optimizer step
-    per layer.
+    per layer, and the timed rounds last at least `min_seconds` (`timed_rounds`).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
@@ -66,6 +75,7 @@ def profile_split(
                 fingerprint,
                 repeats,
                 warmup,
+                min_seconds,
                 first,
                 last,
             )
@@ -83,6 +93,7 @@ def _profile(
     fingerprint: str,
     repeats: int,
     warmup: int,
+    min_seconds: float,
     first: bool,
     last: bool,
 ) -> LayerProfile:
@@ -107,11 +118,11 @@ def _profile(
     pipe.executor.tracer = recorder
     # Each repeat runs both programs, so that a machine slowing down for a while slows every measure alike.
     samples: dict[tuple[str, int], list[float]] = {}  # by (F, whole, B or W; stage)
-    for repeat in range(warmup + repeats):
+    for timed in timed_rounds(warmup, repeats, min_seconds):
         for program, backward in ((whole, "whole"), (halves, "B")):
             recorder.spans.clear()
             pipe.run_program(program, example_input, example_target)
-            if repeat < warmup:
+            if not timed:
                 continue
             for _, span in recorder.spans:
                 kind = backward if span.kind == "B" else span.kind

@@ -21,6 +21,10 @@ from .search import make_plan, search
 
 __all__ = ["add_plan_parser", "parse_bytes", "ranking_table", "run_plan", "train_command"]
 
+PROFILE_SECONDS = 20.0
+"""How long `conveyor plan` times a model's layers at least: on the shared VM of docs/benchmarks.md, profiles of
+about 4 s predicted the same step 15-23 % apart from one to the next, of about 23 s 5-11 %."""
+
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
@@ -69,7 +73,14 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
     plan.add_argument("--microbatch-counts", type=_counts, help="--search: micro-batch counts to try")
     plan.add_argument("--top", type=int, default=5, help="--search: how many configurations to show")
     plan.add_argument(
-        "--repeats", type=int, default=7, help="timed runs of each layer (median); more steadies a noisy machine"
+        "--repeats", type=int, default=7, help="timed runs of each layer at least (median); see --profile-seconds"
+    )
+    plan.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=PROFILE_SECONDS,
+        help="time the layers, round after round, for at least this long (default: %(default)s): a profile of a"
+        " few seconds samples a shared machine's speed over a few seconds, where a run measures it over tens",
     )
     plan.add_argument(
         "--no-transfers",
@@ -89,6 +100,8 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
 def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
+    if args.profile_seconds < 0:
+        parser.error(f"--profile-seconds must be at least 0; got {args.profile_seconds}")
     if min(args.layers, args.batch_size, args.ranks, args.repeats, args.heads) < 1 or args.dim % args.heads:
         parser.error(
             "--layers, --batch-size, --ranks, --repeats and --heads must be at least 1, and --dim a multiple of --heads"
@@ -117,6 +130,7 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 optimizer=args.optimizer,
                 seed=args.seed,
                 repeats=args.repeats,
+                min_seconds=args.profile_seconds,
             )
             return with_measured_transfers(found) if args.transfers else found
 

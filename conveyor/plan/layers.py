@@ -132,8 +132,10 @@ def profile_model(
     seed: int = 0,
     repeats: int = 5,
     warmup: int = 2,
+    min_seconds: float = 0.0,
 ) -> LayerProfile:
-    """Profile each layer of `model` on one micro-batch (`example_input`, its target) in this process.
+    """Profile each layer of `model` on one micro-batch (`example_input`, its target) in this process, `repeats`
+    times and for at least `min_seconds`.
 
     `split` says how the model will be cut: "manual" builds one layer at a time (a function is built on the
     meta device and only that layer materialized), so the whole model never needs to fit; "traced" traces the
@@ -155,6 +157,7 @@ def profile_model(
             fingerprint=traced_fingerprint(model, blocks=blocks),
             repeats=repeats,
             warmup=warmup,
+            min_seconds=min_seconds,
             first=True,
             last=True,
         )
@@ -171,6 +174,7 @@ def profile_model(
         fingerprint=fingerprint(units),
         repeats=repeats,
         warmup=warmup,
+        min_seconds=min_seconds,
     )
     return dataclasses.replace(profile, first=bool(units.layout.first), last=bool(units.layout.last))
 

@@ -5,7 +5,7 @@ A spread here is a spread in every prediction `conveyor plan` makes from one pro
 
     python benchmarks/plan_profile_spread.py
     python benchmarks/plan_profile_spread.py --profiles 5 --repeats 7
-    python benchmarks/plan_profile_spread.py --profile-seconds 20   # as `conveyor plan` profiles
+    python benchmarks/plan_profile_spread.py --profile-seconds 20
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profiles", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=7, help="repeats per layer in each profile, at least")
-    parser.add_argument("--profile-seconds", type=float, default=0.0, help="each profile's timed rounds last this long")
+    parser.add_argument(
+        "--profile-seconds", type=float, default=0.0, help="each profile's timed rounds last at least this long"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(1)

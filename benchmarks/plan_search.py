@@ -26,7 +26,7 @@ from plan_measure import Measured, Workload, measure_plans, now, provenance, rep
 
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import make_plan, profile_model, search, with_measured_transfers
-from conveyor.plan.command import PROFILE_SECONDS, ranking_table
+from conveyor.plan.command import ranking_table
 from conveyor.train import TrainConfig
 
 
@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="measured steps per run (after 2 warm-up steps)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--top", type=int, default=5)
+    parser.add_argument(
+        "--profile-seconds", type=float, default=0.0, help="each profile's timed rounds last at least this long"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -60,7 +63,7 @@ def main() -> None:
                 workload.loss,
                 split=workload.split,
                 repeats=7,
-                min_seconds=PROFILE_SECONDS,  # as `conveyor plan` profiles
+                min_seconds=args.profile_seconds,
             )
             profiles[m] = with_measured_transfers(p)
         return profiles[m]

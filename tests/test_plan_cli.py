@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,7 @@ TINY = ["--layers", "2", "--dim", "32", "--heads", "2", "--context", "16", "--ba
 
 
 def plan_argv(tmp_path: Path, *extra: str) -> list[str]:
-    files = ["--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path / "plan.json")]
-    return ["plan", *TINY, "--profile-seconds", "0", *files, *extra]  # a profile of a few rounds, for speed
+    return ["plan", *TINY, "--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path / "plan.json"), *extra]
 
 
 @pytest.mark.timeout(120)  # it measures what a message costs between 2 spawned ranks
@@ -145,6 +145,14 @@ def test_train_with_a_plan(tmp_path: Path, capfd: pytest.CaptureFixture[str]) ->
     ]
     assert main(argv) == 0
     assert "loss " in capfd.readouterr().out
+
+
+def test_a_profile_times_its_layers_for_as_long_as_asked() -> None:
+    config = GPTConfig(layers=1, dim=32, heads=2, context=16)
+    tokens = torch.randint(0, config.vocab_size, (2, 17))
+    start = time.perf_counter()
+    profile_model(lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=1, warmup=0, min_seconds=0.5)
+    assert time.perf_counter() - start >= 0.5
 
 
 def test_layer_memory_adds_up_to_what_a_stage_keeps() -> None:

@@ -91,8 +91,7 @@ def test_a_plan_cuts_the_traced_model_where_it_says(profile) -> None:  # type: i
 @pytest.mark.timeout(180)
 def test_plan_and_train_gpt2_with_it(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan.json"
-    argv = ["plan", "--model", "gpt2", *SIZES, "--profile-seconds", "0", "--profile", str(tmp_path / "profile.json")]
-    argv += ["--out", str(out)]
+    argv = ["plan", "--model", "gpt2", *SIZES, "--profile", str(tmp_path / "profile.json"), "--out", str(out)]
     assert main([*argv, "--repeats", "1"]) == 0
     printed = capfd.readouterr().out
     assert "before transformer.h" in printed and "after transformer.h" in printed

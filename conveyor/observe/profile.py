@@ -119,9 +119,8 @@ def timed_rounds(warmup: int, repeats: int, min_seconds: float = 0.0) -> Iterato
     """One item per round of a profile, True for a timed one: `warmup` untimed rounds, then timed ones until
     there have been `repeats` and `min_seconds` have passed since the first.
 
-    A profile that lasts a few seconds samples the machine's speed over a few seconds; a run measures it over
-    tens. On the shared VM of docs/benchmarks.md, profiles of 4 s moved 15-23 % from one to the next, of 23 s
-    5-11 % (benchmarks/plan_profile_spread.py).
+    A profile that lasts a few seconds samples the machine's speed over a few seconds, where a run measures it
+    over tens; `min_seconds` lets it sample longer (docs/planning.md says what that bought on a shared VM).
     """
     for _ in range(warmup):
         yield False

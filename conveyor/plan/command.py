@@ -21,10 +21,6 @@ from .search import make_plan, search
 
 __all__ = ["add_plan_parser", "parse_bytes", "ranking_table", "run_plan", "train_command"]
 
-PROFILE_SECONDS = 20.0
-"""How long `conveyor plan` times a model's layers at least: on the shared VM of docs/benchmarks.md, profiles of
-about 4 s predicted the same step 15-23 % apart from one to the next, of about 23 s 5-11 %."""
-
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
@@ -78,9 +74,9 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
     plan.add_argument(
         "--profile-seconds",
         type=float,
-        default=PROFILE_SECONDS,
-        help="time the layers, round after round, for at least this long (default: %(default)s): a profile of a"
-        " few seconds samples a shared machine's speed over a few seconds, where a run measures it over tens",
+        default=0.0,
+        help="time the layers, round after round, for at least this long (default: --repeats rounds, however"
+        " long): a few seconds' profile samples a shared machine's speed over a few seconds (docs/planning.md)",
     )
     plan.add_argument(
         "--no-transfers",

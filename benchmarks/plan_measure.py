@@ -13,11 +13,11 @@ the median of the undisturbed steps when at least half are, else of all (and say
 parent waits (up to a minute) until other processes use less than QUIET_CORES.
 
 The measured steps are traced too: how long each action kept its rank busy (computes without their wait for
-inputs, sends, receive posts), so that a prediction's error splits in three. `replayed_step` simulates the plan
-with the runs' per-kind times (each stage's mean F, B, W and whole backward, send and post: a step adds up
-instances, slow ones too, so the mean is the one number that predicts it) in place of the profile's: its
-difference from the prediction is the profile's error (its times against the runs', on a machine whose
-speed drifts), and its difference from the measured step the schedule model's.
+inputs, sends, receive posts, optimizer steps), so that a prediction's error splits in three. `replayed_step`
+simulates the plan with the runs' per-kind times (each stage's mean F, B, W, whole backward and optimizer
+step, send and post: a step adds up instances, slow ones too, so the mean is the one number that predicts
+it) in place of the profile's: its difference from the prediction is the profile's error (its times against
+the runs', on a machine whose speed drifts), and its difference from the measured step the schedule model's.
 `Measured.replayed_each` simulates each step with each of its actions' own times: what is left between it
 and the measured step is what the simulator's semantics miss; between it and `replayed_step`, what timing
 every instance of a kind by one number misses (slow instances on closely coupled ranks).
@@ -52,7 +52,7 @@ from conveyor.observe.simulate import simulate
 from conveyor.observe.timeline import Span
 from conveyor.observe.trace import Recorder, gather_spans
 from conveyor.plan import Plan, split_with_plan, stage_costs
-from conveyor.schedules import Action, Program, build_schedule, validate
+from conveyor.schedules import Action, Kind, Program, build_schedule, validate
 from conveyor.split import Split
 
 WARMUP = 2
@@ -70,14 +70,14 @@ class Measured:
     foreign_cores: list[float] = field(default_factory=list)
     """Per run: CPU cores other processes used while the parent waited to start it."""
     actions: list[dict[str, dict[str, float]]] = field(default_factory=list)
-    """Per run: each stage's mean time of each kind of compute (`action_means`)."""
+    """Per run: each stage's mean time of each kind of compute and of its optimizer step (`action_means`)."""
     transfers: list[dict[str, float]] = field(default_factory=list)
     """Per run: the mean time a send ("send") and a receive's post ("recv") kept its rank busy."""
     each: list[float] = field(default_factory=list)
     """Per step: the step simulated with each of its actions' own times (`replay_each`)."""
 
     def action_times(self) -> dict[int, dict[str, float]]:
-        """Per stage and kind of compute, the mean over runs of the runs' means."""
+        """Per stage and kind of compute (and "step"), the mean over runs of the runs' means."""
         kinds: dict[int, dict[str, list[float]]] = {}
         for run in self.actions:
             for stage, times in run.items():
@@ -186,11 +186,11 @@ def measure_plans(plans: Sequence[Plan], workload: Workload, steps: int, into: S
 
 def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> float:
     """The plan's step simulated with the action times its runs measured in place of the profile's, sends and
-    receive posts included (the optimizer steps and the latency stay the profile's): what the schedule model
+    receive posts and optimizer steps included (the latency stays the profile's): what the schedule model
     predicts given how fast the machine computed during the runs. Its difference from the measured step is the
     model's own error; the rest of a prediction's error is the profile's times against the runs'."""
     costs = stage_costs(profile, plan.layers_per_stage, plan.recompute)
-    fields = {"F": "forward", "B": "backward", "W": "weight", "whole": "whole"}
+    fields = {"F": "forward", "B": "backward", "W": "weight", "whole": "whole", "step": "step"}
     measured_times = measured.action_times()
     stages = [
         dataclasses.replace(c, **{fields[k]: t for k, t in measured_times.get(s, {}).items()})
@@ -287,7 +287,7 @@ def _result(
     return {
         "times": times,
         "queued": [max(per_rank[i] for per_rank in every) for i in range(len(times))],
-        "actions": action_means(spans),
+        "actions": action_means(spans, everything, pipe.program),
         "transfers": transfer_means(everything, pipe.program),
         "each": [replay_each(pipe.program, everything, step, latency) for step in range(WARMUP, steps + WARMUP)],
     }
@@ -321,9 +321,11 @@ def replay_each(program: Program, busy: list[tuple[int, str, float]], step: int,
     return validate(program, lambda action: own[str(action)], latency).span
 
 
-def action_means(spans: list[tuple[int, Span]]) -> dict[str, dict[str, float]]:
+def action_means(
+    spans: list[tuple[int, Span]], busy: list[tuple[int, str, float]], program: Program
+) -> dict[str, dict[str, float]]:
     """Per stage, the mean time of each kind of compute in `spans`: F, B (split from its W), W, and whole
-    (a B with no W of its own: the whole backward)."""
+    (a B with no W of its own: the whole backward); and of its optimizer steps in `busy` ("step")."""
     split = {(step, span.stage, span.mb) for step, span in spans if span.kind == "W"}
     samples: dict[int, dict[str, list[float]]] = {}
     for step, span in spans:
@@ -331,6 +333,10 @@ def action_means(spans: list[tuple[int, Span]]) -> dict[str, dict[str, float]]:
             continue
         kind = "whole" if span.kind == "B" and (step, span.stage, span.mb) not in split else span.kind
         samples.setdefault(span.stage, {}).setdefault(kind, []).append(span.end - span.start)
+    actions = {str(a): a for acts in program.actions.values() for a in acts}
+    for _, name, t in busy:
+        if actions[name].kind is Kind.STEP:
+            samples.setdefault(actions[name].stage, {}).setdefault("step", []).append(t)
     return {str(s): {k: statistics.mean(ts) for k, ts in by.items()} for s, by in samples.items()}
 
 

@@ -1,4 +1,5 @@
-"""What a message between two ranks costs, measured on this machine: the simulator's latency, send and recv.
+"""What a message between two ranks costs, measured on this machine: the simulator's latency, send, recv and
+late_recv.
 
 A send and a receive's post are not free on CPU: gloo starts the transfer in the calling thread, and its own
 network thread competes with the ranks' compute for the cores. On the 2-CPU VM of docs/benchmarks.md a send
@@ -6,7 +7,8 @@ kept its rank busy 0.3-0.5 ms on average and a post 0.2-0.8 ms, 12-63 ms per ste
 ranks, which a simulator that gave them no time left out of its prediction. So they are measured much as a
 pipeline incurs them: two spawned gloo ranks (one thread each), both computing between messages, exchange
 tensors through conveyor's own `Transport`, and each send and post is timed where it is called. The posts
-come out cheaper than a pipeline's (docs/planning.md, "Messages between ranks").
+come out cheaper than a pipeline's (docs/planning.md, "Messages between ranks"). A post made after its message
+arrived is timed apart (`late_recv`): gloo then has the receiver ask the sender to start the transfer.
 """
 
 from __future__ import annotations

@@ -93,8 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--costs",
         default="f=1,b=1,w=1,comm=0",
         help="per-stage durations: 'f=1,b=2,w=1,comm=0.1,bytes=1e6' for all stages (whole=X: a backward"
-        " run whole, default b+w), ';' between stages for one set each, or a profile JSON file written by"
-        " `conveyor profile` (default: %(default)s)",
+        " run whole, default b+w; send, recv and late: how long a send, a receive's post, and a post after"
+        " its message arrived keep their rank busy), ';' between stages for one set each, or a profile JSON"
+        " file written by `conveyor profile` (default: %(default)s)",
     )
     sim.add_argument("--json", action="store_true", help="print JSON instead of text")
     sim.add_argument("--plot", metavar="PNG", help="also draw the timeline to this image")

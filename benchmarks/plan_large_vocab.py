@@ -23,12 +23,20 @@ import sys
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, measure_plans, now, provenance, replayed_step, wait_until_quiet
+from plan_measure import (
+    Measured,
+    Workload,
+    measure_plans,
+    now,
+    profile_gpt,
+    provenance,
+    replayed_step,
+    wait_until_quiet,
+)
 
-from conveyor.models import GPT, GPTConfig, lm_loss
+from conveyor.models import GPTConfig
 from conveyor.observe.profile import LayerProfile
-from conveyor.plan import Plan, profile_model, with_measured_transfers
-from conveyor.plan import make_plan as plan_for
+from conveyor.plan import Plan, make_plan, with_measured_transfers
 
 
 def main() -> None:
@@ -57,7 +65,7 @@ def main() -> None:
     started = now()
     if args.predict_only:
         profile = measure_profile(config, args)
-        _print_predictions({key: make_plan(profile, *key, args) for key in _keys(args)}, args)
+        _print_predictions({key: _plan(profile, key, args) for key in _keys(args)}, args)
         return
     # Each schedule is profiled right before its two splits are trained: on a machine whose speed drifts
     # from one minute to the next, a profile taken minutes earlier mispredicts by the drift alone.
@@ -71,7 +79,7 @@ def main() -> None:
         profiles[name] = measure_profile(config, args)
         pair = [(name, "auto"), (name, "uniform")]
         for key in pair:
-            plans[key] = make_plan(profiles[name], *key, args)
+            plans[key] = _plan(profiles[name], key, args)
         for _ in range(args.rounds):
             measure_plans([plans[k] for k in pair], Workload("gpt", config), args.steps, [times[k] for k in pair])
             loads.append(os.getloadavg())
@@ -119,22 +127,16 @@ def _keys(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [(name, method) for name in args.schedules for method in ("auto", "uniform")]
 
 
-def make_plan(profile: LayerProfile, name: str, method: str, args: argparse.Namespace) -> Plan:
-    return plan_for(profile, name, args.ranks, args.microbatches, method=method)
+def _plan(profile: LayerProfile, key: tuple[str, str], args: argparse.Namespace) -> Plan:
+    name, method = key
+    return make_plan(profile, name, args.ranks, args.microbatches, method=method)
 
 
 def measure_profile(config: GPTConfig, args: argparse.Namespace) -> LayerProfile:
     tokens = torch.randint(
         0, config.vocab_size, (args.microbatch_size, args.context + 1), generator=torch.Generator().manual_seed(0)
     )
-    profile = profile_model(
-        lambda: GPT(config),
-        tokens[:, :-1],
-        tokens[:, 1:],
-        lm_loss,
-        repeats=args.repeats,
-        min_seconds=args.profile_seconds,
-    )
+    profile = profile_gpt(config, tokens, args.repeats, args.profile_seconds)
     return with_measured_transfers(profile)
 
 

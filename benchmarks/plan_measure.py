@@ -51,7 +51,7 @@ from conveyor.observe.profile import LayerProfile
 from conveyor.observe.simulate import simulate
 from conveyor.observe.timeline import Span
 from conveyor.observe.trace import Recorder, gather_spans
-from conveyor.plan import Plan, split_with_plan, stage_costs
+from conveyor.plan import Plan, profile_model, split_with_plan, stage_costs
 from conveyor.schedules import Action, Kind, Program, build_schedule, validate
 from conveyor.split import Split
 
@@ -164,6 +164,13 @@ class Workload:
     def plan_split(self, plan: Plan) -> Split:
         example = (self.tokens(2)[:, :-1],) if self.split == "traced" else None
         return split_with_plan(self.builder(), plan, example_args=example)
+
+
+def profile_gpt(config: Any, tokens: torch.Tensor, repeats: int, min_seconds: float) -> LayerProfile:
+    """`profile_model` of conveyor's GPT (`config`) on `tokens`, each row's next token its target."""
+    return profile_model(
+        lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=repeats, min_seconds=min_seconds
+    )
 
 
 def measure_plans(plans: Sequence[Plan], workload: Workload, steps: int, into: Sequence[Measured]) -> None:

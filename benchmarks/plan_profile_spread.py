@@ -16,9 +16,9 @@ import sys
 import time
 
 import torch
+from plan_measure import profile_gpt  # benchmarks/ is on the path of a script run from it
 
-from conveyor.models import GPT, lm_loss
-from conveyor.plan import make_plan, profile_model
+from conveyor.plan import make_plan
 from conveyor.train import TrainConfig
 
 CONFIGURATIONS = (("dualpipev", 8, "auto"), ("1f1b", 8, "auto"), ("1f1b", 4, "uniform"))
@@ -40,14 +40,7 @@ def main() -> None:
         for m in sorted({m for _, m, _ in CONFIGURATIONS}):
             size = -(-args.batch_size // m)
             tokens = torch.randint(0, 256, (size, config.context + 1), generator=torch.Generator().manual_seed(0))
-            profile = profile_model(
-                lambda: GPT(config),
-                tokens[:, :-1],
-                tokens[:, 1:],
-                lm_loss,
-                repeats=args.repeats,
-                min_seconds=args.profile_seconds,
-            )
+            profile = profile_gpt(config, tokens, args.repeats, args.profile_seconds)
             for name, count, method in CONFIGURATIONS:
                 if count == m:
                     plan = make_plan(profile, name, 2, m, method=method)

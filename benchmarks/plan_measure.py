@@ -169,7 +169,13 @@ class Workload:
 def profile_gpt(config: Any, tokens: torch.Tensor, repeats: int, min_seconds: float) -> LayerProfile:
     """`profile_model` of conveyor's GPT (`config`) on `tokens`, each row's next token its target."""
     return profile_model(
-        lambda: GPT(config), tokens[:, :-1], tokens[:, 1:], lm_loss, repeats=repeats, min_seconds=min_seconds
+        lambda: GPT(config),
+        tokens[:, :-1],
+        tokens[:, 1:],
+        lm_loss,
+        repeats=repeats,
+        min_seconds=min_seconds,
+        slowdown=True,
     )
 
 

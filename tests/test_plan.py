@@ -238,3 +238,17 @@ def test_splits_are_every_composition_once() -> None:
     assert count_splits(ends, 3) == len(list(splits(ends, 3))) == 6  # the middle stage owns one or more
     plain = LayerProfile("t", 1, "sgd", layers)  # every stage owns a block
     assert list(splits(plain, 4)) == [(1, 1, 1, 2), (1, 1, 2, 1), (1, 2, 1, 1), (2, 1, 1, 1)]
+
+
+def test_stage_costs_scale_every_compute_by_the_profiles_slowdown_in_a_pipeline(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    layers = (layer("a", 1, 0, 1, 2, 3, 10.0, 1), layer("b", 1, 1, 1, 2, 5, 3.0, 1))
+    plain = LayerProfile("t", 1, "sgd", layers)
+    slower = dataclasses.replace(plain, slowdown=1.25)
+    slower.save(tmp_path / "p.json")
+    assert LayerProfile.load(tmp_path / "p.json") == slower
+    for recompute in ("none", "full"):
+        base, scaled = stage_costs(plain, (1, 1), recompute), stage_costs(slower, (1, 1), recompute)
+        for s in (0, 1):
+            for kind in ("forward", "backward", "weight", "whole", "step"):
+                assert getattr(scaled.of(s), kind) == pytest.approx(1.25 * getattr(base.of(s), kind))
+            assert scaled.of(s).activation_bytes == base.of(s).activation_bytes

@@ -30,6 +30,7 @@ from ..runtime.microbatch import map_tensors, tensors_in
 from ..runtime.split_backward import backward_input
 from ..runtime.stage import LossFn, call_module
 from .simulate import CostModel, StageCosts
+from .slowdown import measure_pipeline_slowdown
 from .transfers import TransferCosts
 
 __all__ = [
@@ -91,6 +92,9 @@ class LayerProfile:
     """Whether layers[-1] is modules that always go to the last stage (a manual split's norm and head)."""
     split: str = "manual"
     """How the model is cut: "manual" (`manual_split`) or "traced" (`trace_split`), as its plans must be."""
+    slowdown: float | None = None
+    """How many times longer the layers compute in a pipeline's rank than in this profile, right after a message
+    with the other rank computing (`measure_pipeline_slowdown`; None: not measured, taken as 1)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,12 +180,15 @@ def profile_layers(
     repeats: int = 5,
     warmup: int = 2,
     min_seconds: float = 0.0,
+    slowdown: bool = False,
 ) -> LayerProfile:
     """Measure each layer of a model on one micro-batch: modules that chain like stages (the output of one is
     the input of the next; the last one's output goes to `loss_fn`), run one after another in this process.
 
     Costs about (warmup + repeats) x (two forwards, two backwards and an optimizer step) per layer, and the
-    timed rounds last at least `min_seconds` (`timed_rounds`).
+    timed rounds last at least `min_seconds` (`timed_rounds`). With `slowdown`, also measures how much slower
+    the layers compute in a pipeline's rank (`measure_pipeline_slowdown`: a spawned partner process, about
+    36 more rounds).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
@@ -232,7 +239,8 @@ def profile_layers(
                 kept_by_loss,
             )
         )
-    return LayerProfile(fingerprint, microbatch_rows(example_input), optimizer, tuple(measured))
+    factor = measure_pipeline_slowdown(runs, int(max(m.output_bytes for m in measured))) if slowdown else None
+    return LayerProfile(fingerprint, microbatch_rows(example_input), optimizer, tuple(measured), slowdown=factor)
 
 
 def microbatch_rows(batch: Any) -> int:

@@ -52,8 +52,10 @@ def stage_costs(profile: LayerProfile, layers_per_stage: Sequence[int], recomput
 
     The first stage has no input gradient, so all of its backward is W (a whole backward), as the runtime
     runs it. A recomputing stage pays its forward once more, in its first backward action, and keeps only its
-    input, its output and what its loss saved.
+    input, its output and what its loss saved. Every time is the profile's scaled by its `slowdown`, if
+    measured: how much slower the layers compute in a pipeline's rank than in the profile.
     """
+    slower = profile.slowdown or 1.0
     owned = stage_layers(profile, layers_per_stage)
     again = recomputed_stages(recompute, len(owned))
     stages = []
@@ -70,13 +72,13 @@ def stage_costs(profile: LayerProfile, layers_per_stage: Sequence[int], recomput
                 backward += forward
         stages.append(
             StageCosts(
-                forward=forward,
-                backward=backward,
-                weight=weight,
+                forward=slower * forward,
+                backward=slower * backward,
+                weight=slower * weight,
                 activation_bytes=_held(profile, layers, s == 0, s == len(owned) - 1, again[s]),
-                whole=whole,
+                whole=slower * whole,
                 weight_bytes=sum(p.parameter_bytes for p in parts),
-                step=sum(p.step for p in parts),
+                step=slower * sum(p.step for p in parts),
             )
         )
     return with_transfers(CostModel(tuple(stages)), profile.transfers)

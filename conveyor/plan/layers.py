@@ -133,9 +133,11 @@ def profile_model(
     repeats: int = 5,
     warmup: int = 2,
     min_seconds: float = 0.0,
+    slowdown: bool = False,
 ) -> LayerProfile:
     """Profile each layer of `model` on one micro-batch (`example_input`, its target) in this process, `repeats`
-    times and for at least `min_seconds`.
+    times and for at least `min_seconds`; with `slowdown` (a manual split's layers only), also how much slower
+    they compute in a pipeline's rank (`measure_pipeline_slowdown`).
 
     `split` says how the model will be cut: "manual" builds one layer at a time (a function is built on the
     meta device and only that layer materialized), so the whole model never needs to fit; "traced" traces the
@@ -146,6 +148,8 @@ def profile_model(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     if split == "traced":
+        if slowdown:
+            raise ValueError("the slowdown in a pipeline's rank is measured for a manual split's layers only")
         traced, names = traced_layer_split(model, (example_input,), blocks=blocks, seed=seed)
         profile = profile_split(
             traced,
@@ -175,6 +179,7 @@ def profile_model(
         repeats=repeats,
         warmup=warmup,
         min_seconds=min_seconds,
+        slowdown=slowdown,
     )
     return dataclasses.replace(profile, first=bool(units.layout.first), last=bool(units.layout.last))
 

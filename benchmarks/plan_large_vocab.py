@@ -50,6 +50,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=12288)
     parser.add_argument("--steps", type=int, default=8, help="measured steps per run (after 2 warm-up steps)")
+    parser.add_argument(
+        "--slowdown",
+        action="store_true",
+        help="scale the predictions by how much slower the layers compute in a pipeline's rank (measured)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="runs of each schedule (its two splits in turn)")
     parser.add_argument("--repeats", type=int, default=7, help="profiling repeats per layer, at least")
     parser.add_argument(
@@ -77,6 +82,8 @@ def main() -> None:
     for name in args.schedules:
         quiet_before_profiles[name] = wait_until_quiet()  # a profile taken while others compute inflates it
         profiles[name] = measure_profile(config, args)
+        if profiles[name].slowdown is not None:
+            print(f"{name}: computes {profiles[name].slowdown:.3f}x slower in a pipeline's rank than in its profile")
         pair = [(name, "auto"), (name, "uniform")]
         for key in pair:
             plans[key] = _plan(profiles[name], key, args)
@@ -110,6 +117,7 @@ def main() -> None:
                 "foreign_cores_before": quiet_before_profiles[name],
                 "layers": [vars(layer) for layer in profile.layers],
                 "transfers_s": vars(profile.transfers) if profile.transfers else None,
+                "slowdown": profile.slowdown,
             }
             for name, profile in profiles.items()
         },
@@ -136,7 +144,7 @@ def measure_profile(config: GPTConfig, args: argparse.Namespace) -> LayerProfile
     tokens = torch.randint(
         0, config.vocab_size, (args.microbatch_size, args.context + 1), generator=torch.Generator().manual_seed(0)
     )
-    profile = profile_gpt(config, tokens, args.repeats, args.profile_seconds)
+    profile = profile_gpt(config, tokens, args.repeats, args.profile_seconds, slowdown=args.slowdown)
     return with_measured_transfers(profile)
 
 

@@ -166,8 +166,12 @@ class Workload:
         return split_with_plan(self.builder(), plan, example_args=example)
 
 
-def profile_gpt(config: Any, tokens: torch.Tensor, repeats: int, min_seconds: float) -> LayerProfile:
-    """`profile_model` of conveyor's GPT (`config`) on `tokens`, each row's next token its target."""
+def profile_gpt(
+    config: Any, tokens: torch.Tensor, repeats: int, min_seconds: float, slowdown: bool = False
+) -> LayerProfile:
+    """`profile_model` of conveyor's GPT (`config`) on `tokens`, each row's next token its target; with
+    `slowdown`, also how much slower its layers compute in a pipeline's rank (off by default: too noisy here,
+    docs/benchmarks.md)."""
     return profile_model(
         lambda: GPT(config),
         tokens[:, :-1],
@@ -175,7 +179,7 @@ def profile_gpt(config: Any, tokens: torch.Tensor, repeats: int, min_seconds: fl
         lm_loss,
         repeats=repeats,
         min_seconds=min_seconds,
-        slowdown=True,
+        slowdown=slowdown,
     )
 
 

@@ -13,6 +13,10 @@ idle (the profile's conditions), and "pipeline", each layer's work right after a
 which then computes about as long as that work took last time (gloo has no way to compute until a message
 arrives: a receive's `is_completed` stays False until it is waited on). The slowdown is the ratio of the two
 kinds' summed median times.
+
+Not yet good enough to predict with, so nothing turns it on by default: in two benchmark runs minutes apart
+on that VM it came out 1.020-1.275 for the same model (docs/benchmarks.md, "Measuring the slowdown in a
+pipeline's rank"), where the runs' own errors asked for a steady 1.05 or so.
 """
 
 from __future__ import annotations

@@ -127,15 +127,12 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 seed=args.seed,
                 repeats=args.repeats,
                 min_seconds=args.profile_seconds,
-                slowdown=args.transfers and model.split == "manual",
             )
             return with_measured_transfers(found) if args.transfers else found
 
         profile, measured = cached_profile(args.profile, model.fingerprint, size, args.optimizer, measure)
         how = "measured" if measured else "reused"
-        slower = "not measured" if profile.slowdown is None else f"{profile.slowdown:.3f}x"
         print(f"profile of micro-batches of {size} x {args.context} tokens: {how} ({args.profile})")
-        print(f"compute in a pipeline's rank against the profile: {slower}")
         if not args.transfers:
             return dataclasses.replace(profile, transfers=None)
         # A profile kept by an earlier `--no-transfers`, or from before late posts were measured.

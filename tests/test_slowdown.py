@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
+from conveyor.observe.profile import profile_layers
 from conveyor.observe.slowdown import measure_pipeline_slowdown
+from conveyor.plan.layers import profile_model
 
 
 @pytest.mark.timeout(120)
@@ -40,3 +42,19 @@ def test_a_failing_work_raises_and_leaves_no_partner_behind() -> None:
 def test_no_work_is_an_error() -> None:
     with pytest.raises(ValueError, match="no work"):
         measure_pipeline_slowdown([], 4096)
+
+
+@pytest.mark.timeout(120)
+def test_a_layer_profile_measures_and_keeps_its_slowdown_when_asked() -> None:
+    layers = [torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)]
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    asked = profile_layers(layers, (x,), y, torch.nn.functional.mse_loss, repeats=1, warmup=0, slowdown=True)
+    assert asked.slowdown is not None and math.isfinite(asked.slowdown) and asked.slowdown > 0
+    plain = profile_layers(layers, (x,), y, torch.nn.functional.mse_loss, repeats=1, warmup=0)
+    assert plain.slowdown is None
+
+
+def test_a_traced_split_refuses_to_measure_the_slowdown() -> None:
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="manual split's layers only"):
+        profile_model(lambda: torch.nn.Linear(4, 4), x, x, torch.nn.functional.mse_loss, split="traced", slowdown=True)

@@ -79,23 +79,22 @@ def _timed_rounds(
     kinds = ["alone", "pipeline"] * rounds
     random.Random(0).shuffle(kinds)
     times: dict[str, list[list[float]]] = {"alone": [[] for _ in works], "pipeline": [[] for _ in works]}
-    partner_busy = False
-
-    last = [0.0 for _ in works]
+    last = [0.0 for _ in works]  # each work's latest time: how long the partner computes after its exchange
+    after_exchange = False
 
     def tell(command: float, seconds: float = 0.0) -> None:
         message[0], message[1] = command, seconds
         group.send([message], 1, 0).wait()
 
     for index, kind in enumerate(["alone", "pipeline"] * WARMUP + kinds):
-        if kind == "alone" and partner_busy:
-            partner_busy = False
+        if kind == "alone" and after_exchange:
+            after_exchange = False
             works[-1]()  # so that the first timed work follows a compute, not the last exchange
         for number, (work, of_work) in enumerate(zip(works, times[kind], strict=True)):
             if kind == "pipeline":
                 tell(_EXCHANGE, last[number])
                 group.recv([message], 1, 0).wait()
-                partner_busy = True
+                after_exchange = True
             start = time.perf_counter()
             work()
             last[number] = time.perf_counter() - start

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,36 +15,54 @@ from conveyor.observe.slowdown import measure_pipeline_slowdown
 from conveyor.plan.layers import profile_model
 
 
-@pytest.mark.timeout(120)
-def test_the_slowdown_is_measured_with_a_partner_and_the_partner_ends() -> None:
+def _matmuls() -> None:
     work = torch.randn(96, 96)
+    for _ in range(20):
+        work @ work
+
+
+def _partner_works(marker: str) -> list[Callable[[], None]]:
+    """The partner's work: matmuls that leave `marker` behind, so the test sees the partner ran them."""
+
+    def work() -> None:
+        Path(marker).touch()
+        _matmuls()
+
+    return [work]
+
+
+@pytest.mark.timeout(120)
+def test_the_slowdown_is_measured_with_a_partner_computing_its_own_work_and_the_partner_ends(tmp_path: Path) -> None:
     calls = [0]
 
     def layer() -> None:
         calls[0] += 1
-        for _ in range(20):
-            work @ work
+        _matmuls()
 
-    factor = measure_pipeline_slowdown([layer, layer], 4096, rounds=4, timeout_s=60)
+    marker = tmp_path / "partner computed"
+    partner = functools.partial(_partner_works, str(marker))
+    factor = measure_pipeline_slowdown([layer, layer], 4096, partner, rounds=4, timeout_s=60)
     assert math.isfinite(factor) and 0.3 < factor < 5.0
-    # Two works in every round of each kind, warm-up rounds included, and the untimed work after exchanges.
+    # Two works in each round of a pair, warm-up pairs included.
     assert calls[0] >= 2 * 2 * (4 + 2)
+    assert marker.exists()
     assert not [p for p in torch.multiprocessing.active_children() if p.is_alive()]
 
 
 @pytest.mark.timeout(120)
-def test_a_failing_work_raises_and_leaves_no_partner_behind() -> None:
+def test_a_failing_work_raises_and_leaves_no_partner_behind(tmp_path: Path) -> None:
     def broken() -> None:
         raise RuntimeError("layer 3 failed")
 
+    partner = functools.partial(_partner_works, str(tmp_path / "marker"))
     with pytest.raises(RuntimeError, match="layer 3 failed"):
-        measure_pipeline_slowdown([broken], 4096, rounds=2, timeout_s=60)
+        measure_pipeline_slowdown([broken], 4096, partner, rounds=2, timeout_s=60)
     assert not [p for p in torch.multiprocessing.active_children() if p.is_alive()]
 
 
 def test_no_work_is_an_error() -> None:
     with pytest.raises(ValueError, match="no work"):
-        measure_pipeline_slowdown([], 4096)
+        measure_pipeline_slowdown([], 4096, functools.partial(_partner_works, "unused"))
 
 
 @pytest.mark.timeout(120)
@@ -58,3 +79,10 @@ def test_a_traced_split_refuses_to_measure_the_slowdown() -> None:
     x = torch.randn(2, 4)
     with pytest.raises(ValueError, match="manual split's layers only"):
         profile_model(lambda: torch.nn.Linear(4, 4), x, x, torch.nn.functional.mse_loss, split="traced", slowdown=True)
+
+
+def test_a_loss_the_partner_cannot_receive_is_named_before_the_profile_runs() -> None:
+    layers = [torch.nn.Linear(4, 4)]
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="cannot be pickled.*lambda"):
+        profile_layers(layers, (x,), x, lambda out, y: (out - y).pow(2).mean(), slowdown=True)

@@ -14,7 +14,10 @@ optimizer's step, the parameters, and the bytes crossing each boundary.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import pickle
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -188,7 +191,7 @@ def profile_layers(
     Costs about (warmup + repeats) x (two forwards, two backwards and an optimizer step) per layer, and the
     timed rounds last at least `min_seconds` (`timed_rounds`). With `slowdown`, also measures how much slower
     the layers compute in a pipeline's rank (`measure_pipeline_slowdown`: a spawned partner process, about
-    36 more rounds).
+    52 more rounds, with the partner computing its own copy of the layers).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZER_STATES)}")
@@ -204,10 +207,10 @@ def profile_layers(
         with torch.no_grad():
             layer_input = _as_tuple(call_module(module, layer_input))
     last = len(layers) - 1
-    runs = [
-        _stage_runner(m, x, example_target if i == last else None, loss_fn if i == last else None)
-        for i, (m, x) in enumerate(zip(layers, inputs, strict=True))
-    ]
+    runs = _layer_runners(layers, inputs, example_target, loss_fn)
+    partner_runs = functools.partial(_copied_layer_runners, layers, inputs, example_target, loss_fn)
+    if slowdown:
+        _check_picklable(partner_runs)  # before the profile's minutes, not after
     # Round-robin over the layers, so that a machine that slows down for a while slows every layer alike.
     samples: list[list[tuple[float, float, float, float]]] = [[] for _ in layers]
     for timed in timed_rounds(warmup, repeats, min_seconds):
@@ -239,7 +242,8 @@ def profile_layers(
                 kept_by_loss,
             )
         )
-    factor = measure_pipeline_slowdown(runs, int(max(m.output_bytes for m in measured))) if slowdown else None
+    nbytes = int(max(m.output_bytes for m in measured))
+    factor = measure_pipeline_slowdown(runs, nbytes, partner_runs) if slowdown else None
     return LayerProfile(fingerprint, microbatch_rows(example_input), optimizer, tuple(measured), slowdown=factor)
 
 
@@ -316,6 +320,37 @@ def saved_activation_bytes(module: nn.Module, inputs: Any, target: Any = None, l
     for tensor in kept:
         seen.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
     return float(sum(seen.values()))
+
+
+def _layer_runners(
+    layers: Sequence[nn.Module], inputs: Sequence[Any], target: Any, loss_fn: LossFn
+) -> list[Callable[[], tuple[float, float, float, float]]]:
+    """A `_stage_runner` per layer, the last one's output going to `loss_fn`."""
+    last = len(layers) - 1
+    return [
+        _stage_runner(m, x, target if i == last else None, loss_fn if i == last else None)
+        for i, (m, x) in enumerate(zip(layers, inputs, strict=True))
+    ]
+
+
+def _copied_layer_runners(
+    layers: Sequence[nn.Module], inputs: Sequence[Any], target: Any, loss_fn: LossFn
+) -> list[Callable[[], tuple[float, float, float, float]]]:
+    """`_layer_runners` of copies, for the slowdown's partner process: its tensors arrive in memory shared with
+    the profiling process, and a pipeline's other rank computes with weights and activations of its own."""
+    layers, inputs, target = copy.deepcopy((list(layers), list(inputs), target))
+    return _layer_runners(layers, inputs, target, loss_fn)
+
+
+def _check_picklable(partner_runs: functools.partial[Any]) -> None:
+    """The slowdown's partner process rebuilds the layers' work from a pickle of the layers, inputs and loss."""
+    try:
+        pickle.dumps(partner_runs)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise ValueError(
+            "measuring the slowdown sends the layers, their inputs and the loss function to a partner process, "
+            f"and they cannot be pickled ({error}); use a loss defined at module level, not a lambda"
+        ) from error
 
 
 def _stage_runner(

@@ -1,22 +1,22 @@
 """How much slower a model's layers compute inside a pipeline's rank than in a profile.
 
 A profile runs each layer back to back in one process while the rest of the machine idles. In a pipeline
-nearly every compute follows a message, and the other rank computes at the same time. On the 2-CPU VM of
-docs/benchmarks.md that made a GPT block 4-8 % slower (its thread's own CPU time grew alike, so the work ran
-slower, not later), and a small MLP 13-20 %: the factor depends on the work, so it is measured with the
-model's own layers, here, rather than with a synthetic kernel in `measure_transfers`.
+nearly every compute follows a message, and the other rank computes the model's other layers at the same
+time, through the same caches and memory. On the 2-CPU VM of docs/benchmarks.md, a GPT's layers computed
+2-3 % slower after an exchange with a partner running a small matmul loop, and 7-18 % slower with a partner
+streaming through megabytes (a large matmul, a softmax over a vocabulary's logits): the factor depends on
+the work of both ranks, so it is measured with the model's own layers on both sides, here, rather than with
+a synthetic kernel in `measure_transfers`.
 
 The profiling process pairs with one spawned partner over a gloo group of their own (so it works whether or
-not torch.distributed is initialized). Rounds of two kinds are interleaved in a shuffled order, so that a
-machine drifting for a while shifts both alike: "alone", each layer's work back to back with the partner
-idle (the profile's conditions), and "pipeline", each layer's work right after an exchange with the partner,
-which then computes about as long as that work took last time (gloo has no way to compute until a message
-arrives: a receive's `is_completed` stays False until it is waited on). The slowdown is the ratio of the two
-kinds' summed median times.
-
-Not yet good enough to predict with, so nothing turns it on by default: in two benchmark runs minutes apart
-on that VM it came out 1.020-1.275 for the same model (docs/benchmarks.md, "Measuring the slowdown in a
-pipeline's rank"), where the runs' own errors asked for a steady 1.05 or so.
+not torch.distributed is initialized). The partner builds its own copy of the layers' work (`partner_works`)
+and cycles through it whenever told to compute. The profiling process times pairs of rounds, the two in a
+shuffled order: "alone", each layer's work back to back with the partner idle (the profile's conditions),
+and "pipeline", each layer's work right after an exchange with the partner, which then computes about as
+long as that work took last time (gloo has no way to compute until a message arrives: a receive's
+`is_completed` stays False until it is waited on). Each pair gives a ratio, its pipeline round's time over
+its alone round's, and the slowdown is the median ratio: the two rounds of a pair run within a second of
+each other, so a machine whose speed drifts from one minute to the next shifts both alike.
 """
 
 from __future__ import annotations
@@ -34,29 +34,39 @@ import torch.multiprocessing as mp
 
 __all__ = ["ROUNDS", "measure_pipeline_slowdown"]
 
-ROUNDS = 16
-"""Timed rounds of each kind. A round runs every layer's work once."""
+ROUNDS = 24
+"""Timed pairs of rounds. A round runs every layer's work once."""
 WARMUP = 2
 
 _EXCHANGE, _STOP = 0.0, 1.0
 """Commands to the partner, in the first element of each message (the second: seconds to compute)."""
 
+Works = Sequence[Callable[[], Any]]
+
 
 def measure_pipeline_slowdown(
-    works: Sequence[Callable[[], Any]], nbytes: int, *, rounds: int = ROUNDS, timeout_s: float = 300
+    works: Works,
+    nbytes: int,
+    partner_works: Callable[[], Works],
+    *,
+    rounds: int = ROUNDS,
+    timeout_s: float = 300,
 ) -> float:
     """How many times longer `works` (each a layer's profiled work) take in a pipeline's rank than back to back:
-    the "pipeline" rounds' summed median times over the "alone" rounds' (see the module's doc). Messages carry
-    `nbytes`. Takes about 2 x (rounds + WARMUP) x the time of all `works`."""
+    the median over `rounds` pairs of a pipeline round's time over an alone round's (see the module's doc).
+    Messages carry `nbytes`. `partner_works`, called in the partner process, builds the work it computes (it
+    is pickled there, so a module-level function or a `functools.partial` of one). Takes about
+    2 x (rounds + WARMUP) x the time of all `works`."""
     if not works:
         raise ValueError("no work to time")
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
     numel = max(2, nbytes // 4)
-    partner = mp.get_context("spawn").Process(target=_partner, args=(store.port, numel, timeout_s), daemon=True)
+    args = (store.port, numel, partner_works, timeout_s)
+    partner = mp.get_context("spawn").Process(target=_partner, args=args, daemon=True)
     partner.start()
     try:
         group = dist.ProcessGroupGloo(store, 0, 2, datetime.timedelta(seconds=timeout_s))
-        times = _timed_rounds(group, works, numel, rounds)
+        ratios = _paired_ratios(group, works, numel, rounds)
     except BaseException:
         partner.kill()  # it would wait for a message until its timeout
         raise
@@ -66,19 +76,14 @@ def measure_pipeline_slowdown(
             partner.kill()
     if partner.exitcode != 0:
         raise RuntimeError(f"the slowdown measurement's partner process failed (exit code {partner.exitcode})")
-    alone = sum(statistics.median(t) for t in times["alone"])
-    pipeline = sum(statistics.median(t) for t in times["pipeline"])
-    return pipeline / alone
+    return statistics.median(ratios)
 
 
-def _timed_rounds(
-    group: Any, works: Sequence[Callable[[], Any]], numel: int, rounds: int
-) -> dict[str, list[list[float]]]:
-    """Per kind of round, per work, its times; then tells the partner to stop."""
+def _paired_ratios(group: Any, works: Works, numel: int, rounds: int) -> list[float]:
+    """Per timed pair of rounds, its pipeline round's time over its alone round's; then tells the partner to
+    stop."""
     message = torch.zeros(numel)
-    kinds = ["alone", "pipeline"] * rounds
-    random.Random(0).shuffle(kinds)
-    times: dict[str, list[list[float]]] = {"alone": [[] for _ in works], "pipeline": [[] for _ in works]}
+    order = random.Random(0)
     last = [0.0 for _ in works]  # each work's latest time: how long the partner computes after its exchange
     after_exchange = False
 
@@ -86,11 +91,12 @@ def _timed_rounds(
         message[0], message[1] = command, seconds
         group.send([message], 1, 0).wait()
 
-    for index, kind in enumerate(["alone", "pipeline"] * WARMUP + kinds):
+    def timed_round(kind: str) -> float:
+        nonlocal after_exchange
         if kind == "alone" and after_exchange:
             after_exchange = False
             works[-1]()  # so that the first timed work follows a compute, not the last exchange
-        for number, (work, of_work) in enumerate(zip(works, times[kind], strict=True)):
+        for number, work in enumerate(works):
             if kind == "pipeline":
                 tell(_EXCHANGE, last[number])
                 group.recv([message], 1, 0).wait()
@@ -98,19 +104,27 @@ def _timed_rounds(
             start = time.perf_counter()
             work()
             last[number] = time.perf_counter() - start
-            if index >= 2 * WARMUP:
-                of_work.append(last[number])
+        return sum(last)
+
+    ratios = []
+    for index in range(WARMUP + rounds):
+        kinds = ["alone", "pipeline"]
+        order.shuffle(kinds)
+        took = {kind: timed_round(kind) for kind in kinds}
+        if index >= WARMUP:
+            ratios.append(took["pipeline"] / took["alone"])
     tell(_STOP)
-    return times
+    return ratios
 
 
-def _partner(port: int, numel: int, timeout_s: float) -> None:
-    """The other rank: answers each exchange, then computes for as long as the message says."""
+def _partner(port: int, numel: int, partner_works: Callable[[], Works], timeout_s: float) -> None:
+    """The other rank: answers each exchange, then computes its works in turn for as long as the message says."""
     torch.set_num_threads(1)
+    works = partner_works()
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
     group: Any = dist.ProcessGroupGloo(store, 1, 2, datetime.timedelta(seconds=timeout_s))  # send/recv untyped
     message = torch.zeros(numel)
-    work = torch.randn(128, 128)
+    turn = 0
     while True:
         group.recv([message], 0, 0).wait()
         if float(message[0]) == _STOP:
@@ -118,4 +132,5 @@ def _partner(port: int, numel: int, timeout_s: float) -> None:
         group.send([message], 0, 0).wait()
         end = time.perf_counter() + float(message[1])
         while time.perf_counter() < end:
-            torch.mm(work, work)
+            works[turn % len(works)]()
+            turn += 1

@@ -31,6 +31,7 @@ from plan_measure import (
     profile_gpt,
     provenance,
     replayed_step,
+    unscaled_step,
     wait_until_quiet,
 )
 
@@ -105,6 +106,7 @@ def main() -> None:
                 "replayed_s": replayed,
                 "model_error": (replayed - measured) / measured,
                 "each_error": (times[(name, method)].replayed_each - measured) / measured,
+                "unscaled_error": (unscaled_step(plan, profiles[name]) - measured) / measured,
                 **times[(name, method)].to_json(),
             }
         )
@@ -169,6 +171,8 @@ def _print(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
         f" {'replayed':>10} {'error':>8} {'each':>10} {'error':>8}"
     )
     print("  (replayed: simulated with the runs' per-kind action times; each: every step with its own actions' times)")
+    if args.slowdown:
+        print("  (unscaled: the prediction's error without the measured slowdown in a pipeline's rank)")
     by_key = {(r["schedule"], r["method"]): r for r in rows}
     for row in rows:
         predicted, measured = float(row["predicted_s"]) * 1e3, float(row["measured_s"]) * 1e3  # type: ignore[arg-type]
@@ -178,6 +182,7 @@ def _print(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
             f" {float(row['error']):>+8.1%} {float(row['replayed_s']) * 1e3:>8.1f}ms {float(row['model_error']):>+8.1%}"  # type: ignore[arg-type]
             f" {float(row['replayed_each_s']) * 1e3:>8.1f}ms {float(row['each_error']):>+8.1%}"  # type: ignore[arg-type]
             f"  {row['undisturbed_steps']}/{len(row['steps_s'])} undisturbed steps"
+            + (f", {float(row['unscaled_error']):+.1%} unscaled" if args.slowdown else "")  # type: ignore[arg-type]
         )
     for name in dict.fromkeys(r["schedule"] for r in rows):
         auto, even = by_key[(name, "auto")], by_key[(name, "uniform")]

@@ -219,6 +219,13 @@ def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> floa
     return simulate(program, replayed).step_time
 
 
+def unscaled_step(plan: Plan, profile: LayerProfile) -> float:
+    """The plan's step predicted from `profile` without its slowdown in a pipeline's rank: what the prediction
+    would be had the slowdown not been measured, for comparing the two in one run."""
+    costs = stage_costs(dataclasses.replace(profile, slowdown=None), plan.layers_per_stage, plan.recompute)
+    return simulate(build_schedule(plan.schedule, plan.ranks, plan.microbatches, plan.virtual), costs).step_time
+
+
 def wait_until_quiet(limit_s: float = 60) -> float:
     """Wait while other processes keep more than QUIET_CORES busy (at most `limit_s`); the cores they used last."""
     deadline = time.monotonic() + limit_s

@@ -77,6 +77,36 @@ def test_plan_charges_what_a_message_costs_measured_once_and_kept_with_the_profi
     assert remeasured is not None and remeasured.late_recv is not None and remeasured != charged.transfers
 
 
+@pytest.mark.timeout(180)  # the slowdown's partner is a spawned process
+def test_plan_scales_its_prediction_by_the_slowdown_only_when_asked_and_keeps_it_with_the_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uniform = ("--method", "uniform", "--no-transfers")  # without messages, a step is all computes
+    assert main(plan_argv(tmp_path, *uniform)) == 0
+    assert "slower in a pipeline's rank" not in capsys.readouterr().out
+    assert read_profiles(tmp_path / "profile.json")[0].slowdown is None
+    # The kept profile lacks it: the layers are profiled again, with it.
+    assert main(plan_argv(tmp_path, *uniform, "--slowdown")) == 0
+    out = capsys.readouterr().out
+    assert "tokens: measured" in out and "slower in a pipeline's rank than alone (predictions scaled)" in out
+    (kept,) = read_profiles(tmp_path / "profile.json")
+    assert kept.slowdown is not None and kept.slowdown > 0
+    scaled = Plan.load(tmp_path / "plan.json").step_time
+    # Not asked: the same kept profile predicts unscaled, and keeps its factor for the next run that asks.
+    assert main(plan_argv(tmp_path, *uniform)) == 0
+    out = capsys.readouterr().out
+    assert "tokens: reused" in out and "slower in a pipeline's rank" not in out
+    unscaled = Plan.load(tmp_path / "plan.json").step_time
+    assert read_profiles(tmp_path / "profile.json")[0].slowdown == kept.slowdown
+    assert scaled == pytest.approx(unscaled * kept.slowdown, rel=1e-9)
+
+
+def test_the_slowdown_is_refused_for_a_traced_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(plan_argv(tmp_path, "--model", "gpt2", "--slowdown"))
+    assert "--slowdown is measured for a manual split's layers only" in capsys.readouterr().err
+
+
 def test_search_ranks_configurations_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = plan_argv(tmp_path, "--search", "--microbatch-counts", "2,4", "--top", "3", "--no-transfers")
     assert main(argv) == 0

@@ -85,6 +85,13 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
         help="give messages between ranks no time (default: measure their latency and the time a send and a"
         " receive's post take, 2 ranks on this machine, a few seconds, kept with the profile)",
     )
+    plan.add_argument(
+        "--slowdown",
+        action="store_true",
+        help="also measure how much slower the layers compute in a pipeline's rank than alone (a spawned partner"
+        " computing the model's layers, about 20-30 s for the default GPT; --model gpt only), and scale the"
+        " predictions by it, kept with the profile (docs/planning.md)",
+    )
     plan.add_argument("--exact-limit", type=int, default=EXACT_LIMIT, help="most splits searched exhaustively")
     plan.add_argument(
         "--profile", default="conveyor-profile.json", help="profile file, read and extended (default: %(default)s)"
@@ -102,6 +109,8 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(
             "--layers, --batch-size, --ranks, --repeats and --heads must be at least 1, and --dim a multiple of --heads"
         )
+    if args.slowdown and args.model == "gpt2":
+        parser.error("--slowdown is measured for a manual split's layers only (--model gpt)")
     if args.model_config and args.model != "gpt2":
         parser.error("--model-config sets GPT-2 fields: use it with --model gpt2")
     torch.set_num_threads(args.threads)
@@ -127,19 +136,28 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 seed=args.seed,
                 repeats=args.repeats,
                 min_seconds=args.profile_seconds,
+                slowdown=args.slowdown,
             )
             return with_measured_transfers(found) if args.transfers else found
 
         profile, measured = cached_profile(args.profile, model.fingerprint, size, args.optimizer, measure)
+        if args.slowdown and profile.slowdown is None:  # kept by a profile that did not measure it
+            profile, measured = measure(), True
+            store_profile(args.profile, profile)
         how = "measured" if measured else "reused"
         print(f"profile of micro-batches of {size} x {args.context} tokens: {how} ({args.profile})")
-        if not args.transfers:
-            return dataclasses.replace(profile, transfers=None)
         # A profile kept by an earlier `--no-transfers`, or from before late posts were measured.
-        if profile.transfers is None or profile.transfers.late_recv is None:
+        if args.transfers and (profile.transfers is None or profile.transfers.late_recv is None):
             profile = with_measured_transfers(profile)
             store_profile(args.profile, profile)
-        return profile
+        if args.slowdown:
+            print(f"computes {profile.slowdown:.3f}x slower in a pipeline's rank than alone (predictions scaled)")
+        # Predict as asked; what the file keeps stays there for the next run that asks for it.
+        return dataclasses.replace(
+            profile,
+            transfers=profile.transfers if args.transfers else None,
+            slowdown=profile.slowdown if args.slowdown else None,
+        )
 
     try:
         if args.search:

@@ -22,7 +22,16 @@ import sys
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, measure_plans, now, provenance, replayed_step, wait_until_quiet
+from plan_measure import (
+    Measured,
+    Workload,
+    measure_plans,
+    now,
+    provenance,
+    replayed_step,
+    unscaled_step,
+    wait_until_quiet,
+)
 
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import make_plan, profile_model, search, with_measured_transfers
@@ -42,8 +51,15 @@ def main() -> None:
     parser.add_argument(
         "--profile-seconds", type=float, default=0.0, help="each profile's timed rounds last at least this long"
     )
+    parser.add_argument(
+        "--slowdown",
+        action="store_true",
+        help="scale the predictions by how much slower the layers compute in a pipeline's rank (measured; gpt only)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.slowdown and args.model == "gpt2":
+        parser.error("--slowdown is measured for a manual split's layers only (--model gpt)")
     torch.set_num_threads(1)
     # conveyor train's model: 4 blocks, dim 256, 128 bytes of context
     defaults = TrainConfig(model=args.model)
@@ -64,7 +80,10 @@ def main() -> None:
                 split=workload.split,
                 repeats=7,
                 min_seconds=args.profile_seconds,
+                slowdown=args.slowdown,
             )
+            if p.slowdown is not None:
+                print(f"{m} micro-batches: computes {p.slowdown:.3f}x slower in a pipeline's rank than in its profile")
             profiles[m] = with_measured_transfers(p)
         return profiles[m]
 
@@ -96,6 +115,7 @@ def main() -> None:
                 "replayed_s": replayed,
                 "model_error": (replayed - measured) / measured,
                 "each_error": (times[name].replayed_each - measured) / measured,
+                "unscaled_error": (unscaled_step(plan, profile_for(plan.microbatches)) - measured) / measured,
                 **times[name].to_json(),
             }
         )
@@ -106,6 +126,7 @@ def main() -> None:
             f" {len(times[name].undisturbed)}/{len(times[name].times)} undisturbed steps; with the runs' per-kind"
             f" action times {replayed * 1e3:.1f} ms ({(replayed - measured) / measured:+.1%}), with each step's own"
             f" {times[name].replayed_each * 1e3:.1f} ms ({(times[name].replayed_each - measured) / measured:+.1%})"
+            + (f"; unscaled {float(rows[-1]['unscaled_error']):+.1%}" if args.slowdown else "")  # type: ignore[arg-type]
         )
     print(f"best / default measured: {rows[0]['measured_s'] / rows[1]['measured_s']:.3f}")  # type: ignore[operator]
     print(f"load averages before and after each run: {[tuple(round(x, 2) for x in load) for load in loads]}")
@@ -115,6 +136,7 @@ def main() -> None:
             "load_averages_1_5_15": loads,
             "foreign_cores_before_profiles": foreign,
             "transfers_s": {m: vars(p.transfers) if p.transfers else None for m, p in profiles.items()},
+            "slowdown": {m: p.slowdown for m, p in profiles.items()},
             "model": args.model,
             "ranking": [
                 {

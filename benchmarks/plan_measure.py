@@ -332,11 +332,11 @@ class _EveryAction(Recorder):
 
 
 def transfer_means(busy: list[tuple[int, str, float]], program: Program) -> dict[str, float]:
-    """The mean time a send ("send") and a receive's post ("recv") kept its rank busy."""
+    """The mean time a send ("send") and a receive's post ("recv") kept its rank busy (0 where none: one rank)."""
     kinds = {str(a): a.kind for actions in program.actions.values() for a in actions}
     sends = [t for _, name, t in busy if kinds[name].is_send]
     posts = [t for _, name, t in busy if kinds[name].is_recv]
-    return {"send": statistics.mean(sends), "recv": statistics.mean(posts)}
+    return {"send": statistics.fmean(sends) if sends else 0.0, "recv": statistics.fmean(posts) if posts else 0.0}
 
 
 def replay_each(program: Program, busy: list[tuple[int, str, float]], step: int, latency: float) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from conveyor import Pipeline, manual_split, spawn
+from conveyor import Pipeline, PipelineSpec, manual_split, spawn
 from conveyor.models import GPT, GPTConfig, lm_loss
 
 SCHEDULES = ("1f1b", "pipedream", "pipedream-2bw")
@@ -45,9 +45,8 @@ def _rank(rank: int, world: int, schedule: str, options: dict[str, int], out: st
     config = GPTConfig(context=seq, dim=options["dim"], layers=options["layers"], heads=4)
     pipe = Pipeline(
         manual_split(lambda: GPT(config), world),
-        num_microbatches=m,
+        PipelineSpec(schedule, world, m),
         loss_fn=lm_loss,
-        schedule=schedule,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
     )
     warmup, measured = _batches(2, m, size, seq), _batches(count, m, size, seq)

@@ -57,7 +57,7 @@ from torch import nn
 from conveyor import Pipeline, spawn, split_model
 from conveyor.models.gpt import GPT, GPTConfig, lm_loss
 from conveyor.runtime.host_memory import keep_freed_host_memory
-from conveyor.schedules import SCHEDULES, build_schedule
+from conveyor.schedules import SCHEDULES, PipelineSpec, build_schedule
 
 METHODS = ("conveyor", "torch", "single", "baseline")
 QUIET_CORES = 0.1  # CPU (in cores) other processes may use around a run before its steps are checked one by one
@@ -119,7 +119,7 @@ class Config:
             raise ValueError(f"--layers {self.layers} cannot fill {self.num_stages} stages: use more")
         if self.microbatches < self.ranks:
             raise ValueError(f"torch's schedules need micro-batches >= ranks ({self.ranks}); got {self.microbatches}")
-        build_schedule(self.schedule, self.ranks, self.microbatches)  # conveyor's own constraints
+        build_schedule(PipelineSpec(self.schedule, self.ranks, self.microbatches))  # conveyor's own constraints
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} must be a multiple of --heads {self.heads}")
         if self.rounds < 1 or self.steps < 1 or self.warmup < 0 or self.retries < 0:
@@ -131,7 +131,7 @@ class Config:
 
     def local_stages(self, rank: int, schedule: str | None = None) -> list[int]:
         """The stages `rank` runs, placed the same way by conveyor and torch."""
-        return build_schedule(schedule or self.schedule, self.ranks, self.microbatches).stages_of(rank)
+        return build_schedule(PipelineSpec(schedule or self.schedule, self.ranks, self.microbatches)).stages_of(rank)
 
     @property
     def batch_size(self) -> int:
@@ -219,7 +219,7 @@ def run_conveyor(rank: int, world: int, cfg: Config, out: str, schedule: str = "
     num_stages = world * SCHEDULES[name].default_virtual
     model = build_model(cfg)
     modules = {s: split_model(model, s, num_stages) for s in cfg.local_stages(rank, name)}
-    pipe = Pipeline(modules, num_stages=num_stages, num_microbatches=cfg.microbatches, loss_fn=loss_fn, schedule=name)
+    pipe = Pipeline(modules, PipelineSpec(name, world, cfg.microbatches), loss_fn=loss_fn)
     x, y = make_batch(cfg)
     optimizer_step = _sgd(list(pipe.parameters()))
 

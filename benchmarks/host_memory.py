@@ -23,6 +23,7 @@ from plan_measure import Measured, Workload, measure_plans, now, provenance
 
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import make_plan, profile_model
+from conveyor.schedules import PipelineSpec
 from conveyor.train import TrainConfig
 
 OFF = "CONVEYOR_KEEP_HOST_MEMORY"
@@ -39,7 +40,10 @@ def main() -> None:
     started = now()
     profiles = {model: _profile(model) for model in dict.fromkeys(model for model, _, _ in CASES)}
     plans = {
-        (model, schedule, method): (profiles[model][0], make_plan(profiles[model][1], schedule, 2, 4, method=method))
+        (model, schedule, method): (
+            profiles[model][0],
+            make_plan(profiles[model][1], PipelineSpec(schedule, 2, 4), method=method),
+        )
         for model, schedule, method in CASES
     }
     times = {(case, kept): Measured() for case in CASES for kept in (True, False)}
@@ -58,7 +62,7 @@ def main() -> None:
         rows.append(
             {
                 "model": case[0],
-                "schedule": plan.schedule,
+                "schedule": plan.spec.schedule,
                 "layers_per_stage": list(plan.layers_per_stage),
                 "kept_s": kept.median,
                 "default_s": freed.median,
@@ -68,7 +72,7 @@ def main() -> None:
             }
         )
         print(
-            f"{case[0]:<5} {plan.schedule:<10} {list(plan.layers_per_stage)}: kept {kept.median * 1e3:.1f} ms,"
+            f"{case[0]:<5} {plan.spec.schedule:<10} {list(plan.layers_per_stage)}: kept {kept.median * 1e3:.1f} ms,"
             f" glibc's default {freed.median * 1e3:.1f} ms, ratio {kept.median / freed.median:.3f}"
             f" ({len(kept.undisturbed)}/{len(kept.times)} and {len(freed.undisturbed)}/{len(freed.times)}"
             " undisturbed steps)"

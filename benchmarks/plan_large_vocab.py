@@ -38,6 +38,7 @@ from plan_measure import (
 from conveyor.models import GPTConfig
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import Plan, make_plan, with_measured_transfers
+from conveyor.schedules import PipelineSpec
 
 
 def main() -> None:
@@ -139,7 +140,7 @@ def _keys(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def _plan(profile: LayerProfile, key: tuple[str, str], args: argparse.Namespace) -> Plan:
     name, method = key
-    return make_plan(profile, name, args.ranks, args.microbatches, method=method)
+    return make_plan(profile, PipelineSpec(name, args.ranks, args.microbatches), method=method)
 
 
 def measure_profile(config: GPTConfig, args: argparse.Namespace) -> LayerProfile:

@@ -52,7 +52,7 @@ from conveyor.observe.simulate import simulate
 from conveyor.observe.timeline import Span
 from conveyor.observe.trace import Recorder, gather_spans
 from conveyor.plan import Plan, profile_model, split_with_plan, stage_costs
-from conveyor.schedules import Action, Kind, Program, build_schedule, validate
+from conveyor.schedules import Action, Kind, PipelineSpec, Program, build_schedule, validate
 from conveyor.split import Split
 
 WARMUP = 2
@@ -186,7 +186,7 @@ def profile_gpt(
 def measure_plans(plans: Sequence[Plan], workload: Workload, steps: int, into: Sequence[Measured]) -> None:
     """Add `steps` steps (after WARMUP more) of each plan on `workload`'s model to its `into`, taken in turn in
     the same ranks: a step of the first plan, one of the second, and so on."""
-    if len({plan.ranks for plan in plans}) != 1 or len(plans) != len(into):
+    if len({plan.spec.ranks for plan in plans}) != 1 or len(plans) != len(into):
         raise ValueError("plans measured together need the same ranks, and one Measured each")
     foreign = wait_until_quiet()
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -206,14 +206,14 @@ def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> floa
     receive posts and optimizer steps included (the latency stays the profile's): what the schedule model
     predicts given how fast the machine computed during the runs. Its difference from the measured step is the
     model's own error; the rest of a prediction's error is the profile's times against the runs'."""
-    costs = stage_costs(profile, plan.layers_per_stage, plan.recompute)
+    costs = stage_costs(profile, plan.layers_per_stage, plan.spec.recompute)
     fields = {"F": "forward", "B": "backward", "W": "weight", "whole": "whole", "step": "step"}
     measured_times = measured.action_times()
     stages = [
         dataclasses.replace(c, **{fields[k]: t for k, t in measured_times.get(s, {}).items()})
         for s, c in enumerate(costs.stages)
     ]
-    program = build_schedule(plan.schedule, plan.ranks, plan.microbatches, plan.virtual)
+    program = build_schedule(plan.spec)
     # The runs' mean post counts the late ones too, so every post is charged it.
     replayed = dataclasses.replace(costs, stages=tuple(stages), late_recv=None, **measured.transfer_times())
     return simulate(program, replayed).step_time
@@ -222,8 +222,8 @@ def replayed_step(plan: Plan, profile: LayerProfile, measured: Measured) -> floa
 def unscaled_step(plan: Plan, profile: LayerProfile) -> float:
     """The plan's step predicted from `profile` without its slowdown in a pipeline's rank: what the prediction
     would be had the slowdown not been measured, for comparing the two in one run."""
-    costs = stage_costs(dataclasses.replace(profile, slowdown=None), plan.layers_per_stage, plan.recompute)
-    return simulate(build_schedule(plan.schedule, plan.ranks, plan.microbatches, plan.virtual), costs).step_time
+    costs = stage_costs(dataclasses.replace(profile, slowdown=None), plan.layers_per_stage, plan.spec.recompute)
+    return simulate(build_schedule(plan.spec), costs).step_time
 
 
 def wait_until_quiet(limit_s: float = 60) -> float:
@@ -254,22 +254,20 @@ def _rank(rank: int, world: int, plans: list[Plan], workload: Workload, steps: i
     pipes = [
         Pipeline(
             workload.plan_split(plan),
-            num_microbatches=plan.microbatches,
+            PipelineSpec(plan.spec.schedule, world, plan.spec.microbatches, recompute=plan.spec.recompute),
             loss_fn=workload.loss,
-            schedule=plan.schedule,
-            recompute=plan.recompute,
             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
         )
         for plan in plans
     ]
-    tokens = [workload.tokens(plan.microbatches * plan.microbatch_size) for plan in plans]
+    tokens = [workload.tokens(plan.spec.microbatches * plan.microbatch_size) for plan in plans]
     times: list[list[float]] = [[] for _ in plans]
     queued: list[list[float]] = [[] for _ in plans]
     recorders = [_EveryAction(rank) for _ in plans]
     for step in range(steps + WARMUP):
         for i, pipe in enumerate(pipes):
             if step == WARMUP:
-                pipe.executor.tracer = recorders[i]  # action times, for `replayed_step` and `replay_each`
+                pipe.tracer = recorders[i]  # action times, for `replayed_step` and `replay_each`
             recorders[i].step = step
             dist.barrier()
             start, delay = time.perf_counter(), run_delay()

@@ -19,6 +19,7 @@ import torch
 from plan_measure import profile_gpt  # benchmarks/ is on the path of a script run from it
 
 from conveyor.plan import make_plan
+from conveyor.schedules import PipelineSpec
 from conveyor.train import TrainConfig
 
 CONFIGURATIONS = (("dualpipev", 8, "auto"), ("1f1b", 8, "auto"), ("1f1b", 4, "uniform"))
@@ -43,7 +44,7 @@ def main() -> None:
             profile = profile_gpt(config, tokens, args.repeats, args.profile_seconds)
             for name, count, method in CONFIGURATIONS:
                 if count == m:
-                    plan = make_plan(profile, name, 2, m, method=method)
+                    plan = make_plan(profile, PipelineSpec(name, 2, m), method=method)
                     predictions[(name, m, method)].append(plan.step_time)
         print(time.strftime("%H:%M:%S"), f"load {os.getloadavg()[0]:.2f}", flush=True)
     for (name, m, method), times in predictions.items():

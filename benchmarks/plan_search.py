@@ -36,6 +36,7 @@ from plan_measure import (
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import make_plan, profile_model, search, with_measured_transfers
 from conveyor.plan.command import ranking_table
+from conveyor.schedules import PipelineSpec
 from conveyor.train import TrainConfig
 
 
@@ -91,7 +92,7 @@ def main() -> None:
     print(ranking_table(plans[: args.top]))
     print(f"{len(plans)} configurations ranked; {len(refused)} did not apply")
     best = plans[0]
-    default = make_plan(profile_for(4), "1f1b", args.ranks, 4, method="uniform")
+    default = make_plan(profile_for(4), PipelineSpec("1f1b", args.ranks, 4), method="uniform")
     times = {"best": Measured(), "default": Measured()}
     loads = [os.getloadavg()]
     for _ in range(args.rounds):
@@ -100,14 +101,14 @@ def main() -> None:
     rows = []
     for name, plan in (("best", best), ("default", default)):
         measured = times[name].median
-        replayed = replayed_step(plan, profile_for(plan.microbatches), times[name])
+        replayed = replayed_step(plan, profile_for(plan.spec.microbatches), times[name])
         rows.append(
             {
                 "which": name,
-                "schedule": plan.schedule,
-                "virtual": plan.virtual,
-                "microbatches": plan.microbatches,
-                "recompute": plan.recompute,
+                "schedule": plan.spec.schedule,
+                "virtual": plan.spec.virtual,
+                "microbatches": plan.spec.microbatches,
+                "recompute": plan.spec.recompute,
                 "layers_per_stage": list(plan.layers_per_stage),
                 "predicted_s": plan.step_time,
                 "measured_s": measured,
@@ -115,12 +116,13 @@ def main() -> None:
                 "replayed_s": replayed,
                 "model_error": (replayed - measured) / measured,
                 "each_error": (times[name].replayed_each - measured) / measured,
-                "unscaled_error": (unscaled_step(plan, profile_for(plan.microbatches)) - measured) / measured,
+                "unscaled_error": (unscaled_step(plan, profile_for(plan.spec.microbatches)) - measured) / measured,
                 **times[name].to_json(),
             }
         )
         print(
-            f"{name:<8} {plan.schedule} v={plan.virtual} m={plan.microbatches} recompute {plan.recompute}"
+            f"{name:<8} {plan.spec.schedule} v={plan.spec.virtual} m={plan.spec.microbatches}"
+            f" recompute {plan.spec.recompute}"
             f" blocks {list(plan.layers_per_stage)}: predicted {plan.step_time * 1e3:.1f} ms, measured"
             f" {measured * 1e3:.1f} ms ({(plan.step_time - measured) / measured:+.1%});"
             f" {len(times[name].undisturbed)}/{len(times[name].times)} undisturbed steps; with the runs' per-kind"

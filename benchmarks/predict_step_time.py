@@ -31,7 +31,7 @@ from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.observe.profile import profile_stages
 from conveyor.observe.simulate import CostModel, simulate
 from conveyor.observe.transfers import measure_transfers, with_transfers
-from conveyor.schedules import build_schedule, schedule_info
+from conveyor.schedules import PipelineSpec, build_schedule, schedule_info
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     for name in args.schedules:
         stages = args.ranks * schedule_info(name).default_virtual
         costs = profile(config, stages, args)
-        program = build_schedule(name, args.ranks, args.microbatches)
+        program = build_schedule(PipelineSpec(name, args.ranks, args.microbatches))
         predicted = simulate(program, costs).step_time
         measured = measure(name, config, stages, args)
         rows.append(
@@ -96,9 +96,7 @@ def measure(name: str, config: GPTConfig, stages: int, args: argparse.Namespace)
 def _measure_rank(
     rank: int, world: int, name: str, config: GPTConfig, stages: int, args: argparse.Namespace, out: str
 ) -> None:
-    pipe = Pipeline.from_model(
-        lambda: GPT(config), num_stages=stages, num_microbatches=args.microbatches, loss_fn=lm_loss, schedule=name
-    )
+    pipe = Pipeline.from_model(lambda: GPT(config), PipelineSpec(name, world, args.microbatches), loss_fn=lm_loss)
     tokens = torch.randint(
         0, config.vocab_size, (args.batch_size, args.context + 1), generator=torch.Generator().manual_seed(0)
     )

@@ -2,7 +2,7 @@
 
 from .launch import run_ranks, spawn
 from .pipeline import Pipeline
-from .schedules import SCHEDULES, Action, Kind, Program, ScheduleError, build_schedule, validate
+from .schedules import SCHEDULES, Action, Kind, PipelineSpec, Program, ScheduleError, build_schedule, validate
 from .split import Split, manual_split, pipe_split, split_model, trace_split
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Action",
     "Kind",
     "Pipeline",
+    "PipelineSpec",
     "Program",
     "ScheduleError",
     "Split",

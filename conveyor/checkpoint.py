@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from .pipeline import Pipeline
+
 __all__ = ["PendingSave", "checkpoints", "latest", "load", "load_model", "save", "save_async"]
 
 _NAME = re.compile(r"^step-(\d+)$")
@@ -54,7 +56,7 @@ def latest(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _state(pipe: Any, extra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _state(pipe: Pipeline, extra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This rank's entries: its stages' weights, its optimizers' state, `extra`, and its RNG state."""
     state: dict[str, torch.Tensor] = {}
     names: dict[int, str] = {}  # id(parameter) -> its name, for the optimizer state
@@ -63,7 +65,7 @@ def _state(pipe: Any, extra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
             state.setdefault(f"model.{name}", tensor.detach())
         for name, param in stage.module.named_parameters():
             names.setdefault(id(param), name)
-    for optimizer in pipe.optimizers.values():
+    for optimizer in pipe.update.optimizers.values():
         for group in optimizer.param_groups:
             for param in group["params"]:
                 for field, value in optimizer.state.get(param, {}).items():
@@ -75,7 +77,7 @@ def _state(pipe: Any, extra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def save(
-    pipe: Any,
+    pipe: Pipeline,
     directory: str | Path,
     step: int,
     extra: Mapping[str, torch.Tensor] | None = None,
@@ -104,7 +106,7 @@ class PendingSave:
 
 
 def save_async(
-    pipe: Any,
+    pipe: Pipeline,
     directory: str | Path,
     step: int,
     extra: Mapping[str, torch.Tensor] | None = None,
@@ -139,7 +141,7 @@ def _background_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return _background_groups[name]
 
 
-def _begin(pipe: Any, directory: str | Path, step: int) -> tuple[Path, Path]:
+def _begin(pipe: Pipeline, directory: str | Path, step: int) -> tuple[Path, Path]:
     """The folders of checkpoint `step`, being written and done, once rank 0 made room for it."""
     folder = Path(directory)
     final = folder / f"step-{step}"
@@ -172,7 +174,7 @@ def _publish(
     return final
 
 
-def load(pipe: Any, path: str | Path, extra: Mapping[str, torch.Tensor] | None = None) -> None:
+def load(pipe: Pipeline, path: str | Path, extra: Mapping[str, torch.Tensor] | None = None) -> None:
     """Load checkpoint `path` into `pipe` in place: weights, optimizer state, `extra` (tensors to fill), and this
     rank's RNG state when the checkpoint has one for this rank.
 
@@ -202,14 +204,14 @@ def load_model(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in state.items()})
 
 
-def _make_optimizer_state(pipe: Any, metadata: Mapping[str, Any], state: dict[str, torch.Tensor]) -> None:
+def _make_optimizer_state(pipe: Pipeline, metadata: Mapping[str, Any], state: dict[str, torch.Tensor]) -> None:
     """Give every parameter the optimizer state the checkpoint holds for it, as empty tensors DCP then fills
     (an optimizer that has not stepped yet has none)."""
     names: dict[int, str] = {}  # id(parameter) -> its first name, as `_state` keys it
     for stage in pipe.stages.values():
         for name, param in stage.module.named_parameters():
             names.setdefault(id(param), name)
-    for optimizer in pipe.optimizers.values():
+    for optimizer in pipe.update.optimizers.values():
         for group in optimizer.param_groups:
             for param in group["params"]:
                 prefix = f"optim.{names[id(param)]}."

@@ -13,9 +13,17 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from .launch import exit_rank, under_torchrun
 from .models import lm_loss
-from .pipeline import RECOMPUTE
 from .plan.command import add_plan_parser, run_plan
-from .schedules import SCHEDULES, Program, build_schedule, render_steps, render_timeline, validate
+from .schedules import (
+    RECOMPUTE,
+    SCHEDULES,
+    PipelineSpec,
+    Program,
+    build_schedule,
+    render_steps,
+    render_timeline,
+    validate,
+)
 from .train import MODELS, TrainConfig, export_checkpoint, read_config, train
 
 __all__ = ["main"]
@@ -157,7 +165,7 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(config.threads)
-    stages = config.num_stages
+    stages = config.spec.num_stages
     gpt = config.gpt
     split = manual_split(lambda: GPT(gpt), stages)
     modules = [split.build_stage(s) for s in range(stages)]
@@ -217,17 +225,15 @@ def _replica_counts(text: str) -> tuple[int, ...]:
 
 def _program(args: argparse.Namespace) -> Program:
     """The program `show` and `simulate` look at: a stream of mini-batches for an asynchronous schedule."""
-    if SCHEDULES[args.schedule].asynchronous:
-        return build_schedule(
-            args.schedule,
-            args.ranks,
-            args.microbatches,
-            args.virtual,
-            mini_batches=args.minibatches,
-            vertical_sync=args.vertical_sync,
-            replicas=args.replicas,
-        )
-    return build_schedule(args.schedule, args.ranks, args.microbatches, args.virtual, replicas=args.replicas)
+    spec = PipelineSpec(
+        args.schedule,
+        args.ranks,
+        args.microbatches,
+        args.virtual or 0,
+        replicas=args.replicas,
+        vertical_sync=args.vertical_sync,
+    )
+    return build_schedule(spec, mini_batches=args.minibatches if spec.asynchronous else 1)
 
 
 def _list_schedules() -> None:

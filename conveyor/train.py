@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -16,21 +17,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from . import checkpoint
 from .data import TextBatches, stdlib_source_bytes
-from .launch import default_backend, init_from_env, spawn, under_torchrun
+from .launch import default_backend, run_ranks
 from .metrics import MetricsWriter, peak_memory_mib
 from .models import GPT, GPTConfig, lm_loss
 from .observe.timeline import Span, draw_timeline
 from .observe.trace import Recorder, gather_spans, write_chrome_trace
-from .pipeline import RECOMPUTE, Pipeline
+from .pipeline import Pipeline
 from .runtime.stage import LossFn
-from .schedules import SCHEDULES
+from .schedules import SCHEDULES, PipelineSpec
 from .split import Split, manual_split, trace_split
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "train"]
 
 
 def _option(default: Any, help: str) -> Any:
@@ -114,8 +114,6 @@ class TrainConfig:
             raise ValueError("--model gpt2 needs Hugging Face transformers: pip install 'conveyor[hf]'")
         if self.model_config and self.model != "gpt2":
             raise ValueError("--model-config sets GPT-2 fields: use it with --model gpt2")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         for name in (
             "ranks",
             "dp",
@@ -144,37 +142,45 @@ class TrainConfig:
             raise ValueError(f"--device {self.device}: this machine has no CUDA GPU (torch {torch.__version__})")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
+        spec = self.spec  # the pipeline's own settings are checked there, once
         self._check_checkpoints()
         self._check_training_options()
         if self.trace and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        if self.precision == "fp16" and SCHEDULES[self.schedule].asynchronous:
-            raise ValueError(f"--precision fp16 steps or skips once per mini-batch; {self.schedule} cannot: use bf16")
-        if self.recompute not in RECOMPUTE:
-            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}; got {self.recompute!r}")
-        SCHEDULES[self.schedule].check_virtual(self.stages_per_rank)
-        self._check_replicas()
         self._check_plan()
-        self._check_data_parallel()
         layers = self.gpt2.n_layer if self.model == "gpt2" else self.layers  # also checks --model-config's fields
-        if layers < self.num_stages:
+        if layers < spec.num_stages:
             raise ValueError(
-                f"{layers} layers cannot fill {self.num_stages} stages: use --layers {self.num_stages} or more"
+                f"{layers} layers cannot fill {spec.num_stages} stages: use --layers {spec.num_stages} or more"
             )
         if self.microbatches > self.batch_size:
             raise ValueError(
                 f"{self.microbatches} micro-batches need a batch size of at least that; got {self.batch_size}"
             )
-        asynchronous = SCHEDULES[self.schedule].asynchronous
-        if asynchronous and self.batch_size % self.microbatches:
+        if spec.asynchronous and self.batch_size % self.microbatches:
             raise ValueError(
                 f"{self.schedule} streams micro-batches of one shape: the batch size ({self.batch_size}) must be a"
                 f" multiple of the micro-batches ({self.microbatches})"
             )
-        if not asynchronous and (self.vertical_sync or not self.weight_stashing):
-            raise ValueError("--vertical-sync and --no-weight-stashing are for pipedream and pipedream-2bw")
+
+    @property
+    def spec(self) -> PipelineSpec:
+        """The pipeline these flags describe (its errors name the flags)."""
+        try:
+            return PipelineSpec(
+                schedule=self.schedule,
+                ranks=self.ranks,
+                microbatches=self.microbatches,
+                virtual=self.virtual,
+                replicas=self.replica_counts,
+                dp=self.dp,
+                recompute=self.recompute,
+                precision=self.precision,
+                vertical_sync=self.vertical_sync,
+                weight_stashing=self.weight_stashing,
+            )
+        except ValueError as error:
+            raise ValueError(as_flags(str(error))) from None
 
     def _check_training_options(self) -> None:
         if self.lr_decay not in ("none", "cosine"):
@@ -184,8 +190,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more; got {getattr(self, name)}")
         if self.eval_batches < 1:
             raise ValueError(f"--eval-batches must be at least 1; got {self.eval_batches}")
-        asynchronous = SCHEDULES[self.schedule].asynchronous
-        if asynchronous and self.clip_grad_norm:
+        if SCHEDULES[self.schedule].asynchronous and self.clip_grad_norm:
             raise ValueError(
                 f"{self.schedule} updates inside a stream, between mini-batches no rank can meet at, so no"
                 " global gradient norm exists: --clip-grad-norm is for the synchronous schedules"
@@ -211,44 +216,6 @@ class TrainConfig:
         if self.resume and checkpoint.latest(self.checkpoint_dir) is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.checkpoint_dir}")
 
-    def _check_replicas(self) -> None:
-        if not self.replicas:
-            return
-        counts = self.replica_counts
-        assert counts is not None
-        if SCHEDULES[self.schedule].round_robin is None:
-            takers = ", ".join(n for n, i in SCHEDULES.items() if i.round_robin is not None)
-            raise ValueError(f"--replicas needs a schedule that replicates stages ({takers}); got {self.schedule}")
-        if self.virtual not in (0, 1):
-            raise ValueError("--replicas runs one stage per rank: drop --virtual")
-        if sum(counts) != self.ranks:
-            raise ValueError(f"--replicas {self.replicas} holds {sum(counts)} ranks: use --ranks {sum(counts)}")
-
-    def _check_data_parallel(self) -> None:
-        if self.dp == 1:
-            return
-        if self.ranks % self.dp:
-            raise ValueError(f"--dp {self.dp} does not divide --ranks {self.ranks}: each pipeline needs --ranks / --dp")
-        if self.schedule not in DATA_PARALLEL_SCHEDULES:
-            raise ValueError(
-                f"--dp runs under {' and '.join(DATA_PARALLEL_SCHEDULES)} (one stage per rank, flushed each step);"
-                f" got {self.schedule}"
-            )
-        if self.replicas:
-            raise ValueError("--dp replicates every stage alike; --replicas chooses per stage: give one of them")
-        if self.virtual not in (0, 1):
-            raise ValueError("--dp runs one stage per rank: drop --virtual")
-        if self.microbatches < self.dp:
-            raise ValueError(
-                f"--microbatches {self.microbatches} leaves some of the --dp {self.dp} pipelines without work:"
-                f" use at least {self.dp}"
-            )
-
-    @property
-    def pipeline_ranks(self) -> int:
-        """The ranks of one pipeline (pp): --ranks / --dp."""
-        return self.ranks // self.dp
-
     def _check_plan(self) -> None:
         if not self.plan:
             return
@@ -265,9 +232,7 @@ class TrainConfig:
                 f" make one with `conveyor plan --model {self.model}`"
             )
         micro = -(-self.batch_size // self.microbatches)
-        plan.check_settings(
-            self.schedule, self.pipeline_ranks, self.stages_per_rank, self.microbatches, self.recompute, micro
-        )
+        plan.check_spec(self.spec, micro)
         # A plan made for another model is refused here, before any rank starts.
         if self.model == "gpt2":
             from .models.gpt2 import gpt2_lm
@@ -291,10 +256,6 @@ class TrainConfig:
         return counts
 
     @property
-    def stages_per_rank(self) -> int:
-        return self.virtual or SCHEDULES[self.schedule].default_virtual
-
-    @property
     def gpt(self) -> GPTConfig:
         return GPTConfig(context=self.context, dim=self.dim, layers=self.layers, heads=self.heads)
 
@@ -305,19 +266,26 @@ class TrainConfig:
 
         return sized_gpt2_config(self.dim, self.layers, self.heads, self.context, self.model_config)
 
-    @property
-    def num_stages(self) -> int:
-        counts = self.replica_counts
-        return len(counts) if counts is not None else self.pipeline_ranks * self.stages_per_rank
 
-
-PRECISIONS = {
-    "fp32": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}  # --precision: the autocast dtype of the forwards
-DATA_PARALLEL_SCHEDULES = ("gpipe", "1f1b")  # flushed, one stage per rank, and able to replicate every stage
 PRESETS = Path(__file__).parent / "configs"
+_SETTING = re.compile(r"\b(" + "|".join(f.name for f in fields(PipelineSpec)) + r")=([^\s;:,]+(?:,\d+)*)")
+
+
+def as_flags(message: str) -> str:
+    """A PipelineSpec message in `conveyor train`'s words: `dp=2` -> `--dp 2`, `vertical_sync=True` ->
+    `--vertical-sync`, `weight_stashing=False` -> `--no-weight-stashing`."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1).replace("_", "-"), match.group(2)
+        if value == "True":
+            return f"--{name}"
+        if value == "False":
+            return f"--no-{name}"
+        return f"--{name} {value}"
+
+    return _SETTING.sub(flag, message)
+
+
 RENAMED = {"stages": "ranks"}  # settings whose old name said the wrong thing: `stages` counted processes
 
 
@@ -357,58 +325,33 @@ def read_config(name: str | Path) -> dict[str, Any]:
     return values
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    losses: list[float]
-    tokens_per_s: float
-    seconds: float
-
-
 def train(config: TrainConfig) -> None:
-    """Train under torchrun if it launched us, else spawn one process per stage here."""
-    if under_torchrun():
-        backend = default_backend(config.device, int(os.environ["WORLD_SIZE"]))
-        rank, world = init_from_env(backend, config.timeout_s)
-        try:
-            train_rank(rank, world, config)
-        finally:
-            dist.destroy_process_group()
-        return
-    backend = default_backend(config.device, config.ranks)
-    spawn(
+    """Train on the ranks torchrun started, if it launched us, else on ranks spawned here."""
+    world = int(os.environ.get("WORLD_SIZE", config.ranks))
+    run_ranks(
         train_rank,
         config.ranks,
         (config,),
-        backend=backend,
+        backend=default_backend(config.device, world),
         threads_per_rank=config.threads,
         timeout_s=config.timeout_s,
     )
 
 
-def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None:
-    """One rank's training loop; returns the result on the last stage's rank."""
+def train_rank(rank: int, world: int, config: TrainConfig) -> None:
+    """One rank's training loop."""
     if world != config.ranks:
         raise ValueError(f"--ranks {config.ranks} needs {config.ranks} processes; {world} were started")
     torch.set_num_threads(config.threads)
     device = _device_for(rank, config.device)
     split, loss_fn = _split(config)
-    mesh = None
-    if config.dp > 1:
-        mesh = init_device_mesh(device.type, (config.pipeline_ranks, config.dp), mesh_dim_names=("pp", "dp"))
     pipe = Pipeline(
         split,
-        num_microbatches=config.microbatches,
+        config.spec,
         loss_fn=loss_fn,
-        schedule=config.schedule,
-        recompute=config.recompute,
-        autocast=PRECISIONS[config.precision],
-        vertical_sync=config.vertical_sync,
-        weight_stashing=config.weight_stashing,
-        replicas=config.replica_counts,
-        mesh=mesh,
-        timeout_s=config.timeout_s,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
         device=device,
+        timeout_s=config.timeout_s,
     )
     # Each rank's own random stream (dropout), the same in every run with this seed; a checkpoint keeps it.
     torch.manual_seed(config.seed * 1_000_003 + rank)
@@ -462,9 +405,8 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     if pipe.program.asynchronous:
         _report_versions(pipe, reporting)
     if not reporting:
-        return None
+        return
     rate = tokens * timed_steps / (time.perf_counter() - timed_from) if timed_steps else 0.0
-    result = TrainResult(losses, rate, seconds)
     window = min(5, len(losses))
     last_mean = sum(losses[-window:]) / window
     print(
@@ -475,7 +417,6 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     if evaluations:
         print("held-out loss " + ", ".join(f"{loss:.4f} (step {step})" for step, loss in evaluations), flush=True)
     print("peak memory per rank " + ", ".join(f"{mib:,.0f} MiB" for mib in peaks), flush=True)
-    return result
 
 
 def _metrics_writer(config: TrainConfig) -> MetricsWriter | None:
@@ -516,15 +457,14 @@ def _losses(
         for step in range(first_step, config.steps):
             if recorder is not None and step == first_traced:
                 recorder.start()  # a barrier: every rank is between steps here
-                pipe.executor.tracer = recorder
+                pipe.tracer = recorder
             if recorder is not None:
                 recorder.step = step
             lr = config.learning_rate(step)
-            for optimizer in pipe.optimizers.values():
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+            pipe.update.set_lr(lr)
             loss = pipe.step(*data.next(), max_grad_norm=clip)
-            norm = None if pipe.last_grad_norm is None or clip is None else float(pipe.last_grad_norm)
+            measured = pipe.update.last_grad_norm
+            norm = None if measured is None or clip is None else float(measured)
             evaluated = _evaluate_after(step + 1, pipe, data, config)
             yield StepLog(step, None if loss is None else loss.item(), lr, norm, evaluated)
             saves.after(step + 1)
@@ -534,7 +474,7 @@ def _losses(
     if recorder is not None:  # a stream has no step boundary to meet at: record it all, by mini-batch
         recorder.start()
         recorder.step_of = lambda action: first_step + (action.mb if action.mb is not None else 0) // m
-        pipe.executor.tracer = recorder
+        pipe.tracer = recorder
     step = first_step
     while step < config.steps:
         # Up to the next checkpoint or evaluation, where the stream drains.
@@ -635,7 +575,8 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
 
 def _loss_scale_state(pipe: Pipeline) -> dict[str, torch.Tensor]:
     """float16's loss scale, for a checkpoint (nothing without it)."""
-    return {} if pipe.loss_scale is None else {"loss_scale": pipe.loss_scale.state()}
+    scale = pipe.update.loss_scale
+    return {} if scale is None else {"loss_scale": scale.state()}
 
 
 def _resume(pipe: Pipeline, data: TextBatches, config: TrainConfig) -> int:
@@ -644,8 +585,8 @@ def _resume(pipe: Pipeline, data: TextBatches, config: TrainConfig) -> int:
     assert path is not None  # checked with the config
     extra = {"step": torch.tensor(0), "data": data.position(), **_loss_scale_state(pipe)}
     checkpoint.load(pipe, path, extra)
-    if pipe.loss_scale is not None:
-        pipe.loss_scale.load_state(extra["loss_scale"])
+    if pipe.update.loss_scale is not None:
+        pipe.update.loss_scale.load_state(extra["loss_scale"])
     data.seek(extra["data"])
     step = int(extra["step"])
     if step > config.steps:
@@ -677,14 +618,14 @@ def _split(config: TrainConfig) -> tuple[Split, LossFn]:
 
             split = split_with_plan(gpt2_lm(config.gpt2), config.plan, example_args=(example,), seed=config.seed)
             return split, logits_loss
-        split = trace_split(gpt2_lm(config.gpt2), (example,), num_stages=config.num_stages, seed=config.seed)
+        split = trace_split(gpt2_lm(config.gpt2), (example,), num_stages=config.spec.num_stages, seed=config.seed)
         return split, logits_loss
     gpt = config.gpt
     if config.plan:
         from .plan import split_with_plan
 
         return split_with_plan(lambda: GPT(gpt), config.plan, seed=config.seed), lm_loss
-    return manual_split(lambda: GPT(gpt), config.num_stages, seed=config.seed), lm_loss
+    return manual_split(lambda: GPT(gpt), config.spec.num_stages, seed=config.seed), lm_loss
 
 
 def _write_trace(spans: list[tuple[int, Span]], folder: Path, config: TrainConfig) -> None:
@@ -692,8 +633,8 @@ def _write_trace(spans: list[tuple[int, Span]], folder: Path, config: TrainConfi
     last_step = max(step for step, _ in spans)
     shown = [span for step, span in spans if step == last_step]
     title = (
-        f"{config.schedule}, {config.ranks} ranks, {config.num_stages} stages, {config.microbatches} micro-batches:"
-        f" step {last_step} (measured)"
+        f"{config.schedule}, {config.ranks} ranks, {config.spec.num_stages} stages, {config.microbatches}"
+        f" micro-batches: step {last_step} (measured)"
     )
     origin = min(span.start for span in shown)
     in_ms = [replace(s, start=(s.start - origin) * 1e3, end=(s.end - origin) * 1e3) for s in shown]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conveyor import Pipeline, run_ranks, trace_split
+from conveyor import Pipeline, PipelineSpec, run_ranks, trace_split
 
 BATCH, SEQ, MICROBATCHES, LABELS = 8, 64, 4, 2
 
@@ -66,9 +66,8 @@ def rank_main(rank: int, world: int, small: bool, steps: int) -> None:
     )
     pipe = Pipeline(
         split,
-        num_microbatches=MICROBATCHES,
+        PipelineSpec("gpipe", world, MICROBATCHES),
         loss_fn=loss_fn,
-        schedule="gpipe",
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
     )
     for stage, held in pipe.stages.items():

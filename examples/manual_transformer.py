@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conveyor import Pipeline, manual_split, run_ranks
+from conveyor import Pipeline, PipelineSpec, manual_split, run_ranks
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,8 @@ def rank_main(rank: int, world: int, steps: int) -> None:
     split = manual_split(lambda: Transformer(args), num_stages=world, seed=0)
     pipe = Pipeline(
         split,
-        num_microbatches=4,
+        PipelineSpec("gpipe", world, 4),
         loss_fn=loss_fn,
-        schedule="gpipe",
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
     )
     for stage, held in pipe.stages.items():

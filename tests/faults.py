@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conveyor import Pipeline, manual_split, spawn
-from conveyor.schedules import SCHEDULES, Action, build_schedule
+from conveyor.schedules import SCHEDULES, Action, PipelineSpec, build_schedule
 
 FAULTS = ("kill", "stop", "raise")
 WAIT_S = 2.0  # each pipeline wait
@@ -68,8 +68,8 @@ def _program(schedule: str, ranks: int):  # type: ignore[no-untyped-def]
     info = SCHEDULES[schedule]
     m = 2 * ranks if info.default_virtual > 1 else M
     if info.asynchronous:
-        return build_schedule(schedule, ranks, m, mini_batches=2)
-    return build_schedule(schedule, ranks, m)
+        return build_schedule(PipelineSpec(schedule, ranks, m), mini_batches=2)
+    return build_schedule(PipelineSpec(schedule, ranks, m))
 
 
 class _Injector:
@@ -103,14 +103,13 @@ def _rank(rank: int, world: int, plan: Plan) -> None:
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(stages)])
     pipe = Pipeline(
         manual_split(model, stages),
-        num_microbatches=m,
+        PipelineSpec(plan.schedule, world, m),
         loss_fn=F.mse_loss,
-        schedule=plan.schedule,
         timeout_s=WAIT_S,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.01),
     )
     if rank == plan.victim:
-        pipe.executor.tracer = _Injector(plan)
+        pipe.tracer = _Injector(plan)
     x = torch.randn(2 * m, 4, generator=torch.Generator().manual_seed(1))
     if info.asynchronous:
         for _ in pipe.stream([(x, x), (x, x)], 2):

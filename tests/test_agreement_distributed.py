@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from conveyor import Pipeline, manual_split, spawn
+from conveyor import Pipeline, PipelineSpec, manual_split, spawn
 
 
 def _model() -> nn.Sequential:
@@ -19,18 +19,18 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
 
 
-def _pipeline(**kwargs: object) -> Pipeline:
-    options: dict = {"num_microbatches": 2, "loss_fn": F.mse_loss, "timeout_s": 3.0} | kwargs  # type: ignore[type-arg]
-    return Pipeline(manual_split(_model(), 2), **options)
+def _pipeline(timeout_s: float = 3.0, **settings: object) -> Pipeline:
+    options: dict = {"schedule": "1f1b", "ranks": 2, "microbatches": 2} | settings  # type: ignore[type-arg]
+    return Pipeline(manual_split(_model(), 2), PipelineSpec(**options), loss_fn=F.mse_loss, timeout_s=timeout_s)
 
 
 def _disagree(rank: int, world: int) -> None:
     with pytest.raises(ValueError) as caught:
-        _pipeline(num_microbatches=8 if rank == 0 else 4, schedule="gpipe" if rank == 0 else "1f1b")
+        _pipeline(microbatches=8 if rank == 0 else 4, schedule="gpipe" if rank == 0 else "1f1b")
     message = str(caught.value)  # the same on every rank: each setting that differs, with every rank's value
-    assert "num_microbatches: rank 0 has 8, rank 1 has 4" in message, message
+    assert "microbatches: rank 0 has 8, rank 1 has 4" in message, message
     assert "schedule: rank 0 has 'gpipe', rank 1 has '1f1b'" in message, message
-    assert "num_stages" not in message, message
+    assert "ranks" not in message, message
 
 
 @pytest.mark.timeout(60)
@@ -93,10 +93,11 @@ def test_a_peer_that_ended_is_named_as_the_one_that_ended() -> None:
 
 # A setting, the value most ranks use, and the one a random rank uses instead.
 DISAGREEMENTS = [
-    ("num_microbatches", 4, 2),
+    ("microbatches", 4, 2),
     ("schedule", "1f1b", "gpipe"),
     ("schedule", "1f1b", "pipedream"),
-    ("num_stages", 2, 4),
+    ("recompute", "none", "full"),
+    ("precision", "fp32", "bf16"),
     ("vertical_sync", False, True),
     ("weight_stashing", True, False),
 ]
@@ -105,14 +106,10 @@ DISAGREEMENTS = [
 def _random_disagreement(rank: int, world: int, setting: str, usual: object, odd: object, odd_rank: int) -> None:
     value = odd if rank == odd_rank else usual
     options: dict = {"schedule": "pipedream"} if setting in ("vertical_sync", "weight_stashing") else {}  # type: ignore[type-arg]
-    stages = value if setting == "num_stages" else 2
-    if setting != "num_stages":
-        options[setting] = value
+    options[setting] = value
+    spec = PipelineSpec(**({"schedule": "1f1b", "ranks": 2, "microbatches": 4} | options))
     with pytest.raises(ValueError) as caught:
-        Pipeline(
-            manual_split(nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)]), stages),  # type: ignore[arg-type]
-            **({"num_microbatches": 4, "loss_fn": F.mse_loss, "timeout_s": 3.0} | options),
-        )
+        Pipeline(manual_split(nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)]), 2), spec, loss_fn=F.mse_loss)
     each = ", ".join(f"rank {r} has {odd if r == odd_rank else usual!r}" for r in range(world))
     assert f"{setting}: {each}" in str(caught.value), str(caught.value)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conveyor import Pipeline, spawn
+from conveyor import Pipeline, PipelineSpec, spawn
 
 
 class Returns(nn.Module):
@@ -29,9 +29,9 @@ class Returns(nn.Module):
         return {"output": h, "none": None, "detached": h.detach(), "nan": h * float("nan")}[self.make]
 
 
-def _pipeline(module: nn.Module, **kwargs: object) -> Pipeline:
-    options: dict = {"num_stages": 1, "num_microbatches": 2, "loss_fn": F.mse_loss} | kwargs  # type: ignore[type-arg]
-    return Pipeline(module, **options)
+def _pipeline(module: nn.Module, nonfinite: str = "raise", **kwargs: object) -> Pipeline:
+    options: dict = {"loss_fn": F.mse_loss} | kwargs  # type: ignore[type-arg]
+    return Pipeline(module, PipelineSpec("1f1b", 1, 2, nonfinite=nonfinite), **options)
 
 
 def _one_rank(rank: int, world: int) -> None:
@@ -57,7 +57,7 @@ def _one_rank(rank: int, world: int) -> None:
     skipping = _pipeline(nan, nonfinite="skip", **sgd)
     with pytest.warns(UserWarning, match="update 1: the gradients hold NaN or inf; this update is skipped"):
         skipping.step(x, y)
-    assert torch.equal(nan.linear.weight, before) and skipping.skipped_steps == 1
+    assert torch.equal(nan.linear.weight, before) and skipping.update.skipped_steps == 1
     nan.make = "output"  # the next good step trains as usual
     skipping.step(x, y)
     assert not torch.equal(nan.linear.weight, before)
@@ -71,7 +71,7 @@ def test_bad_inputs_are_clear_errors() -> None:
 def _detached_stage(rank: int, world: int) -> None:
     torch.manual_seed(0)
     module = Returns("detached") if rank == 0 else nn.Linear(2, 2)
-    pipe = Pipeline(module, num_stages=2, num_microbatches=2, loss_fn=F.mse_loss)
+    pipe = Pipeline(module, PipelineSpec("1f1b", world, 2), loss_fn=F.mse_loss)
     x = torch.randn(4, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

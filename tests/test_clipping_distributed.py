@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tiny_models import relative_error
 from torch import nn
 
-from conveyor import Pipeline, manual_split, spawn
+from conveyor import Pipeline, PipelineSpec, manual_split, spawn
 
 STEPS, LR, MAX_NORM = 3, 0.5, 0.05
 
@@ -72,9 +72,8 @@ def _against_the_unsplit_model(rank: int, world: int) -> None:
     assert min(norms) > MAX_NORM, "the test must clip"
     pipe = Pipeline(
         manual_split(build(), 2),
-        num_microbatches=4,
+        PipelineSpec("1f1b", world, 4, replicas=replicas),
         loss_fn=loss_fn,
-        replicas=replicas,
         optimizer=lambda params: torch.optim.SGD(params, lr=LR),
     )
     where = f"{world} ranks, rank {rank}"

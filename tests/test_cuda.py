@@ -17,7 +17,7 @@ import torch
 from tiny_models import MODELS, assert_close, assert_grads_match
 
 from conveyor import Pipeline, spawn
-from conveyor.schedules import SCHEDULES
+from conveyor.schedules import SCHEDULES, PipelineSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,11 +39,8 @@ def _check_against_reference(rank: int, world: int, schedule: str, m: int, kind:
     expected = loss_fn(reference(x), y)
     expected.backward()
 
-    stages = world * SCHEDULES[schedule].default_virtual
-    pipe = Pipeline.from_model(
-        build(), num_stages=stages, num_microbatches=m, loss_fn=loss_fn, schedule=schedule, recompute=recompute,
-        device=device,
-    )  # fmt: skip
+    spec = PipelineSpec(schedule, world, m, recompute=recompute)
+    pipe = Pipeline.from_model(build(), spec, loss_fn=loss_fn, device=device)
     assert all(p.device == device for p in pipe.parameters()), f"{where}: a parameter is not on the GPU"
     loss = pipe.step(x, y, loss_on_all_ranks=True)
     assert loss is not None and loss.device == device, f"{where}: the loss must come back on the GPU"

@@ -20,7 +20,7 @@ from test_pipedream_distributed import build
 from tiny_models import relative_error
 from torch.distributed.device_mesh import init_device_mesh
 
-from conveyor import Pipeline, manual_split, spawn
+from conveyor import Pipeline, PipelineSpec, manual_split, spawn
 
 STEPS, LR, CLIP = 3, 0.05, 0.5
 
@@ -71,10 +71,9 @@ def _pp_by_dp(rank: int, world: int) -> None:
         where = f"pp=2 x dp=2, {schedule}, m={m}, clip={clip}, rank {rank}"
         pipe = Pipeline(
             manual_split(build(), 2),
-            num_microbatches=m,
+            PipelineSpec(schedule, world, m, dp=2),
             loss_fn=F.mse_loss,
-            schedule=schedule,
-            mesh=mesh,
+            group=mesh,
             optimizer=lambda params: torch.optim.Adam(params, lr=LR),
         )
         assert sorted(pipe.stages) == [rank // 2], f"{where}: stages {sorted(pipe.stages)}"
@@ -102,9 +101,8 @@ def _replicated_last(rank: int, world: int) -> None:
     where = f"replicas (1, 2), 1f1b, rank {rank}"
     pipe = Pipeline(
         manual_split(build(), 2),
-        num_microbatches=4,
+        PipelineSpec("1f1b", world, 4, replicas=(1, 2)),
         loss_fn=F.mse_loss,
-        replicas=(1, 2),
         optimizer=lambda params: torch.optim.Adam(params, lr=LR),
     )
     _check(pipe, x, y, False, where)
@@ -119,10 +117,10 @@ def test_a_replicated_last_stage_adds_up_its_replicas_losses() -> None:
 def _bad_meshes(rank: int, world: int) -> None:
     split = manual_split(build(), 2)
     with pytest.raises(ValueError, match=r"needs two dimensions named \('pp', 'dp'\)"):
-        Pipeline(split, num_microbatches=4, loss_fn=F.mse_loss, mesh=init_device_mesh("cpu", (2, 2)))
+        Pipeline(split, PipelineSpec("1f1b", world, 4, dp=2), loss_fn=F.mse_loss, group=init_device_mesh("cpu", (2, 2)))
     mesh = init_device_mesh("cpu", (4, 1), mesh_dim_names=("pp", "dp"))
     with pytest.raises(ValueError, match=r"the mesh has 4 pipeline ranks \(pp\) for 2 stages"):
-        Pipeline(split, num_microbatches=4, loss_fn=F.mse_loss, mesh=mesh)
+        Pipeline(split, PipelineSpec("1f1b", world, 4, dp=2), loss_fn=F.mse_loss, group=mesh)
 
 
 @pytest.mark.timeout(120)

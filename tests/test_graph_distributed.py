@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tiny_models import assert_close
 from torch import nn
 
-from conveyor import Pipeline, spawn
+from conveyor import Pipeline, PipelineSpec, spawn
 from conveyor.runtime.stage_io import STEP_HEADER
 from conveyor.schedules import Edge, StageGraph, Tie
 
@@ -109,9 +109,8 @@ def _skip_and_tie(rank: int, world: int) -> None:
         reference_optimizer = torch.optim.Adam(reference.parameters(), lr=0.05)
         pipe = Pipeline(
             HandSplit(GRAPH),
-            num_microbatches=m,
+            PipelineSpec(schedule, world, m),
             loss_fn=loss_fn,
-            schedule=schedule,
             optimizer=lambda params: torch.optim.Adam(params, lr=0.05),
         )
         for step, (x, y) in enumerate(batches):

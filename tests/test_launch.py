@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_models import mlp, mlp_batch
 
-from conveyor import Pipeline, spawn, split_model
+from conveyor import Pipeline, PipelineSpec, spawn, split_model
 from conveyor.launch import default_backend, under_torchrun
 
 
@@ -39,7 +39,7 @@ def _loss_fails_on_the_last_rank(rank: int, world: int) -> None:
     def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("loss exploded")
 
-    pipe = Pipeline(split_model(mlp(), rank, world), num_stages=world, num_microbatches=2, loss_fn=loss_fn)
+    pipe = Pipeline(split_model(mlp(), rank, world), PipelineSpec("1f1b", world, 2), loss_fn=loss_fn)
     pipe.step(*mlp_batch(4))  # ranks 0 and 1 then wait for gradients that never come
 
 

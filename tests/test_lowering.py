@@ -9,6 +9,7 @@ from conveyor.schedules import (
     SCHEDULES,
     Edge,
     Kind,
+    PipelineSpec,
     Program,
     StageGraph,
     Tie,
@@ -212,6 +213,6 @@ def test_forward_only_keeps_the_forwards_in_the_schedules_order() -> None:
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_forward_only_programs_of_every_schedule_are_sound(name: str) -> None:
-    program = build_schedule(name, 3, 6, forward_only=True)
+    program = build_schedule(PipelineSpec(name, 3, 6), forward_only=True)
     assert program.forward_only
     assert {a.kind for acts in program.actions.values() for a in acts} <= {Kind.FORWARD, Kind.SEND_F, Kind.RECV_F}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conveyor.observe.simulate import parse_costs, simulate
-from conveyor.schedules import Kind, build_schedule, noam, pipedream, pipedream_2bw, versions_held
+from conveyor.schedules import Kind, PipelineSpec, build_schedule, noam, pipedream, pipedream_2bw, versions_held
 
 
 def test_pipedream_is_one_f_one_b_with_a_step_after_every_backward_and_no_flush() -> None:
@@ -41,24 +41,26 @@ def test_pipedream_2bw_steps_once_per_mini_batch_and_uses_the_version_before_the
 def test_versions_and_staleness_are_what_the_catalog_says(ranks: int) -> None:
     costs = parse_costs("f=1,whole=2")  # backwards run whole here: f + b = 3
     for m in (max(1, ranks - 1), ranks + 2):
-        plain = simulate(build_schedule("pipedream", ranks, m, mini_batches=4), costs)
-        vertical = simulate(build_schedule("pipedream", ranks, m, mini_batches=4, vertical_sync=True), costs)
-        double = simulate(build_schedule("pipedream-2bw", ranks, m, mini_batches=4), costs)
+        plain = simulate(build_schedule(PipelineSpec("pipedream", ranks, m), mini_batches=4), costs)
+        vertical = simulate(
+            build_schedule(PipelineSpec("pipedream", ranks, m, vertical_sync=True), mini_batches=4), costs
+        )
+        double = simulate(build_schedule(PipelineSpec("pipedream-2bw", ranks, m), mini_batches=4), costs)
         assert plain.weight_versions == [min(ranks - r, 4 * m) for r in range(ranks)], m
         assert plain.staleness == [ranks - 1 - r for r in range(ranks)], m
         assert vertical.staleness == [ranks - 1] * ranks, m
         assert vertical.weight_versions == [ranks] * ranks, m
         assert double.weight_versions == [2] * ranks and double.staleness == [1] * ranks, m
-        synchronous = simulate(build_schedule("1f1b", ranks, m), costs)
+        synchronous = simulate(build_schedule(PipelineSpec("1f1b", ranks, m)), costs)
         assert synchronous.weight_versions == [1] * ranks and synchronous.staleness == [0] * ranks
 
 
 def test_a_long_stream_has_no_bubble_unlike_a_flush_per_mini_batch() -> None:
     costs = parse_costs("f=1,whole=2")  # backwards run whole here: f + b = 3
     ranks, m = 4, 4
-    flushed = simulate(build_schedule("1f1b", ranks, m), costs)
+    flushed = simulate(build_schedule(PipelineSpec("1f1b", ranks, m)), costs)
     for name in ("pipedream", "pipedream-2bw"):
-        stream = simulate(build_schedule(name, ranks, m, mini_batches=32), costs)
+        stream = simulate(build_schedule(PipelineSpec(name, ranks, m), mini_batches=32), costs)
         # 1F1B's step takes (m + P - 1)(f + b); a stream approaches one micro-batch every f + b.
         assert flushed.throughput == pytest.approx(m / ((m + ranks - 1) * 3))
         assert stream.throughput > 0.95 / 3 > flushed.throughput * 1.5, name
@@ -69,7 +71,9 @@ def test_versions_held_bound() -> None:
     for ranks in range(1, 6):
         for m in range(max(1, ranks - 1), 7):
             for vertical in (False, True):
-                held = versions_held(build_schedule("pipedream", ranks, m, mini_batches=3, vertical_sync=vertical))
+                held = versions_held(
+                    build_schedule(PipelineSpec("pipedream", ranks, m, vertical_sync=vertical), mini_batches=3)
+                )
                 for stage, count in held.items():
                     in_flight = min(ranks if vertical else ranks - stage, 3 * m)
                     assert count <= in_flight + 1, (ranks, m, vertical, stage)

@@ -21,7 +21,7 @@ from tiny_models import relative_error
 from torch import nn
 
 from conveyor import Pipeline, manual_split, spawn
-from conveyor.schedules import Program, build_schedule, step_group, versions_held
+from conveyor.schedules import PipelineSpec, Program, build_schedule, step_group, versions_held
 
 RANKS, M, BATCHES, LR = 3, 3, 4, 0.1
 
@@ -128,14 +128,12 @@ def _against_the_simulation(rank: int, world: int) -> None:
         where = f"{schedule}{' (vertical sync)' if vertical else ''} with {optimizer}{' warming up' if warming else ''}"
         where += f", rank {rank}"
         rate = warm_up(optimizer) if warming else None
-        program = build_schedule(schedule, RANKS, M, mini_batches=BATCHES, vertical_sync=vertical)
+        program = build_schedule(PipelineSpec(schedule, RANKS, M, vertical_sync=vertical), mini_batches=BATCHES)
         log: list[list[torch.Tensor]] = []
         pipe = Pipeline(
             manual_split(build(), RANKS),
-            num_microbatches=M,
+            PipelineSpec(schedule, world, M, vertical_sync=vertical),
             loss_fn=F.mse_loss,
-            schedule=schedule,
-            vertical_sync=vertical,
             optimizer=lambda params, optimizer=optimizer, log=log: Recording(OPTIMIZERS[optimizer](params), log),
         )
         losses = list(pipe.stream(batches(), BATCHES, lr=rate))
@@ -175,14 +173,12 @@ def test_stashed_weights_match_the_single_process_simulation() -> None:
 
 
 def _without_stashing(rank: int, world: int) -> None:
-    program = build_schedule("pipedream", RANKS, M, mini_batches=BATCHES)
+    program = build_schedule(PipelineSpec("pipedream", RANKS, M), mini_batches=BATCHES)
     log: list[list[torch.Tensor]] = []
     pipe = Pipeline(
         manual_split(build(), RANKS),
-        num_microbatches=M,
+        PipelineSpec("pipedream", world, M, weight_stashing=False),
         loss_fn=F.mse_loss,
-        schedule="pipedream",
-        weight_stashing=False,
         optimizer=lambda params: Recording(OPTIMIZERS["sgd"](params), log),
     )
     for _ in pipe.stream(batches(), BATCHES):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tiny_models import assert_close, assert_grads_match, mlp, mlp_batch
 
-from conveyor import Pipeline
+from conveyor import Pipeline, PipelineSpec
 
 
 @pytest.fixture
@@ -24,11 +24,9 @@ def one_rank(tmp_path: Path) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def make(**overrides: object) -> Pipeline:
-    options: dict[str, object] = {"num_stages": 1, "num_microbatches": 3, "loss_fn": F.mse_loss}
-    options.update(overrides)
-    modules = options.pop("modules", mlp())
-    return Pipeline(modules, **options)  # type: ignore[arg-type]
+def make(modules: object = None, schedule: str = "1f1b", microbatches: int = 3, virtual: int = 0) -> Pipeline:
+    spec = PipelineSpec(schedule, ranks=1, microbatches=microbatches, virtual=virtual)
+    return Pipeline(mlp() if modules is None else modules, spec, loss_fn=F.mse_loss)  # type: ignore[arg-type]
 
 
 def test_needs_an_initialized_process_group() -> None:
@@ -39,9 +37,9 @@ def test_needs_an_initialized_process_group() -> None:
 
 def test_the_schedule_must_fit_the_process_group(one_rank: None) -> None:
     with pytest.raises(ValueError, match="gpipe runs 1 stages? per rank; got 2"):
-        make(num_stages=2, schedule="gpipe")
+        make(schedule="gpipe", virtual=2)
     with pytest.raises(ValueError, match="interleaved-1f1b runs at least 2 stages per rank; got 1"):
-        make(num_stages=1, schedule="interleaved-1f1b")
+        make(schedule="interleaved-1f1b", virtual=1)
 
 
 def test_unknown_schedule(one_rank: None) -> None:
@@ -76,7 +74,7 @@ def test_one_stage_step_matches_the_reference(one_rank: None, schedule: str) -> 
     x, y = mlp_batch(10)
     expected = F.mse_loss(reference(x), y)
     expected.backward()
-    pipe = make(modules=model, num_microbatches=4, schedule=schedule)
+    pipe = make(modules=model, microbatches=4, schedule=schedule)
     loss = pipe.step(x, y, loss_on_all_ranks=True)
     assert loss is not None
     assert_close(loss, expected, "loss")

@@ -23,7 +23,7 @@ from tiny_models import (
     two_stream,
 )
 
-from conveyor import Pipeline, spawn, split_model
+from conveyor import Pipeline, PipelineSpec, spawn, split_model
 
 SCHEDULES = ("gpipe", "1f1b")
 MICROBATCHES = (1, 2, 3, 4, 8)
@@ -40,13 +40,7 @@ def _one_step_matches_the_reference(rank: int, world: int) -> None:
                 expected = loss_fn(reference(x), y)
                 expected.backward()
 
-                pipe = Pipeline(
-                    split_model(build(), rank, world),
-                    num_stages=world,
-                    num_microbatches=m,
-                    loss_fn=loss_fn,
-                    schedule=schedule,
-                )
+                pipe = Pipeline(split_model(build(), rank, world), PipelineSpec(schedule, world, m), loss_fn=loss_fn)
                 # Only the first stage's rank gets inputs and only the last's gets targets.
                 loss = pipe.step(x if rank == 0 else None, y if rank == world - 1 else None)
 
@@ -84,10 +78,8 @@ def _training_follows_the_reference(rank: int, world: int) -> None:
             reference_optimizer = optimizer(reference.parameters())
             pipe = Pipeline(
                 split_model(build(), rank, world),
-                num_stages=world,
-                num_microbatches=m,
+                PipelineSpec(schedule, world, m),
                 loss_fn=loss_fn,
-                schedule=schedule,
                 optimizer=optimizer,
             )
             for step in range(steps):
@@ -123,9 +115,7 @@ def _features(rank: int, world: int) -> None:
         reference = build()
         expected = loss_fn(reference(x), y)
         expected.backward()
-        pipe = Pipeline(
-            split_model(build(), rank, world), num_stages=world, num_microbatches=3, loss_fn=loss_fn, schedule=schedule
-        )
+        pipe = Pipeline(split_model(build(), rank, world), PipelineSpec(schedule, world, 3), loss_fn=loss_fn)
         loss = pipe.step(x, y, loss_on_all_ranks=True)
         assert loss is not None, f"{schedule} rank {rank}: loss_on_all_ranks gave None"
         assert_close(loss, expected, f"{schedule} rank {rank}: loss_on_all_ranks")
@@ -144,13 +134,7 @@ def _features(rank: int, world: int) -> None:
         reference = transformer()
         expected = token_loss(reference(**inputs), targets)
         expected.backward()
-        pipe = Pipeline(
-            split_model(transformer(), rank, world),
-            num_stages=world,
-            num_microbatches=4,
-            loss_fn=token_loss,
-            schedule=schedule,
-        )
+        pipe = Pipeline(split_model(transformer(), rank, world), PipelineSpec(schedule, world, 4), loss_fn=token_loss)
         loss = pipe.step(inputs if rank == 0 else None, targets if rank == last else None)
         if rank == last:
             assert_close(loss, expected, f"{schedule} dict input: loss")
@@ -160,13 +144,7 @@ def _features(rank: int, world: int) -> None:
         reference = two_stream()
         expected = token_loss(reference(tokens), targets)
         expected.backward()
-        pipe = Pipeline(
-            split_model(two_stream(), rank, world),
-            num_stages=world,
-            num_microbatches=3,
-            loss_fn=token_loss,
-            schedule=schedule,
-        )
+        pipe = Pipeline(split_model(two_stream(), rank, world), PipelineSpec(schedule, world, 3), loss_fn=token_loss)
         loss = pipe.step(tokens, targets)
         if rank == last:
             assert_close(loss, expected, f"{schedule} two streams: loss")
@@ -174,13 +152,7 @@ def _features(rank: int, world: int) -> None:
 
         # The batch size may change between steps (new shapes travel once, then are cached) and come back.
         reference = transformer()
-        pipe = Pipeline(
-            split_model(transformer(), rank, world),
-            num_stages=world,
-            num_microbatches=3,
-            loss_fn=token_loss,
-            schedule=schedule,
-        )
+        pipe = Pipeline(split_model(transformer(), rank, world), PipelineSpec(schedule, world, 3), loss_fn=token_loss)
         for step, size in enumerate((10, 7, 10, 7, 3)):
             tokens, targets = token_batch(size, seed=20 + step)
             reference.zero_grad(set_to_none=True)
@@ -197,9 +169,7 @@ def _features(rank: int, world: int) -> None:
         reference = split_model(TinyTransformer, 0, 1)
         expected = token_loss(reference(tokens), targets)
         expected.backward()
-        pipe = Pipeline.from_model(
-            TinyTransformer, num_stages=world, num_microbatches=2, loss_fn=token_loss, schedule=schedule
-        )
+        pipe = Pipeline.from_model(TinyTransformer, PipelineSpec(schedule, world, 2), loss_fn=token_loss)
         assert all(p.device.type == "cpu" for p in pipe.parameters())
         loss = pipe.step(tokens, targets, loss_on_all_ranks=True)
         assert_close(loss, expected, f"{schedule} from_model: loss, rank {rank}")
@@ -211,8 +181,7 @@ def _features(rank: int, world: int) -> None:
     reference_optimizer = OPTIMIZERS["sgd"](reference.parameters())
     pipe = Pipeline(
         split_model(build(), rank, world, [3, 1, 3]),
-        num_stages=world,
-        num_microbatches=2,
+        PipelineSpec("1f1b", world, 2),
         loss_fn=loss_fn,
         optimizer=OPTIMIZERS["sgd"],
     )
@@ -237,8 +206,7 @@ def test_features_on_three_ranks() -> None:
 def _mlp_pipeline(schedule: str, world: int, m: int) -> Pipeline:
     """The MLP on `world` ranks (two stages per rank under zbv)."""
     build, _, loss_fn = MODELS["mlp"]
-    stages = 2 * world if schedule == "zbv" else world
-    return Pipeline.from_model(build(), num_stages=stages, num_microbatches=m, loss_fn=loss_fn, schedule=schedule)
+    return Pipeline.from_model(build(), PipelineSpec(schedule, world, m), loss_fn=loss_fn)
 
 
 def _own_messages_after_pipelines(rank: int, world: int) -> None:
@@ -270,7 +238,7 @@ def _two_pipelines_on_subgroups(rank: int, world: int) -> None:
     reference = build()
     expected = loss_fn(reference(x), y)
     expected.backward()
-    pipe = Pipeline(split_model(build(), local, 2), num_stages=2, num_microbatches=4, loss_fn=loss_fn, group=group)
+    pipe = Pipeline(split_model(build(), local, 2), PipelineSpec("1f1b", 2, 4), loss_fn=loss_fn, group=group)
     loss = pipe.step(x, y, loss_on_all_ranks=True)
     where = f"replica {rank // 2}, rank {rank} (rank {local} of its group)"
     assert loss is not None
@@ -308,7 +276,7 @@ def test_close_answers_the_receives_left_for_a_next_step() -> None:
 def _rank_zero_closes_while_rank_one_steps(rank: int, world: int) -> None:
     build, make_batch, loss_fn = MODELS["mlp"]
     x, y = make_batch(BATCH)
-    pipe = Pipeline(split_model(build(), rank, world), num_stages=world, num_microbatches=2, loss_fn=loss_fn)
+    pipe = Pipeline(split_model(build(), rank, world), PipelineSpec("1f1b", world, 2), loss_fn=loss_fn)
     pipe.step(x, y)
     if rank == 0:
         pipe.close()
@@ -332,9 +300,9 @@ def _results_and_forward_only_runs(rank: int, world: int) -> None:
         logits = reference(x)
     parts = [loss_fn(p, t) for p, t in zip(logits.tensor_split(4), y.tensor_split(4), strict=True)]
     for schedule, info in ALL.items():
-        stages, m = world * info.default_virtual, 4  # 4 micro-batches on 2 ranks suit every schedule
+        m = 4  # 4 micro-batches on 2 ranks suit every schedule
         where = f"{schedule}, rank {rank}"
-        pipe = Pipeline.from_model(build(), num_stages=stages, num_microbatches=m, loss_fn=loss_fn, schedule=schedule)
+        pipe = Pipeline.from_model(build(), PipelineSpec(schedule, world, m), loss_fn=loss_fn)
         # evaluate: the loss and nothing else; no gradient, nothing held.
         loss = pipe.evaluate(x, y, loss_on_all_ranks=True)
         assert loss is not None

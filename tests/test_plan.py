@@ -16,17 +16,17 @@ from conveyor.observe.simulate import simulate
 from conveyor.observe.transfers import TransferCosts
 from conveyor.plan import MemoryModel, PlanError, count_splits, partition, splits, stage_costs
 from conveyor.plan.cost import stage_layers
-from conveyor.schedules import build_schedule
+from conveyor.schedules import PipelineSpec, build_schedule
 
 # (schedule, ranks, micro-batches, stages per rank): cheap to simulate, and every kind of placement
 SETUPS = [
-    ("1f1b", 2, 4, 1),
-    ("1f1b", 3, 3, 1),
-    ("gpipe", 2, 3, 1),
-    ("zb-h1", 2, 4, 1),
-    ("zbv", 2, 3, 2),
-    ("interleaved-1f1b", 2, 2, 2),
-    ("1f1b", 1, 2, 1),
+    PipelineSpec("1f1b", 2, 4, 1),
+    PipelineSpec("1f1b", 3, 3, 1),
+    PipelineSpec("gpipe", 2, 3, 1),
+    PipelineSpec("zb-h1", 2, 4, 1),
+    PipelineSpec("zbv", 2, 3, 2),
+    PipelineSpec("interleaved-1f1b", 2, 2, 2),
+    PipelineSpec("1f1b", 1, 2, 1),
 ]
 
 
@@ -76,10 +76,9 @@ def peak_per_rank(profile: LayerProfile, program, split: tuple[int, ...], recomp
     ]
 
 
-def brute_force(profile: LayerProfile, setup: tuple[str, int, int, int], cap: float | None) -> float | None:
+def brute_force(profile: LayerProfile, setup: PipelineSpec, cap: float | None) -> float | None:
     """The least simulated step time over every split within `cap` (None: nothing fits)."""
-    name, ranks, m, v = setup
-    program = build_schedule(name, ranks, m, v)
+    program = build_schedule(setup)
     times = [
         simulate(program, stage_costs(profile, split)).step_time
         for split in splits(profile, program.num_stages)
@@ -88,8 +87,8 @@ def brute_force(profile: LayerProfile, setup: tuple[str, int, int, int], cap: fl
     return min(times, default=None)
 
 
-def fits(profile: LayerProfile, setup: tuple[str, int, int, int]) -> bool:
-    return count_splits(profile, build_schedule(*setup).num_stages) > 0
+def fits(profile: LayerProfile, setup: PipelineSpec) -> bool:
+    return count_splits(profile, build_schedule(setup).num_stages) > 0
 
 
 @settings(max_examples=40)
@@ -97,17 +96,17 @@ def fits(profile: LayerProfile, setup: tuple[str, int, int, int]) -> bool:
 def test_auto_is_the_brute_force_optimum_within_the_cap(profile: LayerProfile, setup, share: float) -> None:  # type: ignore[no-untyped-def]
     if not fits(profile, setup):
         return
-    program = build_schedule(*setup)
+    program = build_schedule(setup)
     peaks = [max(peak_per_rank(profile, program, s)) for s in splits(profile, program.num_stages)]
     cap = min(peaks) + share * (max(peaks) - min(peaks))  # from the tightest cap that fits to none at all
     best = brute_force(profile, setup, cap)
-    chosen = partition(profile, *setup, method="auto", memory_cap=cap)
+    chosen = partition(profile, setup, method="auto", memory_cap=cap)
     assert best is not None
     assert chosen.exact
     assert chosen.step_time == pytest.approx(best, rel=1e-12)
     assert max(chosen.peak_bytes) <= cap
     assert list(chosen.peak_bytes) == pytest.approx(peak_per_rank(profile, program, chosen.layers_per_stage))
-    again = partition(profile, *setup, method="auto", memory_cap=cap)
+    again = partition(profile, setup, method="auto", memory_cap=cap)
     assert again == chosen  # deterministic
 
 
@@ -116,13 +115,13 @@ def test_auto_is_the_brute_force_optimum_within_the_cap(profile: LayerProfile, s
 def test_time_memory_and_params_are_the_brute_force_optima(profile: LayerProfile, setup) -> None:  # type: ignore[no-untyped-def]
     if not fits(profile, setup):
         return
-    program = build_schedule(*setup)
+    program = build_schedule(setup)
     every = list(splits(profile, program.num_stages))
-    assert partition(profile, *setup, method="time").step_time == pytest.approx(brute_force(profile, setup, None))
+    assert partition(profile, setup, method="time").step_time == pytest.approx(brute_force(profile, setup, None))
     least_memory = min(max(peak_per_rank(profile, program, s)) for s in every)
-    assert max(partition(profile, *setup, method="memory").peak_bytes) == pytest.approx(least_memory)
+    assert max(partition(profile, setup, method="memory").peak_bytes) == pytest.approx(least_memory)
     stage_params = [[sum(profile.layers[i].parameters for i in ls) for ls in stage_layers(profile, s)] for s in every]
-    chosen = partition(profile, *setup, method="params").layers_per_stage
+    chosen = partition(profile, setup, method="params").layers_per_stage
     chosen_params = [sum(profile.layers[i].parameters for i in ls) for ls in stage_layers(profile, chosen)]
     assert max(chosen_params) == min(max(p) for p in stage_params)
 
@@ -132,11 +131,11 @@ def test_time_memory_and_params_are_the_brute_force_optima(profile: LayerProfile
 def test_a_cap_nothing_fits_names_the_smallest_that_does(profile: LayerProfile, setup) -> None:  # type: ignore[no-untyped-def]
     if not fits(profile, setup):
         return
-    program = build_schedule(*setup)
+    program = build_schedule(setup)
     least = min(max(peak_per_rank(profile, program, s)) for s in splits(profile, program.num_stages))
     with pytest.raises(PlanError, match=f"the smallest peak is {least:,.0f} bytes"):
-        partition(profile, *setup, memory_cap=least * 0.999)
-    assert max(partition(profile, *setup, memory_cap=least).peak_bytes) <= least
+        partition(profile, setup, memory_cap=least * 0.999)
+    assert max(partition(profile, setup, memory_cap=least).peak_bytes) <= least
 
 
 @settings(max_examples=30)
@@ -146,12 +145,12 @@ def test_the_local_search_stays_within_the_cap_and_never_beats_the_optimum(
 ) -> None:  # type: ignore[no-untyped-def]
     if not fits(profile, setup):
         return
-    program = build_schedule(*setup)
+    program = build_schedule(setup)
     peaks = [max(peak_per_rank(profile, program, s)) for s in splits(profile, program.num_stages)]
     cap = min(peaks) + share * (max(peaks) - min(peaks))
-    exact = partition(profile, *setup, memory_cap=cap)
+    exact = partition(profile, setup, memory_cap=cap)
     try:
-        local = partition(profile, *setup, memory_cap=cap, exact_limit=0)
+        local = partition(profile, setup, memory_cap=cap, exact_limit=0)
     except PlanError:
         return  # a local search may miss the few splits that fit; it says so
     assert not local.exact
@@ -184,13 +183,13 @@ def test_a_profile_warms_up_then_times_until_it_has_its_repeats_and_its_seconds(
 
 
 def test_memory_model_counts_each_schedules_micro_batches_in_flight() -> None:
-    program = build_schedule("1f1b", 2, 8)
+    program = build_schedule(PipelineSpec("1f1b", 2, 8))
     model = MemoryModel.of(program)
     profile = LayerProfile("t", 1, "sgd", (layer("a", 1, 0, 1, 2, 0, 10.0, 1), layer("b", 1, 1, 1, 2, 0, 3.0, 1)))
     costs = stage_costs(profile, (1, 1))
     # 1F1B on 2 ranks holds 2 micro-batches on rank 0 (10 + its 1-byte output each) and 1 on rank 1.
     assert model.peak(costs, [0.0, 0.0]) == [22.0, 3.0]
-    gpipe = MemoryModel.of(build_schedule("gpipe", 2, 8))
+    gpipe = MemoryModel.of(build_schedule(PipelineSpec("gpipe", 2, 8)))
     assert gpipe.peak(costs, [5.0, 0.0]) == [5.0 + 8 * 11.0, 8 * 3.0]
 
 
@@ -222,13 +221,13 @@ def test_stage_costs_add_layers_up_as_the_runtime_runs_them() -> None:
 def test_more_stages_than_layers_is_refused() -> None:
     profile = LayerProfile("t", 1, "sgd", (layer("a", 1, 1, 1, 2, 1, 1, 1), layer("b", 1, 1, 1, 2, 1, 1, 1)))
     with pytest.raises(PlanError, match="4 stages need at least 4 layers to own; the model has 2"):
-        partition(profile, "1f1b", 4, 4)
+        partition(profile, PipelineSpec("1f1b", 4, 4))
 
 
 def test_uniform_is_the_even_split_by_layer_count() -> None:
     layers = tuple(layer(f"l{i}", 1, 1, 1, 2, 1, 1, 1) for i in range(7))
     profile = LayerProfile("t", 1, "sgd", layers, first=True, last=True)
-    assert partition(profile, "1f1b", 2, 4, method="uniform").layers_per_stage == (3, 2)
+    assert partition(profile, PipelineSpec("1f1b", 2, 4), method="uniform").layers_per_stage == (3, 2)
 
 
 def test_splits_are_every_composition_once() -> None:

@@ -34,7 +34,7 @@ def test_plan_prints_stages_writes_a_plan_and_reuses_its_profile(
     assert "stage  rank  layers" in out and "tok_emb+pos_emb" in out and "norm+head" in out
     assert "predicted step" in out and "(synchronous" in out and "period" in out
     plan = Plan.load(tmp_path / "plan.json")
-    assert (plan.schedule, plan.ranks, plan.microbatches, plan.microbatch_size) == ("1f1b", 2, 2, 2)
+    assert (plan.spec.schedule, plan.spec.ranks, plan.spec.microbatches, plan.microbatch_size) == ("1f1b", 2, 2, 2)
     assert sum(plan.layers_per_stage) == 2 and len(plan.stages) == 2
     assert f"conveyor train --plan {tmp_path / 'plan.json'}" in out
     assert main(plan_argv(tmp_path, "--method", "uniform")) == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conveyor import Pipeline
+from conveyor import Pipeline, PipelineSpec
 from conveyor.cli import main
 from conveyor.plan import Plan, make_plan, profile_model, split_with_plan, stage_costs, traced_fingerprint
 from conveyor.train import TrainConfig
@@ -55,13 +55,14 @@ def test_the_layers_are_the_ends_and_each_block(profile) -> None:  # type: ignor
 def test_layer_memory_covers_what_a_stage_keeps(profile, counts: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
     """Summed per layer, a stage's bytes are what its forward keeps, or up to 1 % more: a value several layers
     read without a gradient (the attention mask) counts once per layer that keeps it."""
-    plan = _with_counts(make_plan(profile, "1f1b", 2, 2), counts)
+    plan = _with_counts(make_plan(profile, PipelineSpec("1f1b", 2, 2)), counts)
     x = tokens()
     split = split_with_plan(tiny, plan, example_args=(x[:, :-1],))
     with tempfile.TemporaryDirectory() as folder:
         dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
         try:
-            pipe = Pipeline(split, num_microbatches=1, loss_fn=logits_loss, schedule="looped-bfs", track_memory=True)
+            pipe = Pipeline(split, PipelineSpec("looped-bfs", 1, 1, virtual=2), loss_fn=logits_loss)
+            pipe.track_memory = True
             pipe.step(x[:, :-1], x[:, 1:])
             kept = [pipe.stages[s].peak_held_bytes for s in range(2)]
         finally:
@@ -73,7 +74,7 @@ def test_layer_memory_covers_what_a_stage_keeps(profile, counts: tuple[int, int]
 
 
 def test_a_plan_cuts_the_traced_model_where_it_says(profile) -> None:  # type: ignore[no-untyped-def]
-    plan = _with_counts(make_plan(profile, "zbv", 2, 4), (0, 1, 2, 0))
+    plan = _with_counts(make_plan(profile, PipelineSpec("zbv", 2, 4)), (0, 1, 2, 0))
     assert plan.split == "traced"
     x = tokens()
     split = split_with_plan(tiny, plan, example_args=(x[:, :-1],))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conveyor import Pipeline, manual_split, spawn
+from conveyor import Pipeline, PipelineSpec, manual_split, spawn
 from conveyor.models import GPT, GPTConfig, lm_loss
 
 CONFIG = GPTConfig(context=16, dim=32, layers=2, heads=2)
@@ -47,9 +47,8 @@ def _one_process(autocast: bool) -> list[float]:
 def _bf16(rank: int, world: int) -> None:
     pipe = Pipeline(
         manual_split(lambda: GPT(CONFIG), 2, seed=0),
-        num_microbatches=4,
+        PipelineSpec("1f1b", world, 4, precision="bf16"),
         loss_fn=lm_loss,
-        autocast=torch.bfloat16,
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
     )
     matmuls: list[torch.dtype] = []  # what this rank's linear layers give: bf16 under autocast
@@ -102,23 +101,24 @@ def _one_process_fp16(init_scale: float) -> tuple[list[float], list[float]]:
 def _fp16(rank: int, world: int) -> None:
     pipe = Pipeline(
         manual_split(lambda: GPT(CONFIG), 2, seed=0),
-        num_microbatches=4,
+        PipelineSpec("1f1b", world, 4, precision="fp16"),
         loss_fn=lm_loss,
-        autocast=torch.float16,
         optimizer=lambda params: torch.optim.AdamW(params, lr=LR),
     )
-    assert pipe.loss_scale is not None
-    pipe.loss_scale.scale = 2.0**22  # overflows at first: the first updates are skipped, on every rank
+    assert pipe.update.loss_scale is not None
+    pipe.update.loss_scale.scale = 2.0**22  # overflows at first: the first updates are skipped, on every rank
     losses, scales = [], []
     for tokens in _batches():
         loss = pipe.step(tokens[:, :-1], tokens[:, 1:], loss_on_all_ranks=True)
         assert loss is not None
         losses.append(loss.item())
-        scales.append(pipe.loss_scale.scale)
+        scales.append(pipe.update.loss_scale.scale)
     pipe.close()
     expected_losses, expected_scales = _one_process_fp16(2.0**22)
     assert scales == expected_scales, f"rank {rank}: scales {scales}, GradScaler's {expected_scales}"
-    assert 0 < pipe.loss_scale.skipped < STEPS, f"rank {rank}: {pipe.loss_scale.skipped} skipped, scales {scales}"
+    assert 0 < pipe.update.loss_scale.skipped < STEPS, (
+        f"rank {rank}: {pipe.update.loss_scale.skipped} skipped, scales {scales}"
+    )
     for step, (mine, same) in enumerate(zip(losses, expected_losses, strict=True)):
         assert abs(mine - same) <= 1e-2 * abs(same), f"rank {rank}, step {step}: {mine} against {same}"
     assert losses[-1] < losses[0], f"fp16 did not train: {losses}"
@@ -131,5 +131,5 @@ def test_float16_skips_and_scales_as_grad_scaler_on_every_rank() -> None:
 
 def test_float16_is_refused_for_a_stream() -> None:
     # Checked before anything else, without a process group.
-    with pytest.raises(ValueError, match="pipedream updates inside a stream: use bfloat16"):
-        Pipeline({}, num_microbatches=2, loss_fn=lm_loss, num_stages=2, schedule="pipedream", autocast=torch.float16)
+    with pytest.raises(ValueError, match="pipedream updates inside a stream: use precision=bf16"):
+        PipelineSpec("pipedream", 2, 2, precision="fp16")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from conveyor.schedules import build_schedule, render_steps, render_timeline, validate
+from conveyor.schedules import PipelineSpec, build_schedule, render_steps, render_timeline, validate
 
 
 def test_render_steps_one_f_one_b() -> None:
-    program = build_schedule("1f1b", 2, 2)
+    program = build_schedule(PipelineSpec("1f1b", 2, 2))
     assert render_steps(program) == "\n".join(
         [
             "step    0       1       2       3       4       5       6       7       8",
@@ -19,14 +19,14 @@ def test_render_steps_one_f_one_b() -> None:
 
 
 def test_render_steps_marks_a_cell_in_brackets() -> None:
-    program = build_schedule("1f1b", 2, 2)
+    program = build_schedule(PipelineSpec("1f1b", 2, 2))
     assert render_steps(program, mark={(1, 2)}).splitlines()[2] == (
         "rank 1   1RF0<0  1F0    [1RF1<0] 1B0     1SB0>0  1F1     1B1     1SB1>0  1STEP"
     )
 
 
 def test_render_timeline_gpipe_shows_the_bubble() -> None:
-    program = build_schedule("gpipe", 3, 3)
+    program = build_schedule(PipelineSpec("gpipe", 3, 3))
     assert render_timeline(program, validate(program)) == "\n".join(
         [
             "tick    0   1   2   3   4   5   6   7   8   9",
@@ -38,7 +38,7 @@ def test_render_timeline_gpipe_shows_the_bubble() -> None:
 
 
 def test_render_timeline_one_f_one_b() -> None:
-    program = build_schedule("1f1b", 2, 2)
+    program = build_schedule(PipelineSpec("1f1b", 2, 2))
     assert render_timeline(program, validate(program)) == "\n".join(
         [
             "tick    0   1   2   3   4   5",
@@ -54,7 +54,7 @@ def _columns(header: str) -> dict[int, int]:
 
 
 def test_a_long_program_shows_a_window_around_the_mark_with_aligned_columns() -> None:
-    program = build_schedule("gpipe", 2, 16)  # 44 actions on rank 1
+    program = build_schedule(PipelineSpec("gpipe", 2, 16))  # 44 actions on rank 1
     marked_step = 30
     lines = render_steps(program, mark={(0, marked_step)}).splitlines()
     header, row0, row1 = lines

@@ -20,7 +20,7 @@ from test_pipedream_distributed import BATCHES, OPTIMIZERS, Recording, batches, 
 from tiny_models import relative_error
 
 from conveyor import Pipeline, manual_split, spawn
-from conveyor.schedules import build_schedule, versions_held
+from conveyor.schedules import PipelineSpec, build_schedule, versions_held
 
 REPLICAS = (2, 1)
 STEPS, LR = 3, 0.1
@@ -54,11 +54,8 @@ def _synchronous(rank: int, world: int) -> None:
                 where = f"{schedule}, m={m}, recompute={recompute}, rank {rank}"
                 pipe = Pipeline(
                     manual_split(build(), 2),
-                    num_microbatches=m,
+                    PipelineSpec(schedule, world, m, replicas=REPLICAS, recompute=recompute),
                     loss_fn=F.mse_loss,
-                    schedule=schedule,
-                    replicas=REPLICAS,
-                    recompute=recompute,
                     optimizer=lambda params: torch.optim.SGD(params, lr=LR),
                 )
                 assert sorted(pipe.stages) == ([0] if rank < 2 else [1]), f"{where}: stages {sorted(pipe.stages)}"
@@ -89,14 +86,12 @@ def _asynchronous(rank: int, world: int) -> None:
     for schedule, optimizer in (("pipedream", "sgd"), ("pipedream-2bw", "sgd"), ("pipedream-2bw", "adam")):
         where = f"{schedule} with {optimizer}, rank {rank}"
         m = 4  # pipedream: every mini-batch a multiple of the 2 replicas, which step together
-        program = build_schedule(schedule, 3, m, mini_batches=BATCHES, replicas=REPLICAS)
+        program = build_schedule(PipelineSpec(schedule, 3, m, replicas=REPLICAS), mini_batches=BATCHES)
         log: list[list[torch.Tensor]] = []
         pipe = Pipeline(
             manual_split(build(), 2),
-            num_microbatches=m,
+            PipelineSpec(schedule, world, m, replicas=REPLICAS),
             loss_fn=F.mse_loss,
-            schedule=schedule,
-            replicas=REPLICAS,
             optimizer=lambda params, optimizer=optimizer, log=log: Recording(OPTIMIZERS[optimizer](params), log),
         )
         losses = list(pipe.stream(batches(m), BATCHES))
@@ -128,18 +123,21 @@ def test_asynchronous_replicated_stage_matches_the_simulation() -> None:
 
 
 def _bad_configurations(rank: int, world: int) -> None:
-    def pipeline(**kwargs: Any) -> Pipeline:
-        options: dict[str, Any] = {"num_microbatches": 4, "loss_fn": F.mse_loss, "replicas": REPLICAS} | kwargs
-        return Pipeline(manual_split(build(), 2), **options)
+    def pipeline(schedule: str = "1f1b", m: int = 4, replicas: tuple[int, ...] = REPLICAS, ranks: int = world) -> Any:
+        return Pipeline(
+            manual_split(build(), 2), PipelineSpec(schedule, ranks, m, replicas=replicas), loss_fn=F.mse_loss
+        )
 
     with pytest.raises(ValueError, match="does not replicate stages; the schedules that do: gpipe, 1f1b"):
         pipeline(schedule="zb-h1")
     with pytest.raises(ValueError, match="under pipedream conveyor does not replicate the last stage"):
         pipeline(replicas=(1, 2), schedule="pipedream")
-    with pytest.raises(ValueError, match=r"replicas \(2, 2\) hold 4 ranks; the process group has 3"):
+    with pytest.raises(ValueError, match="replicas=2,2 holds 4 ranks: use ranks=4"):
         pipeline(replicas=(2, 2))
+    with pytest.raises(ValueError, match="the spec is for 4 ranks; the process group has 3"):
+        pipeline(replicas=(2, 2), ranks=4)
     with pytest.raises(ValueError, match="must be a multiple of 2; got 3"):
-        pipeline(schedule="pipedream", num_microbatches=3)
+        pipeline(schedule="pipedream", m=3)
     # Replicas that start from different weights would train apart: refused, naming the other rank.
     model = build()
     if rank == 1:
@@ -149,9 +147,9 @@ def _bad_configurations(rank: int, world: int) -> None:
     expected = "stage 0's weights differ between rank 0 and rank\\(s\\) \\[1\\]" if rank == 0 else "differ"
     if rank < 2:
         with pytest.raises(ValueError, match=expected):
-            Pipeline(split, num_microbatches=4, loss_fn=F.mse_loss, replicas=REPLICAS)
+            Pipeline(split, PipelineSpec("1f1b", world, 4, replicas=REPLICAS), loss_fn=F.mse_loss)
     else:
-        Pipeline(split, num_microbatches=4, loss_fn=F.mse_loss, replicas=REPLICAS)
+        Pipeline(split, PipelineSpec("1f1b", world, 4, replicas=REPLICAS), loss_fn=F.mse_loss)
 
 
 @pytest.mark.timeout(120)

@@ -11,6 +11,7 @@ from conveyor.schedules import (
     SCHEDULES,
     Kind,
     Link,
+    PipelineSpec,
     Program,
     build_schedule,
     gpipe,
@@ -75,17 +76,20 @@ def test_generators_reject_empty_sizes(generator: Callable[[int, int], Program])
 
 def test_build_schedule_names_the_known_schedules_on_a_typo() -> None:
     with pytest.raises(ValueError, match="unknown schedule '1f1f'; choose one of gpipe, 1f1b"):
-        build_schedule("1f1f", 2, 2)
+        build_schedule(PipelineSpec("1f1f", 2, 2))
 
 
 def test_build_schedule_returns_the_lowered_program() -> None:
-    assert build_schedule("gpipe", 2, 2).to_strings() == lower(gpipe(2, 2)).to_strings()
-    assert build_schedule("gpipe", 2, 2, prefetch=False).to_strings() == lower(gpipe(2, 2), prefetch=False).to_strings()
+    assert build_schedule(PipelineSpec("gpipe", 2, 2)).to_strings() == lower(gpipe(2, 2)).to_strings()
+    assert (
+        build_schedule(PipelineSpec("gpipe", 2, 2), prefetch=False).to_strings()
+        == lower(gpipe(2, 2), prefetch=False).to_strings()
+    )
 
 
 def test_single_stage_schedules_refuse_virtual_stages() -> None:
     with pytest.raises(ValueError, match="1f1b runs 1 stages? per rank; got 2"):
-        build_schedule("1f1b", 2, 4, virtual=2)
+        build_schedule(PipelineSpec("1f1b", 2, 4, virtual=2))
 
 
 # What each schedule accepts, and the peak activations its busiest rank holds (in micro-batches
@@ -147,9 +151,11 @@ def test_every_size_builds_validates_and_keeps_its_invariants(name: str) -> None
                 where = f"{name} p={p} m={m} v={v}"
                 if not accepts(p, m):
                     with pytest.raises(ValueError, match=name):
-                        build_schedule(name, p, m, v)
+                        build_schedule(PipelineSpec(name, p, m, v))
                     continue
-                program = build_schedule(name, p, m, v)  # raises ScheduleError if the program does not validate
+                program = build_schedule(
+                    PipelineSpec(name, p, m, v)
+                )  # raises ScheduleError if the program does not validate
                 assert program.num_ranks == p and program.num_stages == p * v, where
                 assert all(len(program.stages_of(rank)) == v for rank in range(p)), where
                 assert max(peaks_held(program)) == PEAK[name](p, m, v), where
@@ -165,7 +171,10 @@ def test_one_f_one_b_rank_peaks_and_makespan() -> None:
     i.e. the documented bubble (p - 1) / (m + p - 1)."""
     for p in range(1, MAX_RANKS + 1):
         for m in range(1, MAX_MICROBATCHES + 1):
-            one_f_one_b_program, gpipe_program = build_schedule("1f1b", p, m), build_schedule("gpipe", p, m)
+            one_f_one_b_program, gpipe_program = (
+                build_schedule(PipelineSpec("1f1b", p, m)),
+                build_schedule(PipelineSpec("gpipe", p, m)),
+            )
             assert peaks_held(one_f_one_b_program) == [min(p - rank, m) for rank in range(p)], (p, m)
             assert peaks_held(gpipe_program) == [m] * p, (p, m)
             assert validate(one_f_one_b_program).makespan == 2 * (m + p - 1), (p, m)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conveyor import Pipeline, spawn
-from conveyor.schedules import SCHEDULES
+from conveyor.schedules import SCHEDULES, PipelineSpec
 
 STEPS = 3
 LR = 0.1
@@ -62,11 +62,8 @@ def _train_every_schedule(rank: int, world: int) -> None:
             for m in micro_batch_counts(name, world):
                 pipe = Pipeline.from_model(
                     build(stages),
-                    num_stages=stages,
-                    num_microbatches=m,
+                    PipelineSpec(name, world, m, recompute=recompute),
                     loss_fn=F.mse_loss,
-                    schedule=name,
-                    recompute=recompute,
                     optimizer=lambda params: torch.optim.SGD(params, lr=LR),
                 )
                 case = f"{name}, {world} ranks, m={m}, recompute={recompute}"
@@ -93,14 +90,9 @@ def _peak_micro_batches(rank: int, world: int, name: str, m: int, recompute: str
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32)) for _ in range(stages)])
     pipe = Pipeline.from_model(
-        model,
-        num_stages=stages,
-        num_microbatches=m,
-        loss_fn=lambda o, t: o.pow(2).mean(),
-        schedule=name,
-        recompute=recompute,
-        track_memory=True,
+        model, PipelineSpec(name, world, m, recompute=recompute), loss_fn=lambda o, t: o.pow(2).mean()
     )
+    pipe.track_memory = True
     x = torch.randn(8 * m, 32)
     pipe.step(x, x)
     per_stage = {}

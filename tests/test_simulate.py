@@ -8,7 +8,7 @@ import pytest
 
 from conveyor.cli import main
 from conveyor.observe.simulate import CostModel, StageCosts, load_costs, parse_costs, save_costs, simulate
-from conveyor.schedules import DeadlockError, Program, build_schedule
+from conveyor.schedules import DeadlockError, PipelineSpec, Program, build_schedule
 
 EQUAL = parse_costs("f=1,b=1,w=1")
 
@@ -23,7 +23,7 @@ def bubble_time(result) -> float:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("m", [1, 2, 4, 7, 16])
 def test_gpipe_and_1f1b_bubble_is_p_minus_1_over_m_plus_p_minus_1(name: str, p: int, m: int) -> None:
-    result = simulate(build_schedule(name, p, m), EQUAL)
+    result = simulate(build_schedule(PipelineSpec(name, p, m)), EQUAL)
     assert result.bubble_fraction == pytest.approx((p - 1) / (m + p - 1))
     assert result.step_time == pytest.approx(3 * (m + p - 1))
 
@@ -32,22 +32,22 @@ def test_gpipe_and_1f1b_bubble_is_p_minus_1_over_m_plus_p_minus_1(name: str, p: 
 @pytest.mark.parametrize("m_per_p", [1, 2, 3])
 def test_zb_h1_bubble_time_is_a_third_of_1f1b(p: int, m_per_p: int) -> None:
     m = p * m_per_p
-    one_f_one_b = simulate(build_schedule("1f1b", p, m), EQUAL)
-    zb_h1 = simulate(build_schedule("zb-h1", p, m), EQUAL)
+    one_f_one_b = simulate(build_schedule(PipelineSpec("1f1b", p, m)), EQUAL)
+    zb_h1 = simulate(build_schedule(PipelineSpec("zb-h1", p, m)), EQUAL)
     assert bubble_time(zb_h1) == pytest.approx(bubble_time(one_f_one_b) / 3)
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 6, 8])
 def test_zb_h2_has_no_bubble_from_2p_minus_1_micro_batches(p: int) -> None:
     for m in range(2 * p - 1, 4 * p + 1):
-        assert bubble_time(simulate(build_schedule("zb-h2", p, m), EQUAL)) == pytest.approx(0.0, abs=1e-9)
+        assert bubble_time(simulate(build_schedule(PipelineSpec("zb-h2", p, m)), EQUAL)) == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4, 8])
 def test_zbv_has_no_bubble_from_2p_minus_1_micro_batches(p: int) -> None:
     half = parse_costs("f=0.5,b=0.5,w=0.5")  # two stages per rank, each half the model
     for m in range(2 * p - 1, 4 * p + 1):
-        assert bubble_time(simulate(build_schedule("zbv", p, m), half)) == pytest.approx(0.0, abs=1e-9)
+        assert bubble_time(simulate(build_schedule(PipelineSpec("zbv", p, m)), half)) == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("p", [2, 3, 4])
@@ -56,14 +56,14 @@ def test_zbv_has_no_bubble_from_2p_minus_1_micro_batches(p: int) -> None:
 def test_interleaved_bubble_time_is_1_over_v_of_1f1b(p: int, v: int, rounds: int) -> None:
     m = p * rounds
     share = parse_costs(f"f={1 / v},b={1 / v},w={1 / v}")  # v stages per rank share the rank's work
-    interleaved = simulate(build_schedule("interleaved-1f1b", p, m, v), share)
-    one_f_one_b = simulate(build_schedule("1f1b", p, m), EQUAL)
+    interleaved = simulate(build_schedule(PipelineSpec("interleaved-1f1b", p, m, v)), share)
+    one_f_one_b = simulate(build_schedule(PipelineSpec("1f1b", p, m)), EQUAL)
     assert bubble_time(interleaved) == pytest.approx(bubble_time(one_f_one_b) / v)
 
 
 def test_zbv_step_counts_the_ranks_offsets_and_its_period_does_not() -> None:
     """The picture of zbv on 4 ranks ends at 51; each rank is busy 48 and, back to back, starts again at once."""
-    result = simulate(build_schedule("zbv", 4, 8), EQUAL)
+    result = simulate(build_schedule(PipelineSpec("zbv", 4, 8)), EQUAL)
     assert result.step_time == pytest.approx(51.0)
     assert result.step_time == pytest.approx(result.timing.makespan)
     assert result.rank_span == pytest.approx(48.0)
@@ -74,13 +74,13 @@ def test_zbv_step_counts_the_ranks_offsets_and_its_period_does_not() -> None:
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1"])
 def test_period_of_a_pipeline_whose_first_rank_is_its_critical_path_is_its_step(name: str) -> None:
-    result = simulate(build_schedule(name, 3, 6), EQUAL)
+    result = simulate(build_schedule(PipelineSpec(name, 3, 6)), EQUAL)
     assert result.period == pytest.approx(result.step_time)
 
 
 def test_a_slow_last_rank_sets_the_period_and_steps_cannot_overlap_under_1f1b() -> None:
     costs = parse_costs("f=1,b=1,w=1;f=2,b=2,w=2")  # rank 1 is twice as slow
-    result = simulate(build_schedule("1f1b", 2, 8), costs)
+    result = simulate(build_schedule(PipelineSpec("1f1b", 2, 8)), costs)
     # Rank 0's first forward, rank 1's 8 x 6, rank 0's last whole backward; rank 0's next step's first
     # forward follows that backward, so back-to-back steps repeat every 51 as well.
     assert result.step_time == pytest.approx(1 + 48 + 2)
@@ -90,7 +90,7 @@ def test_a_slow_last_rank_sets_the_period_and_steps_cannot_overlap_under_1f1b() 
 def test_repeated_steps_form_one_valid_program() -> None:
     from conveyor.observe.simulate import repeat_steps
 
-    program = build_schedule("zbv", 2, 4)
+    program = build_schedule(PipelineSpec("zbv", 2, 4))
     twice = repeat_steps(program, 2)
     assert twice.num_microbatches == 8
     assert sum(a.kind.name == "STEP" for a in twice.actions[0]) == 2 * sum(
@@ -102,37 +102,39 @@ def test_repeated_steps_form_one_valid_program() -> None:
 
 
 def test_the_optimizer_step_costs_what_the_model_says() -> None:
-    plain = simulate(build_schedule("1f1b", 2, 4), parse_costs("f=1,b=1,w=1"))
-    stepped = simulate(build_schedule("1f1b", 2, 4), CostModel((StageCosts(step=5.0),)))
+    plain = simulate(build_schedule(PipelineSpec("1f1b", 2, 4)), parse_costs("f=1,b=1,w=1"))
+    stepped = simulate(build_schedule(PipelineSpec("1f1b", 2, 4)), CostModel((StageCosts(step=5.0),)))
     assert stepped.step_time == pytest.approx(plain.step_time + 5.0)
 
 
 @pytest.mark.parametrize("p", [1, 2, 4, 8])
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
 def test_peak_activations(p: int, m: int) -> None:
-    assert simulate(build_schedule("1f1b", p, m), EQUAL).peak_activations == [min(p - i, m) for i in range(p)]
-    assert simulate(build_schedule("gpipe", p, m), EQUAL).peak_activations == [m] * p
-    assert max(simulate(build_schedule("zb-h1", p, m), EQUAL).peak_activations) <= min(p, m)
-    assert max(simulate(build_schedule("zb-h2", p, m), EQUAL).peak_activations) <= 2 * p - 1
+    assert simulate(build_schedule(PipelineSpec("1f1b", p, m)), EQUAL).peak_activations == [
+        min(p - i, m) for i in range(p)
+    ]
+    assert simulate(build_schedule(PipelineSpec("gpipe", p, m)), EQUAL).peak_activations == [m] * p
+    assert max(simulate(build_schedule(PipelineSpec("zb-h1", p, m)), EQUAL).peak_activations) <= min(p, m)
+    assert max(simulate(build_schedule(PipelineSpec("zb-h2", p, m)), EQUAL).peak_activations) <= 2 * p - 1
 
 
 def test_peak_bytes_weigh_each_stage() -> None:
     costs = CostModel((StageCosts(activation_bytes=100.0), StageCosts(activation_bytes=7.0)))
-    result = simulate(build_schedule("1f1b", 2, 4), costs)
+    result = simulate(build_schedule(PipelineSpec("1f1b", 2, 4)), costs)
     assert result.peak_activations == [2, 1]
     assert result.peak_activation_bytes == [200.0, 7.0]
 
 
 def test_latency_and_per_stage_costs_lengthen_the_step() -> None:
-    base = simulate(build_schedule("gpipe", 2, 1), parse_costs("f=1,b=1,w=0"))
+    base = simulate(build_schedule(PipelineSpec("gpipe", 2, 1)), parse_costs("f=1,b=1,w=0"))
     assert base.step_time == pytest.approx(4.0)  # F0 F1 B1 B0 in a chain
-    slow = simulate(build_schedule("gpipe", 2, 1), parse_costs("f=1,b=1,w=0;f=3,b=2,w=0,comm=0.5"))
+    slow = simulate(build_schedule(PipelineSpec("gpipe", 2, 1)), parse_costs("f=1,b=1,w=0;f=3,b=2,w=0,comm=0.5"))
     assert slow.step_time == pytest.approx(1 + 0.5 + 3 + 2 + 0.5 + 1)
 
 
 def test_sends_and_receive_posts_keep_their_rank_busy() -> None:
     # 0F0 0SF0>1 0RB0<1 0B0 on rank 0; 1RF0<0 1F0 1B0 1SB0>0 on rank 1: both sends are on the chain.
-    program = build_schedule("gpipe", 2, 1)
+    program = build_schedule(PipelineSpec("gpipe", 2, 1))
     sent = simulate(program, parse_costs("f=1,b=1,w=0,send=0.25,comm=0.5"))
     assert sent.step_time == pytest.approx(4 + 2 * 0.25 + 2 * 0.5)
     posted = simulate(program, parse_costs("f=1,b=1,w=0,send=0.25,recv=0.125,comm=0.5"))
@@ -162,7 +164,7 @@ def test_a_receive_posted_after_its_message_arrived_costs_late() -> None:
 
 def test_costs_for_the_wrong_number_of_stages_are_refused() -> None:
     with pytest.raises(ValueError, match="3 stages; the schedule has 2"):
-        simulate(build_schedule("1f1b", 2, 2), parse_costs("f=1;f=1;f=1"))
+        simulate(build_schedule(PipelineSpec("1f1b", 2, 2)), parse_costs("f=1;f=1;f=1"))
 
 
 def test_unknown_cost_name_is_refused() -> None:
@@ -238,9 +240,9 @@ def test_a_whole_backward_costs_what_the_model_says() -> None:
     """Unsplit backwards (all of 1f1b's, zbv's fused ones) cost `whole`, split ones B and W."""
     cheaper = parse_costs("f=1,b=1,w=1,whole=1.5")
     assert cheaper.of(0).whole_backward == 1.5 and parse_costs("f=1,b=1,w=1").of(0).whole_backward == 2.0
-    one_f_one_b = build_schedule("1f1b", 4, 8)
+    one_f_one_b = build_schedule(PipelineSpec("1f1b", 4, 8))
     assert simulate(one_f_one_b, cheaper).step_time == pytest.approx((8 + 4 - 1) * (1 + 1.5))
-    zbv = build_schedule("zbv", 2, 8)  # lowering ran stage 0's and stage 2's backwards whole
+    zbv = build_schedule(PipelineSpec("zbv", 2, 8))  # lowering ran stage 0's and stage 2's backwards whole
     assert simulate(zbv, cheaper).step_time < simulate(zbv, parse_costs("f=1,b=1,w=1")).step_time
 
 
@@ -266,8 +268,8 @@ def test_the_reduction_of_tied_gradients_is_timed_and_drawn() -> None:
     from conveyor.observe.timeline import spans_from_timing
     from conveyor.schedules import StageGraph, Tie
 
-    tied = build_schedule("1f1b", 2, 2, graph=StageGraph.chain(2, [Tie(((0, "embed"), (1, "head")))]))
-    plain = simulate(build_schedule("1f1b", 2, 2), CostModel((StageCosts(1, 1, 1),), latency=0.5))
+    tied = build_schedule(PipelineSpec("1f1b", 2, 2), graph=StageGraph.chain(2, [Tie(((0, "embed"), (1, "head")))]))
+    plain = simulate(build_schedule(PipelineSpec("1f1b", 2, 2)), CostModel((StageCosts(1, 1, 1),), latency=0.5))
     result = simulate(tied, CostModel((StageCosts(1, 1, 1, reduce=2.0),), latency=0.5))
     # Rank 0 finishes last; its REDUCE (2) then the offer's trip to rank 1 (0.5) end rank 1's step.
     assert result.timing.makespan == plain.timing.makespan + 2.0 + 0.5
@@ -278,9 +280,11 @@ def test_the_reduction_of_tied_gradients_is_timed_and_drawn() -> None:
 def test_the_period_of_tied_and_replicated_programs_repeats_their_reductions() -> None:
     from conveyor.schedules import StageGraph, Tie
 
-    tied = build_schedule("1f1b", 2, 4, graph=StageGraph.chain(2, [Tie(((0, "embed"), (1, "head")))]))
-    replicated = build_schedule("1f1b", 3, 4, replicas=(2, 1))
+    tied = build_schedule(PipelineSpec("1f1b", 2, 4), graph=StageGraph.chain(2, [Tie(((0, "embed"), (1, "head")))]))
+    replicated = build_schedule(PipelineSpec("1f1b", 3, 4, replicas=(2, 1)))
     for program in (tied, replicated):
         result = simulate(program, CostModel((StageCosts(1, 1, 1, reduce=0.5),), latency=0.25))
         assert 0 < result.period <= result.step_time
-    assert simulate(build_schedule("pipedream", 2, 4, mini_batches=2), EQUAL).period == 0.0  # a stream: no period
+    assert (
+        simulate(build_schedule(PipelineSpec("pipedream", 2, 4), mini_batches=2), EQUAL).period == 0.0
+    )  # a stream: no period

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tiny_models import assert_close, assert_grads_match
 from torch import nn
 
-from conveyor import Pipeline, spawn, trace_split
+from conveyor import Pipeline, PipelineSpec, spawn, trace_split
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.runtime.stage_io import STEP_HEADER
 
@@ -127,7 +127,7 @@ def _train_traced(rank: int, world: int, names: list[str]) -> None:
         for schedule, m in SCHEDULES[world]:
             where = f"{name}, {schedule} on {world} ranks, rank {rank}"
             reference = build()
-            pipe = Pipeline(split, num_microbatches=m, loss_fn=loss_fn, schedule=schedule)
+            pipe = Pipeline(split, PipelineSpec(schedule, world, m), loss_fn=loss_fn)
             # One step without an optimizer: every gradient.
             x, y = batches[0]
             expected = loss_fn(_call(reference, x), y)
@@ -143,9 +143,8 @@ def _train_traced(rank: int, world: int, names: list[str]) -> None:
             reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
             pipe = Pipeline(
                 split,
-                num_microbatches=m,
+                PipelineSpec(schedule, world, m),
                 loss_fn=loss_fn,
-                schedule=schedule,
                 optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
             )
             for step, (x, y) in enumerate(batches):

@@ -12,6 +12,7 @@ from conveyor.schedules import (
     DeadlockError,
     Edge,
     Kind,
+    PipelineSpec,
     Program,
     ScheduleError,
     StageGraph,
@@ -43,7 +44,7 @@ def test_a_sound_program_passes_and_is_timed() -> None:
 
 
 def test_custom_costs_change_the_timing() -> None:
-    gpipe = build_schedule("gpipe", 2, 2)
+    gpipe = build_schedule(PipelineSpec("gpipe", 2, 2))
     timing = validate(gpipe, cost=lambda a: {Kind.FORWARD: 1.0, Kind.BACKWARD: 2.0}.get(a.kind, 0.0))
     assert timing.makespan == 3 * 1.0 + 3 * 2.0  # (m + p - 1) forwards and backwards on the critical path
 
@@ -186,8 +187,8 @@ def sound_programs(draw: st.DrawFn) -> Program:
         m = p * draw(st.integers(1, 2))
     if SCHEDULES[name].asynchronous:  # a stream of mini-batches, and (pipedream) maybe vertical sync
         vertical = name == "pipedream" and draw(st.booleans())
-        return build_schedule(name, p, m, mini_batches=draw(st.integers(1, 3)), vertical_sync=vertical)
-    return build_schedule(name, p, m)
+        return build_schedule(PipelineSpec(name, p, m, vertical_sync=vertical), mini_batches=draw(st.integers(1, 3)))
+    return build_schedule(PipelineSpec(name, p, m))
 
 
 def counterpart(action: Action) -> Action:
@@ -318,7 +319,7 @@ def test_every_schedule_is_sound_on_any_stage_graph(data: st.DataObject) -> None
     if name == "pipedream-2bw":
         m = max(m, p - 1)  # a forward would need a weight version not yet made
     graph = data.draw(graphs(p * v))
-    program = build_schedule(name, p, m, graph=graph)
+    program = build_schedule(PipelineSpec(name, p, m), graph=graph)
     for edge in graph.edges:
         if program.same_rank(edge.src, edge.dst):
             continue

@@ -1,7 +1,7 @@
 """Planning: profile a model per layer, choose where to cut it, and the schedule, micro-batches and recompute
 that train it fastest within memory (`conveyor plan`)."""
 
-from .cost import RECOMPUTE_SETTINGS, MemoryModel, stage_costs
+from .cost import MemoryModel, stage_costs
 from .layers import (
     SPLITS,
     fingerprint,
@@ -19,7 +19,6 @@ from .search import Refused, make_plan, search
 __all__ = [
     "EXACT_LIMIT",
     "METHODS",
-    "RECOMPUTE_SETTINGS",
     "SPLITS",
     "MemoryModel",
     "Partition",

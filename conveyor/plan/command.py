@@ -11,8 +11,7 @@ from typing import Any
 
 from ..observe.profile import OPTIMIZER_STATES, LayerProfile
 from ..observe.transfers import TransferCosts
-from ..schedules import SCHEDULES
-from .cost import RECOMPUTE_SETTINGS
+from ..schedules import RECOMPUTE, SCHEDULES, PipelineSpec, build_schedule
 from .layers import fingerprint, layer_split, profile_model, traced_fingerprint, with_measured_transfers
 from .partition import EXACT_LIMIT, METHODS, PlanError
 from .plan_file import Plan
@@ -59,7 +58,7 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
         plan.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     plan.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule)
     plan.add_argument("--virtual", type=int, default=0, help="stages per rank (default: the schedule's)")
-    plan.add_argument("--recompute", choices=list(RECOMPUTE_SETTINGS), default="none")
+    plan.add_argument("--recompute", choices=list(RECOMPUTE), default="none")
     plan.add_argument("--method", choices=list(METHODS), default="auto", help="auto: time within --memory")
     plan.add_argument("--memory", type=parse_bytes, help="per-rank memory cap, e.g. 512MiB or 2GiB (default: none)")
     plan.add_argument(
@@ -164,15 +163,12 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return _search(args, profile_for)
         if args.microbatches > args.batch_size:
             raise ValueError(f"{args.microbatches} micro-batches need a batch size of at least that")
+        spec = PipelineSpec(args.schedule, args.ranks, args.microbatches, args.virtual, recompute=args.recompute)
         plan = make_plan(
             profile_for(args.microbatches),
-            args.schedule,
-            args.ranks,
-            args.microbatches,
-            args.virtual or None,
+            spec,
             method=args.method,
             memory_cap=args.memory,
-            recompute=args.recompute,
             exact_limit=args.exact_limit,
         )
     except (PlanError, ValueError) as error:
@@ -244,10 +240,10 @@ def ranking_table(plans: list[Plan]) -> str:
     rows = [
         (
             str(i + 1),
-            p.schedule,
-            str(p.virtual),
-            str(p.microbatches),
-            p.recompute,
+            p.spec.schedule,
+            str(p.spec.virtual),
+            str(p.spec.microbatches),
+            p.spec.recompute,
             ",".join(map(str, p.layers_per_stage)),
             f"{p.step_time * 1e3:.1f} ms",
             f"{p.period * 1e3:.1f} ms",
@@ -267,9 +263,8 @@ def _table(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
 
 
 def _print_plan(plan: Plan) -> None:
-    from ..schedules import build_schedule
-
-    program = build_schedule(plan.schedule, plan.ranks, plan.microbatches, plan.virtual)
+    spec = plan.spec
+    program = build_schedule(spec)
     rows = []
     for s, stage in enumerate(plan.stages):
         rank = program.rank_of(s)
@@ -288,8 +283,8 @@ def _print_plan(plan: Plan) -> None:
         )
     columns = ("stage", "rank", "layers", "params", "F ms/mb", "B+W ms/mb", "busy ms/step", "sends/mb", "peak (rank)")
     print(
-        f"{plan.schedule}, {plan.ranks} ranks x {plan.virtual} stage(s), {plan.microbatches} micro-batches of"
-        f" {plan.microbatch_size}, recompute {plan.recompute}, method {plan.method}"
+        f"{spec.schedule}, {spec.ranks} ranks x {spec.virtual} stage(s), {spec.microbatches} micro-batches of"
+        f" {plan.microbatch_size}, recompute {spec.recompute}, method {plan.method}"
         f" ({'exact' if plan.exact else 'local search'})"
     )
     print(_table(columns, rows))
@@ -346,8 +341,9 @@ def train_command(plan: Plan, args: argparse.Namespace) -> str:
     sizes = f"--layers {args.layers} --dim {args.dim} --heads {args.heads} --context {args.context}"
     if args.model != "gpt":
         sizes = f"--model {args.model} {sizes}" + (f" --model-config {args.model_config}" if args.model_config else "")
+    spec = plan.spec
     settings = (
-        f"--schedule {plan.schedule} --ranks {plan.ranks} --virtual {plan.virtual}"
-        f" --microbatches {plan.microbatches} --recompute {plan.recompute} --batch-size {args.batch_size}"
+        f"--schedule {spec.schedule} --ranks {spec.ranks} --virtual {spec.virtual}"
+        f" --microbatches {spec.microbatches} --recompute {spec.recompute} --batch-size {args.batch_size}"
     )
     return f"conveyor train --plan {args.out} {settings} {sizes}"

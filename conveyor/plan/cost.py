@@ -12,20 +12,9 @@ from dataclasses import dataclass
 from ..observe.profile import OPTIMIZER_STATES, LayerCosts, LayerProfile
 from ..observe.simulate import CostModel, StageCosts
 from ..observe.transfers import with_transfers
-from ..schedules import Kind, Program, split_backwards
+from ..schedules import Kind, Program, recomputed_stages, split_backwards
 
-__all__ = ["RECOMPUTE_SETTINGS", "MemoryModel", "recomputed_stages", "stage_costs", "stage_layers", "static_bytes"]
-
-RECOMPUTE_SETTINGS = ("none", "full", "all-but-last-stage")
-
-
-def recomputed_stages(recompute: str, num_stages: int) -> list[bool]:
-    """Which stages re-run their forward during backward under `Pipeline(recompute=...)`."""
-    if recompute not in RECOMPUTE_SETTINGS:
-        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_SETTINGS)}; got {recompute!r}")
-    return [
-        recompute == "full" or (recompute == "all-but-last-stage" and s < num_stages - 1) for s in range(num_stages)
-    ]
+__all__ = ["MemoryModel", "stage_costs", "stage_layers", "static_bytes"]
 
 
 def stage_layers(profile: LayerProfile, layers_per_stage: Sequence[int]) -> list[list[int]]:

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from ..observe.profile import LayerProfile, profile_layers
-from ..observe.profile_graph import profile_split
 from ..observe.transfers import measure_transfers
 from ..runtime.stage import LossFn
 from ..schedules import StageGraph
 from ..split import Layout, ManualSplit, manual_split
 from ..split.traced import TracedSplit, trace_split
 from ..split.traced.points import block_container
+from .profile_graph import profile_split
 
 __all__ = [
     "SPLITS",

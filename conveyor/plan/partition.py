@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..observe.profile import LayerProfile
 from ..observe.simulate import CostModel, simulate
-from ..schedules import Program, build_schedule
+from ..schedules import PipelineSpec, Program, build_schedule
 from ..split import even_split
 from .cost import MemoryModel, stage_costs, stage_layers, static_bytes
 
@@ -102,18 +102,13 @@ def _check_size(profile: LayerProfile, num_stages: int) -> None:
 
 def partition(
     profile: LayerProfile,
-    schedule: str,
-    ranks: int,
-    microbatches: int,
-    virtual: int | None = None,
+    spec: PipelineSpec,
     *,
     method: str = "auto",
     memory_cap: float | None = None,
-    recompute: str = "none",
     exact_limit: int = EXACT_LIMIT,
 ) -> Partition:
-    """The split `method` chooses for `schedule` on `ranks` ranks (x `virtual` stages each), `microbatches`
-    micro-batches of the profile's size.
+    """The split `method` chooses for the pipeline `spec` describes (its micro-batches of the profile's size).
 
     auto: the least simulated step time within `memory_cap` bytes per rank (no cap: any); time: the least step
     time, ignoring the cap; memory: the least peak memory of the busiest rank; params: the least parameters
@@ -124,11 +119,11 @@ def partition(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if memory_cap is not None and not memory_cap > 0:
         raise ValueError(f"a memory cap must be a positive number of bytes; got {memory_cap}")
-    program = build_schedule(schedule, ranks, microbatches, virtual)
+    program = build_schedule(spec)
     num_stages = program.num_stages
     _check_size(profile, num_stages)
     memory = MemoryModel.of(program)
-    search = _Search(profile, program, memory, recompute)
+    search = _Search(profile, program, memory, spec.recompute)
     exact = count_splits(profile, num_stages) <= exact_limit
     cap = memory_cap if method == "auto" else None
     if method == "uniform":

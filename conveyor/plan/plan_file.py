@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..observe.transfers import TransferCosts
+from ..schedules import PipelineSpec
 from ..split import Split, manual_split
 from ..split.traced import trace_split
 from .layers import fingerprint, traced_fingerprint
@@ -43,12 +44,9 @@ class Plan:
     """What `conveyor plan` chose; `conveyor train --plan FILE` and `split_with_plan` train with it."""
 
     fingerprint: str
-    schedule: str
-    ranks: int
-    virtual: int
-    microbatches: int
+    spec: PipelineSpec
+    """The pipeline it was made for (`virtual` spelled out)."""
     microbatch_size: int
-    recompute: str
     method: str
     layers_per_stage: tuple[int, ...]
     step_time: float
@@ -73,18 +71,24 @@ class Plan:
         return len(self.layers_per_stage)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+        Path(path).write_text(json.dumps({**asdict(self), "spec": self.spec.to_json()}, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         try:
             data = json.loads(Path(path).read_text())
+            if "spec" not in data:  # a plan of conveyor before the spec: its settings stood alone
+                old = {k: data.pop(k) for k in ("schedule", "ranks", "virtual", "microbatches", "recompute")}
+                data["spec"] = old
+            spec = PipelineSpec.from_json(data.pop("spec"))
             stages = tuple(StageSummary(**{**s, "layers": tuple(s["layers"])}) for s in data.pop("stages"))
             data["layers_per_stage"] = tuple(data["layers_per_stage"])
             data["peak_bytes"] = tuple(data["peak_bytes"])
             transfers = data.pop("transfers", None)
-            return cls(**data, stages=stages, transfers=None if transfers is None else TransferCosts(**transfers))
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
+            return cls(
+                **data, spec=spec, stages=stages, transfers=None if transfers is None else TransferCosts(**transfers)
+            )
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a plan written by conveyor plan ({error})") from None
         except OSError as error:
             raise ValueError(f"cannot read the plan {path}: {error.strerror}") from None
@@ -97,24 +101,22 @@ class Plan:
                 f" shapes), but {what} has {found}: make a plan for it with `conveyor plan`"
             )
 
-    def check_settings(
-        self, schedule: str, ranks: int, virtual: int, microbatches: int, recompute: str, microbatch_size: int
-    ) -> None:
-        """Refuse settings other than the plan's (the largest micro-batch's size included), naming the flags."""
-        names = ("schedule", "ranks", "virtual", "microbatches", "recompute", "microbatch_size")
-        ours = (self.schedule, self.ranks, self.virtual, self.microbatches, self.recompute, self.microbatch_size)
-        theirs = (schedule, ranks, virtual, microbatches, recompute, microbatch_size)
-        differ = [k for k, a, b in zip(names, ours, theirs, strict=True) if a != b]
+    def check_spec(self, spec: PipelineSpec, microbatch_size: int) -> None:
+        """Refuse a pipeline other than the plan's (the largest micro-batch's size included), naming the flags."""
+        ours, theirs = self.spec.with_virtual().describe(), spec.with_virtual().describe()
+        differ = [k for k in ours if ours[k] != theirs[k]]
+        if microbatch_size != self.microbatch_size:
+            differ.append("microbatch_size")
         if differ:
-            flags = {k: a for k, a in zip(names, ours, strict=True)}
+            ours["microbatch_size"], theirs["microbatch_size"] = self.microbatch_size, microbatch_size
             wanted = " ".join(
-                f"--batch-size {self.microbatch_size * self.microbatches}"
+                f"--batch-size {self.microbatch_size * self.spec.microbatches}"
                 if k == "microbatch_size"
-                else f"--{k} {flags[k]}"
+                else f"--{k.replace('_', '-')} {ours[k]}"
                 for k in differ
             )
-            got = ", ".join(f"{k.replace('_', ' ')} {b}" for k, b in zip(names, theirs, strict=True) if k in differ)
-            raise ValueError(f"the plan {self.schedule} was made for other settings ({got} given): use {wanted}")
+            got = ", ".join(f"{k.replace('_', ' ')} {theirs[k]}" for k in differ)
+            raise ValueError(f"the plan {self.spec.schedule} was made for other settings ({got} given): use {wanted}")
 
 
 def split_with_plan(

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from ..observe.profile import LayerProfile
 from ..observe.simulate import simulate
-from ..schedules import SCHEDULES, build_schedule
-from .cost import RECOMPUTE_SETTINGS, stage_layers
+from ..schedules import RECOMPUTE, SCHEDULES, PipelineSpec, build_schedule
+from .cost import stage_layers
 from .partition import EXACT_LIMIT, PlanError, partition
 from .plan_file import Plan, StageSummary
 
@@ -18,31 +18,16 @@ __all__ = ["Refused", "make_plan", "search"]
 
 def make_plan(
     profile: LayerProfile,
-    schedule: str,
-    ranks: int,
-    microbatches: int,
-    virtual: int | None = None,
+    spec: PipelineSpec,
     *,
     method: str = "auto",
     memory_cap: float | None = None,
-    recompute: str = "none",
     exact_limit: int = EXACT_LIMIT,
 ) -> Plan:
-    """Partition `profile` (see `partition`) and record the result as a Plan."""
-    v = SCHEDULES[schedule].default_virtual if virtual is None else virtual
-    chosen = partition(
-        profile,
-        schedule,
-        ranks,
-        microbatches,
-        v,
-        method=method,
-        memory_cap=memory_cap,
-        recompute=recompute,
-        exact_limit=exact_limit,
-    )
-    program = build_schedule(schedule, ranks, microbatches, v)
-    result = simulate(program, chosen.costs)
+    """Partition `profile` for `spec`'s pipeline (see `partition`) and record the result as a Plan."""
+    spec = spec.with_virtual()
+    chosen = partition(profile, spec, method=method, memory_cap=memory_cap, exact_limit=exact_limit)
+    result = simulate(build_schedule(spec), chosen.costs)
     stages = []
     for s, layers in enumerate(stage_layers(profile, chosen.layers_per_stage)):
         c = chosen.costs.of(s)
@@ -52,18 +37,14 @@ def make_plan(
                 sum(profile.layers[i].parameters for i in layers),
                 c.forward,
                 c.whole_backward,
-                microbatches * (c.forward + c.whole_backward) + c.step,
+                spec.microbatches * (c.forward + c.whole_backward) + c.step,
                 0.0 if s == len(chosen.layers_per_stage) - 1 else profile.layers[layers[-1]].output_bytes,
             )
         )
     return Plan(
         profile.fingerprint,
-        schedule,
-        ranks,
-        v,
-        microbatches,
+        spec,
         profile.microbatch_size,
-        recompute,
         method,
         chosen.layers_per_stage,
         result.step_time,
@@ -94,7 +75,7 @@ def search(
     microbatch_counts: Sequence[int],
     *,
     schedules: Sequence[str] | None = None,
-    recomputes: Sequence[str] = RECOMPUTE_SETTINGS,
+    recomputes: Sequence[str] = RECOMPUTE,
     memory_cap: float | None = None,
     exact_limit: int = EXACT_LIMIT,
 ) -> tuple[list[Plan], list[Refused]]:
@@ -111,19 +92,16 @@ def search(
         profile: LayerProfile | None = None
         for name in names:
             try:
-                build_schedule(name, ranks, m)  # the schedule's own constraints on ranks and micro-batches
+                build_schedule(PipelineSpec(name, ranks, m))  # the schedule's own constraints on ranks and m
             except ValueError as error:
                 refused.append(Refused(name, m, "-", str(error).splitlines()[0]))
                 continue
             if profile is None:
                 profile = profile_for(m)
             for recompute in recomputes:
+                spec = PipelineSpec(name, ranks, m, recompute=recompute)
                 try:
-                    plans.append(
-                        make_plan(
-                            profile, name, ranks, m, memory_cap=memory_cap, recompute=recompute, exact_limit=exact_limit
-                        )
-                    )
+                    plans.append(make_plan(profile, spec, memory_cap=memory_cap, exact_limit=exact_limit))
                 except PlanError as error:
                     refused.append(Refused(name, m, recompute, str(error).splitlines()[0]))
     order = {id(p): i for i, p in enumerate(plans)}

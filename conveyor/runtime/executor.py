@@ -13,7 +13,7 @@ from .shared import SharedGradients
 from .stage import Stage
 from .stage_io import FORWARD_ONLY, TRAINING, StageIO
 
-__all__ = ["ByMicrobatch", "Executor", "Tracer"]
+__all__ = ["ByMicrobatch", "Executor", "Tracer", "Updates"]
 
 
 class ByMicrobatch(Protocol):
@@ -32,15 +32,22 @@ class Tracer(Protocol):
     def waited(self, action: Action, start: float, end: float) -> None: ...
 
 
+class Updates(Protocol):
+    """What a STEP action calls: the pipeline's `UpdatePolicy` (`runtime/update.py`)."""
+
+    def step(self, stage: int, mb: int | None = None) -> None: ...
+
+
 class Executor:
     """Runs `program`'s actions for `rank`, whose stages are `stages` (by stage index).
 
     Values move along the edges of the program's stage graph: between stages
     on this rank in memory, to and from other ranks through `io`. `shared`
     sums the gradients several stages or ranks share (REDUCE, then STEP): tied
-    parameters, and a replicated stage's. `optimizer_step(stage, mb)` runs each
-    STEP: `mb` is the micro-batch an asynchronous schedule's STEP follows, None
-    for a step after a whole mini-batch.
+    parameters, and a replicated stage's. `update.step(stage, mb)` runs each
+    STEP (`UpdatePolicy`, `runtime/update.py`): `mb` is the micro-batch an asynchronous
+    schedule's STEP follows, None for a step after a whole mini-batch; without
+    an update policy a STEP only waits for the shared gradients.
     """
 
     def __init__(
@@ -49,7 +56,7 @@ class Executor:
         rank: int,
         stages: dict[int, Stage],
         io: StageIO,
-        optimizer_step: Callable[[int, int | None], None] | None = None,
+        update: Updates | None = None,
         shared: SharedGradients | None = None,
     ) -> None:
         missing = set(program.stages_of(rank)) - set(stages)
@@ -61,7 +68,7 @@ class Executor:
         self.rank = rank
         self.stages = stages
         self.io = io
-        self.optimizer_step = optimizer_step
+        self.update = update
         self.shared = shared
         self.tracer: Tracer | None = None
 
@@ -231,8 +238,8 @@ class Executor:
         versions = self.stages[s].versions
         if versions is not None:
             versions.before_step()
-        if self.optimizer_step is not None:
-            self.optimizer_step(s, action.mb)
+        if self.update is not None:
+            self.update.step(s, action.mb)
         if versions is not None:
             versions.after_step()
 

@@ -22,7 +22,13 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-__all__ = ["LossScale"]
+__all__ = ["MIN_SCALE", "LossScale"]
+
+MIN_SCALE = 2.0**-24
+"""The scale never backs off below this (GradScaler has no floor: after about 1,100 skips in a row its scale is
+0.0 and unscaling divides by zero)."""
+
+_FINITE, _OVERFLOW, _BAD_LOSS = 0.0, 1.0, 2.0  # what a rank reports; the all-reduce keeps the worst
 
 
 class LossScale:
@@ -41,8 +47,16 @@ class LossScale:
         self.skipped = 0
         """Updates skipped so far because a gradient overflowed."""
 
-    def unscale(self, grads: Iterable[torch.Tensor], group: dist.ProcessGroup | None, device: torch.device) -> bool:
-        """Divide this rank's gradients by the scale and return whether every rank's are finite (a collective)."""
+    def unscale(
+        self,
+        grads: Iterable[torch.Tensor],
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        loss_finite: bool = True,
+    ) -> tuple[bool, bool]:
+        """Divide this rank's gradients by the scale; returns (every rank's gradients are finite, some rank's
+        loss was not finite) alike on every rank (a collective). `loss_finite` is this rank's loss's, if it
+        has one: a loss that is inf or NaN itself is no overflow a smaller scale would cure."""
         inverse = 1.0 / self.scale
         checks = []
         for grad in grads:
@@ -50,10 +64,13 @@ class LossScale:
             checks.append(torch.isfinite(grad).all())
         # One flag for all of them (on a GPU, no host sync per tensor), the worst over the ranks.
         overflow = (~torch.stack(checks).all()).float() if checks else torch.zeros((), device=device)
+        if not loss_finite:
+            overflow = torch.full((), _BAD_LOSS, device=overflow.device)
         if dist.get_backend(group) == "gloo":
             overflow = overflow.cpu()
         dist.all_reduce(overflow, op=dist.ReduceOp.MAX, group=group)
-        return not bool(overflow.item())
+        worst = float(overflow.item())
+        return worst == _FINITE, worst == _BAD_LOSS
 
     def state(self) -> torch.Tensor:
         """The scale and its counters, for a checkpoint (float64: the scale is a power of 2 up to 2**1023)."""
@@ -66,7 +83,7 @@ class LossScale:
     def update(self, finite: bool) -> None:
         """After a step (finite) or a skipped one: back off, or grow after `growth_interval` good steps."""
         if not finite:
-            self.scale *= self.backoff_factor
+            self.scale = max(MIN_SCALE, self.scale * self.backoff_factor)
             self._good_steps = 0
             self.skipped += 1
             return

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["batch_size", "concat_microbatches", "map_tensors", "microbatch_weights", "split_microbatches", "tensors_in"]
+__all__ = [
+    "batch_size",
+    "check_rows",
+    "concat_microbatches",
+    "input_signature",
+    "map_tensors",
+    "microbatch_weights",
+    "split_microbatches",
+    "tensors_in",
+]
 
 
 def batch_size(batch: Any) -> int:
@@ -39,10 +49,37 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
     return [_select(batch, num_microbatches, index) for index in range(num_microbatches)]
 
 
-def microbatch_weights(size: int, num_microbatches: int) -> list[float]:
-    """Each micro-batch's share of the samples, so that sum(w_k * mean_loss_k) is the full-batch mean loss."""
+def microbatch_weights(size: int, num_microbatches: int, per_step: int | None = None) -> list[float]:
+    """Each micro-batch's share of the samples, so that sum(w_k * mean_loss_k) is the full-batch mean loss.
+
+    With `per_step` (an asynchronous schedule that steps after every `per_step` micro-batches), the shares are
+    of each step's micro-batches: each step's loss is the mean over the micro-batches it applies.
+    """
     sizes = [len(part) for part in torch.arange(size).tensor_split(num_microbatches)]
-    return [n / size for n in sizes]
+    group = per_step or num_microbatches
+    return [n / sum(sizes[k - k % group : k - k % group + group]) for k, n in enumerate(sizes)]
+
+
+def check_rows(inputs: Any, targets: Any, where: str = "") -> None:
+    """Every sample needs its target: a target batch of another size would broadcast, or go unnoticed."""
+    if inputs is None or targets is None:
+        return
+    rows, wanted = batch_size(targets), batch_size(inputs)
+    if rows != wanted:
+        raise ValueError(
+            f"the targets{where} have {rows} rows but the inputs {wanted}: each sample needs its target"
+            " (dimension 0 is the batch)"
+        )
+
+
+def input_signature(microbatches: Sequence[Any]) -> int:
+    """A 63-bit name for the shapes and dtypes of a step's micro-batches (only its equality matters).
+
+    The same on every process (replicas of the first stage compare theirs), so not Python's `hash`.
+    """
+    described = tuple(tuple((tuple(t.shape), str(t.dtype)) for t in tensors_in(mb)) for mb in microbatches)
+    words = hashlib.blake2b(repr(described).encode(), digest_size=8).digest()
+    return int.from_bytes(words, "little") & (2**63 - 1)
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

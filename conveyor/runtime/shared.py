@@ -17,6 +17,7 @@ parameter would.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -24,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..schedules import Program, replica_gradient_scale
-from .transport import Channel, Incoming, Transport
+from ..schedules import Channel, Program, StageGraph, replica_gradient_scale
+from .transport import Incoming, Transport
 
-__all__ = ["SharedGradients", "shared_channels"]
+__all__ = ["SharedGradients", "share_gradients", "share_local_ties", "shared_channels"]
 
 Key = tuple[str, int | None]  # (group, micro-batch of an asynchronous step, or None for a mini-batch)
 
@@ -172,3 +173,80 @@ def _set_grads(params: Sequence[nn.Parameter], flat: torch.Tensor) -> None:
     for p in params:
         p.grad = flat[at : at + p.numel()].view_as(p)  # views of one buffer, as DDP's buckets
         at += p.numel()
+
+
+def share_local_ties(graph: StageGraph, modules: Mapping[int, nn.Module]) -> None:
+    """Stages of a tie that share this rank use one tensor (the first's), so autograd sums their parts."""
+    for tie in graph.ties:
+        here = [s for s in tie.stages if s in modules]
+        if len(here) < 2:
+            continue
+        first = modules[here[0]].get_parameter(tie.name_on(here[0]))
+        for s in here[1:]:
+            name = tie.name_on(s)
+            other = modules[s].get_parameter(name)
+            if other.shape != first.shape or not torch.equal(other.detach().cpu(), first.detach().cpu()):
+                raise ValueError(
+                    f"tied parameter {tie.name_on(here[0])} of stage {here[0]} and {name} of stage {s}"
+                    " start with different values; a tie must start equal (build both stages from one split)"
+                )
+            owner, _, attribute = name.rpartition(".")
+            setattr(modules[s].get_submodule(owner), attribute, first)
+
+
+def share_gradients(
+    program: Program,
+    rank: int,
+    modules: Mapping[int, nn.Module],
+    transport: Transport,
+    replica_groups: Mapping[int, dist.ProcessGroup],
+) -> SharedGradients | None:
+    """This rank's tied and replicated parameters, after checking that every rank holding them starts with the
+    same bits (they sum gradients and step alike); None when it holds none."""
+    tied = {}
+    for index, tie in enumerate(program.graph.ties):
+        here = [s for s in tie.stages if s in modules]
+        if here:
+            tied[index] = modules[here[0]].get_parameter(tie.name_on(here[0]))
+            names = ", ".join(f"stage {s} {name}" for s, name in tie.names)
+            ranks = sorted({program.rank_of(s) for s in tie.stages})
+            _check_equal_start(transport, rank, f"tie{index}", ranks, [tied[index]], f"tied parameter ({names})")
+    replicated = {}
+    for s, module in modules.items():
+        ranks = list(program.replicas_of(s))
+        if len(ranks) > 1:
+            replicated[s] = list(module.parameters())
+            _check_equal_start(transport, rank, f"replicas{s}", ranks, replicated[s], f"stage {s}'s weights")
+    if not tied and not replicated:
+        return None
+    return SharedGradients(program, rank, tied, replicated, replica_groups, transport)
+
+
+def _check_equal_start(
+    transport: Transport, rank: int, group: str, ranks: list[int], params: Sequence[nn.Parameter], what: str
+) -> None:
+    """Raise unless `params` have the same bits on every rank of `ranks`."""
+    if len(ranks) < 2:
+        return
+    digest = _digest(params)
+    others = {}
+    for r in ranks:
+        if r != rank:
+            transport.send(digest, (group, rank, r))
+            others[r] = transport.recv(tuple(digest.shape), digest.dtype, (group, r, rank))
+    differing = [r for r, incoming in others.items() if not torch.equal(incoming.wait(), digest)]
+    transport.flush()
+    if differing:
+        raise ValueError(
+            f"{what} differ between rank {rank} and rank(s) {differing} at the start; they must start"
+            " equal on every rank that holds them (build every rank's stages from one split and seed)"
+        )
+
+
+def _digest(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 128-bit hash of the tensors' bits, as two int64 words."""
+    hashed = hashlib.blake2b(digest_size=16)
+    for param in params:
+        hashed.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    words = hashed.digest()
+    return torch.frombuffer(bytearray(words), dtype=torch.int64).clone()

@@ -37,11 +37,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["Channel", "Incoming", "Transport"]
+from ..schedules import Channel
 
-# A channel's name: a channel of the program (`conveyor.schedules.Channel`) or one of the pipeline's
-# own (("loss", from rank, to rank), ("tie<i>" | "replicas<s>", from rank, to rank)).
-Channel = tuple[str, int, int] | tuple[str, int, int, int, int]
+__all__ = ["Incoming", "Transport"]
 
 
 @dataclass

@@ -20,6 +20,7 @@ from .pipedream import (
     versions_held,
 )
 from .render import render_steps, render_timeline
+from .spec import NONFINITE, PRECISIONS, RECOMPUTE, PipelineSpec, recomputed_stages
 from .validate import DeadlockError, ScheduleError, Timing, split_backwards, validate
 from .zero_bubble import zb_h1, zb_h2, zbv
 
@@ -30,6 +31,10 @@ __all__ = [
     "Kind",
     "Channel",
     "Link",
+    "NONFINITE",
+    "PRECISIONS",
+    "PipelineSpec",
+    "RECOMPUTE",
     "Program",
     "SCHEDULES",
     "StageGraph",
@@ -56,6 +61,7 @@ __all__ = [
     "replica_gradient_scale",
     "step_group",
     "prefetch_receives",
+    "recomputed_stages",
     "render_steps",
     "render_timeline",
     "schedule_info",

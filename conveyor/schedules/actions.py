@@ -20,6 +20,8 @@ Link = tuple[str, int, int]
 
 # What a link's messages travel on: the link itself, or, where a replicated stage sits at one of its
 # ends, (kind, src, dst, sender rank, receiver rank) for each pair of ranks (see `Program.channel`).
+# The runtime names its own channels the same way: ("loss", from rank, to rank) for the loss,
+# ("tie<i>" | "replicas<s>", from rank, to rank) for shared gradients.
 Channel = tuple[str, int, int] | tuple[str, int, int, int, int]
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from .actions import Program
 from .dualpipe import dualpipev
@@ -16,6 +17,9 @@ from .one_f_one_b import one_f_one_b
 from .pipedream import pipedream, pipedream_2bw
 from .validate import validate
 from .zero_bubble import zb_h1, zb_h2, zbv
+
+if TYPE_CHECKING:
+    from .spec import PipelineSpec
 
 __all__ = ["SCHEDULES", "ScheduleInfo", "build_schedule", "schedule_info"]
 
@@ -44,10 +48,21 @@ class ScheduleInfo:
     """A schedule that can replicate stages (1F1B-RR): (replicas per stage, micro-batches per mini-batch m,
     mini-batches, vertical sync) -> the program with stage s on replicas[s] ranks, dealt micro-batches
     round-robin."""
+    data_parallel: bool = False
+    """Whether it runs pipeline x data parallelism (`dp`): one stage per rank, flushed after each mini-batch,
+    every stage replicated alike."""
+    split_backward: bool = False
+    """Whether its programs split backwards into B (input gradients) and W (weight gradients)."""
 
     @property
     def asynchronous(self) -> bool:
+        """Whether it updates inside a stream of mini-batches, never flushing between them (PipeDream)."""
         return self.stream is not None
+
+    @property
+    def replicates(self) -> bool:
+        """Whether it can hold a stage on several ranks that take its micro-batches round-robin (1F1B-RR)."""
+        return self.round_robin is not None
 
     def check_virtual(self, virtual: int) -> None:
         allowed = self.allowed_virtual
@@ -86,6 +101,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             "m",
             "(P-1)/(m+P-1)",
             round_robin=lambda replicas, m, n, vertical: gpipe(sum(replicas), m, replicas),
+            data_parallel=True,
         ),
         ScheduleInfo(
             "1f1b",
@@ -95,6 +111,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             "min(P, m)",
             "(P-1)/(m+P-1)",
             round_robin=lambda replicas, m, n, vertical: one_f_one_b(sum(replicas), m, replicas),
+            data_parallel=True,
         ),
         ScheduleInfo(
             "interleaved-1f1b",
@@ -123,6 +140,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             "any m >= 1",
             "min(P, m)",
             "(P-1)/(3m+P-1), a third of 1F1B's bubble time",
+            split_backward=True,
         ),
         ScheduleInfo(
             "zb-h2",
@@ -131,6 +149,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             "any m >= 1 (m >= 2P-1: no bubble)",
             "2P - 1",
             "0 for m >= 2P-1",
+            split_backward=True,
         ),
         ScheduleInfo(
             "zbv",
@@ -141,6 +160,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             "0 for m >= 2P-1",
             default_virtual=2,
             allowed_virtual=(2,),
+            split_backward=True,
         ),
         ScheduleInfo(
             "dualpipev",
@@ -151,6 +171,7 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             "near 0; `conveyor simulate` tells",
             default_virtual=2,
             allowed_virtual=(2,),
+            split_backward=True,
         ),
         ScheduleInfo(
             "pipedream",
@@ -188,57 +209,42 @@ def schedule_info(name: str) -> ScheduleInfo:
 
 
 def build_schedule(
-    name: str,
-    num_ranks: int,
-    num_microbatches: int,
-    virtual: int | None = None,
-    prefetch: bool = True,
-    *,
+    spec: PipelineSpec,
     graph: StageGraph | None = None,
+    *,
     forward_only: bool = False,
     mini_batches: int = 1,
-    vertical_sync: bool = False,
-    replicas: Sequence[int] | None = None,
+    prefetch: bool = True,
 ) -> Program:
-    """The lowered, validated program of schedule `name` on `num_ranks` ranks, ready for the executor.
+    """The lowered, validated program of `spec`'s schedule, ready for the executor.
 
-    `virtual` is the number of stages per rank (the schedule's default if
-    None), so the model is split into num_ranks * virtual stages. `graph` is
-    the split's stage graph (a chain if None): its edges become the program's
-    transfers and its tied parameters its reductions. With `forward_only`, the
-    program keeps only the schedule's forwards, in its order and placement (for
-    evaluation and inference). An asynchronous schedule's program covers a
-    stream of `mini_batches` mini-batches without a flush between them;
-    `vertical_sync` has every stage use the weight version the input stage used.
-    `replicas` (1F1B-RR) holds stage s on replicas[s] ranks, which take its
-    micro-batches round-robin; they add up to `num_ranks`.
+    The model is split into `spec.num_stages` stages. `graph` is the split's
+    stage graph (a chain if None): its edges become the program's transfers and
+    its tied parameters its reductions. With `forward_only`, the program keeps
+    only the schedule's forwards, in its order and placement (for evaluation and
+    inference). An asynchronous schedule's program covers a stream of
+    `mini_batches` mini-batches without a flush between them. `prefetch=False`
+    keeps each receive right before the compute that needs it.
     """
-    info = schedule_info(name)
-    v = info.default_virtual if virtual is None else virtual
-    info.check_virtual(v)
-    if not info.asynchronous and (mini_batches != 1 or vertical_sync):
+    info = SCHEDULES[spec.schedule]
+    if not info.asynchronous and mini_batches != 1:
         raise ValueError(
-            f"{name} flushes after every mini-batch: a program of {mini_batches} mini-batches or vertical sync is"
-            " for the asynchronous schedules (pipedream, pipedream-2bw)"
+            f"{spec.schedule} flushes after every mini-batch: a program of {mini_batches} mini-batches is for the"
+            " asynchronous schedules (pipedream, pipedream-2bw)"
         )
+    replicas = spec.replica_counts
     if replicas is not None:
-        if info.round_robin is None:
-            takers = ", ".join(n for n, i in SCHEDULES.items() if i.round_robin is not None)
-            raise ValueError(f"{name} does not replicate stages; the schedules that do: {takers}")
-        if v != 1:
-            raise ValueError(f"a replicated pipeline runs one stage per replica; got {v} stages per rank")
-        if sum(replicas) != num_ranks:
-            raise ValueError(f"replicas {tuple(replicas)} hold {sum(replicas)} ranks, but {name} runs on {num_ranks}")
-        generated = info.round_robin(tuple(replicas), num_microbatches, mini_batches, vertical_sync)
+        assert info.round_robin is not None  # the spec checked it
+        generated = info.round_robin(replicas, spec.microbatches, mini_batches, spec.vertical_sync)
     elif info.stream is not None:
-        generated = info.stream(num_ranks, num_microbatches, mini_batches, vertical_sync)
+        generated = info.stream(spec.ranks, spec.microbatches, mini_batches, spec.vertical_sync)
     else:
-        generated = info.generate(num_ranks, num_microbatches, v)
+        generated = info.generate(spec.ranks, spec.microbatches, spec.stages_per_rank)
     if graph is not None:
         if graph.num_stages != generated.num_stages:
             raise ValueError(
-                f"{name} on {num_ranks} ranks with {v} stage(s) per rank runs {generated.num_stages} stages;"
-                f" the model was split into {graph.num_stages}"
+                f"{spec.schedule} on {spec.ranks} ranks with {spec.stages_per_rank} stage(s) per rank runs"
+                f" {generated.num_stages} stages; the model was split into {graph.num_stages}"
             )
         generated = replace(generated, graph=graph)
     if forward_only:

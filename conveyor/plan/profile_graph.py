@@ -19,9 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..schedules import Action, Kind, Program, lower
-from ..split import Split
-from .profile import (
+from ..observe.profile import (
     OPTIMIZER_STATES,
     LayerCosts,
     LayerProfile,
@@ -30,7 +28,10 @@ from .profile import (
     step_time,
     timed_rounds,
 )
-from .trace import Recorder
+from ..observe.trace import Recorder
+from ..pipeline import Pipeline
+from ..schedules import Action, Kind, PipelineSpec, Program, lower
+from ..split import Split
 
 __all__ = ["profile_split"]
 
@@ -97,13 +98,11 @@ def _profile(
     first: bool,
     last: bool,
 ) -> LayerProfile:
-    from ..pipeline import Pipeline  # the pipeline imports observe for its traces
-
     n = split.graph.num_stages
     # looped-bfs is the one schedule that puts any number of stages on one rank; its own program is not run.
-    pipe = Pipeline(
-        split, num_microbatches=1, loss_fn=loss_fn, schedule="looped-bfs", track_memory=True, timeout_s=None
-    )
+    spec = PipelineSpec("looped-bfs", ranks=1, microbatches=1, virtual=n)
+    pipe = Pipeline(split, spec, loss_fn=loss_fn, timeout_s=None)
+    pipe.track_memory = True
     placement = pipe.program.placement
     forwards = [Action(s, Kind.FORWARD, 0) for s in range(n)]
     whole = _program(placement, split, forwards + [Action(s, Kind.BACKWARD, 0) for s in reversed(range(n))])
@@ -112,10 +111,9 @@ def _profile(
     sizes = _output_sizes(pipe)
     kept_by_loss = _loss_saved(pipe.stages[n - 1])
     pipe.run_program(whole, example_input, example_target)  # counts what each stage holds, then timing runs bare
-    for stage in pipe.stages.values():
-        stage.track_memory = False
+    pipe.track_memory = False
     recorder = Recorder(0)
-    pipe.executor.tracer = recorder
+    pipe.tracer = recorder
     # Each repeat runs both programs, so that a machine slowing down for a while slows every measure alike.
     samples: dict[tuple[str, int], list[float]] = {}  # by (F, whole, B or W; stage)
     for timed in timed_rounds(warmup, repeats, min_seconds):
@@ -127,7 +125,7 @@ def _profile(
             for _, span in recorder.spans:
                 kind = backward if span.kind == "B" else span.kind
                 samples.setdefault((kind, span.stage), []).append(span.end - span.start)
-    pipe.executor.tracer = None
+    pipe.tracer = None
 
     def median(kind: str, stage: int) -> float:
         return statistics.median(samples.get((kind, stage), [0.0]))

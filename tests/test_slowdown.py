@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,22 +33,51 @@ def _partner_works(marker: str) -> list[Callable[[], None]]:
     return [work]
 
 
+def _sleep() -> None:
+    time.sleep(0.004)
+
+
+def _spin(seconds: float = 0.01) -> None:
+    end = time.thread_time() + seconds  # this thread's own CPU time: a shared core stretches its wall time
+    while time.thread_time() < end:
+        pass
+
+
+def _spinning_partner() -> list[Callable[[], None]]:
+    return [functools.partial(_spin, 0.002)]
+
+
 @pytest.mark.timeout(120)
 def test_the_slowdown_is_measured_with_a_partner_computing_its_own_work_and_the_partner_ends(tmp_path: Path) -> None:
     calls = [0]
 
     def layer() -> None:
         calls[0] += 1
-        _matmuls()
+        _sleep()  # a wait no other process slows down: the factor must come out 1
 
     marker = tmp_path / "partner computed"
     partner = functools.partial(_partner_works, str(marker))
     factor = measure_pipeline_slowdown([layer, layer], 4096, partner, rounds=4, timeout_s=60)
-    assert math.isfinite(factor) and 0.3 < factor < 5.0
+    assert 0.85 < factor < 1.15, factor
     # Two works in each round of a pair, warm-up pairs included.
     assert calls[0] >= 2 * 2 * (4 + 2)
     assert marker.exists()
     assert not [p for p in torch.multiprocessing.active_children() if p.is_alive()]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins both processes to one core (Linux)")
+@pytest.mark.timeout(120)
+def test_a_partner_on_the_same_core_makes_the_work_about_twice_as_slow() -> None:
+    """Work and partner pinned to one core: after each exchange they share it, so the work's wall time grows in
+    a pipeline round and not in an alone round (the partner then waits for a message). It would double were
+    the partner to compute all along; it computes only about as long as the work last took."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})  # the spawned partner inherits it
+    try:
+        factor = measure_pipeline_slowdown([_spin, _spin], 4096, _spinning_partner, rounds=6, timeout_s=60)
+    finally:
+        os.sched_setaffinity(0, before)
+    assert 1.2 < factor < 2.8, factor
 
 
 @pytest.mark.timeout(120)

@@ -235,6 +235,10 @@ def test_train_writes_metrics_evaluates_and_clips(tmp_path: Path, capfd: pytest.
     line = next(line for line in out.splitlines() if line.startswith("held-out loss "))
     assert f"{float(rows[2]['eval_loss']):.4f} (step 3)" in line and "(step 6)" in line, line
     assert "peak memory per rank" in out
+    # The CSV's losses are the ones the run reports, and its rate counts the steps after the first.
+    summary = next(line for line in out.splitlines() if line.startswith("loss "))
+    assert summary.startswith(f"loss {float(rows[0]['loss']):.4f} -> {float(rows[-1]['loss']):.4f}"), summary
+    assert float(rows[0]["tokens_per_s"]) == 0 and all(float(r["tokens_per_s"]) > 0 for r in rows[1:])
 
 
 def test_async_schedules_refuse_gradient_clipping(capsys: pytest.CaptureFixture[str]) -> None:
@@ -264,12 +268,19 @@ def test_a_toml_config_sets_defaults_the_flags_override(tmp_path: Path, capsys: 
         assert error in capsys.readouterr().err
 
 
-def test_every_preset_is_a_valid_config() -> None:
-    for preset in sorted(PRESETS.glob("*.toml")):
-        values = read_config(preset.stem)
-        if values.get("model") == "gpt2" and importlib.util.find_spec("transformers") is None:
-            continue
-        TrainConfig(**values)  # raises on a bad preset
+def test_every_preset_is_a_valid_config_of_the_model_it_names() -> None:
+    assert sorted(p.stem for p in PRESETS.glob("*.toml")) == ["gpt-small", "gpt2-124m"]
+    assert TrainConfig(**read_config("gpt-small")) == TrainConfig(), "gpt-small is the default, written out"
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from conveyor.models.gpt2 import gpt2_lm
+
+    config = TrainConfig(**read_config("gpt2-124m"))  # raises on a bad preset
+    assert (config.layers, config.dim, config.heads, config.ranks) == (12, 768, 12, 4)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in gpt2_lm(config.gpt2)().parameters())
+    # GPT-2 small's blocks (7,087,872 parameters each), a 256-byte vocabulary, 128 positions, the final norm.
+    assert params == 12 * 7_087_872 + 256 * 768 + 128 * 768 + 2 * 768 == 85_350_912
 
 
 @pytest.mark.timeout(300)

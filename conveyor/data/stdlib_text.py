@@ -29,7 +29,7 @@ def stdlib_source_bytes(max_bytes: int = 4_000_000) -> torch.Tensor:
 class TextBatches:
     """Random windows of a byte corpus: inputs and the next byte to predict.
 
-    The last tenth of the corpus is held out for `validation`. Every rank that
+    The last tenth of the corpus is held out for `validation_set`. Every rank that
     builds this with the same seed draws the same batches, so ranks need not
     ship data to each other.
     """
@@ -41,10 +41,8 @@ class TextBatches:
         self.train, self.held_out = data[:split].long(), data[split:].long()
         self.context = context
         self.batch_size = batch_size
-        # Separate streams, so that how often one validates never changes the training batches.
         self._seed = seed
         self._train_rng = torch.Generator().manual_seed(seed)
-        self._held_out_rng = torch.Generator().manual_seed(seed + 1)
 
     def position(self) -> torch.Tensor:
         """Where the training stream is (its generator's state), for a checkpoint; `seek` returns there."""
@@ -55,9 +53,6 @@ class TextBatches:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._sample(self.train, self._train_rng)
-
-    def validation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._sample(self.held_out, self._held_out_rng)
 
     def validation_set(self, num_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The same `num_batches` held-out mini-batches every time: evaluations that compare across steps."""

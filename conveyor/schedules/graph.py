@@ -18,7 +18,7 @@ Conventions every split follows:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = ["Edge", "StageGraph", "Tie"]
@@ -133,12 +133,3 @@ class StageGraph:
         for tie in self.ties:
             lines.append("tied: " + " = ".join(f"stage {s} {name}" for s, name in tie.names))
         return "\n".join(lines)
-
-
-def check_values(edges: Sequence[Edge], stage: int, num_outputs: int) -> None:
-    """Raise if an edge out of `stage` names an output the stage does not have."""
-    for edge in edges:
-        if edge.values is not None and any(not 0 <= v < num_outputs for v in edge.values):
-            raise ValueError(
-                f"edge {edge} names outputs of stage {stage} that do not exist: the stage returned {num_outputs}"
-            )

@@ -15,15 +15,8 @@ from .runtime.executor import Executor, Tracer
 from .runtime.host_memory import keep_freed_host_memory
 from .runtime.loss_report import LossReport
 from .runtime.loss_scale import LossScale
-from .runtime.microbatch import (
-    batch_size,
-    check_rows,
-    concat_microbatches,
-    input_signature,
-    map_tensors,
-    microbatch_weights,
-    split_microbatches,
-)
+from .runtime.loss_weights import LossWeights, WeightFn
+from .runtime.microbatch import check_rows, concat_microbatches, input_signature, map_tensors, split_microbatches
 from .runtime.shared import share_gradients, share_local_ties, shared_channels
 from .runtime.stage import LossFn, MicrobatchResult, Stage
 from .runtime.stage_io import StageIO
@@ -57,10 +50,13 @@ class Pipeline:
     `spec.num_stages`: one module when the rank runs one stage, else
     `{stage: module}`.
 
-    `loss_fn(output, target)` must return the mean loss of a micro-batch;
-    each micro-batch's loss is weighted by its share of the samples, so the
-    accumulated gradients and the returned loss equal those of the whole
-    mini-batch. With `optimizer` (a function of a stage's parameters), each
+    `loss_fn(output, target)` must return the mean loss of a micro-batch, and
+    `loss_weight(target)` what that mean is over (its tokens; by default its
+    samples): each micro-batch's loss is weighted by its count over the whole
+    mini-batch's, so the accumulated gradients and the returned loss equal
+    those of the unsplit model on the whole mini-batch (`conveyor.losses`: the
+    contract, and losses that carry their weight, such as `losses.causal_lm`
+    for padded token targets). With `optimizer` (a function of a stage's parameters), each
     stage steps and zeroes its gradients at the end of `step`, as `update`
     (`runtime/update.py`) decides; without it, gradients accumulate until you
     step yourself.
@@ -82,6 +78,7 @@ class Pipeline:
         *,
         loss_fn: LossFn,
         optimizer: OptimizerFactory | None = None,
+        loss_weight: WeightFn | None = None,
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | DeviceMesh | None = None,
         timeout_s: float | None = 120.0,
@@ -89,6 +86,8 @@ class Pipeline:
         if not dist.is_initialized():
             raise RuntimeError("Pipeline needs torch.distributed to be initialized (see conveyor.launch)")
         self.spec = spec
+        self.loss_weights = LossWeights.of(loss_fn, loss_weight)
+        """How each micro-batch's loss counts in the mini-batch's (`conveyor.losses` states the contract)."""
         self.device = torch.device(device)
         if self.device.type == "cpu":
             keep_freed_host_memory()  # each step frees and allocates the same again (runtime/host_memory.py)
@@ -305,8 +304,9 @@ class Pipeline:
             if targets is None and not program.forward_only:
                 raise ValueError(f"rank {self.rank} runs the last stage: step() needs the targets")
             if targets is not None:
-                target_mbs = split_microbatches(map_tensors(targets, lambda t: t.to(self.device)), m)
-                weights = microbatch_weights(batch_size(targets), m)
+                target_mbs = split_microbatches(targets, m)
+                weights = self.loss_weights(target_mbs)  # from the targets where they are: on the host, often
+                target_mbs = [map_tensors(t, lambda t: t.to(self.device)) for t in target_mbs]
         options = ("loss_on_all_ranks", int(loss_on_all_ranks))  # it decides who waits for the loss message
         self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs, options)
         return self.stages[last].pop_results() if last in self.stages else None
@@ -344,9 +344,8 @@ class Pipeline:
     def _stream_async(self, batches: Iterable[tuple[Any, Any]], num_batches: int) -> Iterator[tuple[int, torch.Tensor]]:
         """An asynchronous schedule's stream: one program over all `num_batches` mini-batches."""
         program = self._stream_program(num_batches)
-        feed = StreamFeed(
-            iter(batches), self.spec.microbatches, num_batches, self.device, program.microbatches_per_step
-        )
+        m, per_step = self.spec.microbatches, program.microbatches_per_step
+        feed = StreamFeed(iter(batches), m, num_batches, self.device, per_step, self.loss_weights)
         last = self.stages.get(self.program.num_stages - 1)
         inputs = feed.inputs if 0 in self.stages else None
         targets = feed.targets if last is not None else None
@@ -431,7 +430,7 @@ def _local_loss(results: list[MicrobatchResult] | None) -> torch.Tensor | None:
     """This rank's part of the mini-batch loss (a rank of the last stage), for the update policy's guard."""
     if results is None:
         return None
-    weighted = [r.loss * r.weight for r in results if r.loss is not None]
+    weighted = [r.loss * r.weight for r in results if r.loss is not None and r.weight != 0]
     return torch.stack(weighted).sum() if weighted else None
 
 

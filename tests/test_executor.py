@@ -9,7 +9,8 @@ import torch
 from tiny_models import assert_close, assert_grads_match, token_batch, token_loss, transformer
 
 from conveyor.runtime import Executor, Stage, StageIO, Transport
-from conveyor.runtime.microbatch import microbatch_weights, split_microbatches
+from conveyor.runtime.loss_weights import LossWeights
+from conveyor.runtime.microbatch import split_microbatches
 from conveyor.schedules import Action, Program, lower, validate
 from conveyor.split import split_model
 
@@ -73,7 +74,12 @@ def test_three_stages_on_one_rank_match_the_full_model() -> None:
     executor = make_executor(model, ONE_RANK, steps)
     tracer = Recorder()
     executor.tracer = tracer
-    executor.run(split_microbatches(tokens, 3), split_microbatches(targets, 3), microbatch_weights(7, 3), signature=0)
+    executor.run(
+        split_microbatches(tokens, 3),
+        split_microbatches(targets, 3),
+        LossWeights(None)(split_microbatches(targets, 3)),
+        signature=0,
+    )
 
     results = executor.stages[2].pop_results()
     assert_close(torch.stack([r.loss * r.weight for r in results if r.loss is not None]).sum(), loss, "loss")

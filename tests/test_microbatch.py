@@ -9,10 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conveyor.runtime.loss_weights import LossWeights
 from conveyor.runtime.microbatch import (
     batch_size,
     map_tensors,
-    microbatch_weights,
     split_microbatches,
     tensors_in,
 )
@@ -74,14 +74,16 @@ def test_a_batch_without_tensors_is_refused() -> None:
 
 
 def test_weights_of_an_uneven_split() -> None:
-    assert microbatch_weights(10, 4) == [0.3, 0.3, 0.2, 0.2]
+    assert LossWeights(None)(split_microbatches(torch.arange(10), 4)) == [0.3, 0.3, 0.2, 0.2]
 
 
 def test_weighted_microbatch_losses_equal_the_full_batch_loss() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(10, 3), torch.randn(10, 3)
     full = torch.nn.functional.mse_loss(x, y)
-    parts = zip(split_microbatches(x, 4), split_microbatches(y, 4), microbatch_weights(10, 4), strict=True)
+    parts = zip(
+        split_microbatches(x, 4), split_microbatches(y, 4), LossWeights(None)(split_microbatches(y, 4)), strict=True
+    )
     weighted = sum(w * torch.nn.functional.mse_loss(a, b) for a, b, w in parts)
     assert torch.allclose(weighted, full, rtol=1e-6)
 
@@ -95,7 +97,7 @@ def test_split_properties(case: tuple[int, int]) -> None:
     assert len(parts) == m
     assert torch.equal(torch.cat(parts), batch)  # nothing lost, nothing reordered
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-    weights = microbatch_weights(size, m)
+    weights = LossWeights(None)(parts)
     assert math.isclose(sum(weights), 1.0, rel_tol=1e-12)
     assert weights == [n / size for n in sizes]
 

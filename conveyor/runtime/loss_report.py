@@ -48,7 +48,8 @@ class LossReport:
         """The mini-batch loss where a step returns it (see `Pipeline.step`); fills `losses` and `outputs`."""
         loss = None
         if results is not None:
-            weighted = [r.loss * r.weight for r in results if r.loss is not None]
+            # A micro-batch that counts nothing (weight 0) may have the NaN of an empty mean: it is left out.
+            weighted = [r.loss * r.weight for r in results if r.loss is not None and r.weight != 0]
             loss = torch.stack(weighted).sum() if weighted else torch.zeros((), device=self.device)
             if losses is not None:
                 losses[:] = [r.loss for r in results if r.loss is not None]

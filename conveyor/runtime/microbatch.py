@@ -1,4 +1,4 @@
-"""Cut a mini-batch into micro-batches along dimension 0, and weigh each one's loss."""
+"""Cut a mini-batch into micro-batches along dimension 0, and join them again."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ __all__ = [
     "concat_microbatches",
     "input_signature",
     "map_tensors",
-    "microbatch_weights",
     "split_microbatches",
     "tensors_in",
 ]
@@ -36,7 +35,7 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
     Tuples, lists and dicts keep their structure; scalars, 0-d tensors and
     other leaves are given whole to every micro-batch. When the batch size is
     not a multiple of the count, the first micro-batches get one sample more
-    (like `torch.tensor_split`); `microbatch_weights` weighs their losses.
+    (like `torch.tensor_split`); `LossWeights` weighs their losses.
     """
     size = batch_size(batch)
     if num_microbatches < 1:
@@ -47,17 +46,6 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
             f" use at most {size} micro-batches or a larger batch"
         )
     return [_select(batch, num_microbatches, index) for index in range(num_microbatches)]
-
-
-def microbatch_weights(size: int, num_microbatches: int, per_step: int | None = None) -> list[float]:
-    """Each micro-batch's share of the samples, so that sum(w_k * mean_loss_k) is the full-batch mean loss.
-
-    With `per_step` (an asynchronous schedule that steps after every `per_step` micro-batches), the shares are
-    of each step's micro-batches: each step's loss is the mean over the micro-batches it applies.
-    """
-    sizes = [len(part) for part in torch.arange(size).tensor_split(num_microbatches)]
-    group = per_step or num_microbatches
-    return [n / sum(sizes[k - k % group : k - k % group + group]) for k, n in enumerate(sizes)]
 
 
 def check_rows(inputs: Any, targets: Any, where: str = "") -> None:

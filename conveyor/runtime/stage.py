@@ -120,8 +120,13 @@ class Stage:
                 output = self._call(inputs, weights)
             if self.is_last:
                 loss = self._loss(mb, output, target, loss_weight, keep_output)
-        # The loss backpropagated: its share of the mini-batch, times the float16 loss scale (else 1).
-        outputs = [loss * (loss_weight * self.loss_scale)] if self.is_last else _flatten_output(output, self.index)
+        # The loss backpropagated: its share of the mini-batch, times the float16 loss scale (else 1). A
+        # micro-batch that counts nothing (weight 0: every target ignored) backpropagates zeros, not the NaN
+        # an empty mean would give (0 * NaN is NaN).
+        if self.is_last:
+            outputs = [loss * (loss_weight * self.loss_scale) if loss_weight != 0 else _zero_through(output)]
+        else:
+            outputs = _flatten_output(output, self.index)
         self._check_gradient_flows(outputs)
         stash = _Stash([] if self.is_first else list(inputs), outputs)
         if counter is not None:
@@ -366,3 +371,11 @@ def _flatten_output(output: Any, index: int) -> list[torch.Tensor]:
         f"stage {index} returned {type(output).__name__}; a stage other than the last must return a tensor"
         " or a tuple of tensors (its outputs, which later stages take as inputs)"
     )
+
+
+def _zero_through(output: Any) -> torch.Tensor:
+    """A zero that depends on `output`, so backward reaches every stage with zero gradients."""
+    tensors = [t for t in tensors_in(output) if t.requires_grad]
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack([t.sum() for t in tensors]).sum() * 0.0

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .microbatch import batch_size, check_rows, input_signature, map_tensors, microbatch_weights, split_microbatches
+from .loss_weights import LossWeights
+from .microbatch import check_rows, input_signature, map_tensors, split_microbatches
 
 __all__ = ["StreamFeed"]
 
@@ -18,14 +19,21 @@ class StreamFeed:
     A mini-batch is read from `batches` when its first micro-batch is asked for and let go once the next
     one is read, so a stream of any length holds one mini-batch at a time. Every micro-batch must have
     the shapes of the first (an asynchronous program describes each link once). `per_step` is how many
-    micro-batches one update applies (a whole mini-batch when None): each update's loss is their mean.
+    micro-batches one update applies (a whole mini-batch when None): `loss_weights` weighs their losses
+    for each update's mean.
     """
 
     def __init__(
-        self, batches: Iterator[tuple[Any, Any]], m: int, num_batches: int, device: torch.device, per_step: int | None
+        self,
+        batches: Iterator[tuple[Any, Any]],
+        m: int,
+        num_batches: int,
+        device: torch.device,
+        per_step: int | None,
+        loss_weights: LossWeights,
     ) -> None:
         self._batches, self._m, self._num_batches, self._device = batches, m, num_batches, device
-        self._per_step = per_step
+        self._per_step, self._loss_weights = per_step, loss_weights
         self._index = -1
         self._current: tuple[list[Any], list[Any], list[float]] = ([], [], [])
         self._first: int | None = None
@@ -53,7 +61,9 @@ class StreamFeed:
         m, device = self._m, self._device
         check_rows(inputs, targets, f" of mini-batch {batch}")
         input_mbs = split_microbatches(map_tensors(inputs, lambda t: t.to(device)), m) if inputs is not None else []
-        target_mbs = split_microbatches(map_tensors(targets, lambda t: t.to(device)), m) if targets is not None else []
+        target_mbs = split_microbatches(targets, m) if targets is not None else []
+        weights = self._loss_weights(target_mbs, self._per_step) if targets is not None else []
+        target_mbs = [map_tensors(t, lambda t: t.to(device)) for t in target_mbs]
         for mb in input_mbs:
             shapes = input_signature([mb])
             if self._first is None:
@@ -63,7 +73,6 @@ class StreamFeed:
                     f"mini-batch {batch} splits into micro-batches of other shapes than the stream's first: an"
                     " asynchronous stream needs every micro-batch alike (a batch size divisible by the micro-batches)"
                 )
-        weights = microbatch_weights(batch_size(targets), m, self._per_step) if targets is not None else []
         self._index = batch
         self._current = (input_mbs, target_mbs, weights)
 

@@ -279,8 +279,12 @@ class Pipeline:
                         f"tied parameter {tie.name_on(here[0])} of stage {here[0]} and {name} of stage {s}"
                         " start with different values; a tie must start equal (build both stages from one split)"
                     )
-                owner, _, attribute = name.rpartition(".")
-                setattr(modules[s].get_submodule(owner), attribute, first)
+                # Under every name the stage holds it by (T5's last stage reads decoder.embed_tokens.weight and also
+                # holds it as lm_head.weight): a name left behind would keep a copy that nothing trains.
+                for alias, param in list(modules[s].named_parameters(remove_duplicate=False)):
+                    if param is other:
+                        owner, _, attribute = alias.rpartition(".")
+                        setattr(modules[s].get_submodule(owner), attribute, first)
 
     def _optimizers(self, optimizer: OptimizerFactory | None) -> dict[int, torch.optim.Optimizer]:
         """One per stage, over its parameters; a tensor shared with an earlier stage on this rank is stepped there."""

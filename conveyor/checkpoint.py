@@ -59,18 +59,18 @@ def latest(directory: str | Path) -> Path | None:
 def _state(pipe: Pipeline, extra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This rank's entries: its stages' weights, its optimizers' state, `extra`, and its RNG state."""
     state: dict[str, torch.Tensor] = {}
-    names: dict[int, str] = {}  # id(parameter) -> its name, for the optimizer state
     for stage in pipe.stages.values():
         for name, tensor in stage.module.state_dict(keep_vars=True).items():
             state.setdefault(f"model.{name}", tensor.detach())
-        for name, param in stage.module.named_parameters():
-            names.setdefault(id(param), name)
+    names = _parameter_names(pipe)
     for optimizer in pipe.update.optimizers.values():
         for group in optimizer.param_groups:
             for param in group["params"]:
                 for field, value in optimizer.state.get(param, {}).items():
                     if isinstance(value, torch.Tensor):
-                        state[f"optim.{names[id(param)]}.{field}"] = value
+                        # Under every name of the parameter, so a split that holds it by another name finds it.
+                        for name in names[id(param)]:
+                            state[f"optim.{name}.{field}"] = value
     state.update({f"train.{key}": value for key, value in extra.items()})
     state[f"rng.rank{pipe.rank}"] = torch.get_rng_state()
     return state
@@ -188,7 +188,10 @@ def load(pipe: Pipeline, path: str | Path, extra: Mapping[str, torch.Tensor] | N
     if rng_key not in metadata:
         del state[rng_key]
     _check_against(state, metadata, path)
+    aliases = _separate_aliases(state)
+    aliases.update(_other_stages_names(pipe, state, metadata))
     dcp.load(state, checkpoint_id=str(path), process_group=pipe.group)
+    _check_aliases(state, aliases, path)
     if rng_key in state:
         torch.set_rng_state(state[rng_key])
 
@@ -198,33 +201,45 @@ def load_model(model: nn.Module, path: str | Path) -> None:
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     _check_against(state, metadata, path)
+    aliases = _separate_aliases(state)
     with warnings.catch_warnings():  # DCP says it assumes one process: that is the point here
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    _check_aliases(state, aliases, path)
     model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in state.items()})
+
+
+def _parameter_names(pipe: Pipeline) -> dict[int, list[str]]:
+    """id(parameter) -> every name this rank's stages hold it by (a tied one has several), stages in order."""
+    names: dict[int, list[str]] = {}
+    for _, stage in sorted(pipe.stages.items()):
+        for name, param in stage.module.named_parameters(remove_duplicate=False):
+            held = names.setdefault(id(param), [])
+            if name not in held:
+                held.append(name)
+    return names
 
 
 def _make_optimizer_state(pipe: Pipeline, metadata: Mapping[str, Any], state: dict[str, torch.Tensor]) -> None:
     """Give every parameter the optimizer state the checkpoint holds for it, as empty tensors DCP then fills
-    (an optimizer that has not stepped yet has none)."""
-    names: dict[int, str] = {}  # id(parameter) -> its first name, as `_state` keys it
-    for stage in pipe.stages.values():
-        for name, param in stage.module.named_parameters():
-            names.setdefault(id(param), name)
+    (an optimizer that has not stepped yet has none). A tied parameter's state is asked for under each of its
+    names the checkpoint has; `_separate_aliases` then checks that they agree."""
+    names = _parameter_names(pipe)
     for optimizer in pipe.update.optimizers.values():
         for group in optimizer.param_groups:
             for param in group["params"]:
-                prefix = f"optim.{names[id(param)]}."
-                for key, meta in metadata.items():
-                    if not key.startswith(prefix) or not hasattr(meta, "size"):
-                        continue
-                    field = key[len(prefix) :]
-                    current = optimizer.state[param].get(field)
-                    if not isinstance(current, torch.Tensor) or tuple(current.shape) != tuple(meta.size):
-                        device = torch.device("cpu") if len(meta.size) == 0 else param.device
-                        empty = torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device=device)
-                        optimizer.state[param][field] = empty
-                    state[key] = optimizer.state[param][field]
+                for name in names[id(param)]:
+                    prefix = f"optim.{name}."
+                    for key, meta in metadata.items():
+                        if not key.startswith(prefix) or not hasattr(meta, "size"):
+                            continue
+                        field = key[len(prefix) :]
+                        current = optimizer.state[param].get(field)
+                        if not isinstance(current, torch.Tensor) or tuple(current.shape) != tuple(meta.size):
+                            device = torch.device("cpu") if len(meta.size) == 0 else param.device
+                            empty = torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device=device)
+                            optimizer.state[param][field] = empty
+                        state[key] = optimizer.state[param][field]
 
 
 def _check_against(state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any], path: str | Path) -> None:
@@ -236,4 +251,53 @@ def _check_against(state: Mapping[str, torch.Tensor], metadata: Mapping[str, Any
             raise ValueError(
                 f"checkpoint {path} holds {key} of shape {list(meta.size)}, but this model's is {list(tensor.shape)}:"
                 " it is a checkpoint of another model"
+            )
+
+
+def _separate_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Give each key whose tensor an earlier key already names (a tied parameter's other names, their optimizer
+    state) an empty tensor of its own for DCP to fill; returns each such key -> the earlier key it must equal.
+
+    Loaded into one tensor, copies that disagree would leave whichever DCP wrote last, silently.
+    """
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in list(state.items()):
+        if tensor.numel() == 0:
+            continue
+        where = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if where in first:
+            aliases[key] = first[where]
+            state[key] = torch.empty_like(tensor)
+        else:
+            first[where] = key
+    return aliases
+
+
+def _other_stages_names(pipe: Pipeline, state: dict[str, torch.Tensor], metadata: Mapping[str, Any]) -> dict[str, str]:
+    """The names other ranks' stages hold this rank's tied parameters by, as empty tensors to load and compare:
+    each rank loads only its own names, so copies that disagree would otherwise start the ties apart."""
+    aliases: dict[str, str] = {}
+    for tie in pipe.graph.ties:
+        here = [stage for stage in tie.stages if stage in pipe.stages]
+        if not here:
+            continue
+        mine = f"model.{tie.name_on(here[0])}"
+        for _, name in tie.names:
+            key = f"model.{name}"
+            if key not in state and key in metadata:
+                state[key] = torch.empty_like(state[mine])
+                aliases[key] = mine
+    return aliases
+
+
+def _check_aliases(state: Mapping[str, torch.Tensor], aliases: Mapping[str, str], path: str | Path) -> None:
+    for key, original in aliases.items():
+        if not torch.equal(state[key], state[original]):
+            difference = (state[key].double() - state[original].double()).abs().max().item()
+            raise ValueError(
+                f"checkpoint {path} holds {original} and {key} with different values (by up to {difference:.3g}),"
+                " but they are one tied tensor in this model: one copy went stale (a checkpoint written while a tie"
+                " was held as two tensors, or edited), and conveyor cannot tell which is trained: make both hold"
+                " the trained one, or load the checkpoint into a model where they are not tied"
             )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
 from conveyor.models import GPT, GPTConfig, lm_loss
 from conveyor.schedules.graph import Edge, StageGraph
@@ -214,6 +217,113 @@ def test_an_example_of_one_sample_still_gives_a_dynamic_batch() -> None:
     split = trace_split(model, (floats(1),), split_points=SKIP_CUTS)
     for batch in (1, 2, 4):
         assert_matches_model(model, split, (floats(batch),), square_loss)
+
+
+class SeqBranch(nn.Module):
+    """Doubles the embedding of sequences longer than 4 (with `branch`): export takes that branch once, at the
+    example's length; an optional mask multiplies the embedding position by position."""
+
+    def __init__(self, branch: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.branch = branch
+        self.embed = nn.Embedding(11, 6)
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+        self.head = nn.Linear(6, 11)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(tokens)
+        if self.branch and tokens.shape[1] > 4:
+            h = 2 * h
+        if mask is not None:
+            h = h * mask.unsqueeze(-1)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.head(h)
+
+
+def short(batch: int = 3, length: int = 6) -> torch.Tensor:
+    return torch.randint(0, 11, (batch, length), generator=torch.Generator().manual_seed(length))
+
+
+def test_a_length_the_export_fixed_raises_instead_of_running_another_graph() -> None:
+    model = SeqBranch()
+    split = trace_split(model, (short(3, 6),), num_stages=2)
+    stages = [split.build_stage(index) for index in range(2)]
+    # Run, the graph of a 6-long sequence would take the branch for a 3-long one too: not the model's answer.
+    fixed = (
+        r"input 'tokens' dimension 1 is 3, but the model was traced with it fixed at 6 \(its graph may bake that size"
+        r" in or branch on it\): trace with an example of the shape you run, or mark the dimension dynamic"
+        r" \(trace_split\(\.\.\., dynamic_shapes=\{'tokens': \{1: 'seq'\}\}\)"
+    )
+    with pytest.raises(ValueError, match=fixed):
+        stages[0](short(2, 3))
+    with pytest.raises(ValueError, match=r"input 'tokens' has 3 dimension\(s\) \(\[2, 6, 1\]\), but the model was"):
+        stages[0](short(2, 6)[..., None])
+    # A later stage checks what enters it too.
+    with pytest.raises(
+        ValueError, match=r"stage 1's input 0 \('\w+'\) dimension 1 is 3, but .* fixed at 6 .* micro-batch"
+    ):
+        stages[1](torch.randn(2, 3, 6))
+    for batch in (1, 2, 5):  # the batch stays dynamic
+        assert_matches_model(model, split, (short(batch, 6),), square_loss)
+
+
+def test_dynamic_shapes_trace_more_dimensions_as_dynamic() -> None:
+    model = SeqBranch()
+    split = trace_split(model, (short(3, 6),), num_stages=2, dynamic_shapes={"tokens": {1: Dim.AUTO}})
+    for length in (5, 9):
+        assert_matches_model(model, split, (short(2, length),), square_loss)
+    # Export found that the forward needs more than 4 positions: a shorter sequence is refused.
+    with pytest.raises(ValueError, match=r"input 'tokens' dimension 1 is 4, but the model was traced for sizes of at"
+                       r" least 5 \(its forward relies on that"):  # fmt: skip
+        split.build_stage(0)(short(2, 4))
+    # Dimensions of one name are one size.
+    model = SeqBranch(branch=False)
+    example = {"tokens": short(3, 6), "mask": torch.ones(3, 6)}
+    split = trace_split(model, (), example, num_stages=2, dynamic_shapes={"tokens": {1: "seq"}, "mask": {-1: "seq"}})
+    for length in (2, 7):
+        assert_matches_model(model, split, {"tokens": short(2, length), "mask": torch.rand(2, length)}, square_loss)
+    agree = r"input 'mask' dimension 1 is 4, but the model was traced with it equal to dimension 1 of input 'tokens',"
+    with pytest.raises(ValueError, match=agree + r" which is 3"):
+        split.build_stage(0)(tokens=short(2, 3), mask=torch.ones(2, 4))
+
+
+def test_a_pipeline_step_on_a_length_the_export_fixed_raises(tmp_path: Path) -> None:
+    """The issue's case: traced at 6, a step at 3 gave another loss than the model's, without a word."""
+    from conveyor import Pipeline, PipelineSpec
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    model = SeqBranch()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        split = trace_split(model, (short(3, 6),), num_stages=2)
+        pipe = Pipeline(split, PipelineSpec("interleaved-1f1b", 1, 2), loss_fn=loss_fn)
+        loss = pipe.step(short(4, 6), short(4, 6) % 7)
+        assert loss is not None
+        assert_close(loss, loss_fn(model(short(4, 6)), short(4, 6) % 7), 1e-6, "the loss at the traced length")
+        with pytest.raises(
+            ValueError, match=r"input 'tokens' dimension 1 is 3, but the model was traced with it fixed"
+        ):
+            pipe.step(short(4, 3), short(4, 3) % 7)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shapes_are_checked_once_per_input_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conveyor.split.traced.guards import ShapeGuards
+
+    checked: list[tuple[int, ...]] = []
+    verify = ShapeGuards._verify
+    monkeypatch.setattr(
+        ShapeGuards, "_verify", lambda self, values: (checked.append(values[0].shape), verify(self, values))
+    )
+    stage = trace_split(SeqBranch(), (short(3, 6),), num_stages=2).build_stage(0)
+    for batch in (2, 2, 3, 2, 3):
+        stage(short(batch, 6))
+    assert checked == [(2, 6), (3, 6)]
 
 
 def test_devices_in_the_graph_follow_the_stage(gpt_two: tuple[GPT, TracedSplit]) -> None:
@@ -510,6 +620,41 @@ class FixedBatch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.a(x).view(3, 4)  # the batch size written into the code
+
+
+class FixedLength(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(1, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x.view(x.shape[0], 6, 1))  # the length written into the code
+
+
+def test_what_dynamic_shapes_cannot_mark() -> None:
+    def marking(model: nn.Module, dynamic: dict[str, Any]) -> None:
+        trace_split(model, (short(3, 6),), num_stages=2, dynamic_shapes=dynamic)
+
+    with pytest.raises(ValueError, match=r"names 'ids', which is no tensor input of SeqBranch's forward in the example:"
+                       r" name one of \['tokens'\]"):  # fmt: skip
+        marking(SeqBranch(), {"ids": {1: "seq"}})
+    with pytest.raises(ValueError, match=r"names dimension 0, the batch, which is always dynamic"):
+        marking(SeqBranch(), {"tokens": {0: "seq"}})
+    with pytest.raises(ValueError, match=r"names dimension 2, but 'tokens' has 2 dimensions"):
+        marking(SeqBranch(), {"tokens": {2: "seq"}})
+    with pytest.raises(ValueError, match=r"is 'batch': name a dimension by an identifier other than 'batch'"):
+        marking(SeqBranch(), {"tokens": {1: "batch"}})
+    limits = (
+        r"SeqBranch's code limits the dimension 'seq', which dynamic_shapes marks dynamic, to 5 <= seq: give it that"
+        r" range \(seq = Dim\('seq', min=5\), as torch.export.Dim\), or mark it Dim.AUTO"
+    )
+    with pytest.raises(ValueError, match=limits):
+        marking(SeqBranch(), {"tokens": {1: "seq"}})
+    with pytest.raises(ValueError, match=r"FixedLength's code fixes the dimension 'seq', which dynamic_shapes marks"
+                       r" dynamic, to 6: leave it out of dynamic_shapes"):  # fmt: skip
+        trace_split(
+            FixedLength(), (torch.randn(3, 6),), split_points={"a": "beginning"}, dynamic_shapes={"x": {1: "seq"}}
+        )
 
 
 def test_a_model_that_fixes_the_batch_size() -> None:

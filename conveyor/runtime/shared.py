@@ -190,8 +190,12 @@ def share_local_ties(graph: StageGraph, modules: Mapping[int, nn.Module]) -> Non
                     f"tied parameter {tie.name_on(here[0])} of stage {here[0]} and {name} of stage {s}"
                     " start with different values; a tie must start equal (build both stages from one split)"
                 )
-            owner, _, attribute = name.rpartition(".")
-            setattr(modules[s].get_submodule(owner), attribute, first)
+            # Under every name the stage holds it by (T5's last stage reads decoder.embed_tokens.weight and also
+            # holds it as lm_head.weight): a name left behind would keep a copy that nothing trains.
+            for alias, param in list(modules[s].named_parameters(remove_duplicate=False)):
+                if param is other:
+                    owner, _, attribute = alias.rpartition(".")
+                    setattr(modules[s].get_submodule(owner), attribute, first)
 
 
 def share_gradients(

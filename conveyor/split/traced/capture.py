@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ __all__ = [
     "export_error",
     "export_in_mode",
     "first_lines",
+    "input_names",
     "on_meta",
     "pipe_split",
     "where_in_trace",
@@ -71,22 +74,79 @@ def at_least_two(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[A
 
 
 def export_in_mode(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], strict: bool, training: bool
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    strict: bool,
+    training: bool,
+    dynamic: Sequence[tuple[torch.Tensor, dict[int, Any]]] = (),
 ) -> ExportedProgram:
-    """torch.export of `model` in train or eval mode with dim 0 of every tensor input dynamic; modes restored."""
-    shapes = ShapesCollection()
+    """torch.export of `model` in train or eval mode with dim 0 of every tensor input dynamic, and the dimensions
+    `dynamic` marks (from `dynamic_dims`); modes restored."""
     batch = Dim("batch")
+    marked = {id(tensor): dims for tensor, dims in dynamic}
+    shapes = ShapesCollection()
     for tensor in pytree.tree_leaves((args, kwargs)):
         if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
-            shapes[tensor] = {0: batch}
+            shapes[tensor] = {0: batch, **marked.get(id(tensor), {})}
     modes = [(module, module.training) for module in model.modules()]
     model.train(training)
     try:
-        dynamic = shapes.dynamic_shapes(model, args, kwargs)
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=strict)
+        dynamic_shapes = shapes.dynamic_shapes(model, args, kwargs)
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+def input_names(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The example's top-level inputs by name: keywords by theirs, positional ones by forward's parameters'."""
+    names = dict(kwargs)
+    parameters = inspect.signature(model.forward).parameters.values()
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names.update(zip(positional, args, strict=False))
+    return names
+
+
+def dynamic_dims(
+    model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], dynamic: Mapping[str, Mapping[int, Any]]
+) -> list[tuple[torch.Tensor, dict[int, Any]]]:
+    """Each tensor input `dynamic` names, with its dimensions to trace as dynamic besides the batch.
+
+    `dynamic`: input name -> {dimension: a name (dimensions of one name are one size) or a torch.export `Dim`,
+    `Dim.AUTO` included}.
+    """
+    inputs = input_names(model, args, kwargs)
+    named: dict[str, Any] = {"batch": None}  # dimension name -> its Dim, one per name
+    found = []
+    for name, dims in dynamic.items():
+        tensor = inputs.get(name)
+        if not isinstance(tensor, torch.Tensor):
+            tensors = sorted(n for n, v in inputs.items() if isinstance(v, torch.Tensor))
+            raise ValueError(
+                f"dynamic_shapes names {name!r}, which is no tensor input of {type(model).__name__}'s forward in the"
+                f" example: name one of {tensors}"
+            )
+        marked = {}
+        for dim, how in dims.items():
+            if not isinstance(dim, int) or not -tensor.dim() <= dim < tensor.dim():
+                raise ValueError(
+                    f"dynamic_shapes[{name!r}] names dimension {dim!r}, but {name!r} has {tensor.dim()} dimensions"
+                )
+            if dim % tensor.dim() == 0:
+                raise ValueError(
+                    f"dynamic_shapes[{name!r}] names dimension 0, the batch, which is always dynamic: name the others"
+                )
+            if isinstance(how, str):
+                if how == "batch" or not how.isidentifier():
+                    raise ValueError(
+                        f"dynamic_shapes[{name!r}][{dim}] is {how!r}: name a dimension by an identifier other than"
+                        " 'batch' (the micro-batch's size)"
+                    )
+                how = named.setdefault(how, Dim(how))
+            marked[dim % tensor.dim()] = how
+        found.append((tensor, marked))
+    return found
 
 
 def export_error(
@@ -115,6 +175,9 @@ def export_error(
             " device=x.device); from data, torch.tensor([...]).to(x.device)), or register it as a buffer in the"
             " builder, or give trace_split the built model"
         )
+    violated = re.search(r"Constraints violated \((\w+)\)", str(error))
+    if violated and violated[1] != "batch":
+        return _marked_dimension_error(name, violated[1], str(error))
     fixed = re.search(r"specialized it to be a constant \((\d+)\)", str(error))
     if fixed:
         return ValueError(
@@ -126,6 +189,29 @@ def export_error(
         f"torch.export cannot capture {name}{_where_raised(error)}: {type(error).__name__}: {first_lines(error)}."
         " Make that code exportable (see torch.export's documentation), or split the model by hand with"
         " conveyor.split_model"
+    )
+
+
+def _marked_dimension_error(model: str, dim: str, message: str) -> ValueError:
+    """The error for a dimension marked dynamic (`dynamic_shapes`) that the model's code fixes or limits."""
+    fixed = re.search(r"specialized it to be a constant \((\d+)\)", message)
+    if fixed:
+        return ValueError(
+            f"torch.export found that {model}'s code fixes the dimension {dim!r}, which dynamic_shapes marks dynamic,"
+            f" to {fixed[1]}: leave it out of dynamic_shapes and run inputs of that size, or make the code compute it"
+            " from the input (x.shape[1])"
+        )
+    guard = re.search(r"satisfy the generated guard (.*)", message)
+    limits = ""
+    if guard:
+        limits = re.sub(r"L\[[^\]]*\]\.size\(\)\[\d+\]", dim, guard[1]).strip()
+        limits = re.sub(rf" and {dim} <= IntInfinity\(\)", "", limits)
+    fixes = [line.strip() for line in message.partition("Suggested fixes:")[2].strip().split("\n\n")[0].splitlines()]
+    return ValueError(
+        f"torch.export found that {model}'s code limits the dimension {dim!r}, which dynamic_shapes marks dynamic"
+        + (f", to {limits}" if limits else "")
+        + (f": give it that range ({'; '.join(fixes)}, as torch.export.Dim)" if fixes else "")
+        + ", or mark it Dim.AUTO to take the range export finds (a size outside it then raises when run)"
     )
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from .guards import ShapeGuards
 from .program import MODE_NAMES, StageCode
 
 __all__ = ["Calling", "TracedStage", "register", "write_graph"]
@@ -150,7 +151,8 @@ class TracedStage(nn.Module):
     and keyword inputs); a later stage takes its in-edges' values positionally.
     Every stage but the last returns a flat tuple of tensors; the last returns
     the model's output in the model's own structure. `.train()` and `.eval()`
-    switch between the graphs exported in each mode.
+    switch between the graphs exported in each mode. Inputs whose shapes break
+    what export assumed raise ValueError (`guards.py`).
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class TracedStage(nn.Module):
         graphs: Mapping[bool, fx.Graph],
         unavailable: Mapping[bool, str],
         calling: Calling,
+        guards: Mapping[bool, ShapeGuards],
     ) -> None:
         super().__init__()
         self.index = index
@@ -167,6 +170,7 @@ class TracedStage(nn.Module):
         self.graphs = dict(graphs)
         self._unavailable = dict(unavailable)  # mode -> why the stage cannot run in it
         self._calling = calling
+        self._guards = dict(guards)
         self._forwards = {mode: _compile(g, f"stage {index} ({MODE_NAMES[mode]})") for mode, g in graphs.items()}
 
     @property
@@ -188,6 +192,7 @@ class TracedStage(nn.Module):
             )
         else:
             inputs = list(args)
+        self._guards[self.training].check(inputs)
         outputs = self._forwards[self.training](self, *inputs)
         if self.index == self.num_stages - 1:
             return pytree.tree_unflatten(list(outputs), self._calling.out_spec)

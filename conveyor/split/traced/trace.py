@@ -12,7 +12,8 @@ from torch import nn
 
 from ...schedules.graph import StageGraph
 from ..materialize import DeferredModel, build_deferred
-from .capture import at_least_two, export_error, export_in_mode, first_lines, on_meta
+from .capture import at_least_two, dynamic_dims, export_error, export_in_mode, first_lines, input_names, on_meta
+from .guards import stage_guards
 from .plan import Planner
 from .points import where_to_cut
 from .program import MODE_NAMES, Held, Program, signature
@@ -31,6 +32,8 @@ class TracedSplit:
     _programs: dict[bool, Program] = field(repr=False)  # by mode; the model's own mode first
     _unavailable: dict[bool, str] = field(repr=False)  # mode -> why the stages cannot run in it
     _calling: Calling = field(repr=False)
+    _dynamic_names: frozenset[str] = field(default=frozenset(), repr=False)
+    """The example's tensor inputs that `trace_split(dynamic_shapes=...)` can name (for advice in errors)."""
 
     @property
     def num_stages(self) -> int:
@@ -50,10 +53,11 @@ class TracedSplit:
             raise ValueError(f"stage {stage} does not exist in this {self.num_stages}-stage split")
         device = torch.device(device)
         last = stage == self.num_stages - 1
-        graphs = {}
+        graphs, guards = {}, {}
         for training, program in self._programs.items():
             graphs[training] = write_graph(program.stages[stage], last, MODE_NAMES[training], device)
-        module = TracedStage(stage, self.num_stages, graphs, self._unavailable, self._calling)
+            guards[training] = stage_guards(program.stages[stage], program.exported, stage, self._dynamic_names)
+        module = TracedStage(stage, self.num_stages, graphs, self._unavailable, self._calling, guards)
         values = self._values(stage, device)
         registered: set[str] = set()
         for training, program in self._programs.items():
@@ -107,6 +111,7 @@ def trace_split(
     blocks: str | None = None,
     strict: bool = False,
     seed: int = 0,
+    dynamic_shapes: Mapping[str, Mapping[int, Any]] | None = None,
 ) -> TracedSplit:
     """Export `model` on one example micro-batch and cut it into stages.
 
@@ -133,7 +138,15 @@ def trace_split(
     stages run any micro-batch size; export fixes sizes 0 and 1 to constants,
     so an example of one sample is traced repeated to two. Choose an example
     batch size that no other dimension of the inputs has, so that export does
-    not mistake one for the other.
+    not mistake one for the other. Every other dimension is traced at the
+    example's size, unless `dynamic_shapes` marks it dynamic: input name ->
+    {dimension: name}, dimensions of one name being one size
+    (``{"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}}``), or a
+    ``torch.export.Dim`` (a range, or ``Dim.AUTO`` for what export finds).
+    A stage raises ValueError, naming the input and dimension, on inputs whose
+    shapes break what export assumed (a size it fixed, a range a branch of the
+    forward needs), rather than run a graph traced for other shapes; each new
+    combination of input shapes is checked once.
 
     Costs two exports of the model (train and eval mode); the model is left
     in the mode it was in. Each stage's module comes from `build_stage`.
@@ -151,8 +164,9 @@ def trace_split(
         raise TypeError(f"trace_split takes an nn.Module or a function that builds one; got {model!r}")
     points, markers = where_to_cut(module, split_points, num_stages, layers_per_stage, blocks)
     traced_args, traced_kwargs = at_least_two(args, kwargs)
+    dynamic = dynamic_dims(module, traced_args, traced_kwargs, dynamic_shapes or {})
     try:
-        exported = export_in_mode(module, traced_args, traced_kwargs, strict, module.training)
+        exported = export_in_mode(module, traced_args, traced_kwargs, strict, module.training, dynamic)
     except Exception as error:  # noqa: BLE001 - export raises many kinds; each becomes one clear sentence
         raise export_error(module, args, kwargs, error, isinstance(source, DeferredModel)) from error
     first = Planner(module, exported, module.training).plan(points, markers)
@@ -164,7 +178,7 @@ def trace_split(
     programs, unavailable = {first.training: first}, {}
     other = not module.training
     try:
-        exported = export_in_mode(module, traced_args, traced_kwargs, strict, other)
+        exported = export_in_mode(module, traced_args, traced_kwargs, strict, other, dynamic)
         second = Planner(module, exported, other).plan(points, markers)
     except Exception as error:  # noqa: BLE001 - the stages then run in the model's own mode only
         unavailable[other] = f"exporting the model in {MODE_NAMES[other]} mode failed: {first_lines(error)}"
@@ -183,4 +197,5 @@ def trace_split(
     flat, in_spec = pytree.tree_flatten(given)
     constants = tuple((at, v) for at, v in enumerate(flat) if not isinstance(v, torch.Tensor))
     calling = Calling(in_spec, first.exported.call_spec.out_spec, tuple(kwargs), constants)
-    return TracedSplit(first.graph, source, programs, unavailable, calling)
+    names = frozenset(name for name, v in input_names(module, args, kwargs).items() if isinstance(v, torch.Tensor))
+    return TracedSplit(first.graph, source, programs, unavailable, calling, names)

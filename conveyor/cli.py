@@ -11,6 +11,7 @@ from dataclasses import fields
 
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+from .export import FORMATS, export_checkpoint
 from .launch import exit_rank, under_torchrun
 from .models import lm_loss
 from .plan.command import add_plan_parser, run_plan
@@ -24,7 +25,7 @@ from .schedules import (
     render_timeline,
     validate,
 )
-from .train import MODELS, TrainConfig, export_checkpoint, read_config, train
+from .train import TrainConfig, read_config, train
 
 __all__ = ["main"]
 
@@ -33,7 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conveyor", description="Pipeline-parallel training for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = commands.add_parser("train", help="train a small GPT on the Python standard library's source")
+    train_parser = commands.add_parser(
+        "train", help="train a model (a small GPT on the Python standard library's source by default) in a pipeline"
+    )
     train_parser.add_argument(
         "--config",
         help="a TOML file of these settings (or a preset: gpt-small, gpt2-124m); the flags given override it",
@@ -49,8 +52,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_parser.add_argument(
                 switch, dest=field.name, action="store_false" if on else "store_true", help=field.metadata["help"]
             )
-        elif field.name == "model":
-            train_parser.add_argument(flag, choices=list(MODELS), default=defaults.model, help=help_text)
         elif field.name == "recompute":
             train_parser.add_argument(flag, choices=list(RECOMPUTE), default=defaults.recompute, help=help_text)
         elif field.name == "schedule":
@@ -61,10 +62,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("schedules", help="list every schedule with its constraints, memory and bubble")
 
     export = commands.add_parser(
-        "export", help="write a checkpoint of `conveyor train` as the unsplit model's state_dict (.pt or .safetensors)"
+        "export",
+        help="write a checkpoint of `conveyor train` as the unsplit model: a state_dict (.pt, .safetensors) or a"
+        " Hugging Face folder",
     )
     export.add_argument("checkpoint", help="a checkpoint folder (step-<n>), or a --checkpoint-dir for its latest")
-    export.add_argument("--out", required=True, help="model.pt (torch.save) or model.safetensors (needs safetensors)")
+    export.add_argument(
+        "--out", required=True, help="model.pt, model.safetensors, or a folder for --format hf (from_pretrained)"
+    )
+    export.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="hf: a folder transformers loads with from_pretrained (config, safetensors, tokenizer); auto:"
+        " safetensors for a .safetensors name, else torch.save (default: %(default)s)",
+    )
 
     prof = commands.add_parser(
         "profile", help="measure F, B, W per stage and activation bytes of `conveyor train`'s model, for simulate"
@@ -132,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _list_schedules()
     elif args.command == "export":
         try:
-            print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+            print(f"wrote {export_checkpoint(args.checkpoint, args.out, args.format)}")
         except (ValueError, OSError) as error:
             parser.error(str(error))
     elif args.command == "plan":
@@ -166,7 +178,7 @@ def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     torch.set_num_threads(config.threads)
     stages = config.spec.num_stages
-    gpt = config.gpt
+    gpt = config.source.gpt_config()
     split = manual_split(lambda: GPT(gpt), stages)
     modules = [split.build_stage(s) for s in range(stages)]
     micro = -(-config.batch_size // config.microbatches)  # the largest micro-batch

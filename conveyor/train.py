@@ -1,43 +1,44 @@
-"""`conveyor train`: a small GPT (or GPT-2) learns the standard library's source, one byte at a time, in a pipeline."""
+"""`conveyor train`: the flags of a run, and the run, as one client of `conveyor.Trainer`.
+
+`TrainConfig` holds every flag, each documented once; it builds the pipeline's `PipelineSpec`, the
+`TrainSettings` of the loop and the `ModelSource` of the model, and checks them all before any rank
+starts. Each rank then reads the data, splits the model and trains it with a `Trainer`.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
 import json
-import math
 import os
 import re
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from torch.utils.data import default_collate
 
-from . import checkpoint
-from .data import TextBatches, stdlib_source_bytes
+from . import losses
+from .data.stdlib_text import stdlib_documents
+from .data.text_files import TokenSequences, read_documents, tokenize
 from .launch import default_backend, run_ranks
-from .metrics import MetricsWriter, peak_memory_mib
-from .models import GPT, GPTConfig, lm_loss
-from .observe.timeline import Span, draw_timeline
-from .observe.trace import Recorder, gather_spans, write_chrome_trace
-from .pipeline import Pipeline
-from .runtime.stage import LossFn
-from .schedules import SCHEDULES, PipelineSpec
+from .models.source import BUILT_IN, ModelSource
+from .plan import Plan, fingerprint, split_with_plan, traced_fingerprint
+from .runtime.stage import call_arguments
+from .schedules import PipelineSpec
 from .split import Split, manual_split, trace_split
+from .trainer import Trainer, TrainSettings
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "read_config", "train"]
+
+HELD_OUT = 0.1
+"""The share of the data's sequences held out for evaluation (with --eval-every)."""
 
 
 def _option(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
-
-
-MODELS = ("gpt", "gpt2")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,14 @@ class TrainConfig:
     model: str = _option(
         "gpt",
         "gpt: conveyor's small GPT, split by hand; gpt2: Hugging Face's GPT2LMHeadModel from a config with random"
-        " weights, split by tracing it (needs the [hf] extra)",
+        " weights; a local Hugging Face folder (save_pretrained: its config, pretrained weights and tokenizer);"
+        " or package.module:function returning an nn.Module; all but gpt split by tracing (needs the [hf] extra"
+        " for Hugging Face models)",
+    )
+    data: str = _option(
+        "",
+        "a text file, a folder of text files, or a .jsonl file with a text field per line, cut into --context"
+        " tokens per sequence (the model's tokenizer, or bytes); default: the Python standard library's source",
     )
     model_config: str = _option(
         "", "GPT-2 config fields over --dim/--layers/--heads/--context, e.g. n_layer=12,n_embd=768,n_head=12"
@@ -74,7 +82,7 @@ class TrainConfig:
     microbatches: int = _option(4, "micro-batches per mini-batch; the batch size need not be a multiple")
     steps: int = _option(100, "optimizer steps")
     batch_size: int = _option(16, "sequences per mini-batch")
-    context: int = _option(128, "bytes per sequence")
+    context: int = _option(128, "tokens per sequence (bytes for the built-in models)")
     dim: int = _option(256, "model width")
     layers: int = _option(4, "transformer blocks, split evenly over the stages")
     heads: int = _option(4, "attention heads")
@@ -108,12 +116,6 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.model == "gpt2" and importlib.util.find_spec("transformers") is None:
-            raise ValueError("--model gpt2 needs Hugging Face transformers: pip install 'conveyor[hf]'")
-        if self.model_config and self.model != "gpt2":
-            raise ValueError("--model-config sets GPT-2 fields: use it with --model gpt2")
         for name in (
             "ranks",
             "dp",
@@ -132,27 +134,22 @@ class TrainConfig:
             raise ValueError(
                 f"--dim {self.dim} must be a multiple of --heads {self.heads} (each head gets dim / heads)"
             )
-        if not self.timeout_s > 0:
-            raise ValueError(f"--timeout-s must be a positive number of seconds; got {self.timeout_s}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive; got {self.lr}")
-        if self.trace_steps < 1:
-            raise ValueError(f"--trace-steps must be at least 1; got {self.trace_steps}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: this machine has no CUDA GPU (torch {torch.__version__})")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
         spec = self.spec  # the pipeline's own settings are checked there, once
-        self._check_checkpoints()
-        self._check_training_options()
+        self._check_settings(spec)
+        self._check_model(spec)
+        if self.data and not Path(self.data).exists():
+            raise ValueError(f"--data {self.data}: no such file or folder")
         if self.trace and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install 'conveyor[tensorboard]'")
         self._check_plan()
-        layers = self.gpt2.n_layer if self.model == "gpt2" else self.layers  # also checks --model-config's fields
-        if layers < spec.num_stages:
-            raise ValueError(
-                f"{layers} layers cannot fill {spec.num_stages} stages: use --layers {spec.num_stages} or more"
-            )
         if self.microbatches > self.batch_size:
             raise ValueError(
                 f"{self.microbatches} micro-batches need a batch size of at least that; got {self.batch_size}"
@@ -162,6 +159,42 @@ class TrainConfig:
                 f"{self.schedule} streams micro-batches of one shape: the batch size ({self.batch_size}) must be a"
                 f" multiple of the micro-batches ({self.microbatches})"
             )
+
+    def _check_settings(self, spec: PipelineSpec) -> None:
+        settings = self.settings  # the loop's settings are checked there
+        if spec.asynchronous and settings.clip_grad_norm:
+            raise ValueError(
+                f"{self.schedule} updates inside a stream, between mini-batches no rank can meet at, so no"
+                " global gradient norm exists: --clip-grad-norm is for the synchronous schedules"
+            )
+        if self.resume and not Path(self.checkpoint_dir).is_dir():
+            raise ValueError(f"--resume: no checkpoint folder {self.checkpoint_dir}")
+
+    def _check_model(self, spec: PipelineSpec) -> None:
+        source = self.source  # names what it tried when --model is none of the kinds
+        if source.kind != "gpt" and importlib.util.find_spec("transformers") is None:
+            raise ValueError(f"--model {self.model} is split by tracing it, which needs: pip install 'conveyor[hf]'")
+        if self.model_config and self.model != "gpt2":
+            raise ValueError("--model-config sets GPT-2 fields: use it with --model gpt2")
+        if source.kind in BUILT_IN:
+            layers = source.hf_config().n_layer if source.kind == "gpt2" else self.layers  # checks --model-config
+            if layers < spec.num_stages:
+                raise ValueError(
+                    f"{layers} layers cannot fill {spec.num_stages} stages: use --layers {spec.num_stages} or more"
+                )
+        source.check_sequence_length(self.context)
+
+    @property
+    def source(self) -> ModelSource:
+        """The model --model names, with the built-in models' sizes."""
+        return ModelSource.parse(
+            self.model,
+            context=self.context,
+            dim=self.dim,
+            layers=self.layers,
+            heads=self.heads,
+            model_config=self.model_config,
+        )
 
     @property
     def spec(self) -> PipelineSpec:
@@ -182,50 +215,31 @@ class TrainConfig:
         except ValueError as error:
             raise ValueError(as_flags(str(error))) from None
 
-    def _check_training_options(self) -> None:
-        if self.lr_decay not in ("none", "cosine"):
-            raise ValueError(f"--lr-decay must be none or cosine; got {self.lr_decay!r}")
-        for name in ("warmup_steps", "eval_every", "clip_grad_norm", "min_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more; got {getattr(self, name)}")
-        if self.eval_batches < 1:
-            raise ValueError(f"--eval-batches must be at least 1; got {self.eval_batches}")
-        if SCHEDULES[self.schedule].asynchronous and self.clip_grad_norm:
-            raise ValueError(
-                f"{self.schedule} updates inside a stream, between mini-batches no rank can meet at, so no"
-                " global gradient norm exists: --clip-grad-norm is for the synchronous schedules"
-            )
-        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install 'conveyor[tensorboard]'")
+    @property
+    def settings(self) -> TrainSettings:
+        """The training loop these flags describe (its errors name the flags)."""
+        names = {f.name for f in fields(TrainSettings)} & {f.name for f in fields(TrainConfig)}
+        try:
+            return TrainSettings(**{name: getattr(self, name) for name in names})
+        except ValueError as error:
+            raise ValueError(_settings_as_flags(str(error))) from None
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of step `step` (from 0): linear warm-up, then constant or cosine decay to --min-lr."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        if self.lr_decay == "none":
-            return self.lr
-        span = max(1, self.steps - self.warmup_steps - 1)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def _check_checkpoints(self) -> None:
-        if (self.resume or self.checkpoint_every or self.async_checkpoints) and not self.checkpoint_dir:
-            raise ValueError("--resume, --checkpoint-every and --async-checkpoints need --checkpoint-dir")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError("--checkpoint-every must be 0 or more and --keep-checkpoints at least 1")
-        if self.resume and checkpoint.latest(self.checkpoint_dir) is None:
-            raise ValueError(f"--resume: no complete checkpoint in {self.checkpoint_dir}")
+        rate = self.settings.learning_rate(step)
+        assert rate is not None
+        return rate
 
     def _check_plan(self) -> None:
         if not self.plan:
             return
-        from .plan import Plan, fingerprint, traced_fingerprint
-        from .split import manual_split
-
         if self.dp != 1 or self.replicas:
             raise ValueError("--plan splits the model into one pipeline: drop --dp and --replicas")
+        source = self.source
+        if source.kind not in BUILT_IN:
+            raise ValueError("--plan: `conveyor plan` plans the built-in models (gpt, gpt2); split yours evenly")
         plan = Plan.load(self.plan)
-        cut = "traced" if self.model == "gpt2" else "manual"
+        cut = "manual" if source.manual else "traced"
         if plan.split != cut:
             raise ValueError(
                 f"{self.plan} is a plan for a model cut {plan.split}, but --model {self.model} is cut {cut}:"
@@ -234,13 +248,10 @@ class TrainConfig:
         micro = -(-self.batch_size // self.microbatches)
         plan.check_spec(self.spec, micro)
         # A plan made for another model is refused here, before any rank starts.
-        if self.model == "gpt2":
-            from .models.gpt2 import gpt2_lm
-
-            plan.check_model(traced_fingerprint(gpt2_lm(self.gpt2)))
+        if source.manual:
+            plan.check_model(fingerprint(manual_split(source.builder(), 1, seed=self.seed)))
         else:
-            gpt = self.gpt
-            plan.check_model(fingerprint(manual_split(lambda: GPT(gpt), 1, seed=self.seed)))
+            plan.check_model(traced_fingerprint(source.builder()))
 
     @property
     def replica_counts(self) -> tuple[int, ...] | None:
@@ -254,17 +265,6 @@ class TrainConfig:
         if any(c < 1 for c in counts):
             raise ValueError(f"--replicas: every stage needs at least 1 rank; got {self.replicas}")
         return counts
-
-    @property
-    def gpt(self) -> GPTConfig:
-        return GPTConfig(context=self.context, dim=self.dim, layers=self.layers, heads=self.heads)
-
-    @property
-    def gpt2(self) -> Any:
-        """The GPT2Config of `--model gpt2`: conveyor's sizes, then --model-config's fields."""
-        from .models.gpt2 import sized_gpt2_config
-
-        return sized_gpt2_config(self.dim, self.layers, self.heads, self.context, self.model_config)
 
 
 PRESETS = Path(__file__).parent / "configs"
@@ -325,6 +325,12 @@ def read_config(name: str | Path) -> dict[str, Any]:
     return values
 
 
+def _settings_as_flags(message: str) -> str:
+    """A TrainSettings message in `conveyor train`'s words: `eval_every must` -> `--eval-every must`."""
+    names = "|".join(f.name for f in fields(TrainSettings))
+    return re.sub(r"\b(" + names + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def train(config: TrainConfig) -> None:
     """Train on the ranks torchrun started, if it launched us, else on ranks spawned here."""
     world = int(os.environ.get("WORLD_SIZE", config.ranks))
@@ -339,318 +345,66 @@ def train(config: TrainConfig) -> None:
 
 
 def train_rank(rank: int, world: int, config: TrainConfig) -> None:
-    """One rank's training loop."""
+    """One rank's run: read the data, split the model, train it."""
     if world != config.ranks:
         raise ValueError(f"--ranks {config.ranks} needs {config.ranks} processes; {world} were started")
     torch.set_num_threads(config.threads)
-    device = _device_for(rank, config.device)
-    split, loss_fn = _split(config)
-    pipe = Pipeline(
-        split,
+    source = config.source
+    data, eval_data = sequences(config, source)
+    files = {"conveyor-train.json": json.dumps(asdict(config), indent=1) + "\n"}
+    trainer = Trainer(
+        split_of(config, source, data),
         config.spec,
-        loss_fn=loss_fn,
+        loss_fn=losses.causal_lm,
         optimizer=lambda params: torch.optim.AdamW(params, lr=config.lr),
-        device=device,
-        timeout_s=config.timeout_s,
+        data=data,
+        eval_data=eval_data,
+        settings=config.settings,
+        files=files,
     )
-    # Each rank's own random stream (dropout), the same in every run with this seed; a checkpoint keeps it.
-    torch.manual_seed(config.seed * 1_000_003 + rank)
-    data = TextBatches(stdlib_source_bytes(), config.context, config.batch_size, seed=config.seed)
-    first_step = _resume(pipe, data, config) if config.resume else 0
-    reporting = rank == pipe.last_rank
-    if reporting:
-        print(f"conveyor train: {_describe(config)}", flush=True)
-    bar = _progress(config, reporting)
-    losses: list[float] = []
-    evaluations: list[tuple[int, float]] = []
-    tokens = config.batch_size * config.context
-    start = time.perf_counter()
-    timed_from, timed_steps = start, 0
-    recorder = Recorder(rank) if config.trace else None
-    metrics = _metrics_writer(config) if reporting else None
-    for log in _losses(pipe, data, config, recorder, first_step):
-        if log.step == first_step:  # the first step learns shapes and warms up: keep it out of the throughput
-            timed_from = time.perf_counter()
-        else:
-            timed_steps += 1
-        if log.loss is None:
-            continue
-        losses.append(log.loss)
-        elapsed = time.perf_counter() - timed_from
-        rate = tokens * timed_steps / elapsed if timed_steps else 0.0
-        if log.eval_loss is not None:
-            evaluations.append((log.step + 1, log.eval_loss))
-        if metrics is not None:
-            values = {"loss": log.loss, "eval_loss": log.eval_loss, "lr": log.lr, "grad_norm": log.grad_norm}
-            metrics.write(log.step + 1, {**values, "tokens_per_s": rate, "peak_mib": peak_memory_mib(device)})
-        if bar is not None:
-            shown = {"loss": f"{log.loss:.3f}", "tok_s": f"{rate:,.0f}", "lr": f"{log.lr:.2e}"}
-            if log.grad_norm is not None:
-                shown["norm"] = f"{log.grad_norm:.2f}"
-            bar.set_postfix(shown)
-            bar.update()
-    seconds = time.perf_counter() - start
-    pipe.close()
-    if bar is not None:
-        bar.close()
-    if metrics is not None:
-        metrics.close()
-    peaks: list[Any] = [None] * world
-    dist.all_gather_object(peaks, round(peak_memory_mib(device), 1), group=pipe.group)
-    if recorder is not None:
-        first_traced = max(1, config.steps - config.trace_steps)
-        spans = [(step, span) for step, span in gather_spans(recorder, dst=pipe.last_rank) if step >= first_traced]
-        if reporting:
-            _write_trace(spans, Path(config.trace), config)
-    if pipe.program.asynchronous:
-        _report_versions(pipe, reporting)
-    if not reporting:
-        return
-    rate = tokens * timed_steps / (time.perf_counter() - timed_from) if timed_steps else 0.0
-    window = min(5, len(losses))
-    last_mean = sum(losses[-window:]) / window
-    print(
-        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {window} steps {last_mean:.4f})"
-        f" | {rate:,.0f} tokens/s | {len(losses)} steps in {seconds:.1f} s",
-        flush=True,
+    if trainer.reporting:
+        print(f"conveyor train: {_describe(config, source, len(data))}", flush=True)
+    trainer.fit()
+
+
+def sequences(config: TrainConfig, source: ModelSource) -> tuple[TokenSequences, TokenSequences | None]:
+    """The training sequences --data (or the standard library's source) gives, and the held-out ones when
+    --eval-every asks for evaluations (the last tenth)."""
+    tokenizer = source.tokenizer()
+    documents = read_documents(config.data) if config.data else stdlib_documents()
+    pad = tokenizer.pad_token_id
+    data = TokenSequences(
+        tokenize(documents, tokenizer), config.context, 0 if pad is None else pad, source.takes_attention_mask
     )
-    if evaluations:
-        print("held-out loss " + ", ".join(f"{loss:.4f} (step {step})" for step, loss in evaluations), flush=True)
-    print("peak memory per rank " + ", ".join(f"{mib:,.0f} MiB" for mib in peaks), flush=True)
+    if data.max_id >= source.vocab_size:
+        raise ValueError(
+            f"--data {config.data}: token id {data.max_id} is beyond --model {config.model}'s vocabulary of"
+            f" {source.vocab_size}"
+        )
+    if not config.eval_every:
+        return data, None
+    return data.split(HELD_OUT)
 
 
-def _metrics_writer(config: TrainConfig) -> MetricsWriter | None:
-    if not (config.metrics or config.tensorboard):
-        return None
-    columns = ["step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_mib"]
-    path = config.metrics or os.devnull
-    return MetricsWriter(path, columns, config.tensorboard)
-
-
-@dataclass(frozen=True)
-class StepLog:
-    """What one training step reports (its loss and evaluation on the last stage's rank, else None)."""
-
-    step: int
-    loss: float | None
-    lr: float
-    grad_norm: float | None = None
-    eval_loss: float | None = None
-
-
-def _losses(
-    pipe: Pipeline, data: TextBatches, config: TrainConfig, recorder: Recorder | None, first_step: int = 0
-) -> Iterator[StepLog]:
-    """Train mini-batches `first_step` to `config.steps`, yielding each one's StepLog as it ends, and write the
-    checkpoints and evaluations `config` asks for.
-
-    A synchronous schedule steps once per mini-batch; an asynchronous one streams them, its loss of a
-    mini-batch the mean over its micro-batches (each updated the weights on its own, in pipedream), and
-    drains before each checkpoint and evaluation: a stream runs from one to the next.
-    """
-    saves = _Checkpoints(pipe, data, config)
-    if not pipe.program.asynchronous:
-        first_traced = max(1, config.steps - config.trace_steps)
-        # The norm is measured when clipping, or for the metrics (clipping at infinity changes nothing).
-        wants_norm = config.metrics or config.tensorboard
-        clip = config.clip_grad_norm or (math.inf if wants_norm else None)
-        for step in range(first_step, config.steps):
-            if recorder is not None and step == first_traced:
-                recorder.start()  # a barrier: every rank is between steps here
-                pipe.tracer = recorder
-            if recorder is not None:
-                recorder.step = step
-            lr = config.learning_rate(step)
-            pipe.update.set_lr(lr)
-            loss = pipe.step(*data.next(), max_grad_norm=clip)
-            measured = pipe.update.last_grad_norm
-            norm = None if measured is None or clip is None else float(measured)
-            evaluated = _evaluate_after(step + 1, pipe, data, config)
-            yield StepLog(step, None if loss is None else loss.item(), lr, norm, evaluated)
-            saves.after(step + 1)
-        saves.finish()
-        return
-    m = config.microbatches
-    if recorder is not None:  # a stream has no step boundary to meet at: record it all, by mini-batch
-        recorder.start()
-        recorder.step_of = lambda action: first_step + (action.mb if action.mb is not None else 0) // m
-        pipe.tracer = recorder
-    step = first_step
-    while step < config.steps:
-        # Up to the next checkpoint or evaluation, where the stream drains.
-        length = config.steps - step
-        for every in (config.checkpoint_every, config.eval_every):
-            if every:
-                length = min(length, every - step % every)
-        batches = (data.next() for _ in range(length))
-        parts: list[float] = []
-        logs = []
-
-        def rate(i: int, first: int = step) -> float:  # mini-batch i of this stream is step first + i
-            return config.learning_rate(first + i)
-
-        for index, loss in pipe.stream(batches, length, lr=rate):
-            parts.append(loss.item())
-            if len(parts) == m:
-                logs.append(StepLog(step + index // m, sum(parts) / m, config.learning_rate(step + index // m)))
-                parts = []
-        step += length
-        evaluated = _evaluate_after(step, pipe, data, config)
-        if logs and evaluated is not None:  # the evaluation after the stream's last mini-batch
-            logs[-1] = replace(logs[-1], eval_loss=evaluated)
-        yield from logs
-        saves.after(step)
-    saves.finish()
-
-
-def _evaluate_after(steps_done: int, pipe: Pipeline, data: TextBatches, config: TrainConfig) -> float | None:
-    """The mean held-out loss when `steps_done` is a multiple of --eval-every or the last step (on the last
-    stage's rank; None elsewhere and between evaluations). Every rank runs the forwards."""
-    every = config.eval_every
-    if not every or (steps_done % every and steps_done != config.steps):
-        return None
-    losses = [pipe.evaluate(x, y) for x, y in data.validation_set(config.eval_batches)]
-    return None if losses[0] is None else sum(float(loss) for loss in losses if loss is not None) / len(losses)
-
-
-class _Checkpoints:
-    """The checkpoints --checkpoint-dir asks for: every --checkpoint-every steps and after the last.
-
-    With --async-checkpoints a save only copies the state to host memory and DCP writes it on a thread; it
-    is published (becomes the latest) when the next save begins, or at the end (`finish`).
-    """
-
-    def __init__(self, pipe: Pipeline, data: TextBatches, config: TrainConfig) -> None:
-        self._pipe, self._data, self._config = pipe, data, config
-        self._pending: checkpoint.PendingSave | None = None
-
-    def after(self, steps_done: int) -> None:
-        config = self._config
-        if not config.checkpoint_dir:
-            return
-        every = config.checkpoint_every
-        if steps_done != config.steps and not (every and steps_done % every == 0):
-            return
-        self.finish()
-        extra = {"step": torch.tensor(steps_done), "data": self._data.position(), **_loss_scale_state(self._pipe)}
-        files = {"conveyor-train.json": json.dumps(asdict(config), indent=1) + "\n"}
-        arguments = (self._pipe, config.checkpoint_dir, steps_done, extra, config.keep_checkpoints, files)
-        if config.async_checkpoints:
-            self._pending = checkpoint.save_async(*arguments)
-        else:
-            checkpoint.save(*arguments)
-
-    def finish(self) -> None:
-        """Publish the checkpoint being written, if any (every rank, at the same point)."""
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
-
-
-def export_checkpoint(path: str | Path, out: str | Path) -> Path:
-    """Load a checkpoint of `conveyor train` (or the latest in a checkpoint folder) into the unsplit model and
-    write its state_dict to `out`: safetensors for a `.safetensors` name, else `torch.save`."""
-    folder = Path(path)
-    if not (folder / ".metadata").exists():
-        found = checkpoint.latest(folder)
-        if found is None:
-            raise ValueError(f"{folder} is neither a checkpoint nor a folder of checkpoints")
-        folder = found
-    saved = json.loads((folder / "conveyor-train.json").read_text())
-    config = TrainConfig(**{**saved, "resume": False, "checkpoint_dir": "", "checkpoint_every": 0, "trace": ""})
-    model = GPT(config.gpt) if config.model == "gpt" else _gpt2_model(config)
-    checkpoint.load_model(model, folder)
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    target = Path(out)
-    if target.suffix == ".safetensors":
-        if importlib.util.find_spec("safetensors") is None:
-            raise ValueError("writing .safetensors needs the safetensors package: pip install safetensors")
-        from safetensors.torch import save_model
-
-        save_model(model, str(target))  # shared tensors (tied weights) are written once
-    else:
-        torch.save(state, target)
-    return target
-
-
-def _loss_scale_state(pipe: Pipeline) -> dict[str, torch.Tensor]:
-    """float16's loss scale, for a checkpoint (nothing without it)."""
-    scale = pipe.update.loss_scale
-    return {} if scale is None else {"loss_scale": scale.state()}
-
-
-def _resume(pipe: Pipeline, data: TextBatches, config: TrainConfig) -> int:
-    """Load the latest checkpoint into `pipe` and `data`; the step to continue from."""
-    path = checkpoint.latest(config.checkpoint_dir)
-    assert path is not None  # checked with the config
-    extra = {"step": torch.tensor(0), "data": data.position(), **_loss_scale_state(pipe)}
-    checkpoint.load(pipe, path, extra)
-    if pipe.update.loss_scale is not None:
-        pipe.update.loss_scale.load_state(extra["loss_scale"])
-    data.seek(extra["data"])
-    step = int(extra["step"])
-    if step > config.steps:
-        raise ValueError(f"--resume: {path} is after step {step}, past --steps {config.steps}")
-    return step
-
-
-def _report_versions(pipe: Pipeline, reporting: bool) -> None:
-    """Every rank's weight versions held at most (and their bytes), printed by the last stage's rank."""
-    mine = {s: (st.versions.peak_versions, st.versions.peak_bytes) for s, st in pipe.stages.items() if st.versions}
-    gathered: list[dict[int, tuple[int, int]]] | None = (
-        [{} for _ in range(dist.get_world_size())] if reporting else None
-    )
-    dist.gather_object(mine, gathered, dst=pipe.last_rank)
-    if gathered is not None:
-        held = {s: v for part in gathered for s, v in part.items()}
-        shown = ", ".join(f"stage {s} {n} ({b / 2**20:.1f} MiB of copies)" for s, (n, b) in sorted(held.items()))
-        print(f"weight versions held at most: {shown}", flush=True)
-
-
-def _split(config: TrainConfig) -> tuple[Split, LossFn]:
-    """The model cut into stages (by hand for the GPT, traced for GPT-2, on the meta device), and its loss."""
-    if config.model == "gpt2":
-        from .models.gpt2 import gpt2_lm, logits_loss
-
-        example = torch.zeros(2, config.context, dtype=torch.long)  # a micro-batch's shape; the batch size may vary
+def split_of(config: TrainConfig, source: ModelSource, data: TokenSequences) -> Split:
+    """The model cut into stages: by hand for conveyor's GPT, by tracing for the others (on a micro-batch of the
+    data's shape), as --plan says if given."""
+    spec = config.spec
+    if source.manual:
         if config.plan:
-            from .plan import split_with_plan
-
-            split = split_with_plan(gpt2_lm(config.gpt2), config.plan, example_args=(example,), seed=config.seed)
-            return split, logits_loss
-        split = trace_split(gpt2_lm(config.gpt2), (example,), num_stages=config.spec.num_stages, seed=config.seed)
-        return split, logits_loss
-    gpt = config.gpt
+            return split_with_plan(source.builder(), config.plan, seed=config.seed)
+        return manual_split(source.builder(), spec.num_stages, seed=config.seed)
+    size = max(2, -(-config.batch_size // config.microbatches))  # a micro-batch (export would fix a size of 1)
+    inputs, _ = default_collate([data[i % len(data)] for i in range(size)])
+    args, kwargs = call_arguments(inputs)
     if config.plan:
-        from .plan import split_with_plan
-
-        return split_with_plan(lambda: GPT(gpt), config.plan, seed=config.seed), lm_loss
-    return manual_split(lambda: GPT(gpt), config.spec.num_stages, seed=config.seed), lm_loss
-
-
-def _write_trace(spans: list[tuple[int, Span]], folder: Path, config: TrainConfig) -> None:
-    trace = write_chrome_trace(spans, folder / "trace.json")
-    last_step = max(step for step, _ in spans)
-    shown = [span for step, span in spans if step == last_step]
-    title = (
-        f"{config.schedule}, {config.ranks} ranks, {config.spec.num_stages} stages, {config.microbatches}"
-        f" micro-batches: step {last_step} (measured)"
-    )
-    origin = min(span.start for span in shown)
-    in_ms = [replace(s, start=(s.start - origin) * 1e3, end=(s.end - origin) * 1e3) for s in shown]
-    picture = draw_timeline(in_ms, folder / "timeline.png", title, unit="ms")
-    print(f"trace written to {trace} (open in https://ui.perfetto.dev), timeline to {picture}", flush=True)
+        return split_with_plan(
+            source.builder(), config.plan, example_args=args, example_kwargs=kwargs, seed=config.seed
+        )
+    return trace_split(source.builder(), args, kwargs, num_stages=spec.num_stages, seed=config.seed)
 
 
-def _device_for(rank: int, device: str) -> torch.device:
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        return torch.device("cuda", local % max(1, torch.cuda.device_count()))
-    return torch.device(device)
-
-
-def _describe(config: TrainConfig) -> str:
-    fields = asdict(config)
+def _describe(config: TrainConfig, source: ModelSource, sequences: int) -> str:
     keys = (
         "model",
         "ranks",
@@ -667,34 +421,30 @@ def _describe(config: TrainConfig) -> str:
         "steps",
         "device",
     )
-    with torch.device("meta"):  # only counting: no memory, no init
-        model = GPT(config.gpt) if config.model == "gpt" else _gpt2_model(config)
-        params = sum(p.numel() for p in model.parameters())
+    values = asdict(config)
     optional = {
         "model": config.model != "gpt",
         "replicas": bool(config.replicas),
         "dp": config.dp > 1,
         "precision": config.precision != "fp32",
+        "dim": source.kind in BUILT_IN,
+        "layers": source.kind in BUILT_IN,
     }
-    shown = ", ".join(f"{k}={fields[k]}" for k in keys if optional.get(k, True))
-    return shown + f", {params / 1e6:.1f}M parameters"
+    shown = ", ".join(f"{k}={values[k]}" for k in keys if optional.get(k, True))
+    data = config.data or "the standard library's source"
+    return shown + f", {_parameters(source) / 1e6:.1f}M parameters, {sequences:,} sequences of {data}"
 
 
-def _gpt2_model(config: TrainConfig) -> Any:
-    from .models.gpt2 import gpt2_lm
+def _parameters(source: ModelSource) -> int:
+    """The model's parameters, counted on the meta device where it is built from a config (no memory)."""
+    if source.kind == "hf":
+        from transformers import AutoModelForCausalLM
 
-    return gpt2_lm(config.gpt2)()
-
-
-def _progress(config: TrainConfig, show: bool):  # type: ignore[no-untyped-def]
-    if not (show and config.progress):
-        return None
-    import threading
-
-    from tqdm import tqdm
-
-    # tqdm's default lock is a multiprocessing one: in a spawned rank it outlives the rank and the resource
-    # tracker reports a leaked semaphore. One process draws the bar, so a thread lock is all it needs.
-    tqdm.set_lock(threading.RLock())
-
-    return tqdm(total=config.steps, desc="train", unit="step", dynamic_ncols=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(source.hf_config())
+    elif source.kind == "function":
+        model = source.build()
+    else:
+        with torch.device("meta"):
+            model = source.builder()()
+    return sum(p.numel() for p in model.parameters())

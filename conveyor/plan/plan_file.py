@@ -124,18 +124,27 @@ def split_with_plan(
     plan: Plan | str | Path,
     *,
     example_args: tuple[Any, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
     blocks: str | None = None,
     seed: int = 0,
 ) -> Split:
     """The plan's stages of `model`, after checking that the plan is for this model: a `manual_split`, or for a
-    plan of a traced model a `trace_split` on `example_args` (one micro-batch, as `trace_split` takes it)."""
+    plan of a traced model a `trace_split` on `example_args` and `example_kwargs` (one micro-batch, as
+    `trace_split` takes it)."""
     chosen = plan if isinstance(plan, Plan) else Plan.load(plan)
     if chosen.split == "traced":
-        if example_args is None:
+        if example_args is None and not example_kwargs:
             raise ValueError("this plan cuts a traced model: give split_with_plan the example_args to trace it with")
         # Before the trace, which would refuse another model's counts less clearly.
         chosen.check_model(traced_fingerprint(model, blocks=blocks))
-        return trace_split(model, example_args, layers_per_stage=chosen.layers_per_stage, blocks=blocks, seed=seed)
+        return trace_split(
+            model,
+            example_args or (),
+            example_kwargs,
+            layers_per_stage=chosen.layers_per_stage,
+            blocks=blocks,
+            seed=seed,
+        )
     whole = manual_split(model, 1, blocks=blocks, seed=seed)
     chosen.check_model(fingerprint(whole))
     return manual_split(model, chosen.num_stages, chosen.layers_per_stage, blocks=blocks, seed=seed)

@@ -1,0 +1,159 @@
+"""The mini-batches a run trains on, endlessly, with a position a checkpoint keeps.
+
+From a map-style `Dataset` of (inputs, targets) samples the batches come from torchdata's
+`StatefulDataLoader` (shuffled by a seeded generator, epoch after epoch): its `state_dict()` is the
+data position, so a resumed run reads exactly the batches an uninterrupted one would. Any other
+iterable of (inputs, targets) mini-batches is read as given; one with `state_dict()` and
+`load_state_dict()` (a `StatefulDataLoader` of the user's, say) keeps its position the same way, and
+one without is replayed from its start and fast-forwarded on resume, which needs it to be re-iterable
+and to give the same batches each time (a list, a loader with a seeded sampler).
+
+Every rank of a pipeline builds the same batches from the same seed: the first stage's rank uses the
+inputs, the last stage's the targets, and no data travels between ranks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["Batches", "decode_state", "encode_state", "fixed_batches"]
+
+# torchdata 0.11 calls a torch function that torch now calls deprecated, once per loader: noise, not advice.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+
+
+class Batches:
+    """An endless stream of (inputs, targets) mini-batches (see the module's docstring)."""
+
+    def __init__(self, data: Dataset[Any] | Iterable[Any], batch_size: int, seed: int = 0) -> None:
+        self._epoch, self._taken = 0, 0
+        if _is_map_style(data):
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            if len(data) < batch_size:  # type: ignore[arg-type]
+                raise ValueError(
+                    f"the data holds {len(data)} sequence(s), fewer than a mini-batch of {batch_size}:"  # type: ignore[arg-type]
+                    " give more data or a smaller batch size"
+                )
+            generator = torch.Generator().manual_seed(seed)
+            self._source: Any = StatefulDataLoader(
+                data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
+            )
+        else:
+            self._source = data
+        self._stateful = hasattr(self._source, "state_dict") and hasattr(self._source, "load_state_dict")
+        self._iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> tuple[Any, Any]:
+        for _ in range(2):  # at most one new epoch per batch: an empty epoch twice is no data at all
+            if self._iterator is None:
+                self._iterator = iter(self._source)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                self._epoch += 1
+                self._taken = 0
+                continue
+            self._taken += 1
+            return _pair(batch)
+        raise ValueError("the data gave no mini-batch: it is empty")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: its epoch, and its loader's position (or how many batches it took)."""
+        state: dict[str, Any] = {"epoch": self._epoch, "taken": self._taken}
+        if self._stateful:
+            state["loader"] = self._source.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (of a stream over the same data and seed)."""
+        self._epoch, self._taken = int(state["epoch"]), int(state["taken"])
+        if self._stateful:
+            # A stateful loader resumes its sampler's permutation within the epoch; earlier epochs' draws
+            # moved its generator, which the state holds too.
+            self._source.load_state_dict(state["loader"])
+            self._iterator = None
+            return
+        self._iterator = iter(self._source)
+        for _ in range(self._taken):
+            next(self._iterator)
+
+
+def fixed_batches(data: Dataset[Any] | Iterable[Any], batch_size: int, count: int) -> list[tuple[Any, Any]]:
+    """The first `count` mini-batches of `data` in order, the same every time (for evaluations that compare)."""
+    if _is_map_style(data):
+        from torch.utils.data import DataLoader
+
+        loader: Iterable[Any] = DataLoader(data, batch_size=batch_size, shuffle=False)  # type: ignore[arg-type]
+    else:
+        loader = data  # type: ignore[assignment]
+    batches = []
+    for batch in loader:
+        batches.append(_pair(batch))
+        if len(batches) == count:
+            break
+    if not batches:
+        raise ValueError("the evaluation data gave no mini-batch")
+    return batches
+
+
+def _is_map_style(data: Any) -> bool:
+    return isinstance(data, Dataset) and hasattr(data, "__len__") and hasattr(data, "__getitem__")
+
+
+def _pair(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"a mini-batch must be a pair (inputs, targets); got {type(batch).__name__}"
+        + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+def encode_state(state: Any) -> str:
+    """A data position as JSON (tensors as base64 with their dtype and shape): text a checkpoint can keep
+    without pickling anything."""
+    return json.dumps(_encode(state), sort_keys=True)
+
+
+def decode_state(text: str) -> Any:
+    return _decode(json.loads(text))
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        data = base64.b64encode(value.detach().cpu().contiguous().numpy().tobytes()).decode()
+        return {"__tensor__": data, "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError(f"a data position's keys must be strings; got {sorted(map(repr, value))}")
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a data position holds a {type(value).__name__}, which a checkpoint cannot keep as JSON")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            dtype = getattr(torch, value["dtype"])
+            raw = bytearray(base64.b64decode(value["__tensor__"]))
+            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            return flat.reshape(value["shape"]).clone()
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value

@@ -30,7 +30,7 @@ from .runtime.stage import LossFn
 from .schedules import SCHEDULES
 from .split import Split, manual_split, trace_split
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "checkpoint_settings", "train"]
 
 
 def _option(default: Any, help: str) -> Any:
@@ -595,10 +595,12 @@ class _Checkpoints:
         extra = {"step": torch.tensor(steps_done), "data": self._data.position(), **_loss_scale_state(self._pipe)}
         files = {"conveyor-train.json": json.dumps(asdict(config), indent=1) + "\n"}
         arguments = (self._pipe, config.checkpoint_dir, steps_done, extra, config.keep_checkpoints, files)
+        # The stages are recorded, not compared: a checkpoint loads under any split (its keys are the model's names).
+        settings = {**checkpoint_settings(config), "num_stages": config.num_stages}
         if config.async_checkpoints:
-            self._pending = checkpoint.save_async(*arguments)
+            self._pending = checkpoint.save_async(*arguments, settings=settings)
         else:
-            checkpoint.save(*arguments)
+            checkpoint.save(*arguments, settings=settings)
 
     def finish(self) -> None:
         """Publish the checkpoint being written, if any (every rank, at the same point)."""
@@ -607,19 +609,44 @@ class _Checkpoints:
             self._pending = None
 
 
+def checkpoint_settings(config: TrainConfig) -> dict[str, str | int | float | bool]:
+    """What shapes the model of `config`, as its checkpoints record it and a resume or export compares it: the
+    model, its sizes and vocabulary, GPT-2's other config fields, and the precision."""
+    if config.model == "gpt2":
+        from .models.gpt2 import parse_overrides
+
+        gpt2 = config.gpt2
+        sizes = {"dim": gpt2.n_embd, "layers": gpt2.n_layer, "heads": gpt2.n_head, "context": gpt2.n_positions}
+        named = {"n_embd", "n_layer", "n_head", "n_positions", "vocab_size"}
+        others = sorted((k, v) for k, v in parse_overrides(config.model_config).items() if k not in named)
+        sizes |= {"vocabulary": gpt2.vocab_size, "model_config": ",".join(f"{k}={v!r}" for k, v in others)}
+    else:
+        gpt = config.gpt
+        sizes = {"dim": gpt.dim, "layers": gpt.layers, "heads": gpt.heads, "context": gpt.context}
+        sizes |= {"vocabulary": gpt.vocab_size}
+    return {"model": config.model, **sizes, "precision": config.precision}
+
+
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:
-    """Load a checkpoint of `conveyor train` (or the latest in a checkpoint folder) into the unsplit model and
-    write its state_dict to `out`: safetensors for a `.safetensors` name, else `torch.save`."""
+    """Load a checkpoint of `conveyor train` (or the newest that verifies in a checkpoint folder) into the
+    unsplit model and write its state_dict to `out`: safetensors for a `.safetensors` name, else `torch.save`.
+
+    The checkpoint is verified (checksums, metadata, and that its settings are those of its
+    conveyor-train.json) before anything in it is used."""
     folder = Path(path)
-    if not (folder / ".metadata").exists():
-        found = checkpoint.latest(folder)
+    if (folder / ".metadata").exists() or (folder / checkpoint.MANIFEST_FILE).exists():
+        checkpoint.verify(folder)
+    else:
+        found = checkpoint.newest_verified(folder)
         if found is None:
+            if checkpoint.latest(folder) is not None:
+                raise ValueError(f"no checkpoint in {folder} verifies (the warnings above say what failed in each)")
             raise ValueError(f"{folder} is neither a checkpoint nor a folder of checkpoints")
         folder = found
     saved = json.loads((folder / "conveyor-train.json").read_text())
     config = TrainConfig(**{**saved, "resume": False, "checkpoint_dir": "", "checkpoint_every": 0, "trace": ""})
     model = GPT(config.gpt) if config.model == "gpt" else _gpt2_model(config)
-    checkpoint.load_model(model, folder)
+    checkpoint.load_model(model, folder, settings=checkpoint_settings(config))
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     target = Path(out)
     if target.suffix == ".safetensors":
@@ -639,11 +666,16 @@ def _loss_scale_state(pipe: Pipeline) -> dict[str, torch.Tensor]:
 
 
 def _resume(pipe: Pipeline, data: TextBatches, config: TrainConfig) -> int:
-    """Load the latest checkpoint into `pipe` and `data`; the step to continue from."""
-    path = checkpoint.latest(config.checkpoint_dir)
-    assert path is not None  # checked with the config
+    """Load the newest checkpoint that verifies into `pipe` and `data`; the step to continue from."""
+    settings = checkpoint_settings(config)
+    path = checkpoint.newest_verified(config.checkpoint_dir, settings, together=True, group=pipe.group)
+    if path is None:
+        raise ValueError(
+            f"--resume: no checkpoint in {config.checkpoint_dir} verifies (the warnings above say what failed in"
+            " each): restore one from a copy, or start afresh without --resume in a new --checkpoint-dir"
+        )
     extra = {"step": torch.tensor(0), "data": data.position(), **_loss_scale_state(pipe)}
-    checkpoint.load(pipe, path, extra)
+    checkpoint.load(pipe, path, extra, settings)
     if pipe.loss_scale is not None:
         pipe.loss_scale.load_state(extra["loss_scale"])
     data.seek(extra["data"])

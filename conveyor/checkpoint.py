@@ -16,7 +16,7 @@ for the keys of its own stages), and into the unsplit model (`load_model`).
 
 Saving is atomic: DCP writes into `step-<n>.partial`; once every rank has finished, the ranks checksum
 its files (each a share), rank 0 writes `conveyor-manifest.json` (checkpoint_manifest.py: every file's
-size and blake2b-256, and the settings that shape the model) and renames the folder `step-<n>`. A save
+size and SHA-256, and the settings that shape the model) and renames the folder `step-<n>`. A save
 killed halfway leaves the previous checkpoint as the latest; one that fails (a full disk) raises
 CheckpointWriteError and removes its partial folder. `save_async` writes on a thread while training goes
 on, and publishes the same way when waited for.
@@ -303,12 +303,12 @@ def _disk_full(causes: list[BaseException]) -> bool:
 
 def _write_failed(rank: int, partial: Path, final: Path, causes: str, full: bool) -> CheckpointWriteError:
     """The error of a save that failed (every rank builds the same); rank 0 removes the unfinished folder."""
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # never loaded, and on a full disk the space is what is short
     try:
-        free = f" Its disk has {shutil.disk_usage(final.parent).free:,} bytes free."
+        free = f" Its disk had {shutil.disk_usage(final.parent).free:,} bytes free."
     except OSError:
         free = ""
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # never loaded, and on a full disk the space is what is short
     previous = latest(final.parent)
     standing = f"{previous} is still the latest checkpoint" if previous else "there is no earlier checkpoint"
     what = "the disk is full: " if full else ""
@@ -429,8 +429,9 @@ class _VerifiedReader(dcp.FileSystemReader):
         return self._verified
 
 
-def _read(state: dict[str, torch.Tensor], path: Path, metadata: Metadata, **where: Any) -> None:
-    """DCP's load of `state` from the verified checkpoint `path` (`where`: process_group, or no_dist)."""
+def _read(state: dict[str, torch.Tensor], path: Path, metadata: Metadata, **where: Any) -> str:
+    """DCP's load of `state` from the verified checkpoint `path` (`where`: process_group, or no_dist); what is
+    wrong with the tied parameters of this process (see `_separate_aliases`), or "" when nothing is."""
     aliases = _separate_aliases(state)
     try:
         with warnings.catch_warnings():  # DCP says it assumes one process: with no_dist that is the point
@@ -438,12 +439,18 @@ def _read(state: dict[str, torch.Tensor], path: Path, metadata: Metadata, **wher
             dcp.load(state, storage_reader=_VerifiedReader(path, metadata), **where)
     except CheckpointException as error:  # a BaseException, which would pass every `except Exception`
         raise DamagedCheckpointError(path, [f"reading its tensors failed ({_describe_causes(error)})"]) from None
-    _check_aliases(aliases, state, path)
+    for keys in aliases:
+        differing = [key for key in keys[1:] if _digest(state[key]) != _digest(state[keys[0]])]
+        if differing:
+            return (
+                f"it holds different values for {', '.join([keys[0], *differing])}, which are one tied parameter here"
+            )
+    return ""
 
 
 def _separate_aliases(state: dict[str, torch.Tensor]) -> list[list[str]]:
     """Keys whose tensors share memory (a parameter tied within this process), each group's later keys given
-    a buffer of their own, so that each key is read on its own and `_check_aliases` can compare them."""
+    a buffer of their own, so that each key is read on its own and can be compared with the first."""
     groups: dict[tuple[Any, ...], list[str]] = {}
     for key, tensor in state.items():
         if tensor.numel() and key.startswith("model."):
@@ -456,15 +463,11 @@ def _separate_aliases(state: dict[str, torch.Tensor]) -> list[list[str]]:
     return tied
 
 
-def _check_aliases(tied: list[list[str]], state: Mapping[str, torch.Tensor], path: Path) -> None:
-    for keys in tied:
-        for key in keys[1:]:
-            if _digest(state[key]) != _digest(state[keys[0]]):
-                raise CheckpointError(
-                    f"checkpoint {path} holds different values for {keys[0]} and {key}, which are one tied parameter"
-                    " in this model: its copies would not train as one. Load a checkpoint saved from this model"
-                    " (whose tied entries agree)"
-                )
+def _tie_error(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path}: {problem}. The copies of a tied parameter train as one only if they start equal:"
+        " load a checkpoint saved from this model (whose tied entries agree)"
+    )
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -474,31 +477,30 @@ def _digest(tensor: torch.Tensor) -> str:
     return hashed.hexdigest()
 
 
-def _check_ties(pipe: Any, path: Path) -> None:
+def _check_ties(pipe: Any, path: Path, local_problem: str) -> None:
     """Every parameter the stage graph ties holds the same bits on every rank that holds it (they step alike
-    from here on, so copies that differ would stay different)."""
+    from here on, so copies that differ would stay different), and `local_problem` (a tie within one rank)
+    is raised on every rank."""
     ties = pipe.graph.ties
-    if not ties:
-        return
     mine = {}
     for index, tie in enumerate(ties):
         here = [s for s in tie.stages if s in pipe.stages]
         if here:
             mine[index] = _digest(pipe.stages[here[0]].module.get_parameter(tie.name_on(here[0])))
     everyone: list[Any] = [None] * dist.get_world_size(pipe.group)
-    dist.all_gather_object(everyone, mine, group=pipe.group)
+    dist.all_gather_object(everyone, (mine, local_problem), group=pipe.group)
+    for rank, (_, problem) in enumerate(everyone):
+        if problem:
+            raise _tie_error(path, f"on rank {rank}, {problem}")
     for index, tie in enumerate(ties):
         held: dict[str, list[int]] = {}
-        for rank, digests in enumerate(everyone):
+        for rank, (digests, _) in enumerate(everyone):
             if index in digests:
                 held.setdefault(digests[index], []).append(rank)
         if len(held) > 1:
             names = " = ".join(f"stage {s} model.{name}" for s, name in tie.names)
-            split = "; ".join(f"ranks {ranks} hold one value" for ranks in held.values())
-            raise CheckpointError(
-                f"checkpoint {path} loads different values into one tied parameter ({names}): {split}. Its copies"
-                " would train apart: load a checkpoint saved from this model (whose tied entries agree)"
-            )
+            split = " and ".join(f"rank(s) {ranks}" for ranks in held.values())
+            raise _tie_error(path, f"the tied parameter ({names}) loads different values on {split}")
 
 
 def load(
@@ -521,10 +523,10 @@ def load(
     if rng_key not in entries:
         del state[rng_key]
     _check_against(state, entries, folder)
-    _read(state, folder, metadata, process_group=pipe.group)
+    local_problem = _read(state, folder, metadata, process_group=pipe.group)
     if rng_key in state:
         torch.set_rng_state(state[rng_key])
-    _check_ties(pipe, folder)
+    _check_ties(pipe, folder, local_problem)
 
 
 def load_model(model: nn.Module, path: str | Path, settings: Settings | None = None) -> None:
@@ -534,7 +536,9 @@ def load_model(model: nn.Module, path: str | Path, settings: Settings | None = N
     metadata = _verify(folder, settings, False, None)
     state = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     _check_against(state, metadata.state_dict_metadata, folder)
-    _read(state, folder, metadata, no_dist=True)
+    problem = _read(state, folder, metadata, no_dist=True)
+    if problem:
+        raise _tie_error(folder, problem)
     model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in state.items()})
 
 

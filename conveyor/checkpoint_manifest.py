@@ -4,10 +4,10 @@
 is published, so a checkpoint without one was never finished by conveyor. It holds:
 
 - `files`: for every file of the checkpoint (DCP's shards and `.metadata`, the trainer's files), its size
-  and blake2b-256 checksum;
+  and SHA-256 checksum;
 - `settings`: what the saver said shapes its model (for `conveyor train`: the model, its sizes, the
   vocabulary, the precision, the number of stages), compared with the loader's before any tensor is read;
-- `checksum`: the blake2b-256 of the rest, so a damaged manifest is told apart from a damaged file.
+- `checksum`: the SHA-256 of the rest, so a damaged manifest is told apart from a damaged file.
 
 DCP keeps no checksums, so without these a flipped byte in a shard would load as a wrong weight.
 """
@@ -38,14 +38,14 @@ __all__ = [
 ]
 
 MANIFEST_FILE = "conveyor-manifest.json"
-HASH = "blake2b-256"
+HASH = "sha256"
 FORMAT = 1
 Setting = str | int | float | bool
 _BLOCK = 1 << 22  # 4 MiB reads: large enough that hashing, not the reads, sets the pace
 
 
 def _hasher() -> Any:
-    return hashlib.blake2b(digest_size=32)
+    return hashlib.sha256()
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class FileRecord:
 
     size: int
     digest: str
-    """Its blake2b-256, in hex."""
+    """Its SHA-256, in hex."""
 
 
 def file_record(path: Path) -> FileRecord:

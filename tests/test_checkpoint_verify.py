@@ -171,6 +171,21 @@ def test_export_refuses_metadata_that_would_run_code(
     assert not marker.exists(), "the payload in .metadata ran"
 
 
+def test_metadata_pointing_outside_the_checkpoint_is_refused(saved: Path, tmp_path: Path) -> None:
+    """DCP reads each tensor from the file `.metadata` names: only the checkpoint's own files may be named."""
+    folder = _copy(saved, tmp_path) / "step-6"
+    (tmp_path / "outside.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())
+    with (folder / ".metadata").open("rb") as file:
+        metadata = pickle.load(file)  # this test wrote it
+    for info in metadata.storage_data.values():
+        if info.relative_path == "__0_0.distcp":
+            info.relative_path = "../../outside.distcp"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    _rerecord(folder, ".metadata")
+    with pytest.raises(UnsafeCheckpointError, match=r"points at '\.\./\.\./outside\.distcp', which is not one of"):
+        checkpoint.load_model(torch.nn.Linear(1, 1), folder)
+
+
 def test_a_checkpoint_without_a_manifest_says_what_is_missing_and_what_to_do(saved: Path, tmp_path: Path) -> None:
     """A checkpoint of an earlier conveyor (or not conveyor's): named, and `write_manifest` adopts it."""
     folder = _copy(saved, tmp_path) / "step-6"

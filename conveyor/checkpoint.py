@@ -151,6 +151,7 @@ def save(
     cannot be written; the previous checkpoint is then still the latest.
     """
     recorded = checked_settings(settings or {})
+    _check_files(files)
     state = _state(pipe, extra or {})
     partial, final = _begin(pipe, directory, step)
     try:
@@ -158,6 +159,12 @@ def save(
     except CheckpointException as error:  # a BaseException, which would pass every `except Exception`
         raise _write_failed(pipe.rank, partial, final, _describe_causes(error), _disk_full(_causes(error))) from None
     return _publish(pipe.group, pipe.rank, partial, final, keep, files, Manifest(step, recorded, {}))
+
+
+def _check_files(files: Mapping[str, str] | None) -> None:
+    for name in files or {}:
+        if name == MANIFEST_FILE or name == METADATA_FILE or name.endswith(".distcp") or Path(name).name != name:
+            raise ValueError(f"files: {name!r} is not a plain file name of its own (the checkpoint's files use it)")
 
 
 class PendingSave:
@@ -197,6 +204,7 @@ def save_async(
     interleave with the pipeline's messages.
     """
     recorded = checked_settings(settings or {})
+    _check_files(files)
     state = _state(pipe, extra or {})
     group = _background_group(pipe.group)
     partial, final = _begin(pipe, directory, step)

@@ -124,7 +124,7 @@ def read_metadata(folder: str | Path) -> dcp_metadata.Metadata:
         raise
     except _Truncated:
         raise DamagedCheckpointError(folder, [f"{METADATA_FILE} ends early ({len(data)} bytes): truncated"]) from None
-    except (_Malformed, TypeError, ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError) as error:
+    except Exception as error:  # _Malformed, or what a checked call or a stack gone wrong raised
         raise UnsafeCheckpointError(
             f"{path} is not DCP's metadata ({error}); refusing to read it, and nothing in it was run:"
             " the file was altered or written by something else. Delete the checkpoint or restore it from a copy"
@@ -229,14 +229,15 @@ class _Reader:
         kind = type(inst)
         if kind not in _CLASSES.values():
             raise _Malformed(f"BUILD of {_describe(inst)}, not of a metadata object")
-        if "__setstate__" in vars(kind):  # TensorProperties: a tuple of dtype, layout, flags, format code
-            if type(state) is not tuple:
-                raise _Malformed(f"the state of {kind.__name__} is a {type(state).__name__}, not a tuple")
-            inst.__setstate__(state)
-            return
-        if type(state) is not dict or not all(type(k) is str and not k.startswith("__") for k in state):
+        safe_dict = type(state) is dict and all(type(k) is str and not k.startswith("__") for k in state)
+        if not safe_dict and type(state) is not tuple:
             raise _Malformed(f"the state of {kind.__name__} is not a dict of its fields")
-        inst.__dict__.update(state)
+        if "__setstate__" in vars(kind):  # TensorProperties: a tuple of dtype, layout, flags, format code
+            inst.__setstate__(state)
+        elif safe_dict:
+            inst.__dict__.update(state)
+        else:
+            raise _Malformed(f"the state of {kind.__name__} is a tuple, not a dict of its fields")
 
     def _memoize(self, index: int | None = None) -> None:
         self._memo[len(self._memo) if index is None else index] = self._stack[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import struct
 import warnings
 from pathlib import Path, PurePosixPath
@@ -190,3 +191,22 @@ def test_a_truncated_or_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(DamagedCheckpointError, match=r"\.metadata ends early \(\d+ bytes\): truncated"):
         read_metadata(tmp_path)
     assert issubclass(DamagedCheckpointError, CheckpointError) and issubclass(CheckpointError, ValueError)
+
+
+def test_damaged_bytes_give_a_checkpoint_error_and_nothing_else(tmp_path: Path) -> None:
+    """Random bytes changed in real metadata: it reads, or raises a CheckpointError; never another exception."""
+    _dcp_save({"model.w": torch.ones(2, 3), "train.step": torch.tensor(1), "model.h": torch.ones(4).half()}, tmp_path)
+    good = (tmp_path / ".metadata").read_bytes()
+    rng = random.Random(0)
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(400):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        (tmp_path / ".metadata").write_bytes(bytes(data))
+        try:
+            read_metadata(tmp_path)
+            outcomes["read"] += 1
+        except CheckpointError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 300, outcomes

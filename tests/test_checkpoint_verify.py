@@ -31,6 +31,7 @@ from conveyor.checkpoint import (
 from conveyor.checkpoint_manifest import MANIFEST_FILE, Manifest, check_settings, file_record
 from conveyor.checkpoint_metadata import read_metadata
 from conveyor.cli import main
+from conveyor.models import GPT, GPTConfig
 from conveyor.split import manual_split
 from conveyor.train import TrainConfig, checkpoint_settings
 
@@ -198,6 +199,19 @@ def test_a_checkpoint_without_a_manifest_says_what_is_missing_and_what_to_do(sav
     with pytest.raises(CheckpointError, match="already has a"):
         checkpoint.write_manifest(folder, SETTINGS)
     assert main(["export", str(folder), "--out", str(tmp_path / "m.pt")]) == 0
+
+
+def test_a_read_that_fails_names_the_checkpoint(saved: Path, tmp_path: Path) -> None:
+    """A shard truncated before a manifest recorded it (adopted as it was): DCP's CheckpointException, a
+    BaseException that ended a rank as "exit code 1", becomes a DamagedCheckpointError naming the rank."""
+    folder = _copy(saved, tmp_path) / "step-6"
+    (folder / MANIFEST_FILE).unlink()
+    shard = folder / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:10_000])  # within the first tensor, the token embedding
+    checkpoint.write_manifest(folder, SETTINGS)
+    model = GPT(GPTConfig(context=32, dim=32, layers=4, heads=2))
+    with pytest.raises(DamagedCheckpointError, match=r"failed verification: reading its tensors failed \(rank 0: "):
+        checkpoint.load_model(model, folder, SETTINGS)
 
 
 def test_a_settings_mismatch_names_the_setting_and_both_values(saved: Path) -> None:

@@ -370,7 +370,7 @@ def _verify(path: Path, settings: Settings | None, together: bool, group: dist.P
         check_settings(path, manifest.settings, settings)
     metadata = read_metadata(path)
     for info in metadata.storage_data.values():
-        if info.relative_path not in manifest.files or info.relative_path == MANIFEST_FILE:
+        if info.relative_path not in manifest.files:  # DCP would open whatever path it names
             raise UnsafeCheckpointError(
                 f"{path / METADATA_FILE} points at {info.relative_path!r}, which is not one of the checkpoint's"
                 " files: refusing to read it. The file was altered: delete the checkpoint or restore it from a copy"

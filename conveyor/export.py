@@ -37,7 +37,7 @@ def export_checkpoint(path: str | Path, out: str | Path, format: str = "auto") -
             f"{folder} holds --model {source.name}, which is not a Hugging Face model: use --format safetensors or pt"
         )
     model = _unsplit(source)
-    checkpoint.load_model(model, folder)
+    checkpoint.load_model(model, folder, settings=source.settings())  # verifies it first: nothing unpickled
     target = Path(out)
     if format == "hf":
         return _save_pretrained(model, source, target)
@@ -51,11 +51,13 @@ def export_checkpoint(path: str | Path, out: str | Path, format: str = "auto") -
 
 
 def _checkpoint_folder(path: Path) -> Path:
-    if (path / ".metadata").exists():
+    """`path` itself, or the newest checkpoint in it that verifies (each newer one skipped with a warning)."""
+    if (path / ".metadata").exists() or (path / checkpoint.MANIFEST_FILE).exists():
         return path
-    found = checkpoint.latest(path)
+    found = checkpoint.newest_verified(path)
     if found is None:
-        raise ValueError(f"{path} is neither a checkpoint nor a folder of checkpoints")
+        held = "checkpoints, none of which verifies" if checkpoint.latest(path) else "no checkpoint"
+        raise ValueError(f"{path} holds {held}")
     return found
 
 

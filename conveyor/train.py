@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from . import losses
+from . import checkpoint, losses
 from .data.stdlib_text import stdlib_documents
 from .data.text_files import TokenSequences, read_documents, tokenize
 from .launch import default_backend, run_ranks
@@ -167,8 +167,8 @@ class TrainConfig:
                 f"{self.schedule} updates inside a stream, between mini-batches no rank can meet at, so no"
                 " global gradient norm exists: --clip-grad-norm is for the synchronous schedules"
             )
-        if self.resume and not Path(self.checkpoint_dir).is_dir():
-            raise ValueError(f"--resume: no checkpoint folder {self.checkpoint_dir}")
+        if self.resume and checkpoint.latest(self.checkpoint_dir) is None:
+            raise ValueError(f"--resume: no complete checkpoint in {self.checkpoint_dir}")
 
     def _check_model(self, spec: PipelineSpec) -> None:
         source = self.source  # names what it tried when --model is none of the kinds
@@ -361,6 +361,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> None:
         eval_data=eval_data,
         settings=config.settings,
         files=files,
+        model_settings=source.settings(),
     )
     if trainer.reporting:
         print(f"conveyor train: {_describe(config, source, len(data))}", flush=True)

@@ -151,8 +151,8 @@ class Trainer:
     states the loss contract). `data` is a map-style Dataset of (inputs, targets) samples, batched by
     `settings.batch_size` and shuffled with `settings.seed`, or an iterable of (inputs, targets)
     mini-batches; `eval_data` likewise, for evaluation. `files` are written beside each checkpoint
-    (name -> text), `checked` are the settings that shape the model, which a checkpoint keeps and a resume
-    compares.
+    (name -> text), and `model_settings` (name -> value: sizes, vocabulary) are what shapes the model: each
+    checkpoint records them with the precision, and a resume refuses a checkpoint of other values.
     """
 
     def __init__(
@@ -168,6 +168,7 @@ class Trainer:
         loss_weight: WeightFn | None = None,
         split_points: Mapping[str, str] | None = None,
         files: Mapping[str, str] | None = None,
+        model_settings: Mapping[str, str | int | float | bool] | None = None,
     ) -> None:
         if settings.eval_every and eval_data is None:
             raise ValueError("settings.eval_every asks for evaluations: give eval_data")
@@ -184,6 +185,8 @@ class Trainer:
             fixed_batches(eval_data, settings.batch_size, settings.eval_batches) if eval_data is not None else []
         )
         self._files = dict(files or {})
+        self.checked = {**(model_settings or {}), "precision": spec.precision}
+        """What a checkpoint records and a resume compares (checkpoint.py verifies it with the files)."""
         first_inputs, _ = self._peek()
         found = tensors_in(first_inputs)
         self.tokens_per_batch = found[0].numel() if found else 0
@@ -355,11 +358,14 @@ class Trainer:
 
     def _resume(self) -> int:
         """Load the latest checkpoint into the pipeline and the data stream; the step to continue from."""
-        path = checkpoint.latest(self.settings.checkpoint_dir)
+        directory = self.settings.checkpoint_dir
+        # The newest that verifies: a damaged one is skipped with a warning naming it and what failed.
+        path = checkpoint.newest_verified(directory, self.checked, together=True, group=self.pipe.group)
         if path is None:
-            raise ValueError(f"resume: no complete checkpoint in {self.settings.checkpoint_dir}")
+            found = "checkpoints, none of which verifies" if checkpoint.latest(directory) else "no complete checkpoint"
+            raise ValueError(f"resume: {directory} holds {found}")
         extra = self._extra()
-        checkpoint.load(self.pipe, path, extra)
+        checkpoint.load(self.pipe, path, extra, self.checked)
         if self.pipe.update.loss_scale is not None:
             self.pipe.update.loss_scale.load_state(extra["loss_scale"])
         position = path / DATA_STATE
@@ -415,9 +421,9 @@ class _Checkpoints:
         files = {**trainer._files, DATA_STATE: encode_state(trainer.batches.state_dict())}
         arguments = (trainer.pipe, settings.checkpoint_dir, steps_done, extra, settings.keep_checkpoints, files)
         if settings.async_checkpoints:
-            self._pending = checkpoint.save_async(*arguments)
+            self._pending = checkpoint.save_async(*arguments, settings=trainer.checked)
         else:
-            checkpoint.save(*arguments)
+            checkpoint.save(*arguments, settings=trainer.checked)
 
     def finish(self) -> None:
         """Publish the checkpoint being written, if any (every rank, at the same point)."""

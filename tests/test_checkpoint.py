@@ -12,8 +12,10 @@ import torch.distributed.checkpoint as dcp
 
 from conveyor import checkpoint
 from conveyor.cli import main
-from conveyor.data import TextBatches, stdlib_source_bytes
-from conveyor.models import GPT, GPTConfig, lm_loss
+from conveyor.data.batches import Batches, decode_state
+from conveyor.losses import causal_lm
+from conveyor.models import GPT, GPTConfig
+from conveyor.train import TrainConfig, sequences
 
 SMALL = ["--dim", "32", "--layers", "4", "--heads", "2", "--context", "32", "--batch-size", "8", "--no-progress"]
 
@@ -83,11 +85,12 @@ def test_a_checkpoint_loads_with_other_stages_and_into_the_unsplit_model(
     _, on_four = _train(capfd, "--steps", "4", "--checkpoint-dir", str(saved), "--resume", "--schedule", "zbv")
     model = GPT(GPTConfig(context=32, dim=32, layers=4, heads=2))
     checkpoint.load_model(model, saved / "step-3")
-    data = TextBatches(stdlib_source_bytes(), 32, 8, seed=0)
-    data.seek(_tensors(saved / "step-3")["train.data"])
-    x, y = data.next()
+    config = TrainConfig(dim=32, layers=4, heads=2, context=32, batch_size=8)
+    batches = Batches(sequences(config, config.source)[0], 8, seed=0)
+    batches.load_state_dict(decode_state((saved / "step-3" / "data-state.json").read_text()))
+    x, y = next(batches)
     with torch.no_grad():
-        unsplit = lm_loss(model(x), y).item()
+        unsplit = causal_lm(model(x), y).item()
     # The printed losses have 4 decimals; the unsplit model's must round to the same.
     assert on_two == on_four == round(unsplit, 4), (on_two, on_four, unsplit)
     # `conveyor export` writes the unsplit model's state_dict.

@@ -189,6 +189,37 @@ class ModelSource:
                     return int(getattr(config, field))
         return None
 
+    def settings(self) -> dict[str, str | int | float | bool]:
+        """What shapes the model, as a checkpoint records it and a resume or an export compares it: the model,
+        its sizes and vocabulary (GPT-2's other config fields; a folder's architecture and config sizes)."""
+        if self.kind == "gpt":
+            gpt = self.gpt_config()
+            sizes = {"dim": gpt.dim, "layers": gpt.layers, "heads": gpt.heads, "context": gpt.context}
+            return {"model": self.name, **sizes, "vocabulary": gpt.vocab_size}
+        if self.kind == "gpt2":
+            from .gpt2 import parse_overrides
+
+            config = self.hf_config()
+            sizes = {
+                "dim": config.n_embd,
+                "layers": config.n_layer,
+                "heads": config.n_head,
+                "context": config.n_positions,
+            }
+            named = {"n_embd", "n_layer", "n_head", "n_positions", "vocab_size"}
+            others = sorted((k, v) for k, v in parse_overrides(self.model_config).items() if k not in named)
+            extra = ",".join(f"{k}={v!r}" for k, v in others)
+            return {"model": self.name, **sizes, "vocabulary": config.vocab_size, "model_config": extra}
+        if self.kind == "hf":
+            config = self.hf_config()
+            fields = (
+                *("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"),
+                *("num_key_value_heads", "intermediate_size", "max_position_embeddings", "tie_word_embeddings"),
+            )
+            found = {f: getattr(config, f) for f in fields if isinstance(getattr(config, f, None), (int, str, bool))}
+            return {"model": "hf", **found}
+        return {"model": self.name}
+
     def check_sequence_length(self, length: int) -> None:
         limit = self.max_positions
         if limit is not None and length > limit:

@@ -101,7 +101,7 @@ class TrainSettings:
         if self.lr_decay not in ("none", "cosine"):
             raise ValueError(f"lr_decay must be none or cosine; got {self.lr_decay!r}")
         if (self.resume or self.checkpoint_every or self.async_checkpoints) and not self.checkpoint_dir:
-            raise ValueError("resume, checkpoint_every and async_checkpoints need a checkpoint_dir")
+            raise ValueError("resume, checkpoint_every and async_checkpoints need checkpoint_dir")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number of seconds; got {self.timeout_s}")
 

@@ -25,8 +25,6 @@ from torch.utils.data import Dataset
 
 __all__ = ["Batches", "decode_state", "encode_state", "fixed_batches"]
 
-# torchdata 0.11 calls a torch function that torch now calls deprecated, once per loader: noise, not advice.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 class Batches:
@@ -43,9 +41,11 @@ class Batches:
                     " give more data or a smaller batch size"
                 )
             generator = torch.Generator().manual_seed(seed)
-            self._source: Any = StatefulDataLoader(
-                data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
-            )
+            with warnings.catch_warnings():  # torchdata 0.11 calls a torch function torch now calls deprecated
+                warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+                self._source: Any = StatefulDataLoader(
+                    data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
+                )
         else:
             self._source = data
         self._stateful = hasattr(self._source, "state_dict") and hasattr(self._source, "load_state_dict")

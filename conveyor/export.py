@@ -86,6 +86,9 @@ def _unsplit(source: ModelSource) -> nn.Module:
 
 
 def _save_pretrained(model: nn.Module, source: ModelSource, target: Path) -> Path:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
     config: Any = model.config  # type: ignore[union-attr]
     config.use_cache = True  # a training pipeline turned the cache off; inference wants it back
     model.save_pretrained(str(target), safe_serialization=True)  # type: ignore[operator]

@@ -268,12 +268,13 @@ class TrainConfig:
 
 
 PRESETS = Path(__file__).parent / "configs"
-_SETTING = re.compile(r"\b(" + "|".join(f.name for f in fields(PipelineSpec)) + r")=([^\s;:,]+(?:,\d+)*)")
+_SPEC_FIELDS = "|".join(f.name for f in fields(PipelineSpec))
+_SETTING = re.compile(r"\b(" + _SPEC_FIELDS + r")=([^\s;:,]+(?:,\d+)*)")
 
 
 def as_flags(message: str) -> str:
     """A PipelineSpec message in `conveyor train`'s words: `dp=2` -> `--dp 2`, `vertical_sync=True` ->
-    `--vertical-sync`, `weight_stashing=False` -> `--no-weight-stashing`."""
+    `--vertical-sync`, `weight_stashing=False` -> `--no-weight-stashing`, `precision must` -> `--precision must`."""
 
     def flag(match: re.Match[str]) -> str:
         name, value = match.group(1).replace("_", "-"), match.group(2)
@@ -283,7 +284,8 @@ def as_flags(message: str) -> str:
             return f"--no-{name}"
         return f"--{name} {value}"
 
-    return _SETTING.sub(flag, message)
+    named = _SETTING.sub(flag, message)
+    return re.sub(r"^(" + _SPEC_FIELDS + r") must\b", lambda m: f"--{m.group(1).replace('_', '-')} must", named)
 
 
 RENAMED = {"stages": "ranks"}  # settings whose old name said the wrong thing: `stages` counted processes
@@ -433,7 +435,9 @@ def _describe(config: TrainConfig, source: ModelSource, sequences: int) -> str:
     }
     shown = ", ".join(f"{k}={values[k]}" for k in keys if optional.get(k, True))
     data = config.data or "the standard library's source"
-    return shown + f", {_parameters(source) / 1e6:.1f}M parameters, {sequences:,} sequences of {data}"
+    count = _parameters(source)
+    params = f"{count / 1e6:.1f}M" if count >= 100_000 else f"{count:,}"
+    return shown + f", {params} parameters, {sequences:,} sequences of {data}"
 
 
 def _parameters(source: ModelSource) -> int:

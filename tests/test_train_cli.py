@@ -138,7 +138,7 @@ def test_train_a_replicated_first_stage(capfd: pytest.CaptureFixture[str]) -> No
 def test_train_checks_replicas_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, error in [
         (["--replicas", "2,1"], "--replicas 2,1 holds 3 ranks: use --ranks 3"),
-        (["--replicas", "2,1", "--ranks", "3", "--schedule", "zbv"], "--replicas needs a schedule that replicates"),
+        (["--replicas", "2,1", "--ranks", "3", "--schedule", "zbv"], "--replicas 2,1 needs a schedule that replicates"),
         (["--replicas", "2,x"], "--replicas takes ranks per stage, e.g. 2,1; got '2,x'"),
     ]:
         with pytest.raises(SystemExit):
@@ -278,7 +278,7 @@ def test_every_preset_is_a_valid_config_of_the_model_it_names() -> None:
     config = TrainConfig(**read_config("gpt2-124m"))  # raises on a bad preset
     assert (config.layers, config.dim, config.heads, config.ranks) == (12, 768, 12, 4)
     with torch.device("meta"):
-        params = sum(p.numel() for p in gpt2_lm(config.gpt2)().parameters())
+        params = sum(p.numel() for p in gpt2_lm(config.source.hf_config())().parameters())
     # GPT-2 small's blocks (7,087,872 parameters each), a 256-byte vocabulary, 128 positions, the final norm.
     assert params == 12 * 7_087_872 + 256 * 768 + 128 * 768 + 2 * 768 == 85_350_912
 
@@ -302,7 +302,7 @@ def test_train_data_parallel_equals_one_pipeline(tmp_path: Path, capfd: pytest.C
 def test_train_checks_dp_and_precision_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, error in [
         (["--ranks", "3", "--dp", "2"], "--dp 2 does not divide --ranks 3"),
-        (["--ranks", "4", "--dp", "2", "--schedule", "zbv"], "--dp runs under gpipe and 1f1b"),
+        (["--ranks", "4", "--dp", "2", "--schedule", "zbv"], "--dp 2 runs under gpipe and 1f1b"),
         (["--ranks", "4", "--dp", "2", "--replicas", "2,2"], "give one of them"),
         (["--ranks", "4", "--dp", "4", "--microbatches", "2"], "use at least 4"),
         (["--dp", "0"], "--dp must be at least 1; got 0"),

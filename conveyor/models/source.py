@@ -136,6 +136,7 @@ class ModelSource:
         if self.kind == "hf":
             from transformers import AutoModelForCausalLM
 
+            _quiet_transformers()
             return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
                 self.name, config=self.hf_config(), local_files_only=True, dtype=torch.float32
             )
@@ -227,6 +228,14 @@ class ModelSource:
                 f"--context {length} is longer than --model {self.name} takes ({limit} positions): use --context"
                 f" {limit} or less"
             )
+
+
+def _quiet_transformers() -> None:
+    """No progress bars from transformers: one per rank would interleave, and its multiprocessing lock outlives
+    a spawned rank (the resource tracker then reports a leaked semaphore)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def _folder_tokenizer(folder: Path) -> Any:

@@ -1,9 +1,11 @@
 """conveyor: pipeline-parallel training for PyTorch."""
 
+from . import losses
 from .launch import run_ranks, spawn
 from .pipeline import Pipeline
 from .schedules import SCHEDULES, Action, Kind, PipelineSpec, Program, ScheduleError, build_schedule, validate
 from .split import Split, manual_split, pipe_split, split_model, trace_split
+from .trainer import Trainer, TrainSettings, TrainSummary
 
 __all__ = [
     "SCHEDULES",
@@ -14,7 +16,11 @@ __all__ = [
     "Program",
     "ScheduleError",
     "Split",
+    "TrainSettings",
+    "TrainSummary",
+    "Trainer",
     "build_schedule",
+    "losses",
     "manual_split",
     "pipe_split",
     "run_ranks",

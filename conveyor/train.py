@@ -22,7 +22,7 @@ from torch.utils.data import default_collate
 
 from . import checkpoint, losses
 from .data.stdlib_text import stdlib_documents
-from .data.text_files import TokenSequences, read_documents, tokenize
+from .data.text_files import TokenSequences, check_data, read_documents, tokenize
 from .launch import default_backend, run_ranks
 from .models.source import BUILT_IN, ModelSource
 from .plan import Plan, fingerprint, split_with_plan, traced_fingerprint
@@ -143,8 +143,11 @@ class TrainConfig:
         spec = self.spec  # the pipeline's own settings are checked there, once
         self._check_settings(spec)
         self._check_model(spec)
-        if self.data and not Path(self.data).exists():
-            raise ValueError(f"--data {self.data}: no such file or folder")
+        if self.data:
+            try:
+                check_data(self.data)
+            except ValueError as error:
+                raise ValueError(f"--data {self.data}: {error}") from None
         if self.trace and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--trace draws its timeline with matplotlib: pip install 'conveyor[plot]'")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -183,6 +186,8 @@ class TrainConfig:
                     f"{layers} layers cannot fill {spec.num_stages} stages: use --layers {spec.num_stages} or more"
                 )
         source.check_sequence_length(self.context)
+        if source.kind == "hf":
+            source.tokenizer()  # a folder without one, whose vocabulary is not bytes, is refused here
 
     @property
     def source(self) -> ModelSource:

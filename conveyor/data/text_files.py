@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ByteTokenizer", "TokenSequences", "Tokenizer", "read_documents", "tokenize"]
+__all__ = ["ByteTokenizer", "TokenSequences", "Tokenizer", "check_data", "read_documents", "tokenize"]
 
 IGNORE_INDEX = -100
 
@@ -63,6 +63,30 @@ def read_documents(path: str | Path) -> list[str]:
     return documents
 
 
+def check_data(path: str | Path) -> None:
+    """What can be checked of a data path without reading it all: that it exists, and that a .jsonl file's
+    first record has its text (the rest is read, and checked, where it is used)."""
+    source = Path(path)
+    if not source.exists():
+        raise ValueError(f"no data at {source}: give a text file, a folder of text files or a .jsonl file")
+    if source.is_file() and source.suffix == ".jsonl":
+        with source.open(encoding="utf-8", errors="replace") as file:
+            first = next((line for line in file if line.strip()), "")
+        if first:
+            _read_record(first, source, 1)
+
+
+def _read_record(line: str, file: Path, number: int) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}, line {number}: not JSON ({error.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f'{file}, line {number}: each line needs a "text" field holding a string; found {found}')
+    return record["text"]
+
+
 def _read_file(file: Path) -> list[str]:
     try:
         text = file.read_text(encoding="utf-8")
@@ -70,20 +94,8 @@ def _read_file(file: Path) -> list[str]:
         raise ValueError(f"{file} is not UTF-8 text (byte {error.start}): conveyor reads text files") from None
     if file.suffix != ".jsonl":
         return [text] if text else []
-    documents = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{file}, line {number}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            found = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f'{file}, line {number}: each line needs a "text" field holding a string; found {found}')
-        if record["text"]:
-            documents.append(record["text"])
-    return documents
+    records = (_read_record(line, file, number) for number, line in enumerate(text.splitlines(), 1) if line.strip())
+    return [text for text in records if text]
 
 
 def tokenize(documents: Sequence[str], tokenizer: Tokenizer) -> list[list[int]]:

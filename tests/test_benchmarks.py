@@ -103,8 +103,8 @@ def test_bench_schedules_json_for_a_v_schedule_with_a_baseline() -> None:
     summary = json.loads(run("bench_schedules.py", *args, "--schedule", "zbv", "--baseline", "1f1b", "--json"))
     assert set(summary["methods"]) == {"conveyor", "torch", "single", "baseline"}
     assert summary["config"]["schedule"] == "zbv" and len(summary["stage_ms"]) == 4
-    for method in summary["methods"].values():
-        assert method["steps"] == 2 and method["median_ms"] > 0
+    for method in summary["methods"].values():  # a step another process disturbed is set aside
+        assert 1 <= method["steps"] <= 2 and method["median_ms"] > 0
     assert {"conveyor_over_torch", "conveyor_over_baseline", "conveyor_fraction_of_ideal"} <= set(summary["ratios"])
     assert summary["loss_spread"] < 1e-5
 
@@ -207,10 +207,12 @@ def test_host_memory_compares_kept_with_glibcs_default(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_async_convergence_matches_each_pipeline_with_its_single_process_rule(tmp_path: Path) -> None:
     tiny = ["--steps", "5", "--dim", "16", "--layers", "2", "--context", "8", "--batch-size", "4"]
-    out = run("async_convergence.py", *tiny, "--json", str(tmp_path / "convergence.json"))
+    # pipedream runs as pipedream-2bw does (`conveyor train --schedule NAME`); leaving it out saves a training run.
+    schedules = ["--schedules", "1f1b,pipedream-2bw"]
+    out = run("async_convergence.py", *tiny, *schedules, "--json", str(tmp_path / "convergence.json"))
     assert re.search(r"^pipedream-2bw +\d+\.\d{4} +\([+-]\d+\.\d % against 1f1b\)$", out, re.M), out
     losses = json.loads((tmp_path / "convergence.json").read_text())["losses"]
-    assert set(losses) == {"1f1b", "pipedream", "pipedream-2bw", "one process", "one process, 2BW's rule"}
+    assert set(losses) == {"1f1b", "pipedream-2bw", "one process", "one process, 2BW's rule"}
     # `conveyor train` prints its loss to 4 decimals; the single-process rules are computed here in full.
     assert losses["1f1b"] == pytest.approx(losses["one process"], abs=1e-4)
     assert losses["pipedream-2bw"] == pytest.approx(losses["one process, 2BW's rule"], abs=1e-4)

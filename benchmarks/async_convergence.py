@@ -24,7 +24,7 @@ import sys
 import torch
 
 from conveyor.data import TextBatches, stdlib_source_bytes
-from conveyor.models import GPT, GPTConfig, lm_loss
+from conveyor.models import GPT, lm_loss
 from conveyor.train import TrainConfig
 
 SCHEDULES = ("1f1b", "pipedream", "pipedream-2bw")
@@ -34,6 +34,8 @@ def pipeline_loss(schedule: str, config: TrainConfig) -> float:
     """The mean of the last 5 steps' losses that `conveyor train` prints."""
     command = [sys.executable, "-m", "conveyor", "train", "--schedule", schedule, "--steps", str(config.steps)]
     command += ["--lr", str(config.lr), "--warmup-steps", str(config.warmup_steps), "--lr-decay", config.lr_decay]
+    command += ["--dim", str(config.dim), "--layers", str(config.layers), "--context", str(config.context)]
+    command += ["--batch-size", str(config.batch_size)]
     command.append("--no-progress")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("loss "))
@@ -45,9 +47,9 @@ def one_process_loss(config: TrainConfig, delayed: bool) -> float:
     update rule."""
     torch.set_num_threads(2)
     torch.manual_seed(0)  # the weights conveyor train's seed 0 gives every stage
-    model = GPT(GPTConfig())
+    model = GPT(config.gpt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    data = TextBatches(stdlib_source_bytes(), 128, 16, seed=0)
+    data = TextBatches(stdlib_source_bytes(), config.context, config.batch_size, seed=0)
     previous = copy.deepcopy(model)  # W(t - 1)
     losses = []
     for step in range(config.steps):
@@ -76,10 +78,26 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, as conveyor train's")
     parser.add_argument("--lr-decay", default="none", choices=("none", "cosine"), help="as conveyor train's")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="which pipelines to train (1f1b first)")
+    sizes = TrainConfig()
+    parser.add_argument("--dim", type=int, default=sizes.dim, help="model width, as conveyor train's")
+    parser.add_argument("--layers", type=int, default=sizes.layers, help="blocks, as conveyor train's")
+    parser.add_argument("--context", type=int, default=sizes.context, help="bytes per sequence, as conveyor train's")
+    parser.add_argument(
+        "--batch-size", type=int, default=sizes.batch_size, help="sequences a step, as conveyor train's"
+    )
     parser.add_argument("--no-one-process", action="store_true", help="skip the two single-process references")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, lr_decay=args.lr_decay)
+    config = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        lr_decay=args.lr_decay,
+        dim=args.dim,
+        layers=args.layers,
+        context=args.context,
+        batch_size=args.batch_size,
+    )
     results: dict[str, float] = {name: pipeline_loss(name, config) for name in args.schedules.split(",")}
     if not args.no_one_process:
         results["one process"] = one_process_loss(config, False)
@@ -90,6 +108,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as file:
             run = {"steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup_steps, "lr_decay": args.lr_decay}
+            run.update({"dim": args.dim, "layers": args.layers, "context": args.context, "batch_size": args.batch_size})
             run.update({"python": sys.version.split()[0], "losses": results})
             json.dump(run, file, indent=2)
 

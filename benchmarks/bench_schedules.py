@@ -105,6 +105,8 @@ class Config:
     """Samples per micro-batch; the batch holds microbatch_size * microbatches samples."""
     retries: int = 3
     """Times a run is measured again when other processes disturbed more than half its steps."""
+    quiet_wait_s: float = 60
+    """Longest wait before each run for other processes to leave the CPU; 0 measures at once."""
     timeout_s: float = 600
     """Deadline of one run (spawn raises TimeoutError after it)."""
 
@@ -122,8 +124,8 @@ class Config:
         build_schedule(PipelineSpec(self.schedule, self.ranks, self.microbatches))  # conveyor's own constraints
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} must be a multiple of --heads {self.heads}")
-        if self.rounds < 1 or self.steps < 1 or self.warmup < 0 or self.retries < 0:
-            raise ValueError("--rounds and --steps must be >= 1, --warmup and --retries >= 0")
+        if self.rounds < 1 or self.steps < 1 or self.warmup < 0 or self.retries < 0 or self.quiet_wait_s < 0:
+            raise ValueError("--rounds and --steps must be >= 1, --warmup, --retries and --quiet-wait-s >= 0")
 
     @property
     def num_stages(self) -> int:
@@ -384,7 +386,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
         for name in methods_of(cfg):
             world = 1 if name == "single" else cfg.ranks
             for attempt in range(1 + cfg.retries):
-                _wait_until_quiet(log)
+                _wait_until_quiet(log, cfg.quiet_wait_s)
                 machine0, own0 = _cpu_seconds()
                 started = time.perf_counter()
                 ranks = _launch(RUNNERS[name], world, cfg)
@@ -502,7 +504,7 @@ def format_table(summary: dict[str, Any]) -> str:
         "baseline": f"D conveyor {cfg['baseline']}",
     }
     lines = [
-        f"{cfg['stages']} ranks x 1 thread, {cfg['microbatches']} micro-batches of {cfg['microbatch_size']}x"
+        f"{cfg['ranks']} ranks x 1 thread, {cfg['microbatches']} micro-batches of {cfg['microbatch_size']}x"
         f"{cfg['seq']} tokens, schedule {cfg['schedule']}, GPT {cfg['layers']} layers, dim {cfg['dim']},"
         f" vocab {cfg['vocab']}; {cfg['rounds']} rounds x {cfg['steps']} steps (+{cfg['warmup']} warm-up)",
         f"stage cost, forward+backward of one micro-batch: {', '.join(f'{c:.1f}' for c in summary['stage_ms'])} ms",

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from plan_measure import Measured, Workload, measure_plans, now, provenance
+from plan_measure import Measured, Workload, add_quiet_wait_flag, measure_plans, now, provenance
 
 from conveyor.observe.profile import LayerProfile
 from conveyor.plan import make_plan, profile_model
@@ -34,19 +34,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="measured steps per run (after 2 warm-up steps)")
     parser.add_argument("--rounds", type=int, default=3)
+    sizes = TrainConfig()
+    parser.add_argument("--dim", type=int, default=sizes.dim, help="model width, as `conveyor train --dim`")
+    parser.add_argument("--layers", type=int, default=sizes.layers, help="blocks, as `conveyor train --layers`")
+    parser.add_argument("--context", type=int, default=sizes.context, help="tokens per sequence, as `--context`")
+    labels = [":".join(case) for case in CASES]
+    parser.add_argument(
+        "--cases", nargs="+", choices=labels, default=labels, help="which of the pipelines to run (all three)"
+    )
+    add_quiet_wait_flag(parser)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = now()
-    profiles = {model: _profile(model) for model in dict.fromkeys(model for model, _, _ in CASES)}
+    cases = [case for case in CASES if ":".join(case) in args.cases]
+    sized = {"dim": args.dim, "layers": args.layers, "context": args.context}
+    profiles = {model: _profile(TrainConfig(model=model, **sized)) for model in dict.fromkeys(m for m, _, _ in cases)}
     plans = {
         (model, schedule, method): (
             profiles[model][0],
             make_plan(profiles[model][1], PipelineSpec(schedule, 2, 4), method=method),
         )
-        for model, schedule, method in CASES
+        for model, schedule, method in cases
     }
-    times = {(case, kept): Measured() for case in CASES for kept in (True, False)}
+    times = {(case, kept): Measured() for case in cases for kept in (True, False)}
     for _ in range(args.rounds):
         for case, (workload, plan) in plans.items():
             for kept in (True, False):
@@ -54,7 +65,8 @@ def main() -> None:
                     os.environ.pop(OFF, None)
                 else:
                     os.environ[OFF] = "0"  # the spawned ranks inherit it
-                measure_plans([plan], workload, args.steps, [times[(case, kept)]])  # a process setting: runs apart
+                # A process setting: the two run apart.
+                measure_plans([plan], workload, args.steps, [times[(case, kept)]], args.quiet_wait_s)
     os.environ.pop(OFF, None)
     rows = []
     for case, (_, plan) in plans.items():
@@ -85,11 +97,11 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _profile(model: str) -> tuple[Workload, LayerProfile]:
-    """`conveyor train`'s model and its profile at 4 sequences per micro-batch, what the cases' plans cut by
-    (2 ranks, 4 micro-batches)."""
-    defaults = TrainConfig(model=model)
-    workload = Workload(model, defaults.gpt2 if model == "gpt2" else defaults.gpt)
+def _profile(sizes: TrainConfig) -> tuple[Workload, LayerProfile]:
+    """`conveyor train`'s model at `sizes` and its profile at 4 sequences per micro-batch, what the cases' plans
+    cut by (2 ranks, 4 micro-batches)."""
+    model = sizes.model
+    workload = Workload(model, sizes.gpt2 if model == "gpt2" else sizes.gpt)
     tokens = workload.tokens(4)
     return workload, profile_model(
         workload.builder(), tokens[:, :-1], tokens[:, 1:], workload.loss, split=workload.split

@@ -26,6 +26,7 @@ import torch
 from plan_measure import (
     Measured,
     Workload,
+    add_quiet_wait_flag,
     measure_plans,
     now,
     profile_gpt,
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument(
         "--profile-seconds", type=float, default=0.0, help="each profile's timed rounds last at least this long"
     )
+    add_quiet_wait_flag(parser)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--predict-only", action="store_true", help="profile and print the predicted speedups; train nothing"
@@ -82,7 +84,9 @@ def main() -> None:
     times = {key: Measured() for key in _keys(args)}
     loads: list[tuple[float, float, float]] = [os.getloadavg()]
     for name in args.schedules:
-        quiet_before_profiles[name] = wait_until_quiet()  # a profile taken while others compute inflates it
+        quiet_before_profiles[name] = wait_until_quiet(
+            args.quiet_wait_s
+        )  # a profile taken while others compute inflates it
         profiles[name] = measure_profile(config, args)
         if profiles[name].slowdown is not None:
             print(f"{name}: computes {profiles[name].slowdown:.3f}x slower in a pipeline's rank than in its profile")
@@ -90,7 +94,8 @@ def main() -> None:
         for key in pair:
             plans[key] = _plan(profiles[name], key, args)
         for _ in range(args.rounds):
-            measure_plans([plans[k] for k in pair], Workload("gpt", config), args.steps, [times[k] for k in pair])
+            workload, into = Workload("gpt", config), [times[k] for k in pair]
+            measure_plans([plans[k] for k in pair], workload, args.steps, into, args.quiet_wait_s)
             loads.append(os.getloadavg())
     rows = []
     for (name, method), plan in plans.items():

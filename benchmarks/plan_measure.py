@@ -25,6 +25,7 @@ every instance of a kind by one number misses (slow instances on closely coupled
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -171,7 +172,7 @@ def profile_gpt(
 ) -> LayerProfile:
     """`profile_model` of conveyor's GPT (`config`) on `tokens`, each row's next token its target; with
     `slowdown`, also how much slower its layers compute in a pipeline's rank (off by default: too noisy here,
-    docs/benchmarks.md)."""
+    docs/benchmarks-log.md)."""
     return profile_model(
         lambda: GPT(config),
         tokens[:, :-1],
@@ -183,14 +184,17 @@ def profile_gpt(
     )
 
 
-def measure_plans(plans: Sequence[Plan], workload: Workload, steps: int, into: Sequence[Measured]) -> None:
+def measure_plans(
+    plans: Sequence[Plan], workload: Workload, steps: int, into: Sequence[Measured], quiet_wait_s: float = 60
+) -> None:
     """Add `steps` steps (after WARMUP more) of each plan on `workload`'s model to its `into`, taken in turn in
-    the same ranks: a step of the first plan, one of the second, and so on."""
+    the same ranks: a step of the first plan, one of the second, and so on. Before the run, wait at most
+    `quiet_wait_s` for other processes to leave the CPU."""
     if len({plan.spec.ranks for plan in plans}) != 1 or len(plans) != len(into):
         raise ValueError("plans measured together need the same ranks, and one Measured each")
-    foreign = wait_until_quiet()
+    foreign = wait_until_quiet(quiet_wait_s)
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        spawn(_rank, plans[0].ranks, (list(plans), workload, steps, out.name), timeout_s=300 + 60 * len(plans))
+        spawn(_rank, plans[0].spec.ranks, (list(plans), workload, steps, out.name), timeout_s=300 + 60 * len(plans))
         results = json.loads(Path(out.name).read_text())
     for measured, result in zip(into, results, strict=True):
         measured.foreign_cores.append(foreign)
@@ -224,6 +228,16 @@ def unscaled_step(plan: Plan, profile: LayerProfile) -> float:
     would be had the slowdown not been measured, for comparing the two in one run."""
     costs = stage_costs(dataclasses.replace(profile, slowdown=None), plan.layers_per_stage, plan.spec.recompute)
     return simulate(build_schedule(plan.spec), costs).step_time
+
+
+def add_quiet_wait_flag(parser: argparse.ArgumentParser) -> None:
+    """`--quiet-wait-s`: how long a plan benchmark waits for a quiet machine before each profile and run."""
+    parser.add_argument(
+        "--quiet-wait-s",
+        type=float,
+        default=60.0,
+        help="longest wait before each profile and run for other processes to leave the CPU; 0 measures at once",
+    )
 
 
 def wait_until_quiet(limit_s: float = 60) -> float:

@@ -33,9 +33,13 @@ def main() -> None:
         "--profile-seconds", type=float, default=0.0, help="each profile's timed rounds last at least this long"
     )
     parser.add_argument("--batch-size", type=int, default=16)
+    sizes = TrainConfig()
+    parser.add_argument("--dim", type=int, default=sizes.dim, help="model width, as `conveyor train --dim`")
+    parser.add_argument("--layers", type=int, default=sizes.layers, help="blocks, as `conveyor train --layers`")
+    parser.add_argument("--context", type=int, default=sizes.context, help="tokens per sequence, as `--context`")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = TrainConfig().gpt
+    config = TrainConfig(dim=args.dim, layers=args.layers, context=args.context).gpt
     predictions: dict[tuple[str, int, str], list[float]] = {c: [] for c in CONFIGURATIONS}
     for _ in range(args.profiles):
         for m in sorted({m for _, m, _ in CONFIGURATIONS}):

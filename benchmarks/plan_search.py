@@ -25,6 +25,7 @@ import torch
 from plan_measure import (
     Measured,
     Workload,
+    add_quiet_wait_flag,
     measure_plans,
     now,
     provenance,
@@ -49,6 +50,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="measured steps per run (after 2 warm-up steps)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--top", type=int, default=5)
+    sizes = TrainConfig()
+    parser.add_argument("--dim", type=int, default=sizes.dim, help="model width, as `conveyor train --dim`")
+    parser.add_argument("--layers", type=int, default=sizes.layers, help="blocks, as `conveyor train --layers`")
+    parser.add_argument("--context", type=int, default=sizes.context, help="tokens per sequence, as `--context`")
     parser.add_argument(
         "--profile-seconds", type=float, default=0.0, help="each profile's timed rounds last at least this long"
     )
@@ -57,13 +62,14 @@ def main() -> None:
         action="store_true",
         help="scale the predictions by how much slower the layers compute in a pipeline's rank (measured; gpt only)",
     )
+    add_quiet_wait_flag(parser)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.slowdown and args.model == "gpt2":
         parser.error("--slowdown is measured for a manual split's layers only (--model gpt)")
     torch.set_num_threads(1)
-    # conveyor train's model: 4 blocks, dim 256, 128 bytes of context
-    defaults = TrainConfig(model=args.model)
+    # conveyor train's model: 4 blocks, dim 256, 128 bytes of context unless the flags say otherwise
+    defaults = TrainConfig(model=args.model, dim=args.dim, layers=args.layers, context=args.context)
     workload = Workload(args.model, defaults.gpt2 if args.model == "gpt2" else defaults.gpt)
     started = now()
     profiles: dict[int, LayerProfile] = {}
@@ -71,7 +77,9 @@ def main() -> None:
 
     def profile_for(m: int) -> LayerProfile:
         if m not in profiles:
-            foreign[m] = wait_until_quiet()  # a profile taken while others compute would inflate every layer
+            foreign[m] = wait_until_quiet(
+                args.quiet_wait_s
+            )  # a profile taken while others compute would inflate every layer
             tokens = workload.tokens(-(-args.batch_size // m))
             p = profile_model(
                 workload.builder(),
@@ -96,7 +104,7 @@ def main() -> None:
     times = {"best": Measured(), "default": Measured()}
     loads = [os.getloadavg()]
     for _ in range(args.rounds):
-        measure_plans([best, default], workload, args.steps, [times["best"], times["default"]])
+        measure_plans([best, default], workload, args.steps, [times["best"], times["default"]], args.quiet_wait_s)
         loads.append(os.getloadavg())
     rows = []
     for name, plan in (("best", best), ("default", default)):
@@ -142,10 +150,10 @@ def main() -> None:
             "model": args.model,
             "ranking": [
                 {
-                    "schedule": p.schedule,
-                    "virtual": p.virtual,
-                    "microbatches": p.microbatches,
-                    "recompute": p.recompute,
+                    "schedule": p.spec.schedule,
+                    "virtual": p.spec.virtual,
+                    "microbatches": p.spec.microbatches,
+                    "recompute": p.spec.recompute,
                     "layers_per_stage": list(p.layers_per_stage),
                     "predicted_s": p.step_time,
                     "period_s": p.period,

@@ -2,7 +2,7 @@
 
 A profile runs each layer back to back in one process while the rest of the machine idles. In a pipeline
 nearly every compute follows a message, and the other rank computes the model's other layers at the same
-time, through the same caches and memory. On the 2-CPU VM of docs/benchmarks.md, a GPT's layers computed
+time, through the same caches and memory. On the 2-CPU VM of docs/benchmarks-log.md, a GPT's layers computed
 2-3 % slower after an exchange with a partner running a small matmul loop, and 7-18 % slower with a partner
 streaming through megabytes (a large matmul, a softmax over a vocabulary's logits): the factor depends on
 the work of both ranks, so it is measured with the model's own layers on both sides, here, rather than with

@@ -2,7 +2,7 @@
 late_recv.
 
 A send and a receive's post are not free on CPU: gloo starts the transfer in the calling thread, and its own
-network thread competes with the ranks' compute for the cores. On the 2-CPU VM of docs/benchmarks.md a send
+network thread competes with the ranks' compute for the cores. On the 2-CPU VM of docs/benchmarks-log.md a send
 kept its rank busy 0.3-0.5 ms on average and a post 0.2-0.8 ms, 12-63 ms per step of a 2-rank ZBV over both
 ranks, which a simulator that gave them no time left out of its prediction. So they are measured much as a
 pipeline incurs them: two spawned gloo ranks (one thread each), both computing between messages, exchange

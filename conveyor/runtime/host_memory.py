@@ -4,8 +4,8 @@ A training step frees most of what it allocated (activations, their gradients) a
 the next step. glibc's malloc gives such memory back to the system: it trims the top of its heap once more than
 a few MiB lie free there, and serves blocks above its mmap threshold from fresh mappings. Every step then faults
 the same pages in again. On this project's CPU machines that made pipeline steps measurably slower
-(docs/benchmarks.md, "Host memory"), and it made a profile charge the last block of a GPT-2 a third to a half
-more than its twins: that block's memory was the part handed back and faulted in again each time. torch's CUDA
+(docs/benchmarks.md, "Keeping freed host memory"), and it made a profile charge the last block of a GPT-2 a third
+to a half more than its twins: that block's memory was the part handed back and faulted in again each time. torch's CUDA
 caching allocator keeps freed blocks for reuse; this does the same for host memory.
 
 A `Pipeline` on the CPU calls `keep_freed_host_memory`, and so do the profilers, so a profile sees the

@@ -21,7 +21,7 @@ How that is kept depends on the backend:
   of its own. A group of their own would cost more than it saves: every gloo
   group runs a network thread that wakes every 10 ms, and on a machine with
   as many cores as ranks each wake-up pre-empts a rank's compute
-  (docs/benchmarks.md). Each transport opened on a group takes fresh tags, so
+  (docs/benchmarks-log.md). Each transport opened on a group takes fresh tags, so
   a receive left posted by an earlier pipeline (the next step's signature)
   never catches a later pipeline's message; and the tags start at FIRST_TAG,
   far above the small tags (0 by default) of the user's own messages on that

@@ -23,9 +23,10 @@ import sys
 
 import torch
 
-from conveyor.data import TextBatches, stdlib_source_bytes
-from conveyor.models import GPT, lm_loss
-from conveyor.train import TrainConfig
+from conveyor.data import Batches
+from conveyor.losses import causal_lm
+from conveyor.models import GPT
+from conveyor.train import TrainConfig, sequences
 
 SCHEDULES = ("1f1b", "pipedream", "pipedream-2bw")
 
@@ -47,18 +48,18 @@ def one_process_loss(config: TrainConfig, delayed: bool) -> float:
     update rule."""
     torch.set_num_threads(2)
     torch.manual_seed(0)  # the weights conveyor train's seed 0 gives every stage
-    model = GPT(config.gpt)
+    model = GPT(config.source.gpt_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    data = TextBatches(stdlib_source_bytes(), config.context, config.batch_size, seed=0)
+    data = Batches(sequences(config, config.source)[0], config.batch_size, seed=0)  # conveyor train's batches
     previous = copy.deepcopy(model)  # W(t - 1)
     losses = []
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate(step)
-        x, y = data.next()
+        x, y = next(data)
         used = previous if delayed else model
         used.zero_grad(set_to_none=True)
-        loss = lm_loss(used(x), y)
+        loss = causal_lm(used(x), y)
         loss.backward()
         if delayed:
             kept = copy.deepcopy(model)

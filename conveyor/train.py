@@ -165,11 +165,10 @@ class TrainConfig:
 
     def _check_settings(self, spec: PipelineSpec) -> None:
         settings = self.settings  # the loop's settings are checked there
-        if spec.asynchronous and settings.clip_grad_norm:
-            raise ValueError(
-                f"{self.schedule} updates inside a stream, between mini-batches no rank can meet at, so no"
-                " global gradient norm exists: --clip-grad-norm is for the synchronous schedules"
-            )
+        try:
+            settings.check_for(spec)
+        except ValueError as error:
+            raise ValueError(_settings_as_flags(str(error))) from None
         if self.resume and checkpoint.latest(self.checkpoint_dir) is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.checkpoint_dir}")
 

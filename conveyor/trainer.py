@@ -105,6 +105,14 @@ class TrainSettings:
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number of seconds; got {self.timeout_s}")
 
+    def check_for(self, spec: PipelineSpec) -> None:
+        """Refuse what `spec`'s pipeline cannot do with these settings."""
+        if spec.asynchronous and self.clip_grad_norm:
+            raise ValueError(
+                f"{spec.schedule} updates inside a stream, between mini-batches no rank can meet at, so no"
+                " global gradient norm exists: clip_grad_norm is for the synchronous schedules"
+            )
+
     def learning_rate(self, step: int) -> float | None:
         """The learning rate of step `step` (from 0): linear warm-up, then constant or cosine decay to min_lr."""
         if self.lr is None:
@@ -172,11 +180,7 @@ class Trainer:
     ) -> None:
         if settings.eval_every and eval_data is None:
             raise ValueError("settings.eval_every asks for evaluations: give eval_data")
-        if spec.asynchronous and settings.clip_grad_norm:
-            raise ValueError(
-                f"{spec.schedule} updates inside a stream, between mini-batches no rank can meet at, so no"
-                " global gradient norm exists: clipping is for the synchronous schedules"
-            )
+        settings.check_for(spec)
         self.spec, self.settings = spec, settings
         self.rank = dist.get_rank()
         self.device = _device_for(self.rank, settings.device)

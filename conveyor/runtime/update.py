@@ -143,12 +143,11 @@ class UpdatePolicy:
         if deferred is None:
             return
         self._updates += 1
-        finite = True
+        finite, bad_loss = True, False
         if self.loss_scale is not None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             loss_finite = loss is None or bool(torch.isfinite(loss).all())
             finite, bad_loss = self.loss_scale.unscale(grads, self.group, self.device, loss_finite)
-            self._guard_scale(finite, bad_loss, loss)
         if finite:
             if self._max_grad_norm is not None:
                 self.last_grad_norm = self.clip_grad_norm_(self._max_grad_norm)
@@ -159,6 +158,7 @@ class UpdatePolicy:
             self.last_grad_norm = torch.tensor(math.inf)
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
+            self._guard_scale(finite, bad_loss, loss)
 
     def _guard_scale(self, finite: bool, bad_loss: bool, loss: torch.Tensor | None) -> None:
         """float16 and the non-finite guard: a loss that is not finite, or overflows no scale cures, stop a run

@@ -9,11 +9,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
+import torch
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from .export import FORMATS, export_checkpoint
 from .launch import exit_rank, under_torchrun
-from .models import lm_loss
+from .models import GPT, lm_loss
+from .observe.profile import profile_stages
+from .observe.simulate import load_costs, save_costs, simulate
+from .observe.timeline import draw_timeline, spans_from_timing
+from .observe.transfers import measure_transfers, with_transfers
 from .plan.command import add_plan_parser, run_plan
 from .schedules import (
     RECOMPUTE,
@@ -25,6 +30,7 @@ from .schedules import (
     render_timeline,
     validate,
 )
+from .split import manual_split
 from .train import TrainConfig, read_config, train
 
 __all__ = ["main"]
@@ -163,14 +169,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _profile(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import torch
-
-    from .models import GPT
-    from .observe.profile import profile_stages
-    from .observe.simulate import save_costs
-    from .observe.transfers import measure_transfers, with_transfers
-    from .split import manual_split
-
     values = {k: getattr(args, k) for k in ("ranks", "schedule", "virtual", "microbatches", "batch_size", "context")}
     try:
         config = TrainConfig(**values, dim=args.dim, layers=args.layers, heads=args.heads, threads=args.threads)
@@ -263,8 +261,6 @@ def _list_schedules() -> None:
 
 
 def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .observe.simulate import load_costs, simulate
-
     try:
         if args.plot and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot draws with matplotlib: pip install 'conveyor[plot]'")
@@ -298,8 +294,6 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             if result.peak_weight_bytes is not None:
                 print(f"weight bytes     {[f'{b:.4g}' for b in result.peak_weight_bytes]}")
     if args.plot:
-        from .observe.timeline import draw_timeline, spans_from_timing
-
         title = f"{args.schedule}, {args.ranks} ranks, {args.microbatches} micro-batches (simulated)"
         path = draw_timeline(spans_from_timing(program, result.timing), args.plot, title)
         print(f"timeline written to {path}", file=sys.stderr)

@@ -26,7 +26,6 @@ from torch.utils.data import Dataset
 __all__ = ["Batches", "decode_state", "encode_state", "fixed_batches"]
 
 
-
 class Batches:
     """An endless stream of (inputs, targets) mini-batches (see the module's docstring)."""
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..data.text_files import ByteTokenizer, Tokenizer
 from .gpt import GPT, GPTConfig
-from .gpt2 import gpt2_lm, sized_gpt2_config
+from .gpt2 import gpt2_lm, parse_overrides, sized_gpt2_config
 
 __all__ = ["BUILT_IN", "ModelSource"]
 
@@ -198,8 +198,6 @@ class ModelSource:
             sizes = {"dim": gpt.dim, "layers": gpt.layers, "heads": gpt.heads, "context": gpt.context}
             return {"model": self.name, **sizes, "vocabulary": gpt.vocab_size}
         if self.kind == "gpt2":
-            from .gpt2 import parse_overrides
-
             config = self.hf_config()
             sizes = {
                 "dim": config.n_embd,

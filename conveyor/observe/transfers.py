@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from ..launch import spawn
 from ..runtime.host_memory import keep_freed_host_memory
 from ..runtime.transport import Transport
 from .simulate import CostModel
@@ -70,8 +72,6 @@ def measure_transfers(nbytes: int, rounds: int = ROUNDS, timeout_s: float = 120)
     Means, not medians, for the send and the post: their slow instances (several times the median, under
     contention) add up along a step's critical path as the median does not. Takes about `rounds` x 20 ms.
     """
-    from ..launch import spawn
-
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         spawn(_exchange, 2, (nbytes, rounds, out.name), timeout_s=timeout_s)
         data = json.loads(Path(out.name).read_text())
@@ -79,8 +79,6 @@ def measure_transfers(nbytes: int, rounds: int = ROUNDS, timeout_s: float = 120)
 
 
 def _exchange(rank: int, world: int, nbytes: int, rounds: int, out: str) -> None:
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     keep_freed_host_memory()  # as a Pipeline does
     forward, backward = ("act", 0, 1), ("grad", 0, 1)  # rank 0 sends activations, rank 1 gradients back

@@ -9,6 +9,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
+from ..models import GPT, GPTConfig, lm_loss
+from ..models.gpt2 import gpt2_lm, logits_loss, sized_gpt2_config
 from ..observe.profile import OPTIMIZER_STATES, LayerProfile
 from ..observe.transfers import TransferCosts
 from ..schedules import RECOMPUTE, SCHEDULES, PipelineSpec, build_schedule
@@ -100,8 +104,6 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import torch
-
     if args.profile_seconds < 0:
         parser.error(f"--profile-seconds must be at least 0; got {args.profile_seconds}")
     if min(args.layers, args.batch_size, args.ranks, args.repeats, args.heads) < 1 or args.dim % args.heads:
@@ -192,13 +194,9 @@ class _Model:
 
 def _model(args: argparse.Namespace) -> _Model:
     if args.model == "gpt2":
-        from ..models.gpt2 import gpt2_lm, logits_loss, sized_gpt2_config
-
         config = sized_gpt2_config(args.dim, args.layers, args.heads, args.context, args.model_config)
         build = gpt2_lm(config)
         return _Model(build, logits_loss, "traced", config.vocab_size, traced_fingerprint(build))
-    from ..models import GPT, GPTConfig, lm_loss
-
     gpt = GPTConfig(context=args.context, dim=args.dim, layers=args.layers, heads=args.heads)
 
     def build_gpt() -> Any:

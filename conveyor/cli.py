@@ -270,6 +270,7 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"period           {result.period:.6g} (steady state: steps back to back, nothing global between)")
             print(f"period bubble    {result.period_bubble_fraction:.4f} (of the period)")
         print(f"peak activations {result.peak_activations} (micro-batches, per rank)")
+        print(f"peak, full-size  {result.peak_full_stages:.4g} (busiest rank, in micro-batches of a 1/P share)")
         if result.peak_activation_bytes is not None:
             print(f"peak bytes       {[f'{b:.4g}' for b in result.peak_activation_bytes]}")
         if program.asynchronous:

@@ -124,6 +124,15 @@ class Simulation:
         return _period(self.program, self.costs)
 
     @property
+    def peak_full_stages(self) -> float:
+        """The busiest rank's peak activations in micro-batches of a full-size stage, a 1/P share of the model
+        (1F1B's stage on P ranks): `peak_activations` times P / stages. With v stages per rank each stage
+        holds 1/v of a rank's share, so a micro-batch's activations there are 1/v as large (equal layers)."""
+        if self.program is None or not self.peak_activations:
+            return float(max(self.peak_activations, default=0))
+        return max(self.peak_activations) * self.program.num_ranks / self.program.num_stages
+
+    @property
     def period_bubble_fraction(self) -> float:
         """Mean idle share of `period` over ranks: (period - busy) / period; the zero-bubble papers' bubble."""
         return _bubble(self.period, self.busy)
@@ -136,6 +145,7 @@ class Simulation:
             "step_time": self.step_time,
             "bubble_fraction": self.bubble_fraction,
             "peak_activations": self.peak_activations,
+            "peak_full_stages": self.peak_full_stages,
             "peak_activation_bytes": self.peak_activation_bytes,
             "weight_versions": self.weight_versions,
             "staleness": self.staleness,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .actions import Action, Channel, Kind, Link, Program, parse_action, parse_actions
+from .building_block import Block, v_block, v_half, v_min, v_schedule
 from .catalog import SCHEDULES, ScheduleInfo, build_schedule, schedule_info
 from .dualpipe import dualpipev
 from .gpipe import gpipe
@@ -25,6 +26,7 @@ from .zero_bubble import zb_h1, zb_h2, zbv
 
 __all__ = [
     "Action",
+    "Block",
     "DeadlockError",
     "Edge",
     "Kind",
@@ -60,6 +62,10 @@ __all__ = [
     "render_timeline",
     "schedule_info",
     "split_backwards",
+    "v_block",
+    "v_half",
+    "v_min",
+    "v_schedule",
     "validate",
     "versions_from_steps",
     "versions_held",

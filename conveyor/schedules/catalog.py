@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .actions import Program
+from .building_block import v_half, v_min
 from .dualpipe import dualpipev
 from .gpipe import gpipe
 from .graph import StageGraph
@@ -139,6 +140,26 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             "m >= 2P-1",
             "2P (= P full-size)",
             "0 for m >= 2P-1",
+            default_virtual=2,
+            allowed_virtual=(2,),
+        ),
+        ScheduleInfo(
+            "v-half",
+            _single(v_half),
+            "2, V-shape, split backward",
+            "any m >= 1",
+            "2 min(m, floor((P+2)/2)) (half of it full-size)",
+            "about half 1F1B's; `conveyor simulate` tells",
+            default_virtual=2,
+            allowed_virtual=(2,),
+        ),
+        ScheduleInfo(
+            "v-min",
+            _single(v_min),
+            "2, V-shape, split backward",
+            "any m >= 1",
+            "2 min(m, floor((P+4)/3)) (half of it full-size)",
+            "about 2/3 of 1F1B's (more if F, B, W differ)",
             default_virtual=2,
             allowed_virtual=(2,),
         ),

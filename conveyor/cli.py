@@ -15,7 +15,7 @@ from .launch import exit_rank, under_torchrun
 from .models import lm_loss
 from .pipeline import RECOMPUTE
 from .plan.command import add_plan_parser, run_plan
-from .schedules import SCHEDULES, Program, build_schedule, render_steps, render_timeline, validate
+from .schedules import SCHEDULES, Program, build_schedule, offload_stages, render_steps, render_timeline, validate
 from .train import MODELS, TrainConfig, export_checkpoint, read_config, train
 
 __all__ = ["main"]
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--microbatches", type=int, default=8)
     show.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     _stream_flags(show, default=2)
+    show.add_argument("--offload", default="none", help="stages that offload activations: none, all or 0,1")
 
     plan_parser = add_plan_parser(commands, defaults)
 
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--microbatches", type=int, required=True)
     sim.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     _stream_flags(sim, default=4)
+    sim.add_argument("--offload", default="none", help="stages that offload activations: none, all or 0,1")
     sim.add_argument(
         "--costs",
         default="f=1,b=1,w=1,comm=0",
@@ -217,7 +219,10 @@ def _replica_counts(text: str) -> tuple[int, ...]:
 
 def _program(args: argparse.Namespace) -> Program:
     """The program `show` and `simulate` look at: a stream of mini-batches for an asynchronous schedule."""
-    if SCHEDULES[args.schedule].asynchronous:
+    info = SCHEDULES[args.schedule]
+    stages = len(args.replicas) if args.replicas else args.ranks * (args.virtual or info.default_virtual)
+    offload = offload_stages(args.offload, stages)
+    if info.asynchronous:
         return build_schedule(
             args.schedule,
             args.ranks,
@@ -226,8 +231,11 @@ def _program(args: argparse.Namespace) -> Program:
             mini_batches=args.minibatches,
             vertical_sync=args.vertical_sync,
             replicas=args.replicas,
+            offload=offload,
         )
-    return build_schedule(args.schedule, args.ranks, args.microbatches, args.virtual, replicas=args.replicas)
+    return build_schedule(
+        args.schedule, args.ranks, args.microbatches, args.virtual, replicas=args.replicas, offload=offload
+    )
 
 
 def _list_schedules() -> None:

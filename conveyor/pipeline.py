@@ -25,6 +25,7 @@ from .runtime.microbatch import (
     split_microbatches,
     tensors_in,
 )
+from .runtime.offload import offloaded_stages
 from .runtime.shared import SharedGradients, shared_channels
 from .runtime.stage import LossFn, MicrobatchResult, Stage
 from .runtime.stage_io import StageIO
@@ -68,6 +69,10 @@ class Pipeline:
     "all-but-last-stage" spares the last stage, whose backward follows its
     forward at once. `track_memory` counts the bytes each stage holds for
     backward (`Stage.peak_held_bytes`), at a small cost per forward.
+    `offload` ("none", "all" or stage indices) moves what those stages save
+    for backward to host memory between a micro-batch's forward and its
+    backward, where the schedule leaves at least three computes between them
+    (OFFLOAD and RELOAD actions in the program: `runtime/offload.py`).
 
     `autocast=torch.bfloat16` runs every forward, its replay and the loss
     under `torch.autocast` (mixed precision: fp32 weights, gradients and
@@ -120,6 +125,7 @@ class Pipeline:
         schedule: str = "1f1b",
         optimizer: OptimizerFactory | None = None,
         recompute: str = "none",
+        offload: str | Sequence[int] = "none",
         track_memory: bool = False,
         autocast: torch.dtype | None = None,
         weight_stashing: bool = True,
@@ -187,6 +193,7 @@ class Pipeline:
         self._replicas = None if replicas is None else tuple(replicas)
         self._num_ranks = ranks
         self.num_microbatches = num_microbatches
+        self._offload = offloaded_stages(offload, total, recompute)
         self.program: Program = self._build()
         local = self.program.stages_of(self.rank)
         modules = self._local_modules(model, split, local, schedule)
@@ -307,6 +314,7 @@ class Pipeline:
             graph=self.graph,
             vertical_sync=self._vertical_sync,
             replicas=self._replicas,
+            offload=self._offload,
             **kwargs,
         )
 

@@ -62,6 +62,9 @@ class TrainConfig:
         " D-th micro-batch of the mini-batch; they all-reduce their gradients before each step (gpipe, 1f1b)",
     )
     recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
+    offload: str = _option(
+        "none", "activation offload to host memory between forward and backward: none, all, or stages like 0,1"
+    )
     precision: str = _option(
         "fp32",
         "fp32; bf16: forwards and the loss under bfloat16 autocast (fp32 weights); fp16: float16 autocast with a"
@@ -401,6 +404,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         loss_fn=loss_fn,
         schedule=config.schedule,
         recompute=config.recompute,
+        offload=config.offload,
         autocast=PRECISIONS[config.precision],
         vertical_sync=config.vertical_sync,
         weight_stashing=config.weight_stashing,

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..schedules import Action, Edge, Kind, Link, Program, split_backwards
+from ..schedules import Action, Edge, Kind, Link, Program, offloaded, split_backwards
 from .shared import SharedGradients
 from .stage import Stage
 from .stage_io import FORWARD_ONLY, TRAINING, StageIO
@@ -105,6 +105,7 @@ class Executor:
         self._inputs, self._targets, self._weights = inputs, targets, loss_weights
         self._keep_outputs = keep_outputs
         self._split = split_backwards(program)
+        self._offloaded = offloaded(program)
         # Keys name the edge's two ends in forward order: ("act", src, dst, mb) travels src -> dst,
         # ("grad", src, dst, mb) the gradient of dst's inputs back to src.
         self._handoff: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
@@ -142,6 +143,10 @@ class Executor:
             self._backward(s, mb)
         elif kind is Kind.WEIGHT:
             self.stages[s].weight(mb)
+        elif kind is Kind.OFFLOAD:
+            self.stages[s].offload(mb)
+        elif kind is Kind.RELOAD:
+            self.stages[s].reload(mb)
         elif kind.is_send:
             self.io.send(action.link, mb, self._to_send.pop((*action.link, mb)))
         elif kind is Kind.RECV_F:
@@ -164,9 +169,12 @@ class Executor:
             target, weight = self._targets[mb], self._weights[mb]
         elif stage.is_last and not self._program.forward_only:
             raise AssertionError("the last stage's rank must be given targets")
-        run = stage.infer if self._program.forward_only else stage.forward
         keep = self._keep_outputs or (self._program.forward_only and target is None)
-        outputs = run(mb, inputs, target, 1.0 if weight is None else weight, keep)
+        loss_weight = 1.0 if weight is None else weight
+        if self._program.forward_only:
+            outputs = stage.infer(mb, inputs, target, loss_weight, keep)
+        else:
+            outputs = stage.forward(mb, inputs, target, loss_weight, keep, offload=(s, mb) in self._offloaded)
         for edge in self._program.graph.out_edges(s):
             values = outputs if edge.values is None else [outputs[v] for v in edge.values]
             key = ("act", s, edge.dst, mb)

@@ -10,6 +10,7 @@ from .gpipe import gpipe
 from .graph import Edge, StageGraph, Tie
 from .interleaved import interleaved_1f1b, looped_bfs
 from .lowering import forward_only, fuse_backwards, insert_reductions, insert_transfers, lower, prefetch_receives
+from .offload import insert_offloads, offload_stages, offloaded
 from .one_f_one_b import one_f_one_b
 from .pipedream import (
     noam,
@@ -46,10 +47,13 @@ __all__ = [
     "gpipe",
     "insert_reductions",
     "insert_transfers",
+    "insert_offloads",
     "interleaved_1f1b",
     "looped_bfs",
     "lower",
     "noam",
+    "offload_stages",
+    "offloaded",
     "one_f_one_b",
     "parse_action",
     "parse_actions",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
 from .actions import Program
@@ -220,6 +220,7 @@ def build_schedule(
     mini_batches: int = 1,
     vertical_sync: bool = False,
     replicas: Sequence[int] | None = None,
+    offload: Collection[int] = (),
 ) -> Program:
     """The lowered, validated program of schedule `name` on `num_ranks` ranks, ready for the executor.
 
@@ -232,7 +233,9 @@ def build_schedule(
     stream of `mini_batches` mini-batches without a flush between them;
     `vertical_sync` has every stage use the weight version the input stage used.
     `replicas` (1F1B-RR) holds stage s on replicas[s] ranks, which take its
-    micro-batches round-robin; they add up to `num_ranks`.
+    micro-batches round-robin; they add up to `num_ranks`. The stages in
+    `offload` move their activations to host memory between forward and
+    backward (`schedules/offload.py`).
     """
     info = schedule_info(name)
     v = info.default_virtual if virtual is None else virtual
@@ -264,6 +267,6 @@ def build_schedule(
         generated = replace(generated, graph=graph)
     if forward_only:
         generated = drop_backwards(generated)
-    program = lower(generated, prefetch=prefetch)
+    program = lower(generated, prefetch=prefetch, offload=offload)
     validate(program)
     return program

@@ -304,7 +304,7 @@ def _peak_memory(
 
     A forward's activations count from its end to the end of its backward (W, if split); an offload's from
     the end of its copy to the start of its reload, when (its `offload_bytes` of) them are in host memory.
-    Events at one time count in program order, the ends of copies last.
+    Events at one time count in program order, the ends of copies still running after their action last.
     """
     known_bytes = all(costs.of(s).activation_bytes is not None for s in range(program.num_stages))
     peaks: list[int] = []
@@ -322,7 +322,11 @@ def _peak_memory(
             elif action.kind is releases:
                 events.append((timing.end[rank][index], index, -1, -whole))
             elif action.kind is Kind.OFFLOAD:
-                events.append((timing.copies[rank][index][1], len(actions) + index, -1, -moved))
+                # A copy done when its action ends (the rank copied) frees in program order; one that ends on the
+                # copy stream meanwhile frees after whatever else happens at that moment.
+                done = timing.copies[rank][index][1]
+                late = done > timing.end[rank][index]
+                events.append((done, len(actions) + index if late else index, -1, -moved))
             elif action.kind is Kind.RELOAD:
                 events.append((timing.start[rank][index], index, 1, moved))
         held, held_bytes, most, most_bytes = 0, 0.0, 0, 0.0

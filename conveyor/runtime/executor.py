@@ -64,6 +64,9 @@ class Executor:
         self.optimizer_step = optimizer_step
         self.shared = shared
         self.tracer: Tracer | None = None
+        self.peak_held_bytes = 0
+        """With stages that track memory: the most bytes this rank's stages held for backward at once (after any
+        action), the rank's peak; a sum of the stages' own peaks overstates it where they peak apart (a V)."""
 
     def run(
         self,
@@ -116,6 +119,7 @@ class Executor:
                 stage.versions.begin(program, actions)
         self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING, uniform, options)
         tracer = self.tracer
+        tracked = [stage for stage in self.stages.values() if stage.track_memory]
         for action in actions:
             if tracer is None:
                 self._do(action)
@@ -123,6 +127,8 @@ class Executor:
                 tracer.action_started(action)
                 self._do(action)
                 tracer.action_ended(action)
+            if tracked:
+                self.peak_held_bytes = max(self.peak_held_bytes, sum(stage.held_bytes for stage in tracked))
             yield action
         self.io.end_step()
         assert not self._to_send and not self._handoff, "a result was produced but never used"

@@ -122,7 +122,7 @@ class Stage:
         """
         if mb in self._stash or mb in self._weight_work:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
-        counter = _SavedBytes(self.module, tensors_in(inputs)) if self.track_memory else None
+        counter = _SavedBytes(self.module, tensors_in(inputs), tensors_in(target)) if self.track_memory else None
         weights = self.versions.forward_tensors(mb) if self.versions is not None else None
         hooks: contextlib.AbstractContextManager[Any] = counter or contextlib.nullcontext()
         if offload:  # one set of hooks runs at a time: the offload's, which shows the counter what it saves
@@ -331,13 +331,13 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     """Counts the bytes a forward keeps for backward: saved tensors, inputs and outputs, parameters excepted.
 
     Each storage counts once. A micro-batch of the first stage is a view of
-    the whole batch's storage, so for storages of the inputs only the viewed
-    bytes count.
+    the whole batch's storage, and the last stage's target of the targets', so
+    for storages of the inputs (and the target) only the viewed bytes count.
     """
 
-    def __init__(self, module: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    def __init__(self, module: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> None:
         self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        self._inputs = {t.untyped_storage().data_ptr() for t in inputs}
+        self._inputs = {t.untyped_storage().data_ptr() for t in [*inputs, *targets]}  # counted by the bytes viewed
         self._counted: dict[tuple[int, int], int] = {}
         for tensor in inputs:
             self._count(tensor)

@@ -269,8 +269,9 @@ class TrainConfig:
             )
         micro = -(-self.batch_size // self.microbatches)
         plan.check_settings(
-            self.schedule, self.pipeline_ranks, self.stages_per_rank, self.microbatches, self.recompute, micro
-        )
+            self.schedule, self.pipeline_ranks, self.stages_per_rank, self.microbatches, self.recompute, micro,
+            self.offload,
+        )  # fmt: skip
         # A plan made for another model is refused here, before any rank starts.
         if self.model == "gpt2":
             from .models.gpt2 import gpt2_lm

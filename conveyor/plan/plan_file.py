@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..observe.transfers import TransferCosts
+from ..schedules import offload_stages
 from ..split import Split, manual_split
 from ..split.traced import trace_split
 from .layers import fingerprint, traced_fingerprint
@@ -67,6 +68,8 @@ class Plan:
     """How the model is cut: "manual" (`manual_split`) or "traced" (`trace_split`), as its profile was."""
     transfers: TransferCosts | None = None
     """What the prediction charged each message between ranks (None: nothing, they were not measured)."""
+    offload: str = "none"
+    """The stages that offload activations to host memory, as `conveyor train --offload` takes them."""
 
     @property
     def num_stages(self) -> int:
@@ -98,12 +101,37 @@ class Plan:
             )
 
     def check_settings(
-        self, schedule: str, ranks: int, virtual: int, microbatches: int, recompute: str, microbatch_size: int
+        self,
+        schedule: str,
+        ranks: int,
+        virtual: int,
+        microbatches: int,
+        recompute: str,
+        microbatch_size: int,
+        offload: str = "none",
     ) -> None:
         """Refuse settings other than the plan's (the largest micro-batch's size included), naming the flags."""
-        names = ("schedule", "ranks", "virtual", "microbatches", "recompute", "microbatch_size")
-        ours = (self.schedule, self.ranks, self.virtual, self.microbatches, self.recompute, self.microbatch_size)
-        theirs = (schedule, ranks, virtual, microbatches, recompute, microbatch_size)
+        names = ("schedule", "ranks", "virtual", "microbatches", "recompute", "microbatch_size", "offload")
+        ours = (
+            self.schedule,
+            self.ranks,
+            self.virtual,
+            self.microbatches,
+            self.recompute,
+            self.microbatch_size,
+            self.offload,
+        )
+        # The same stages offload however they are written ("all", "0,1,2,3", "1,0").
+        same_offload = _offloaded(offload, self.num_stages) == _offloaded(self.offload, self.num_stages)
+        theirs = (
+            schedule,
+            ranks,
+            virtual,
+            microbatches,
+            recompute,
+            microbatch_size,
+            self.offload if same_offload else offload,
+        )
         differ = [k for k, a, b in zip(names, ours, theirs, strict=True) if a != b]
         if differ:
             flags = {k: a for k, a in zip(names, ours, strict=True)}
@@ -115,6 +143,13 @@ class Plan:
             )
             got = ", ".join(f"{k.replace('_', ' ')} {b}" for k, b in zip(names, theirs, strict=True) if k in differ)
             raise ValueError(f"the plan {self.schedule} was made for other settings ({got} given): use {wanted}")
+
+
+def _offloaded(spec: str, num_stages: int) -> frozenset[int] | str:
+    try:
+        return offload_stages(spec, num_stages)
+    except ValueError:
+        return spec  # differs from any valid setting; train itself says what is wrong with it
 
 
 def split_with_plan(

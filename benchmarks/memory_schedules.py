@@ -226,6 +226,7 @@ def _environment(config: Config) -> dict[str, Any]:
         "torch": torch.__version__,
         "commit": commit.stdout.strip() + (" (modified)" if dirty.stdout.strip() else ""),
         "config": config.__dict__,
+        "load_average": os.getloadavg(),  # at the end of the run: other work on the machine skews the step times
     }
 
 
@@ -237,7 +238,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     config = Config(**{k: getattr(args, k) for k in defaults.__dict__})
+    load_before = os.getloadavg()
     results = run(config)
+    print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} (1 min)")
     print(
         f"{config.ranks} ranks, {config.microbatches} micro-batches of {config.rows} x {config.dim},"
         f" {config.num_blocks} blocks, {config.device}"
@@ -256,7 +259,8 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"environment": _environment(config), "results": results}, file, indent=2)
+            environment = {**_environment(config), "load_average_before": load_before}
+            json.dump({"environment": environment, "results": results}, file, indent=2)
 
 
 if __name__ == "__main__":

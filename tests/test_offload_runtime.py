@@ -152,3 +152,20 @@ def test_recompute_and_offload_on_one_stage_are_refused() -> None:
         offloaded_stages("all", 3, "all-but-last-stage")
     with pytest.raises(ValueError, match="stages \\[1\\] would both recompute and offload"):
         offloaded_stages("1", 3, "full")
+
+
+def test_the_last_stage_leaves_the_callers_targets_where_they_are() -> None:
+    """A target is a view of the mini-batch's targets, which the caller holds: moving it would free nothing."""
+    targets = torch.randn(64, 4)
+    stage = Stage(nn.Linear(4, 4), 1, 2, loss_fn=F.mse_loss, track_memory=True)
+    x = torch.randn(8, 4, requires_grad=True)
+    stage.forward(0, [x], targets[:8], offload=True)
+    store = stage._offloads
+    assert store is not None
+    assert targets.untyped_storage().data_ptr() not in store._records[0].storages
+    held = stage.held_bytes
+    stage.offload(0)
+    assert 0 <= stage.held_bytes < held
+    stage.reload(0)
+    stage.backward(0)
+    assert stage.held_bytes == 0

@@ -126,7 +126,8 @@ class Stage:
         weights = self.versions.forward_tensors(mb) if self.versions is not None else None
         hooks: contextlib.AbstractContextManager[Any] = counter or contextlib.nullcontext()
         if offload:  # one set of hooks runs at a time: the offload's, which shows the counter what it saves
-            kept = [*tensors_in(inputs), *(weights or {}).values()]  # held for backward anyway
+            # Held anyway: the inputs (the first stage's and the target are views of the caller's batches), weights.
+            kept = [*tensors_in(inputs), *tensors_in(target), *(weights or {}).values()]
             hooks = self._offload_store().saving(mb, kept, counter._pack if counter else None)
         with torch.enable_grad(), hooks, self._autocast():
             if self.recompute:  # the replay during backward runs with the same weights and autocast state

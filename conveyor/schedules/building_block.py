@@ -79,11 +79,11 @@ def v_block(num_ranks: int, spacing: int) -> Block:
                 held = max(_peaks(_repeat(block, 2 * num_ranks + 2)).values())
                 candidates.append((held, top + bottom, top, block))
     if not candidates:
-        fitting = [s for s in range(1, PERIOD) if s != spacing and _fits(num_ranks, s)]
+        fitting = [str(s) for s in range(1, PERIOD) if s != spacing and _fits(num_ranks, s)]
+        choices = fitting[0] if len(fitting) == 1 else f"{', '.join(fitting[:-1])} or {fitting[-1]}"
         raise ValueError(
             f"no V-shaped block with spacing {spacing} fits {num_ranks} ranks: some rank's forward and backward"
-            f" passes fall on the same slot of every period, whatever the gaps; use spacing"
-            f" {', '.join(map(str, fitting[:-1]))} or {fitting[-1]}"
+            f" passes fall on the same slot of every period, whatever the gaps; use spacing {choices}"
         )
     return min(candidates, key=lambda c: c[:3])[3]
 

@@ -220,7 +220,11 @@ def run(config: Config) -> dict[str, Any]:
 
 def _environment(config: Config) -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "conveyor", "benchmarks"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "conveyor", "benchmarks"],
+        capture_output=True,
+        text=True,
+    )
     return {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -10,10 +10,13 @@ each schedule and each memory option:
   mixed       every stage but the last recomputes, and the last offloads
 
 Measured: the most bytes a rank's stages hold for backward at once (`track_memory`, the executor's
-`peak_held_bytes`), the busiest rank's; and the step time (median over rounds x steps; a step is a barrier,
-the pipeline step and an SGD step, timed on the slowest rank). Predicted: the simulator's peak bytes per rank
-for the same lowered program, with each stage's bytes per micro-batch (and the bytes an offload moves)
-measured by running one micro-batch through a fresh copy of that stage; copies keep the rank busy, as on CPU.
+`peak_held_bytes`), the busiest rank's; the step time (median and fastest over rounds x steps; a step is a
+barrier, the pipeline step and an SGD step, timed on the slowest rank); and the CPU time of the busiest
+rank's process per step (median), which other work on a shared machine does not stretch as it stretches
+the wall time: on a CPU it is what a schedule's work, its split backwards and its copies cost. Predicted: the
+simulator's peak bytes per rank for the same lowered program, with each stage's bytes per micro-batch (and
+the bytes an offload moves) measured by running one micro-batch through a fresh copy of that stage; copies
+keep the rank busy, as on CPU.
 Ratios are to 1f1b's plain run. Configurations run round-robin, so a drifting machine hits them alike.
 
     python benchmarks/memory_schedules.py                       # 2 ranks
@@ -139,19 +142,23 @@ def _rank(rank: int, world: int, config: Config, out: str) -> None:
                     device=device,
                     **_options(name, option, stages),
                 )
-                times = []
+                times, cpu = [], []
                 for step in range(config.warmup + config.steps):
                     dist.barrier()
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     pipe.step(x, y)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
-                    elapsed = torch.tensor([time.perf_counter() - start])
+                    # Wall time of the slowest rank, and the CPU time of the busiest: what the step's work
+                    # costs, which other processes on a shared machine do not stretch.
+                    elapsed = torch.tensor([time.perf_counter() - start, time.process_time() - start_cpu])
                     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                     if step >= config.warmup:
-                        times.append(float(elapsed))
-                run = runs.setdefault(key, {"times": [], "peak": 0})
+                        times.append(float(elapsed[0]))
+                        cpu.append(float(elapsed[1]))
+                run = runs.setdefault(key, {"times": [], "cpu": [], "peak": 0})
                 run["times"] += times
+                run["cpu"] += cpu
                 run["peak"] = max(run["peak"], pipe.executor.peak_held_bytes)
                 if device.type == "cuda":
                     run["allocated"] = torch.cuda.max_memory_allocated(device)
@@ -202,6 +209,7 @@ def run(config: Config) -> dict[str, Any]:
             "predicted_bytes": predicted,
             "step_ms": 1e3 * statistics.median(per_rank[0][key]["times"]),
             "step_ms_min": 1e3 * min(per_rank[0][key]["times"]),
+            "cpu_ms": 1e3 * statistics.median(per_rank[0][key]["cpu"]),
             "step_ms_all": [1e3 * t for t in per_rank[0][key]["times"]],
             "offloaded_microbatches": sum(r[key]["offloaded"] for r in per_rank),
             "per_microbatch": per_microbatch,
@@ -215,6 +223,7 @@ def run(config: Config) -> dict[str, Any]:
         result["ratio_error"] = result["measured_ratio"] / result["predicted_ratio"] - 1
         result["step_vs_1f1b"] = result["step_ms"] / base["step_ms"]
         result["min_step_vs_1f1b"] = result["step_ms_min"] / base["step_ms_min"]
+        result["cpu_vs_1f1b"] = result["cpu_ms"] / base["cpu_ms"]
     return results
 
 
@@ -253,15 +262,16 @@ def main() -> None:
     )
     print(
         "| schedule | option | measured MiB (busiest rank) | predicted MiB | ratio to 1f1b measured | predicted"
-        " | ratio error | ms/step median (min) | vs 1f1b median (min) |"
+        " | ratio error | ms/step median (min) | vs 1f1b median (min) | CPU ms/step | vs 1f1b |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, r in results.items():
         name, option = key.split("/")
         print(
             f"| {name} | {option} | {max(r['measured_bytes']) / 2**20:.2f} | {max(r['predicted_bytes']) / 2**20:.2f}"
             f" | {r['measured_ratio']:.3f} | {r['predicted_ratio']:.3f} | {r['ratio_error']:+.1%}"
-            f" | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}) | {r['step_vs_1f1b']:.3f} ({r['min_step_vs_1f1b']:.3f}) |"
+            f" | {r['step_ms']:.1f} ({r['step_ms_min']:.1f}) | {r['step_vs_1f1b']:.3f} ({r['min_step_vs_1f1b']:.3f})"
+            f" | {r['cpu_ms']:.1f} | {r['cpu_vs_1f1b']:.3f} |"
         )
     if args.json:
         with open(args.json, "w") as file:

@@ -70,6 +70,18 @@ class Config:
     warmup: int = 1
     rounds: int = 3
     device: str = "cpu"
+    schedules: str = ",".join(SCHEDULE_NAMES)
+    """The schedules to run, by name, comma-separated (1f1b always: the ratios are to it)."""
+    options: str = ",".join(OPTIONS)
+    """The memory options to run (plain always)."""
+
+    @property
+    def schedule_names(self) -> list[str]:
+        return list(dict.fromkeys(["1f1b", *self.schedules.split(",")]))
+
+    @property
+    def option_names(self) -> list[str]:
+        return list(dict.fromkeys(["plain", *self.options.split(",")]))
 
     @property
     def num_blocks(self) -> int:
@@ -125,9 +137,9 @@ def _rank(rank: int, world: int, config: Config, out: str) -> None:
     y = torch.randn(batch, config.dim, generator=g).to(device)
     runs: dict[str, dict[str, Any]] = {}
     for _ in range(config.rounds):
-        for name in SCHEDULE_NAMES:
+        for name in config.schedule_names:
             stages = world * SCHEDULES[name].default_virtual
-            for option in OPTIONS:
+            for option in config.option_names:
                 key = f"{name}/{option}"
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)

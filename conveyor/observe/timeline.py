@@ -20,8 +20,8 @@ COLOURS = {
     "B": "#fd8d3c",
     "W": "#74c476",
     "RD": "#9e9ac8",
-    "OF": "#fdd0a2",
-    "RL": "#c7e9c0",
+    "OF": "#e7298a",
+    "RL": "#a6761d",
     "wait": "#d9d9d9",
 }
 

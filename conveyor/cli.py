@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     show.add_argument("--microbatches", type=int, default=8)
     show.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     _stream_flags(show, default=2)
+    show.add_argument("--offload", default="none", help="stages that offload activations: none, all or 0,1")
 
     plan_parser = add_plan_parser(commands, defaults)
 
@@ -115,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--microbatches", type=int, required=True)
     sim.add_argument("--virtual", type=int, help="stages per rank (default: the schedule's)")
     _stream_flags(sim, default=4)
+    sim.add_argument("--offload", default="none", help="stages that offload activations: none, all or 0,1")
     sim.add_argument(
         "--costs",
         default="f=1,b=1,w=1,comm=0",
@@ -242,6 +244,7 @@ def _program(args: argparse.Namespace) -> Program:
         args.virtual or 0,
         replicas=args.replicas,
         vertical_sync=args.vertical_sync,
+        offload=args.offload,
     )
     return build_schedule(spec, mini_batches=args.minibatches if spec.asynchronous else 1)
 
@@ -284,6 +287,7 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"period           {result.period:.6g} (steady state: steps back to back, nothing global between)")
             print(f"period bubble    {result.period_bubble_fraction:.4f} (of the period)")
         print(f"peak activations {result.peak_activations} (micro-batches, per rank)")
+        print(f"peak, full-size  {result.peak_full_stages:.4g} (busiest rank, in micro-batches of a 1/P share)")
         if result.peak_activation_bytes is not None:
             print(f"peak bytes       {[f'{b:.4g}' for b in result.peak_activation_bytes]}")
         if program.asynchronous:

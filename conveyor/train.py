@@ -70,6 +70,9 @@ class TrainConfig:
         " D-th micro-batch of the mini-batch; they all-reduce their gradients before each step (gpipe, 1f1b)",
     )
     recompute: str = _option("none", "re-materialization: none, full or all-but-last-stage")
+    offload: str = _option(
+        "none", "activation offload to host memory between forward and backward: none, all, or stages like 0,1"
+    )
     precision: str = _option(
         "fp32",
         "fp32; bf16: forwards and the loss under bfloat16 autocast (fp32 weights); fp16: float16 autocast with a"
@@ -212,6 +215,7 @@ class TrainConfig:
                 replicas=self.replica_counts,
                 dp=self.dp,
                 recompute=self.recompute,
+                offload=self.offload,
                 precision=self.precision,
                 vertical_sync=self.vertical_sync,
                 weight_stashing=self.weight_stashing,

@@ -6,7 +6,11 @@
 # 2. `conveyor train --device cuda` both ways, to compare with the same runs on CPU, and with bf16, fp16
 #    and --dp 2;
 # 3. the rest of the suite under that machine's torch (it may be older than the one CI uses),
-#    with the CUDA cases other files hold (dropout replayed by recompute on the GPU).
+#    with the CUDA cases other files hold (dropout replayed by recompute on the GPU);
+# 4. activation offload on the GPU (pinned host memory, a side stream): tests/test_cuda.py checks it trains like
+#    the unsplit model and comes back bit for bit; benchmarks/memory_schedules.py --device cuda measures the bytes
+#    held, torch's own peak allocation and the step time with and without it (2 ranks sharing the GPU over gloo;
+#    its CPU path is the same script without --device), and `conveyor train --offload all` runs on the GPU.
 # Logs go to $OUT (or ./gpu-check); the exit status is 1 if anything failed.
 set -uo pipefail
 out=${OUT:-gpu-check}
@@ -19,10 +23,13 @@ python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cud
 # Then mixed precision on the GPU (bf16, and fp16 with its loss scale), and pp x dp over gloo (2 x 2 ranks
 # staging through host memory: NCCL refuses two ranks on one GPU).
 for run in "--ranks 2 --schedule zbv" "--ranks 2 --schedule 1f1b" "--ranks 1 --schedule interleaved-1f1b --virtual 2" \
-    "--ranks 2 --precision bf16" "--ranks 2 --precision fp16" "--ranks 4 --dp 2"; do
+    "--ranks 2 --precision bf16" "--ranks 2 --precision fp16" "--ranks 4 --dp 2" \
+    "--ranks 2 --schedule v-half --microbatches 8 --offload all" "--ranks 2 --schedule v-min --microbatches 8"; do
     name=$(echo "$run" | tr -d '-' | tr ' ' '_')
     # shellcheck disable=SC2086  # $run holds several options
     python3 -m conveyor train --device cuda $run --steps 30 --no-progress 2>&1 | tee "$out/train_$name.log" || status=1
 done
+python3 benchmarks/memory_schedules.py --device cuda --rows 2048 --dim 256 --json "$out/memory-cuda.json" 2>&1 \
+    | tee "$out/memory-cuda.log" || status=1
 python3 -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py tests 2>&1 | tee "$out/cpu-tests.log" || status=1
 exit $status

@@ -40,6 +40,8 @@ def test_lists_of_actions_round_trip(sequence: list[Action]) -> None:
         ("1STEP7", Action(1, Kind.STEP, 7)),
         ("0RD", Action(0, Kind.REDUCE)),
         ("5RD2", Action(5, Kind.REDUCE, 2)),
+        ("1OF3", Action(1, Kind.OFFLOAD, 3)),
+        ("1RL3", Action(1, Kind.RELOAD, 3)),
         ("  4F5 ", Action(4, Kind.FORWARD, 5)),
     ],
 )
@@ -49,7 +51,8 @@ def test_parse_known_strings(text: str, expected: Action) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "F3", "1X3", "1 F 3", "-1F0", "1f3", "1F3x", "1SF3", "1SF3<2", "1RF3>0", "1F3>2", "1RD>2"]
+    "text",
+    ["", "F3", "1X3", "1 F 3", "-1F0", "1f3", "1F3x", "1SF3", "1SF3<2", "1RF3>0", "1F3>2", "1RD>2", "1OF", "1RL3<2"],
 )
 def test_parse_rejects_malformed_strings(text: str) -> None:
     with pytest.raises(ValueError, match="not an action"):
@@ -77,8 +80,9 @@ def test_kind_predicates_partition_the_kinds() -> None:
     assert Kind.FORWARD.is_compute and Kind.BACKWARD.is_compute
     assert {k for k in Kind if k.is_send} == {Kind.SEND_F, Kind.SEND_B}
     assert {k for k in Kind if k.is_recv} == {Kind.RECV_F, Kind.RECV_B}
+    assert {k for k in Kind if k.is_host_copy} == {Kind.OFFLOAD, Kind.RELOAD}
     for kind in Kind:
-        roles = [kind.is_compute, kind.is_send, kind.is_recv, kind in (Kind.STEP, Kind.REDUCE)]
+        roles = [kind.is_compute, kind.is_send, kind.is_recv, kind.is_host_copy, kind in (Kind.STEP, Kind.REDUCE)]
         assert sum(roles) == 1, kind
 
 

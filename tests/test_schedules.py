@@ -109,6 +109,8 @@ PEAK: dict[str, Callable[[int, int, int], int]] = {
     "zb-h2": lambda p, m, v: min(2 * p - 1, m),
     "zbv": lambda p, m, v: 2 * p,
     "dualpipev": lambda p, m, v: 2 * p + 1,
+    "v-half": lambda p, m, v: 2 * min(m, (p + 2) // 2),  # Qi et al.'s (p + 2) // 2 full-size micro-batches
+    "v-min": lambda p, m, v: 2 * min(m, (p + 4) // 3),  # and (p + 4) // 3
     "pipedream": lambda p, m, v: min(p, m),
     "pipedream-2bw": lambda p, m, v: min(p, m),
 }

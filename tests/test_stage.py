@@ -129,3 +129,14 @@ def test_a_module_that_calls_a_removed_layer_is_told_how_to_fix_it() -> None:
 
     with pytest.raises(TypeError, match="forward must skip them .* use the traced split"):
         Stage(Skips(), 1, 3).forward(0, [torch.ones(2)])
+
+
+def test_the_last_stage_counts_only_its_micro_batch_of_the_targets() -> None:
+    """The target is a view of the mini-batch's targets: its micro-batch's bytes are held, not the whole batch's."""
+    targets = torch.randn(64, 4)
+    held = []
+    for target in (targets[:8], targets[:8].clone()):
+        stage = Stage(nn.Linear(4, 4), 1, 2, loss_fn=F.mse_loss, track_memory=True)
+        stage.forward(0, [torch.randn(8, 4, requires_grad=True)], target)
+        held.append(stage.held_bytes)
+    assert held[0] == held[1]

@@ -4,7 +4,9 @@ Pure Python, no torch: it reads the same lowered program the executor runs,
 on the validator's clock (a send keeps its rank busy for `send`, posting a
 receive for `recv`, or `late_recv` if its message arrived first, a received
 tensor arrives `latency` after its send ends, and a compute starts when its
-rank is free and its inputs have arrived).
+rank is free and its inputs have arrived). An offload's or reload's copy runs on
+the rank's copy stream for `StageCosts.offload`, or, without one
+(`CostModel.copy_stream=False`: the CPU), keeps the rank itself busy as long.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class StageCosts:
     """Bytes of one version of the stage's weights, if known (weight stashing holds several)."""
     step: float = 0.0
     """A STEP: the optimizer step of the stage's weights (and zeroing their gradients)."""
+    offload: float = 0.0
+    """Copying one micro-batch's offloaded activations to host memory, or back (each way)."""
+    offload_bytes: float | None = None
+    """Of `activation_bytes`, those an offload moves (what autograd saved, not the stage's inputs and outputs,
+    which the stage keeps for its backward); None: all of them."""
 
     @property
     def whole_backward(self) -> float:
@@ -69,6 +76,9 @@ class CostModel:
     late_recv: float | None = None
     """The time posting a receive keeps its rank busy when its message arrived first (gloo: the receiver then
     tells the sender to start, a system call under contention); None: `recv`, as any post."""
+    copy_stream: bool = True
+    """Whether host copies (offload, reload) run beside the computes on a copy stream of their own (CUDA), or
+    keep the rank busy (the CPU, where the copy is the rank's own memcpy)."""
 
     def of(self, stage: int) -> StageCosts:
         if len(self.stages) == 1:
@@ -94,7 +104,8 @@ class Simulation:
     bubble_fraction: float
     """Mean idle share of the synchronous step over ranks: (step_time - busy) / step_time."""
     peak_activations: list[int]
-    """Per rank: the most micro-batches whose forward ran and whose backward (W, if split) had not."""
+    """Per rank: the most micro-batches whose forward ran and whose backward (W, if split) had not, on the
+    device: an offloaded one leaves when its offload's copy ends and is back when its reload starts."""
     peak_activation_bytes: list[float] | None
     timing: Timing = field(repr=False)
     weight_versions: list[int] = field(default_factory=list)
@@ -124,6 +135,15 @@ class Simulation:
         return _period(self.program, self.costs)
 
     @property
+    def peak_full_stages(self) -> float:
+        """The busiest rank's peak activations in micro-batches of a full-size stage, a 1/P share of the model
+        (1F1B's stage on P ranks): `peak_activations` times P / stages. With v stages per rank each stage
+        holds 1/v of a rank's share, so a micro-batch's activations there are 1/v as large (equal layers)."""
+        if self.program is None or not self.peak_activations:
+            return float(max(self.peak_activations, default=0))
+        return max(self.peak_activations) * self.program.num_ranks / self.program.num_stages
+
+    @property
     def period_bubble_fraction(self) -> float:
         """Mean idle share of `period` over ranks: (period - busy) / period; the zero-bubble papers' bubble."""
         return _bubble(self.period, self.busy)
@@ -136,6 +156,7 @@ class Simulation:
             "step_time": self.step_time,
             "bubble_fraction": self.bubble_fraction,
             "peak_activations": self.peak_activations,
+            "peak_full_stages": self.peak_full_stages,
             "peak_activation_bytes": self.peak_activation_bytes,
             "weight_versions": self.weight_versions,
             "staleness": self.staleness,
@@ -159,7 +180,7 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
     costs.check(program.num_stages)
     split = split_backwards(program)
     cost = _action_cost(costs, split)
-    timing = validate(program, cost, costs.latency, costs.late_recv)
+    timing = validate(program, cost, costs.latency, costs.late_recv, _copy_time(costs))
     spans = {}  # per rank, from its first compute's start to its last compute's end
     for rank, actions in program.actions.items():
         times = [
@@ -173,7 +194,7 @@ def simulate(program: Program, costs: CostModel = CostModel()) -> Simulation:
         sum(e - b for b, e in zip(timing.start.get(r, []), timing.end.get(r, []), strict=True))
         for r in range(program.num_ranks)
     ]
-    peaks, peak_bytes = _peak_memory(program, costs, split)
+    peaks, peak_bytes = _peak_memory(program, costs, split, timing)
     versions = versions_held(program)
     held = [versions[s] for s in range(program.num_stages)]
     known = all(costs.of(s).weight_bytes is not None for s in range(program.num_stages))
@@ -211,9 +232,16 @@ def _action_cost(costs: CostModel, split: set[tuple[int, int | None]]) -> Callab
             return c.reduce
         if action.kind is Kind.STEP:
             return c.step
+        if action.kind.is_host_copy:
+            return 0.0 if costs.copy_stream else c.offload
         return costs.send if action.kind.is_send else costs.recv
 
     return cost
+
+
+def _copy_time(costs: CostModel) -> Callable[[Action], float]:
+    """How long an offload's or reload's copy keeps its rank's copy stream busy (nothing without one)."""
+    return lambda action: costs.of(action.stage).offload if costs.copy_stream else 0.0
 
 
 def _bubble(span: float, busy: list[float]) -> float:
@@ -228,7 +256,8 @@ def _period(program: Program, costs: CostModel) -> float:
     for steps in (half, PERIOD_STEPS):
         repeated = repeat_steps(program, steps)
         repeated_cost = _action_cost(costs, split_backwards(repeated))
-        spans.append(validate(repeated, repeated_cost, costs.latency, costs.late_recv).span)
+        timing = validate(repeated, repeated_cost, costs.latency, costs.late_recv, _copy_time(costs))
+        spans.append(timing.span)
     return (spans[1] - spans[0]) / (PERIOD_STEPS - half)
 
 
@@ -269,25 +298,41 @@ def _staleness(program: Program) -> list[int]:
 
 
 def _peak_memory(
-    program: Program, costs: CostModel, split: set[tuple[int, int | None]]
+    program: Program, costs: CostModel, split: set[tuple[int, int | None]], timing: Timing
 ) -> tuple[list[int], list[float] | None]:
-    """Walk each rank's actions in order, counting micro-batches held per stage."""
+    """Per rank, the most micro-batches (and bytes) held on the device at once, on the clock of `timing`.
+
+    A forward's activations count from its end to the end of its backward (W, if split); an offload's from
+    the end of its copy to the start of its reload, when (its `offload_bytes` of) them are in host memory.
+    Events at one time count in program order, the ends of copies still running after their action last.
+    """
     known_bytes = all(costs.of(s).activation_bytes is not None for s in range(program.num_stages))
     peaks: list[int] = []
     peak_bytes: list[float] = []
     for rank in range(program.num_ranks):
-        held: dict[int, int] = {}
-        most, most_bytes = 0, 0.0
-        for action in program.actions.get(rank, []):
+        actions = program.actions.get(rank, [])
+        events: list[tuple[float, int, int, float]] = []  # (time, order, micro-batches, bytes)
+        for index, action in enumerate(actions):
+            c = costs.of(action.stage)
+            whole = float(c.activation_bytes or 0.0)
+            moved = whole if c.offload_bytes is None else min(whole, float(c.offload_bytes))
             releases = Kind.WEIGHT if (action.stage, action.mb) in split else Kind.BACKWARD
             if action.kind is Kind.FORWARD:
-                held[action.stage] = held.get(action.stage, 0) + 1
+                events.append((timing.end[rank][index], index, 1, whole))
             elif action.kind is releases:
-                held[action.stage] -= 1
-            most = max(most, sum(held.values()))
-            if known_bytes:
-                now = sum(n * float(costs.of(s).activation_bytes or 0.0) for s, n in held.items())
-                most_bytes = max(most_bytes, now)
+                events.append((timing.end[rank][index], index, -1, -whole))
+            elif action.kind is Kind.OFFLOAD:
+                # A copy done when its action ends (the rank copied) frees in program order; one that ends on the
+                # copy stream meanwhile frees after whatever else happens at that moment.
+                done = timing.copies[rank][index][1]
+                late = done > timing.end[rank][index]
+                events.append((done, len(actions) + index if late else index, -1, -moved))
+            elif action.kind is Kind.RELOAD:
+                events.append((timing.start[rank][index], index, 1, moved))
+        held, held_bytes, most, most_bytes = 0, 0.0, 0, 0.0
+        for _, _, count, size in sorted(events):
+            held, held_bytes = held + count, held_bytes + size
+            most, most_bytes = max(most, held), max(most_bytes, held_bytes)
         peaks.append(most)
         peak_bytes.append(most_bytes)
     return peaks, peak_bytes if known_bytes else None
@@ -297,9 +342,11 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
     """Parse ``f=1,b=2,w=1,comm=0.1`` (one set for all stages) or ``f=1,b=2;f=2,b=3`` (one per stage).
 
     Keys: f, b, w, whole (a backward run whole; default b + w), reduce (offering tied gradients), bytes (held per
-    micro-batch), weights (bytes of one version of the stage's weights); and for every stage at once comm
-    (latency), send and recv (the time a send, or a receive's post, keeps its rank busy) and late (a post
-    after its message arrived).
+    micro-batch), weights (bytes of one version of the stage's weights), offload (copying a micro-batch's
+    offloaded activations to host memory or back), offloaded (the bytes an offload moves; default all); and for
+    every stage at once comm (latency), send and recv (the time a send, or a receive's post, keeps its rank
+    busy), late (a post after its message arrived) and copystream (0: host copies keep the rank busy, as on a
+    CPU; 1, the default: they run beside the computes).
     """
     names = {
         "f": "forward",
@@ -309,27 +356,32 @@ def parse_costs(text: str, latency: float | None = None) -> CostModel:
         "bytes": "activation_bytes",
         "reduce": "reduce",
         "weights": "weight_bytes",
+        "offload": "offload",
+        "offloaded": "offload_bytes",
     }
     messages = {"comm": "latency", "send": "send", "recv": "recv", "late": "late_recv"}
     stages: list[StageCosts] = []
     transfers: dict[str, float] = {}
+    copy_stream = True
     for part in text.split(";"):
         values: dict[str, float] = {}
         for item in filter(None, (p.strip() for p in part.split(","))):
             key, _, value = item.partition("=")
             if key in messages:
                 transfers[messages[key]] = float(value)
+            elif key == "copystream":
+                copy_stream = float(value) != 0
             elif key in names:
                 values[names[key]] = float(value)
             else:
                 raise ValueError(
-                    f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, bytes, weights, comm, send, recv"
-                    " and late"
+                    f"unknown cost {key!r} in {text!r}; use f, b, w, whole, reduce, bytes, weights, offload,"
+                    " offloaded, comm, send, recv, late and copystream"
                 )
         stages.append(StageCosts(**values))  # type: ignore[arg-type]
     if latency is not None:
         transfers["latency"] = latency
-    return CostModel(tuple(stages), **transfers)
+    return CostModel(tuple(stages), **transfers, copy_stream=copy_stream)
 
 
 def load_costs(spec: str) -> CostModel:
@@ -340,7 +392,8 @@ def load_costs(spec: str) -> CostModel:
         stages = tuple(StageCosts(**stage) for stage in data["stages"])
         transfers = {key: float(data.get(key, 0.0)) for key in ("latency", "send", "recv")}
         late = data.get("late_recv")
-        return CostModel(stages, **transfers, late_recv=None if late is None else float(late))
+        copy_stream = bool(data.get("copy_stream", True))
+        return CostModel(stages, **transfers, late_recv=None if late is None else float(late), copy_stream=copy_stream)
     return parse_costs(spec)
 
 
@@ -351,5 +404,6 @@ def save_costs(costs: CostModel, path: str | Path) -> None:
         "send": costs.send,
         "recv": costs.recv,
         "late_recv": costs.late_recv,
+        "copy_stream": costs.copy_stream,
     }
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

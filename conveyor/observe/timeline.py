@@ -15,13 +15,21 @@ from ..schedules import Kind, Program, Timing
 
 __all__ = ["Span", "spans_from_timing", "draw_timeline"]
 
-COLOURS = {"F": "#6baed6", "B": "#fd8d3c", "W": "#74c476", "RD": "#9e9ac8", "wait": "#d9d9d9"}
+COLOURS = {
+    "F": "#6baed6",
+    "B": "#fd8d3c",
+    "W": "#74c476",
+    "RD": "#9e9ac8",
+    "OF": "#e7298a",
+    "RL": "#a6761d",
+    "wait": "#d9d9d9",
+}
 
 
 @dataclass(frozen=True)
 class Span:
-    """One box of a timeline: `kind` (F, B, W, RD: a reduction of tied gradients, or wait) of micro-batch `mb`
-    (None for a whole mini-batch) on `stage`, on `rank`."""
+    """One box of a timeline: `kind` (F, B, W, RD: a reduction of tied gradients, OF and RL: host copies, or wait)
+    of micro-batch `mb` (None for a whole mini-batch) on `stage`, on `rank`."""
 
     rank: int
     kind: str
@@ -32,11 +40,13 @@ class Span:
 
 
 def spans_from_timing(program: Program, timing: Timing) -> list[Span]:
-    """The compute actions of a simulated or validated program, as timeline boxes."""
+    """The compute actions (and reductions and host copies that keep their rank busy) of a simulated or validated
+    program, as timeline boxes."""
     spans = []
     for rank, actions in program.actions.items():
         for action, start, end in zip(actions, timing.start[rank], timing.end[rank], strict=True):
-            if action.kind.is_compute or action.kind is Kind.REDUCE:
+            busy = action.kind.is_host_copy and end > start  # copies without a copy stream (the CPU's)
+            if action.kind.is_compute or action.kind is Kind.REDUCE or busy:
                 spans.append(Span(rank, action.kind.value, action.stage, action.mb, start, end))
     return spans
 

@@ -54,8 +54,9 @@ class Recorder:
         self._waited_until = end
 
     def action_ended(self, action: Action) -> None:
-        # Computes, and the reductions of tied gradients (a collective the timeline should show).
-        if not (action.kind.is_compute or action.kind is Kind.REDUCE):
+        # Computes, the reductions of tied gradients (a collective the timeline should show), and host copies
+        # (on CPU the copy itself; on CUDA the time to start it on the copy stream).
+        if not (action.kind.is_compute or action.kind is Kind.REDUCE or action.kind.is_host_copy):
             return
         start = self._waited_until if self._waited_until is not None else self._started
         end = time.perf_counter()
@@ -75,6 +76,9 @@ def gather_spans(recorder: Recorder, dst: int = 0, group: dist.ProcessGroup | No
     return [item for spans in gathered or [] for item in spans]
 
 
+_TRACKS = {"wait": 1, Kind.OFFLOAD.value: 2, Kind.RELOAD.value: 2}  # the rest: compute, track 0
+
+
 def write_chrome_trace(spans: Sequence[tuple[int, Span]], path: str | Path) -> Path:
     """Write spans as Chrome trace events: a process per rank, waits on a track of their own."""
     events: list[dict[str, object]] = []
@@ -84,6 +88,7 @@ def write_chrome_trace(spans: Sequence[tuple[int, Span]], path: str | Path) -> P
         events.append(
             {"name": "thread_name", "ph": "M", "pid": rank, "tid": 1, "args": {"name": "waiting on receives"}}
         )
+        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 2, "args": {"name": "host copies"}})
     for step, span in spans:
         mb = "" if span.mb is None else span.mb
         name = f"{span.stage}{span.kind}{mb}" if span.kind != "wait" else f"wait {span.stage}:{mb}"
@@ -95,7 +100,7 @@ def write_chrome_trace(spans: Sequence[tuple[int, Span]], path: str | Path) -> P
                 "ts": span.start * 1e6,
                 "dur": (span.end - span.start) * 1e6,
                 "pid": span.rank,
-                "tid": 1 if span.kind == "wait" else 0,
+                "tid": _TRACKS.get(span.kind, 0),
                 "args": {"step": step, "stage": span.stage, "micro-batch": span.mb},
             }
         )

@@ -7,20 +7,23 @@ import argparse
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..models import GPT, GPTConfig, lm_loss
 from ..models.gpt2 import gpt2_lm, logits_loss, sized_gpt2_config
+from ..observe.host_copy import measure_host_copy
 from ..observe.profile import OPTIMIZER_STATES, LayerProfile
 from ..observe.transfers import TransferCosts
 from ..schedules import RECOMPUTE, SCHEDULES, PipelineSpec, build_schedule
+from .cost import OFFLOAD_SETTINGS, offload_for
 from .layers import fingerprint, layer_split, profile_model, traced_fingerprint, with_measured_transfers
 from .partition import EXACT_LIMIT, METHODS, PlanError
 from .plan_file import Plan
 from .profiles import cached_profile, store_profile
-from .search import make_plan, search
+from .search import make_plan, search, trade
 
 __all__ = ["add_plan_parser", "parse_bytes", "ranking_table", "run_plan", "train_command"]
 
@@ -54,7 +57,7 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
     plan = commands.add_parser(
         "plan",
         help="profile `conveyor train`'s model per layer and choose its split (--search: and the schedule,"
-        " micro-batches and recompute) that train fastest within memory; writes a plan for `train --plan`",
+        " micro-batches, recompute and offload) that train fastest within memory; writes a plan for `train --plan`",
     )
     plan.add_argument("--model", choices=["gpt", "gpt2"], default=defaults.model, help="as `conveyor train --model`")
     plan.add_argument("--model-config", default="", help="--model gpt2: GPT-2 config fields, as `conveyor train`")
@@ -63,12 +66,18 @@ def add_plan_parser(commands: Any, defaults: Any) -> argparse.ArgumentParser:
     plan.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule)
     plan.add_argument("--virtual", type=int, default=0, help="stages per rank (default: the schedule's)")
     plan.add_argument("--recompute", choices=list(RECOMPUTE), default="none")
+    plan.add_argument(
+        "--offload",
+        choices=list(OFFLOAD_SETTINGS),
+        default="none",
+        help="all: every stage that does not recompute offloads activations to host memory (--search tries both)",
+    )
     plan.add_argument("--method", choices=list(METHODS), default="auto", help="auto: time within --memory")
     plan.add_argument("--memory", type=parse_bytes, help="per-rank memory cap, e.g. 512MiB or 2GiB (default: none)")
     plan.add_argument(
         "--optimizer", choices=list(OPTIMIZER_STATES), default="adamw", help="whose state counts (train: adamw)"
     )
-    plan.add_argument("--search", action="store_true", help="rank schedules x micro-batches x recompute too")
+    plan.add_argument("--search", action="store_true", help="rank schedules x micro-batches x recompute x offload too")
     plan.add_argument("--microbatch-counts", type=_counts, help="--search: micro-batch counts to try")
     plan.add_argument("--top", type=int, default=5, help="--search: how many configurations to show")
     plan.add_argument(
@@ -166,11 +175,13 @@ def run_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.microbatches > args.batch_size:
             raise ValueError(f"{args.microbatches} micro-batches need a batch size of at least that")
         spec = PipelineSpec(args.schedule, args.ranks, args.microbatches, args.virtual, recompute=args.recompute)
+        spec = replace(spec, offload=offload_for(args.offload, args.recompute, spec.num_stages))
         plan = make_plan(
             profile_for(args.microbatches),
             spec,
             method=args.method,
             memory_cap=args.memory,
+            host_copy=_host_copy() if args.offload != "none" else None,
             exact_limit=args.exact_limit,
         )
     except (PlanError, ValueError) as error:
@@ -205,12 +216,24 @@ def _model(args: argparse.Namespace) -> _Model:
     return _Model(build_gpt, lm_loss, "manual", gpt.vocab_size, fingerprint(layer_split(build_gpt, seed=args.seed)))
 
 
+def _host_copy() -> Any:
+    """What an offload's copies cost here (the planner profiles on the CPU), measured in a fraction of a second."""
+    copy = measure_host_copy("cpu")
+    print(f"host copies: {1 / copy.seconds_per_byte / 2**30:.1f} GiB/s each way (measured at {copy.nbytes >> 20} MiB)")
+    return copy
+
+
 def _search(args: argparse.Namespace, profile_for: Any) -> int:
     counts = args.microbatch_counts or [m for m in (1, 2, 4, 8, 16, 32) if args.ranks <= m <= args.batch_size]
     counts = [m for m in counts if m <= args.batch_size]
-    plans, refused = search(profile_for, args.ranks, counts, memory_cap=args.memory, exact_limit=args.exact_limit)
+    copy = _host_copy()
+    plans, refused = search(
+        profile_for, args.ranks, counts, host_copy=copy, memory_cap=args.memory, exact_limit=args.exact_limit
+    )
     if not plans:
-        reasons = "; ".join(f"{r.schedule} m={r.microbatches} {r.recompute}: {r.why}" for r in refused[:5])
+        reasons = "; ".join(
+            f"{r.schedule} m={r.microbatches} recompute {r.recompute} offload {r.offload}: {r.why}" for r in refused[:5]
+        )
         raise PlanError(f"no configuration fits: {reasons}")
     print(ranking_table(plans[: args.top]))
     print(f"{len(plans)} configurations ranked, {len(refused)} did not apply or fit; best written to {args.out}")
@@ -218,6 +241,11 @@ def _search(args: argparse.Namespace, profile_for: Any) -> int:
     best.save(args.out)
     print()
     _print_plan(best)
+    if args.memory is not None:
+        # Without a cap recompute and offload only add time, so the fastest plan of all keeps everything.
+        free, _ = search(profile_for, args.ranks, counts, recomputes=("none",), offloads=("none",))
+        if free:
+            print(trade(best, free[0]))
     print(f"train with it:\n  {train_command(best, args)}")
     return 0
 
@@ -229,6 +257,7 @@ def ranking_table(plans: list[Plan]) -> str:
         "v",
         "m",
         "recompute",
+        "offload",
         "blocks per stage",
         "step (sync)",
         "period",
@@ -242,6 +271,7 @@ def ranking_table(plans: list[Plan]) -> str:
             str(p.spec.virtual),
             str(p.spec.microbatches),
             p.spec.recompute,
+            p.spec.offload,
             ",".join(map(str, p.layers_per_stage)),
             f"{p.step_time * 1e3:.1f} ms",
             f"{p.period * 1e3:.1f} ms",
@@ -282,7 +312,7 @@ def _print_plan(plan: Plan) -> None:
     columns = ("stage", "rank", "layers", "params", "F ms/mb", "B+W ms/mb", "busy ms/step", "sends/mb", "peak (rank)")
     print(
         f"{spec.schedule}, {spec.ranks} ranks x {spec.virtual} stage(s), {spec.microbatches} micro-batches of"
-        f" {plan.microbatch_size}, recompute {spec.recompute}, method {plan.method}"
+        f" {plan.microbatch_size}, recompute {spec.recompute}, offload {spec.offload}, method {plan.method}"
         f" ({'exact' if plan.exact else 'local search'})"
     )
     print(_table(columns, rows))
@@ -342,6 +372,7 @@ def train_command(plan: Plan, args: argparse.Namespace) -> str:
     spec = plan.spec
     settings = (
         f"--schedule {spec.schedule} --ranks {spec.ranks} --virtual {spec.virtual}"
-        f" --microbatches {spec.microbatches} --recompute {spec.recompute} --batch-size {args.batch_size}"
+        f" --microbatches {spec.microbatches} --recompute {spec.recompute} --offload {spec.offload}"
+        f" --batch-size {args.batch_size}"
     )
     return f"conveyor train --plan {args.out} {settings} {sizes}"

@@ -6,15 +6,28 @@ layers, if any, join the first and the last stage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from ..observe.host_copy import HostCopy
 from ..observe.profile import OPTIMIZER_STATES, LayerCosts, LayerProfile
 from ..observe.simulate import CostModel, StageCosts
 from ..observe.transfers import with_transfers
 from ..schedules import Kind, Program, recomputed_stages, split_backwards
 
-__all__ = ["MemoryModel", "stage_costs", "stage_layers", "static_bytes"]
+__all__ = ["OFFLOAD_SETTINGS", "MemoryModel", "offload_for", "stage_costs", "stage_layers", "static_bytes"]
+
+OFFLOAD_SETTINGS = ("none", "all")
+"""What the planner tries: no offload, or every stage that does not recompute."""
+
+
+def offload_for(setting: str, recompute: str, num_stages: int) -> str:
+    """The `PipelineSpec(offload=...)` of the planner's `setting` under `recompute`: none, or every stage that
+    does not recompute (a recomputed stage keeps only its inputs: nothing to offload)."""
+    if setting not in OFFLOAD_SETTINGS:
+        raise ValueError(f"offload must be one of {', '.join(OFFLOAD_SETTINGS)}; got {setting!r}")
+    kept = [s for s, again in enumerate(recomputed_stages(recompute, num_stages)) if not again]
+    return ",".join(map(str, kept)) if setting == "all" and kept else "none"
 
 
 def stage_layers(profile: LayerProfile, layers_per_stage: Sequence[int]) -> list[list[int]]:
@@ -36,13 +49,21 @@ def stage_layers(profile: LayerProfile, layers_per_stage: Sequence[int]) -> list
     return owned
 
 
-def stage_costs(profile: LayerProfile, layers_per_stage: Sequence[int], recompute: str = "none") -> CostModel:
+def stage_costs(
+    profile: LayerProfile,
+    layers_per_stage: Sequence[int],
+    recompute: str = "none",
+    offload: Collection[int] = (),
+    host_copy: HostCopy | None = None,
+) -> CostModel:
     """The simulator's costs of a split: each stage the sum of its layers.
 
     The first stage has no input gradient, so all of its backward is W (a whole backward), as the runtime
     runs it. A recomputing stage pays its forward once more, in its first backward action, and keeps only its
-    input, its output and what its loss saved. Every time is the profile's scaled by its `slowdown`, if
-    measured: how much slower the layers compute in a pipeline's rank than in the profile.
+    input, its output and what its loss saved. A stage in `offload` moves what its layers saved, less its own
+    input, to host memory and back, each way taking `host_copy`'s time for those bytes (none if not measured).
+    Every time is the profile's scaled by its `slowdown`, if measured: how much slower the layers compute in
+    a pipeline's rank than in the profile.
     """
     slower = profile.slowdown or 1.0
     owned = stage_layers(profile, layers_per_stage)
@@ -59,6 +80,7 @@ def stage_costs(profile: LayerProfile, layers_per_stage: Sequence[int], recomput
                 weight += forward
             else:
                 backward += forward
+        moved = _offloadable(profile, layers, s == 0) if s in offload else 0.0
         stages.append(
             StageCosts(
                 forward=slower * forward,
@@ -68,9 +90,12 @@ def stage_costs(profile: LayerProfile, layers_per_stage: Sequence[int], recomput
                 whole=slower * whole,
                 weight_bytes=sum(p.parameter_bytes for p in parts),
                 step=slower * sum(p.step for p in parts),
+                offload=host_copy.seconds(moved) if host_copy is not None else 0.0,
+                offload_bytes=moved,
             )
         )
-    return with_transfers(CostModel(tuple(stages)), profile.transfers)
+    copy_stream = host_copy is not None and host_copy.copy_stream
+    return with_transfers(CostModel(tuple(stages), copy_stream=copy_stream), profile.transfers)
 
 
 def _held(profile: LayerProfile, layers: list[int], first: bool, last: bool, recompute: bool) -> float:
@@ -83,36 +108,52 @@ def _held(profile: LayerProfile, layers: list[int], first: bool, last: bool, rec
     return stage_input + output + sum(p.recompute_bytes for p in parts)
 
 
+def _offloadable(profile: LayerProfile, layers: list[int], first: bool) -> float:
+    """Bytes of one micro-batch an offload moves off a stage: what its layers saved, but the stage's own input
+    (and output), which the stage keeps for its backward."""
+    saved = sum(profile.layers[i].activation_bytes for i in layers)
+    stage_input = 0.0 if first else profile.layers[layers[0] - 1].output_bytes
+    return max(0.0, saved - stage_input)
+
+
 @dataclass(frozen=True)
 class MemoryModel:
     """Peak bytes per rank of a program, for any split: weights, gradients and optimizer state of the rank's
     stages, plus the most activations its micro-batches hold at once.
 
     The activations a rank holds at each point of its program are counts per stage that depend on the
-    schedule alone; `held` keeps the distinct count vectors of each rank, so a split's peak is a few dot
-    products, no simulation.
+    schedule alone: micro-batches held, and of those how many are offloaded. `held` keeps the distinct count
+    vectors of each rank, so a split's peak is a few dot products, no simulation. An offload counts as done
+    when its action is (so on a GPU, where its copy runs on beside the computes, this is a lower bound; the
+    simulator follows the copies).
     """
 
     program: Program
-    held: dict[int, list[dict[int, int]]]
+    held: dict[int, list[dict[int, tuple[int, int]]]]
+    """Per rank, the distinct {stage: (micro-batches held, of which offloaded)} right after a forward or reload."""
 
     @classmethod
     def of(cls, program: Program) -> MemoryModel:
         split = split_backwards(program)
-        held: dict[int, list[dict[int, int]]] = {}
+        held: dict[int, list[dict[int, tuple[int, int]]]] = {}
         for rank in range(program.num_ranks):
-            now: dict[int, int] = {}
-            seen: list[dict[int, int]] = []
+            now: dict[int, tuple[int, int]] = {}
+            seen: list[dict[int, tuple[int, int]]] = []
             for action in program.actions.get(rank, []):
                 releases = Kind.WEIGHT if (action.stage, action.mb) in split else Kind.BACKWARD
-                if action.kind is Kind.FORWARD:
-                    now[action.stage] = now.get(action.stage, 0) + 1
-                elif action.kind is releases:
-                    now[action.stage] -= 1
-                else:
+                count, away = now.get(action.stage, (0, 0))
+                change = {
+                    Kind.FORWARD: (1, 0),
+                    releases: (-1, 0),
+                    Kind.OFFLOAD: (0, 1),
+                    Kind.RELOAD: (0, -1),
+                }.get(action.kind)
+                if change is None:
                     continue
-                if action.kind is Kind.FORWARD and dict(now) not in seen:
-                    seen.append(dict(now))  # the peak falls right after a forward
+                now[action.stage] = (count + change[0], away + change[1])
+                # The peak falls right after a forward or a reload.
+                if action.kind in (Kind.FORWARD, Kind.RELOAD) and now not in seen:
+                    seen.append(dict(now))
             held[rank] = seen or [{}]
         return cls(program, held)
 
@@ -121,12 +162,20 @@ class MemoryModel:
         peaks = []
         for rank in range(self.program.num_ranks):
             fixed = sum(static[s] for s in self.program.stages_of(rank))
-            activations = max(
-                sum(n * float(costs.of(s).activation_bytes or 0.0) for s, n in counts.items())
-                for counts in self.held[rank]
-            )
+            activations = max(_bytes(costs, counts) for counts in self.held[rank])
             peaks.append(fixed + activations)
         return peaks
+
+
+def _bytes(costs: CostModel, counts: dict[int, tuple[int, int]]) -> float:
+    """Activation bytes of `counts` held on the device: the offloaded micro-batches without what they moved."""
+    total = 0.0
+    for s, (held, away) in counts.items():
+        c = costs.of(s)
+        whole = float(c.activation_bytes or 0.0)
+        moved = whole if c.offload_bytes is None else min(whole, float(c.offload_bytes))
+        total += held * whole - away * moved
+    return total
 
 
 def static_bytes(profile: LayerProfile, layers_per_stage: Sequence[int]) -> list[float]:

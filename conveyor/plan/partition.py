@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from ..observe.host_copy import HostCopy
 from ..observe.profile import LayerProfile
 from ..observe.simulate import CostModel, simulate
 from ..schedules import PipelineSpec, Program, build_schedule
@@ -106,9 +107,11 @@ def partition(
     *,
     method: str = "auto",
     memory_cap: float | None = None,
+    host_copy: HostCopy | None = None,
     exact_limit: int = EXACT_LIMIT,
 ) -> Partition:
-    """The split `method` chooses for the pipeline `spec` describes (its micro-batches of the profile's size).
+    """The split `method` chooses for the pipeline `spec` describes (its micro-batches of the profile's size);
+    the stages `spec.offload` names move activations to host memory, each copy taking `host_copy`'s time.
 
     auto: the least simulated step time within `memory_cap` bytes per rank (no cap: any); time: the least step
     time, ignoring the cap; memory: the least peak memory of the busiest rank; params: the least parameters
@@ -123,7 +126,7 @@ def partition(
     num_stages = program.num_stages
     _check_size(profile, num_stages)
     memory = MemoryModel.of(program)
-    search = _Search(profile, program, memory, spec.recompute)
+    search = _Search(profile, program, memory, spec.recompute, spec.offloaded, host_copy)
     exact = count_splits(profile, num_stages) <= exact_limit
     cap = memory_cap if method == "auto" else None
     if method == "uniform":
@@ -142,18 +145,28 @@ def partition(
 class _Search:
     """Splits of one profile for one program, with what each costs (memoized)."""
 
-    def __init__(self, profile: LayerProfile, program: Program, memory: MemoryModel, recompute: str) -> None:
+    def __init__(
+        self,
+        profile: LayerProfile,
+        program: Program,
+        memory: MemoryModel,
+        recompute: str,
+        offload: frozenset[int] = frozenset(),
+        host_copy: HostCopy | None = None,
+    ) -> None:
         self.profile = profile
         self.program = program
         self.memory = memory
         self.recompute = recompute
+        self.offload = offload
+        self.host_copy = host_copy
         self.ranks = lower_bounds(program)
         self._costs: dict[tuple[int, ...], CostModel] = {}
         self._times: dict[tuple[int, ...], float] = {}
 
     def costs(self, split: tuple[int, ...]) -> CostModel:
         if split not in self._costs:
-            self._costs[split] = stage_costs(self.profile, split, self.recompute)
+            self._costs[split] = stage_costs(self.profile, split, self.recompute, self.offload, self.host_copy)
         return self._costs[split]
 
     def peak(self, split: tuple[int, ...]) -> list[float]:
@@ -210,8 +223,9 @@ class _Search:
         raise PlanError(
             f"no split of {len(self.profile.layers)} layers into"
             f" {self.program.num_stages} stages fits in {_gib(cap)} per rank under {self.program.name} with"
-            f" {self.program.num_microbatches} micro-batches (recompute {self.recompute}): {which} peak is"
-            f" {_gib(peak)} (layers per stage {list(least)}); allow at least that, recompute, or use more ranks"
+            f" {self.program.num_microbatches} micro-batches (recompute {self.recompute}, offload"
+            f" {sorted(self.offload) or 'none'}): {which} peak is {_gib(peak)} (layers per stage {list(least)});"
+            " allow at least that, recompute or offload, or use more ranks"
         )
 
     def _starts(self) -> list[tuple[int, ...]]:

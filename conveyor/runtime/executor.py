@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..schedules import Action, Edge, Kind, Link, Program, split_backwards
+from ..schedules import Action, Edge, Kind, Link, Program, offloaded, split_backwards
 from .shared import SharedGradients
 from .stage import Stage
 from .stage_io import FORWARD_ONLY, TRAINING, StageIO
@@ -71,6 +71,9 @@ class Executor:
         self.update = update
         self.shared = shared
         self.tracer: Tracer | None = None
+        self.peak_held_bytes = 0
+        """With stages that track memory: the most bytes this rank's stages held for backward at once (after any
+        action), the rank's peak; a sum of the stages' own peaks overstates it where they peak apart (a V)."""
 
     def run(
         self,
@@ -112,6 +115,7 @@ class Executor:
         self._inputs, self._targets, self._weights = inputs, targets, loss_weights
         self._keep_outputs = keep_outputs
         self._split = split_backwards(program)
+        self._offloaded = offloaded(program)
         # Keys name the edge's two ends in forward order: ("act", src, dst, mb) travels src -> dst,
         # ("grad", src, dst, mb) the gradient of dst's inputs back to src.
         self._handoff: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
@@ -122,6 +126,7 @@ class Executor:
                 stage.versions.begin(program, actions)
         self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING, uniform, options)
         tracer = self.tracer
+        tracked = [stage for stage in self.stages.values() if stage.track_memory]
         for action in actions:
             if tracer is None:
                 self._do(action)
@@ -129,6 +134,8 @@ class Executor:
                 tracer.action_started(action)
                 self._do(action)
                 tracer.action_ended(action)
+            if tracked:
+                self.peak_held_bytes = max(self.peak_held_bytes, sum(stage.held_bytes for stage in tracked))
             yield action
         self.io.end_step()
         assert not self._to_send and not self._handoff, "a result was produced but never used"
@@ -149,6 +156,10 @@ class Executor:
             self._backward(s, mb)
         elif kind is Kind.WEIGHT:
             self.stages[s].weight(mb)
+        elif kind is Kind.OFFLOAD:
+            self.stages[s].offload(mb)
+        elif kind is Kind.RELOAD:
+            self.stages[s].reload(mb)
         elif kind.is_send:
             self.io.send(action.link, mb, self._to_send.pop((*action.link, mb)))
         elif kind is Kind.RECV_F:
@@ -171,9 +182,12 @@ class Executor:
             target, weight = self._targets[mb], self._weights[mb]
         elif stage.is_last and not self._program.forward_only:
             raise AssertionError("the last stage's rank must be given targets")
-        run = stage.infer if self._program.forward_only else stage.forward
         keep = self._keep_outputs or (self._program.forward_only and target is None)
-        outputs = run(mb, inputs, target, 1.0 if weight is None else weight, keep)
+        loss_weight = 1.0 if weight is None else weight
+        if self._program.forward_only:
+            outputs = stage.infer(mb, inputs, target, loss_weight, keep)
+        else:
+            outputs = stage.forward(mb, inputs, target, loss_weight, keep, offload=(s, mb) in self._offloaded)
         for edge in self._program.graph.out_edges(s):
             values = outputs if edge.values is None else [outputs[v] for v in edge.values]
             key = ("act", s, edge.dst, mb)

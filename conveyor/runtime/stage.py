@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .microbatch import map_tensors, tensors_in
+from .offload import ActivationOffload
 from .split_backward import WeightWork, backward_input
 from .tensor_meta import TensorMeta
 from .weights import WeightVersions
@@ -55,7 +56,9 @@ class Stage:
     during backward (`torch.utils.checkpoint`, RNG state preserved, so dropout
     draws the same mask). With `track_memory`, the stage counts the bytes each
     micro-batch holds for backward (saved tensors, inputs and outputs, not
-    parameters) in `held_bytes` and `peak_held_bytes`.
+    parameters) in `held_bytes` and `peak_held_bytes`: on its device, so an
+    offloaded micro-batch's saved tensors count from its reload on again
+    (`offload`, `reload`, `runtime/offload.py`).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class Stage:
         self.versions: WeightVersions | None = None
         """Set for an asynchronous program: which weights each micro-batch runs with (weight stashing)."""
         self._gradient_checked = False
+        self._offloads: ActivationOffload | None = None  # made by the first forward saved for offloading
         _check_embedding_ids(module, index)
 
     @property
@@ -100,20 +104,32 @@ class Stage:
         return self.index == self.num_stages - 1
 
     def forward(
-        self, mb: int, inputs: Any, target: Any = None, loss_weight: float = 1.0, keep_output: bool = False
+        self,
+        mb: int,
+        inputs: Any,
+        target: Any = None,
+        loss_weight: float = 1.0,
+        keep_output: bool = False,
+        offload: bool = False,
     ) -> list[torch.Tensor]:
         """Run micro-batch `mb` and return its outputs for the stages it feeds (none on the last stage).
 
         `inputs` is the user's micro-batch on the first stage, else the list of
         the stage's input tensors. On the last stage the loss, times
         `loss_weight`, is kept for backward; `results[mb]` keeps the loss (and,
-        with `keep_output`, the output) for the step's caller.
+        with `keep_output`, the output) for the step's caller. With `offload`,
+        what autograd saves is kept so that `offload(mb)` can move it to host memory.
         """
         if mb in self._stash or mb in self._weight_work:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
-        counter = _SavedBytes(self.module, tensors_in(inputs)) if self.track_memory else None
+        counter = _SavedBytes(self.module, tensors_in(inputs), tensors_in(target)) if self.track_memory else None
         weights = self.versions.forward_tensors(mb) if self.versions is not None else None
-        with torch.enable_grad(), counter or contextlib.nullcontext(), self._autocast():
+        hooks: contextlib.AbstractContextManager[Any] = counter or contextlib.nullcontext()
+        if offload:  # one set of hooks runs at a time: the offload's, which shows the counter what it saves
+            # Held anyway: the inputs (the first stage's and the target are views of the caller's batches), weights.
+            kept = [*tensors_in(inputs), *tensors_in(target), *(weights or {}).values()]
+            hooks = self._offload_store().saving(mb, kept, counter._pack if counter else None)
+        with torch.enable_grad(), hooks, self._autocast():
             if self.recompute:  # the replay during backward runs with the same weights and autocast state
                 output = checkpoint(self._call, inputs, weights, use_reentrant=False)
             else:
@@ -127,6 +143,8 @@ class Stage:
             outputs = [loss * (loss_weight * self.loss_scale) if loss_weight != 0 else _zero_through(output)]
         else:
             outputs = _flatten_output(output, self.index)
+        if offload:
+            self._offload_store().keep_on_device(mb, outputs)
         self._check_gradient_flows(outputs)
         stash = _Stash([] if self.is_first else list(inputs), outputs)
         if counter is not None:
@@ -185,6 +203,8 @@ class Stage:
         stash = self._stash.pop(mb, None)
         if stash is None:
             raise RuntimeError(f"stage {self.index}: backward of micro-batch {mb} before its forward")
+        if self._offloads is not None:
+            self._offloads.before_backward(mb)
         if self.versions is not None:
             if split:
                 raise RuntimeError(f"stage {self.index}: a split backward (W) cannot run on stashed weights")
@@ -213,6 +233,8 @@ class Stage:
             if self.versions is not None:
                 self.versions.after_backward(mb)
             self._hold(-stash.bytes)
+            if self._offloads is not None:
+                self._offloads.release(mb)
             found = {id(t): t.grad for t in leaves}
         return [
             (g if (g := found.get(id(t))) is not None else torch.zeros_like(t)) if t.requires_grad else None
@@ -226,6 +248,28 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: weight gradient of micro-batch {mb} before its split backward")
         work[0].run()
         self._hold(-work[1])
+        if self._offloads is not None:
+            self._offloads.release(mb)
+
+    def offload(self, mb: int) -> None:
+        """Start moving what micro-batch `mb`'s forward saved for backward to host memory (its forward ran with
+        `offload`); the bytes held on the device fall by what moved."""
+        moved = self._offload_store().offload(mb)
+        if self.track_memory:
+            self._hold(-moved)
+
+    def reload(self, mb: int) -> None:
+        """Start bringing micro-batch `mb`'s offloaded activations back; its backward waits until they are there."""
+        back = self._offload_store().reload(mb)
+        if self.track_memory:
+            self._hold(back)
+
+    def _offload_store(self) -> ActivationOffload:
+        if self._offloads is None:
+            param = next(self.module.parameters(), None)
+            device = param.device if param is not None else torch.device("cpu")
+            self._offloads = ActivationOffload(self.index, device, self.module.parameters())
+        return self._offloads
 
     def pop_results(self) -> list[MicrobatchResult]:
         """The last stage's results of the micro-batches run since the last call, in micro-batch order."""
@@ -293,13 +337,13 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     """Counts the bytes a forward keeps for backward: saved tensors, inputs and outputs, parameters excepted.
 
     Each storage counts once. A micro-batch of the first stage is a view of
-    the whole batch's storage, so for storages of the inputs only the viewed
-    bytes count.
+    the whole batch's storage, and the last stage's target of the targets', so
+    for storages of the inputs (and the target) only the viewed bytes count.
     """
 
-    def __init__(self, module: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    def __init__(self, module: nn.Module, inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor] = ()) -> None:
         self._params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-        self._inputs = {t.untyped_storage().data_ptr() for t in inputs}
+        self._inputs = {t.untyped_storage().data_ptr() for t in [*inputs, *targets]}  # counted by the bytes viewed
         self._counted: dict[tuple[int, int], int] = {}
         for tensor in inputs:
             self._count(tensor)

@@ -37,6 +37,8 @@ class Kind(enum.Enum):
     RECV_B = "RB"  # receive the gradient of the stage's outputs from the stage `peer` that used them
     REDUCE = "RD"  # sum the gradients the stage shares: tied weights, and a replicated stage's with its replicas
     STEP = "STEP"  # optimizer step of the stage's parameters
+    OFFLOAD = "OF"  # start moving what the stage saved for the micro-batch's backward to host memory
+    RELOAD = "RL"  # start bringing it back to the device; the backward waits until it is there
 
     @property
     def is_compute(self) -> bool:
@@ -55,6 +57,11 @@ class Kind(enum.Enum):
         return self.is_send or self.is_recv
 
     @property
+    def is_host_copy(self) -> bool:
+        """An offload to host memory or a reload from it: a copy on the rank's copy stream, no peer."""
+        return self in (Kind.OFFLOAD, Kind.RELOAD)
+
+    @property
     def optional_mb(self) -> bool:
         """STEP and REDUCE cover a whole mini-batch, or (asynchronous schedules) follow one micro-batch."""
         return self in (Kind.STEP, Kind.REDUCE)
@@ -71,6 +78,8 @@ class Action:
     receives it. ``1STEP`` steps stage 1's optimizer and ``0RD`` sums the
     gradients stage 0 shares with other stages, once per mini-batch; an
     asynchronous schedule writes them after one micro-batch (``1STEP3``).
+    ``1OF3`` moves what stage 1 saved for micro-batch 3's backward to host
+    memory, ``1RL3`` brings it back before that backward.
     """
 
     stage: int
@@ -107,7 +116,7 @@ class Action:
         return f"Action({self})"
 
 
-_ACTION = re.compile(r"^(\d+)(STEP|RD|SF|RF|SB|RB|F|B|W)(\d*)(?:([<>])(\d+))?$")
+_ACTION = re.compile(r"^(\d+)(STEP|RD|SF|RF|SB|RB|OF|RL|F|B|W)(\d*)(?:([<>])(\d+))?$")
 
 
 def parse_action(text: str) -> Action:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .actions import Program
+from .building_block import v_half, v_min
 from .dualpipe import dualpipev
 from .gpipe import gpipe
 from .graph import StageGraph
@@ -163,6 +164,28 @@ SCHEDULES: dict[str, ScheduleInfo] = {
             split_backward=True,
         ),
         ScheduleInfo(
+            "v-half",
+            _single(v_half),
+            "2, V-shape, split backward",
+            "any m >= 1",
+            "2 min(m, floor((P+2)/2)) (half of it full-size)",
+            "about half 1F1B's; `conveyor simulate` tells",
+            default_virtual=2,
+            allowed_virtual=(2,),
+            split_backward=True,
+        ),
+        ScheduleInfo(
+            "v-min",
+            _single(v_min),
+            "2, V-shape, split backward",
+            "any m >= 1",
+            "2 min(m, floor((P+4)/3)) (half of it full-size)",
+            "about 2/3 of 1F1B's (more if F, B, W differ)",
+            default_virtual=2,
+            allowed_virtual=(2,),
+            split_backward=True,
+        ),
+        ScheduleInfo(
             "dualpipev",
             _single(dualpipev),
             "2, V-shape, part split backward",
@@ -224,7 +247,8 @@ def build_schedule(
     only the schedule's forwards, in its order and placement (for evaluation and
     inference). An asynchronous schedule's program covers a stream of
     `mini_batches` mini-batches without a flush between them. `prefetch=False`
-    keeps each receive right before the compute that needs it.
+    keeps each receive right before the compute that needs it. The stages `spec.offload` names move their
+    activations to host memory between forward and backward (`schedules/offload.py`).
     """
     info = SCHEDULES[spec.schedule]
     if not info.asynchronous and mini_batches != 1:
@@ -249,6 +273,6 @@ def build_schedule(
         generated = replace(generated, graph=graph)
     if forward_only:
         generated = drop_backwards(generated)
-    program = lower(generated, prefetch=prefetch)
+    program = lower(generated, prefetch=prefetch, offload=spec.offloaded)
     validate(program)
     return program

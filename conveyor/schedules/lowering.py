@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from .actions import Action, Kind, Program
+from .offload import insert_offloads
 
 __all__ = ["forward_only", "fuse_backwards", "insert_reductions", "insert_transfers", "lower", "prefetch_receives"]
 
@@ -144,14 +147,15 @@ def prefetch_receives(program: Program) -> Program:
     return program.derive(moved)
 
 
-def lower(program: Program, prefetch: bool = True, fuse: bool = True) -> Program:
-    """The lowering the executor expects: (by default) fusing, reductions, transfers, then (by default) prefetching.
+def lower(program: Program, prefetch: bool = True, fuse: bool = True, offload: Collection[int] = ()) -> Program:
+    """The lowering the executor expects: (by default) fusing, reductions, transfers, then (by default) prefetching,
+    and the offloads of the stages in `offload` (`schedules/offload.py`).
 
     `fuse` runs `fuse_backwards` first, which never delays an action; turn it
     off to see a generator's program exactly as it was written.
     """
     lowered = insert_transfers(insert_reductions(fuse_backwards(program) if fuse else program))
-    return prefetch_receives(lowered) if prefetch else lowered
+    return insert_offloads(prefetch_receives(lowered) if prefetch else lowered, offload)
 
 
 def _shaped_by(receive: Action, compute: Action) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .catalog import SCHEDULES, schedule_info
+from .offload import offload_stages
 
 __all__ = ["NONFINITE", "PRECISIONS", "RECOMPUTE", "PipelineSpec", "recomputed_stages"]
 
@@ -52,6 +53,10 @@ class PipelineSpec:
     recompute: str = "none"
     """Re-materialization: none, full (every stage keeps only its inputs and runs its forward again during
     backward) or all-but-last-stage."""
+    offload: str = "none"
+    """Stages whose activations move to host memory between a micro-batch's forward and its backward, where the
+    schedule leaves room for the copies (OFFLOAD and RELOAD actions): "none", "all", or stages like "0,1" (a
+    collection of stage indices is taken too, and written so)."""
     precision: str = "fp32"
     """fp32; bf16: forwards and the loss under bfloat16 autocast (fp32 weights, gradients and optimizer
     state); fp16: the same in float16 with a dynamic loss scale (synchronous schedules)."""
@@ -91,6 +96,24 @@ class PipelineSpec:
             self._check_replicas()
         if self.dp > 1:
             self._check_data_parallel()
+        self._check_offload()
+
+    def _check_offload(self) -> None:
+        """Offload names existing stages, none that recomputes; written canonically ("all", "0,2" or "none")."""
+        stages = offload_stages(self.offload, self.num_stages)
+        recomputed = recomputed_stages(self.recompute, self.num_stages)
+        both = sorted(s for s in stages if recomputed[s])
+        if both:
+            raise ValueError(
+                f"stages {both} would both recompute and offload their activations (recompute={self.recompute},"
+                f" offload={self.offload}); a recomputed stage keeps only its inputs, which stay on the device, so"
+                " offloading it moves nothing: choose one per stage (e.g. recompute=all-but-last-stage with"
+                f" offload={self.num_stages - 1})"
+            )
+        canonical = (
+            "none" if not stages else "all" if len(stages) == self.num_stages else ",".join(map(str, sorted(stages)))
+        )
+        object.__setattr__(self, "offload", canonical)
 
     def _check_replicas(self) -> None:
         info, counts = SCHEDULES[self.schedule], self.replicas
@@ -170,6 +193,11 @@ class PipelineSpec:
     def recomputes(self, stage: int) -> bool:
         """Whether `stage` keeps only its inputs and runs its forward again during backward."""
         return recomputed_stages(self.recompute, self.num_stages)[stage]
+
+    @property
+    def offloaded(self) -> frozenset[int]:
+        """The stages `offload` names."""
+        return offload_stages(self.offload, self.num_stages)
 
     def with_virtual(self) -> PipelineSpec:
         """This spec with `virtual` spelled out (0 means the schedule's default): equal specs then compare equal."""

@@ -7,16 +7,20 @@ is a channel of its own whose messages match in the order they are posted (NCCL
 ignores tags), so each link's sends and receives must agree in order, not just
 as sets. A REDUCE never blocks either: it offers the stage's shared gradients,
 and the stage's STEP waits until every stage that shares them has offered its
-own (a collective of the tied stages, or of a replicated stage's ranks).
+own (a collective of the tied stages, or of a replicated stage's ranks). An
+OFFLOAD or RELOAD only starts a copy on the rank's copy stream (copies run one
+after another, in program order); a RELOAD's copy follows its OFFLOAD's, and
+the backward of an offloaded micro-batch waits until its reload's copy ended.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .actions import Action, Channel, Kind, Program
+from .offload import offloaded
 from .render import render_steps
 
 __all__ = ["DeadlockError", "ScheduleError", "Timing", "split_backwards", "validate"]
@@ -25,7 +29,9 @@ __all__ = ["DeadlockError", "ScheduleError", "Timing", "split_backwards", "valid
 # ("act", src, dst, mb)   src's outputs for dst (posted by src's SF),
 # ("grad", src, dst, mb)  the gradient of dst's inputs from src (posted by dst's SB),
 # ("reduce", s, key, r)   stage s's offer of its shared gradients on rank r (posted by its REDUCE; key -1
-#                         for a whole mini-batch, else the micro-batch of an asynchronous step).
+#                         for a whole mini-batch, else the micro-batch of an asynchronous step),
+# ("offload", s, s, mb)   stage s's activations of micro-batch mb are in host memory (its OFFLOAD's copy ended),
+# ("reload", s, s, mb)    and back on the device (its RELOAD's copy ended).
 Message = tuple[str, int, int, int]
 
 _WHOLE = -1  # the key of a STEP or REDUCE that covers the whole mini-batch
@@ -41,10 +47,12 @@ class DeadlockError(ScheduleError):
 
 @dataclass(frozen=True)
 class Timing:
-    """When each action of a validated program starts and ends, per rank."""
+    """When each action of a validated program starts and ends, per rank; and for each OFFLOAD and RELOAD
+    (by rank, then index in the rank's actions) when its copy ran on the rank's copy stream."""
 
     start: dict[int, list[float]]
     end: dict[int, list[float]]
+    copies: dict[int, dict[int, tuple[float, float]]] = field(default_factory=dict)
 
     @property
     def makespan(self) -> float:
@@ -57,8 +65,12 @@ class Timing:
 
 
 def unit_cost(action: Action) -> float:
-    """Every compute takes one tick, transfers, reductions and steps take none."""
+    """Every compute takes one tick, transfers, reductions, host copies and steps take none."""
     return 1.0 if action.kind.is_compute else 0.0
+
+
+def _no_copy(action: Action) -> float:
+    return 0.0
 
 
 def validate(
@@ -66,6 +78,7 @@ def validate(
     cost: Callable[[Action], float] = unit_cost,
     latency: float = 0.0,
     late_recv: float | None = None,
+    copy: Callable[[Action], float] | None = None,
 ) -> Timing:
     """Check `program` and return its timing under `cost`; raise ScheduleError if it cannot run.
 
@@ -74,19 +87,22 @@ def validate(
     With `late_recv`, a receive posted after its message arrived takes that long
     instead (gloo moves a message whose receive was not posted only once the
     receiver tells the sender to start, and that costs the receiver).
+    `copy(action)` is how long an OFFLOAD's or RELOAD's copy keeps the rank's
+    copy stream busy (0 if None), from the end of the action itself.
 
     Catches: actions on a rank that does not own their stage, missing or
     repeated computes, steps and reductions, a compute whose input was not
     produced or received before it, transfers over edges the stage graph does
     not have, sends without receives (and the reverse), channels whose sends
     and receives disagree in order, tied stages that reduce in different orders,
-    and deadlocks (naming the ranks that wait on each other).
+    offloads without their reload (or the reverse) or out of order, and
+    deadlocks (naming the ranks that wait on each other).
     """
     _check_placement(program)
     _check_computes(program)
     _check_channels(program)
     _check_reductions(program)
-    timing = _run(program, cost, latency, late_recv)
+    timing = _run(program, cost, latency, late_recv, copy or _no_copy)
     _check_versions(program)
     return timing
 
@@ -341,10 +357,14 @@ def _backward_done(program: Program, stage: int, mb: int, split: set[tuple[int, 
 
 
 def _local_prerequisites(
-    program: Program, rank: int, action: Action, split: set[tuple[int, int | None]]
+    program: Program, rank: int, action: Action, split: set[tuple[int, int | None]], moved: set[tuple[int, int]]
 ) -> list[Action]:
-    """What must already have run on `rank` before `action`."""
+    """What must already have run on `rank` before `action` (`moved`: the offloaded stages and micro-batches)."""
     s, mb, graph = action.stage, action.mb, program.graph
+    if action.kind is Kind.OFFLOAD:
+        return [Action(s, Kind.FORWARD, mb)]
+    if action.kind is Kind.RELOAD:
+        return [Action(s, Kind.OFFLOAD, mb)]
     if action.kind is Kind.FORWARD:
         return [
             Action(e.src, Kind.FORWARD, mb) if program.same_rank(e.src, s, mb) else Action(s, Kind.RECV_F, mb, e.src)
@@ -352,6 +372,8 @@ def _local_prerequisites(
         ]
     if action.kind is Kind.BACKWARD:
         needs = [Action(s, Kind.FORWARD, mb)]
+        if (s, mb) in moved:
+            needs.append(Action(s, Kind.RELOAD, mb))
         for e in graph.out_edges(s):
             if e.grad:
                 same = program.same_rank(e.dst, s, mb)
@@ -376,13 +398,19 @@ def _local_prerequisites(
     return []
 
 
-def _awaited(program: Program, rank: int, action: Action) -> list[Message]:
-    """The messages from other ranks (or other stages' offers) an action on `rank` waits for."""
+def _awaited(program: Program, rank: int, action: Action, moved: set[tuple[int, int]]) -> list[Message]:
+    """The messages from other ranks (or other stages' offers, or the rank's own copies) an action on `rank`
+    waits for."""
     s, mb, graph = action.stage, action.mb, program.graph
     if action.kind is Kind.FORWARD and mb is not None:
         return [("act", e.src, s, mb) for e in graph.in_edges(s) if not program.same_rank(e.src, s, mb)]
     if action.kind is Kind.BACKWARD and mb is not None:
-        return [("grad", s, e.dst, mb) for e in graph.out_edges(s) if e.grad and not program.same_rank(e.dst, s, mb)]
+        reload: list[Message] = [("reload", s, s, mb)] if (s, mb) in moved else []
+        return reload + [
+            ("grad", s, e.dst, mb) for e in graph.out_edges(s) if e.grad and not program.same_rank(e.dst, s, mb)
+        ]
+    if action.kind is Kind.RELOAD and mb is not None:
+        return [("offload", s, s, mb)]
     if action.kind is Kind.STEP:
         key = _WHOLE if mb is None else mb
         sharing = sorted(set(graph.tied_with(s)) | {s})
@@ -396,13 +424,24 @@ def _posted(program: Program, rank: int, action: Action) -> Message | None:
         return _message_of(action)
     if action.kind is Kind.REDUCE:
         return ("reduce", action.stage, _WHOLE if action.mb is None else action.mb, rank)
+    if action.kind.is_host_copy and action.mb is not None:
+        return ("offload" if action.kind is Kind.OFFLOAD else "reload", action.stage, action.stage, action.mb)
     return None
 
 
-def _run(program: Program, cost: Callable[[Action], float], latency: float, late_recv: float | None) -> Timing:
+def _run(
+    program: Program,
+    cost: Callable[[Action], float],
+    latency: float,
+    late_recv: float | None,
+    copy: Callable[[Action], float],
+) -> Timing:
     """Run all ranks on a clock, one action at a time, until done or stuck."""
     ranks = sorted(program.actions)
     split = split_backwards(program)
+    moved = offloaded(program)
+    copy_stream_free = dict.fromkeys(ranks, 0.0)
+    copies: dict[int, dict[int, tuple[float, float]]] = {rank: {} for rank in ranks}
     position = dict.fromkeys(ranks, 0)
     clock = dict.fromkeys(ranks, 0.0)
     done: dict[int, set[Action]] = {rank: set() for rank in ranks}
@@ -416,10 +455,10 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float, late
             while position[rank] < len(actions):
                 index = position[rank]
                 action = actions[index]
-                for need in _local_prerequisites(program, rank, action, split):
+                for need in _local_prerequisites(program, rank, action, split, moved):
                     if need not in done[rank]:
                         raise _fail(program, rank, index, f"needs {need}, which has not run on this rank before it")
-                awaited = _awaited(program, rank, action)
+                awaited = _awaited(program, rank, action, moved)
                 if any(message not in sent_at for message in awaited):
                     break
                 # What another rank sent arrives `latency` after its send; a stage on this rank hands over at once.
@@ -433,13 +472,19 @@ def _run(program: Program, cost: Callable[[Action], float], latency: float, late
                 start[rank].append(begin)
                 end[rank].append(clock[rank])
                 posted = _posted(program, rank, action)
-                if posted is not None:
+                if action.kind.is_host_copy:  # the copy follows the rank's earlier copies on its copy stream
+                    copy_start = max(clock[rank], copy_stream_free[rank])
+                    copy_stream_free[rank] = copy_start + copy(action)
+                    copies[rank][index] = (copy_start, copy_stream_free[rank])
+                    assert posted is not None
+                    sent_at[posted] = copy_stream_free[rank]
+                elif posted is not None:
                     sent_at[posted] = clock[rank]
                 done[rank].add(action)
                 position[rank] += 1
                 progressed = True
         if all(position[rank] == len(program.actions[rank]) for rank in ranks):
-            return Timing(start, end)
+            return Timing(start, end, copies)
         if not progressed:
             raise _deadlock(program, position)
 
@@ -449,6 +494,9 @@ def _sender(program: Program, message: Message) -> tuple[int, Action]:
     if message[0] == "reduce":
         _, stage, key, rank = message
         return rank, Action(stage, Kind.REDUCE, None if key == _WHOLE else key)
+    if message[0] in ("offload", "reload"):
+        kind, stage, _, mb = message
+        return program.rank_of(stage, mb), Action(stage, Kind.OFFLOAD if kind == "offload" else Kind.RELOAD, mb)
     kind, src, dst, mb = message
     if kind == "act":
         return program.rank_of(src, mb), Action(src, Kind.SEND_F, mb, dst)
@@ -458,12 +506,13 @@ def _sender(program: Program, message: Message) -> tuple[int, Action]:
 def _deadlock(program: Program, position: dict[int, int]) -> DeadlockError:
     """Name the ranks that wait on each other, and what each waits for."""
     sent = _posted_before(program, position)
+    moved = offloaded(program)
     waiting_on: dict[int, tuple[int, Action]] = {}
     for rank, index in position.items():
         if index == len(program.actions[rank]):
             continue
         action = program.actions[rank][index]
-        missing = [m for m in _awaited(program, rank, action) if m not in sent]
+        missing = [m for m in _awaited(program, rank, action, moved) if m not in sent]
         waiting_on[rank] = _sender(program, missing[0])
     # Follow the wait-for edges from any waiting rank until a rank repeats: that is the cycle.
     rank = next(iter(waiting_on))

@@ -175,11 +175,17 @@ def test_a_profile_keeps_its_transfers_and_one_from_before_them_loads_without(tm
 
 def test_a_profile_warms_up_then_times_until_it_has_its_repeats_and_its_seconds() -> None:
     assert list(timed_rounds(2, 3)) == [False, False, True, True, True]
-    start, timed = time.perf_counter(), 0
+    ends: list[float] = []  # when each timed round ended, from the first timed round's start
+    start = None
     for is_timed in timed_rounds(1, 1, min_seconds=0.05):
-        time.sleep(0.01)  # a round of 10 ms: 5 of them fill the 50 ms
-        timed += is_timed
-    assert time.perf_counter() - start >= 0.05 and timed >= 5
+        if is_timed and start is None:
+            start = time.perf_counter()
+        time.sleep(0.01)  # a round of about 10 ms (more on a busy machine): about 5 of them fill the 50 ms
+        if is_timed:
+            ends.append(time.perf_counter())
+    assert start is not None and len(ends) >= 2
+    # It stopped as soon as 50 ms had passed: after the round that crossed them, not before, not later.
+    assert ends[-1] - start >= 0.05 and ends[-2] - start < 0.05, [end - start for end in ends]
 
 
 def test_memory_model_counts_each_schedules_micro_batches_in_flight() -> None:

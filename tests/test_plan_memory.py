@@ -149,4 +149,4 @@ def test_plan_search_under_memory_says_what_it_traded(tmp_path: Path, capsys: py
     chosen = Plan.load(tmp_path / "plan.json")
     assert max(chosen.peak_bytes) <= cap
     assert "traded +" in out and "against the fastest configuration" in out
-    assert f"--offload {chosen.offload}" in out
+    assert f"--offload {chosen.spec.offload}" in out

@@ -1,8 +1,9 @@
 """The mini-batches a run trains on, endlessly, with a position a checkpoint keeps.
 
 From a map-style `Dataset` of (inputs, targets) samples the batches come from torchdata's
-`StatefulDataLoader` (shuffled by a seeded generator, epoch after epoch): its `state_dict()` is the
-data position, so a resumed run reads exactly the batches an uninterrupted one would. Any other
+`StatefulDataLoader`, one per epoch, shuffled by a generator seeded from the seed and the epoch: the
+epoch and the loader's `state_dict()` are the data position, so a resumed run reads exactly the batches
+an uninterrupted one would. Any other
 iterable of (inputs, targets) mini-batches is read as given; one with `state_dict()` and
 `load_state_dict()` (a `StatefulDataLoader` of the user's, say) keeps its position the same way, and
 one without is replayed from its start and fast-forwarded on resume, which needs it to be re-iterable
@@ -30,25 +31,34 @@ class Batches:
     """An endless stream of (inputs, targets) mini-batches (see the module's docstring)."""
 
     def __init__(self, data: Dataset[Any] | Iterable[Any], batch_size: int, seed: int = 0) -> None:
+        self._data, self._batch_size, self._seed = data, batch_size, seed
         self._epoch, self._taken = 0, 0
-        if _is_map_style(data):
-            from torchdata.stateful_dataloader import StatefulDataLoader
-
-            if len(data) < batch_size:  # type: ignore[arg-type]
-                raise ValueError(
-                    f"the data holds {len(data)} sequence(s), fewer than a mini-batch of {batch_size}:"  # type: ignore[arg-type]
-                    " give more data or a smaller batch size"
-                )
-            generator = torch.Generator().manual_seed(seed)
-            with warnings.catch_warnings():  # torchdata 0.11 calls a torch function torch now calls deprecated
-                warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-                self._source: Any = StatefulDataLoader(
-                    data, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator
-                )
-        else:
-            self._source = data
+        self._map_style = _is_map_style(data)
+        if self._map_style and len(data) < batch_size:  # type: ignore[arg-type]
+            raise ValueError(
+                f"the data holds {len(data)} sequence(s), fewer than a mini-batch of {batch_size}:"  # type: ignore[arg-type]
+                " give more data or a smaller batch size"
+            )
+        self._source: Any = self._loader(0) if self._map_style else data
         self._stateful = hasattr(self._source, "state_dict") and hasattr(self._source, "load_state_dict")
         self._iterator: Iterator[Any] | None = None
+
+    def _loader(self, epoch: int) -> Any:
+        """Epoch `epoch`'s loader, shuffled by a generator of its own: an epoch's order depends on the seed and
+        the epoch alone, so a run resumed in any epoch goes on as an uninterrupted one (a generator shared by
+        the epochs would be where the state of the epoch it was saved in left it)."""
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        generator = torch.Generator().manual_seed(self._seed * 1_000_003 + epoch)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a torch function torch now calls deprecated
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            return StatefulDataLoader(
+                self._data,  # type: ignore[arg-type]
+                batch_size=self._batch_size,
+                shuffle=True,
+                drop_last=True,
+                generator=generator,
+            )
 
     def __iter__(self) -> Batches:
         return self
@@ -60,13 +70,16 @@ class Batches:
             try:
                 batch = next(self._iterator)
             except StopIteration:
-                self._iterator = None
-                self._epoch += 1
-                self._taken = 0
+                self._new_epoch(self._epoch + 1)
                 continue
             self._taken += 1
             return _pair(batch)
         raise ValueError("the data gave no mini-batch: it is empty")
+
+    def _new_epoch(self, epoch: int) -> None:
+        self._epoch, self._taken, self._iterator = epoch, 0, None
+        if self._map_style:
+            self._source = self._loader(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is: its epoch, and its loader's position (or how many batches it took)."""
@@ -77,12 +90,10 @@ class Batches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state` (of a stream over the same data and seed)."""
-        self._epoch, self._taken = int(state["epoch"]), int(state["taken"])
+        self._new_epoch(int(state["epoch"]))
+        self._taken = int(state["taken"])
         if self._stateful:
-            # A stateful loader resumes its sampler's permutation within the epoch; earlier epochs' draws
-            # moved its generator, which the state holds too.
-            self._source.load_state_dict(state["loader"])
-            self._iterator = None
+            self._source.load_state_dict(state["loader"])  # the position within the epoch's permutation
             return
         self._iterator = iter(self._source)
         for _ in range(self._taken):

@@ -9,6 +9,7 @@ one), ties intact.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ def export_checkpoint(path: str | Path, out: str | Path, format: str = "auto") -
     if format == "hf":
         return _save_pretrained(model, source, target)
     if format == "safetensors" or (format == "auto" and target.suffix == ".safetensors"):
+        if importlib.util.find_spec("safetensors") is None:
+            raise ValueError("writing safetensors needs the safetensors package: pip install safetensors")
         from safetensors.torch import save_model
 
         save_model(model, str(target))  # shared tensors (tied weights) are written once

@@ -159,7 +159,7 @@ def _program(placement: Any, split: Split, actions: list[Action]) -> Program:
     return lower(Program(placement, 1, {0: actions}, graph=split.graph), prefetch=False, fuse=False)
 
 
-def _output_sizes(pipe: Any) -> dict[int, list[int]]:
+def _output_sizes(pipe: Pipeline) -> dict[int, list[int]]:
     """Per stage, the bytes of each output of its last forward (filled as forwards run)."""
     sizes: dict[int, list[int]] = {s: [] for s in pipe.stages}
     for index, stage in pipe.stages.items():

@@ -52,17 +52,21 @@ def _hash_rate(make: Callable[[], object], data: bytes, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dim", type=int, default=GPTConfig().dim, help="model width (default: conveyor train's)")
+    parser.add_argument("--layers", type=int, default=GPTConfig().layers, help="blocks (default: conveyor train's)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
+        sizes = ["--dim", str(args.dim), "--layers", str(args.layers)]
         subprocess.run(
-            [sys.executable, "-m", "conveyor", "train", "--steps", "1", "--no-progress", "--checkpoint-dir", scratch],
+            [sys.executable, "-m", "conveyor", "train", "--steps", "1", "--no-progress", "--checkpoint-dir", scratch]
+            + sizes,
             check=True,
             stdout=subprocess.DEVNULL,
         )
         folder = Path(scratch) / "step-1"
         files = sorted(p for p in folder.iterdir() if p.is_file())
-        model = GPT(GPTConfig())  # conveyor train's default model
+        model = GPT(GPTConfig(dim=args.dim, layers=args.layers))  # the model conveyor train trained
         results = {
             "bytes": sum(p.stat().st_size for p in files),
             "files": len(files),

@@ -236,3 +236,27 @@ def test_every_result_file_a_doc_names_exists(doc: str) -> None:
     assert names or doc != "docs/benchmarks.md"
     for name in names:
         assert list((BENCHMARKS / "results").glob(name)), f"{doc} names benchmarks/results/{name}, which is missing"
+
+
+@smoke("memory_schedules.py")
+@pytest.mark.timeout(300)
+def test_memory_schedules_measures_bytes_as_the_simulator_predicts(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    tiny = ["--rows", "8", "--dim", "16", "--steps", "1", "--rounds", "1", "--schedules", "v-min"]
+    printed = run("memory_schedules.py", *tiny, "--options", "offload", "--json", str(out))
+    assert "| schedule | option | measured MiB (busiest rank) | predicted MiB |" in printed
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"1f1b/plain", "1f1b/offload", "v-min/plain", "v-min/offload"}
+    for key, result in results.items():  # the benchmark's claim: measured bytes are the predicted ones
+        assert result["measured_bytes"] == pytest.approx(result["predicted_bytes"], rel=1e-9), key
+
+
+@smoke("checkpoint_verify.py")
+@pytest.mark.timeout(300)
+def test_checkpoint_verify_times_each_part_of_a_verified_load(tmp_path: Path) -> None:
+    out = tmp_path / "verify.json"
+    printed = run("checkpoint_verify.py", "--repeats", "1", "--dim", "32", "--layers", "2", "--json", str(out))
+    results = json.loads(out.read_text())
+    assert json.loads(printed) == results
+    assert {"verify_ms", "hash_files_ms", "metadata_reader_ms", "load_model_ms", "sha256_gb_s"} <= set(results)
+    assert results["files"] >= 5 and results["bytes"] > results["metadata_bytes"] > 0

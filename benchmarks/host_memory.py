@@ -101,7 +101,7 @@ def _profile(sizes: TrainConfig) -> tuple[Workload, LayerProfile]:
     """`conveyor train`'s model at `sizes` and its profile at 4 sequences per micro-batch, what the cases' plans
     cut by (2 ranks, 4 micro-batches)."""
     model = sizes.model
-    workload = Workload(model, sizes.gpt2 if model == "gpt2" else sizes.gpt)
+    workload = Workload(model, sizes.source.hf_config() if model == "gpt2" else sizes.source.gpt_config())
     tokens = workload.tokens(4)
     return workload, profile_model(
         workload.builder(), tokens[:, :-1], tokens[:, 1:], workload.loss, split=workload.split

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=sizes.context, help="tokens per sequence, as `--context`")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = TrainConfig(dim=args.dim, layers=args.layers, context=args.context).gpt
+    config = TrainConfig(dim=args.dim, layers=args.layers, context=args.context).source.gpt_config()
     predictions: dict[tuple[str, int, str], list[float]] = {c: [] for c in CONFIGURATIONS}
     for _ in range(args.profiles):
         for m in sorted({m for _, m, _ in CONFIGURATIONS}):

@@ -70,7 +70,9 @@ def main() -> None:
     torch.set_num_threads(1)
     # conveyor train's model: 4 blocks, dim 256, 128 bytes of context unless the flags say otherwise
     defaults = TrainConfig(model=args.model, dim=args.dim, layers=args.layers, context=args.context)
-    workload = Workload(args.model, defaults.gpt2 if args.model == "gpt2" else defaults.gpt)
+    workload = Workload(
+        args.model, defaults.source.hf_config() if args.model == "gpt2" else defaults.source.gpt_config()
+    )
     started = now()
     profiles: dict[int, LayerProfile] = {}
     foreign: dict[int, float] = {}

@@ -415,14 +415,14 @@ def profile_case(cfg: Config, schedule: str, stages: int) -> dict[str, Any]:
     timers = Timers()
     timers.calibrate()
     loss_fn = timers.wrap("loss function", lm_loss)
-    pipe = conveyor_pipeline(cfg, schedule, stages, loss_fn=loss_fn)
-    _wrap_embedding_checks(timers, pipe)
     x, y = make_batch(cfg)
-    actions = len(pipe.program.actions[0])
-    for _ in range(cfg.warmup):
-        pipe.step(x, y)
     steps = cfg.rounds * cfg.steps
-    with patched(timers):
+    with patched(timers):  # before the pipeline binds its methods to its actions
+        pipe = conveyor_pipeline(cfg, schedule, stages, loss_fn=loss_fn)
+        _wrap_embedding_checks(timers, pipe)
+        actions = len(pipe.program.actions[0])
+        for _ in range(cfg.warmup):
+            pipe.step(x, y)
         timers.exclusive_ns.clear()
         timers.calls.clear()
         timers.callees.clear()

@@ -305,7 +305,8 @@ class Pipeline:
                 raise ValueError(f"rank {self.rank} runs the last stage: step() needs the targets")
             if targets is not None:
                 target_mbs = split_microbatches(targets, m)
-                weights = self.loss_weights(target_mbs)  # from the targets where they are: on the host, often
+                # From the targets where they are: on the host, often.
+                weights = self.loss_weights(target_mbs, batch=targets)
                 target_mbs = [map_tensors(t, lambda t: t.to(self.device)) for t in target_mbs]
         options = ("loss_on_all_ranks", int(loss_on_all_ranks))  # it decides who waits for the loss message
         self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs, options)

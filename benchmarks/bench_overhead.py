@@ -27,6 +27,10 @@ rank's program; and the extra cost of a tracer and of memory tracking, alternati
     python benchmarks/bench_overhead.py                                     # the small model, three cases
     python benchmarks/bench_overhead.py --dim 256 --seq 128 --cases interleaved-1f1b:4
     python benchmarks/bench_overhead.py --profile --cases 1f1b:1,interleaved-1f1b:4
+    python benchmarks/bench_overhead.py --device cuda    # on a GPU, with conveyor's steps captured too
+
+On a GPU (`--device cuda`) a step is timed by the wall clock between synchronizations, and conveyor runs a
+second time with `cuda_graph=True` (method "conveyor+graph": its steps captured after two eager ones).
 """
 
 from __future__ import annotations
@@ -59,7 +63,11 @@ TORCH_SCHEDULES = {
     "interleaved-1f1b": "ScheduleInterleaved1F1B",
     "looped-bfs": "ScheduleLoopedBFS",
 }
-METHODS = ("plain", "by hand", "conveyor", "torch")
+METHODS = ("plain", "by hand", "conveyor", "torch", "conveyor+graph")
+CLOCKS = {
+    "cpu": "main thread CPU time (time.thread_time)",
+    "cuda": "wall clock between torch.cuda.synchronize() calls (the GPU's time)",
+}
 VARIANTS = ("conveyor", "conveyor+tracer", "conveyor+memory")  # --profile's timed runs
 
 
@@ -91,12 +99,17 @@ class Config:
     """Steps per method before the first round."""
     profile: bool = False
     """Also time the parts of conveyor's step, and the cost of a tracer and of memory tracking."""
+    device: str = "cpu"
+    """cpu, or cuda: then steps are timed by the wall clock between synchronizations, and conveyor also
+    runs with its steps captured in a CUDA graph (method "conveyor+graph")."""
 
     def __post_init__(self) -> None:
         for schedule, stages in self.parsed_cases:
             if stages > self.layers:
                 raise ValueError(f"--layers {self.layers} cannot fill {stages} stages of {schedule}: use more")
             build_schedule(self.spec(schedule, stages))  # conveyor's own constraints, named
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
         if self.rounds < 1 or self.steps < 1 or self.warmup < 0:
             raise ValueError("--rounds and --steps must be at least 1, --warmup at least 0")
 
@@ -116,13 +129,14 @@ class Config:
 
 def build_model(cfg: Config) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=cfg.vocab, context=cfg.seq, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads))
+    config = GPTConfig(vocab_size=cfg.vocab, context=cfg.seq, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads)
+    return GPT(config).to(cfg.device)
 
 
 def make_batch(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     size = cfg.microbatch_size * cfg.microbatches
     tokens = torch.randint(cfg.vocab, (size, cfg.seq + 1), generator=torch.Generator().manual_seed(1))
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return tokens[:, :-1].contiguous().to(cfg.device), tokens[:, 1:].contiguous().to(cfg.device)
 
 
 def _sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -142,7 +156,7 @@ def plain_step(cfg: Config) -> Step:
     m = cfg.microbatches
 
     def step() -> float:
-        total = torch.zeros(())
+        total = torch.zeros((), device=cfg.device)
         for mb_input, mb_target in zip(inputs, targets, strict=True):
             loss = lm_loss(model(mb_input), mb_target) / m
             loss.backward()
@@ -155,8 +169,8 @@ def plain_step(cfg: Config) -> Step:
 
 
 def stage_modules(cfg: Config, stages: int) -> dict[int, nn.Module]:
-    model = build_model(cfg)
-    return {s: split_model(model, s, stages) for s in range(stages)}
+    model = build_model(cfg).cpu()  # split_model builds each stage on the device it is given
+    return {s: split_model(model, s, stages, device=cfg.device) for s in range(stages)}
 
 
 def by_hand_step(cfg: Config, schedule: str, stages: int) -> Step:
@@ -171,7 +185,7 @@ def by_hand_step(cfg: Config, schedule: str, stages: int) -> Step:
     def step() -> float:
         kept: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         grads: dict[tuple[int, int], torch.Tensor] = {}
-        total = torch.zeros(())
+        total = torch.zeros((), device=cfg.device)
         for action in actions:
             s, mb = action.stage, action.mb
             if action.kind is Kind.FORWARD:
@@ -196,12 +210,16 @@ def by_hand_step(cfg: Config, schedule: str, stages: int) -> Step:
     return step
 
 
-def conveyor_pipeline(cfg: Config, schedule: str, stages: int, loss_fn: Any = lm_loss) -> Pipeline:
-    return Pipeline(stage_modules(cfg, stages), cfg.spec(schedule, stages), loss_fn=loss_fn, optimizer=_sgd)
+def conveyor_pipeline(
+    cfg: Config, schedule: str, stages: int, loss_fn: Any = lm_loss, cuda_graph: bool = False
+) -> Pipeline:
+    spec = cfg.spec(schedule, stages)
+    modules = stage_modules(cfg, stages)
+    return Pipeline(modules, spec, loss_fn=loss_fn, optimizer=_sgd, device=cfg.device, cuda_graph=cuda_graph)
 
 
 def conveyor_step(cfg: Config, schedule: str, stages: int, variant: str = "conveyor") -> Step:
-    pipe = conveyor_pipeline(cfg, schedule, stages)
+    pipe = conveyor_pipeline(cfg, schedule, stages, cuda_graph=variant == "conveyor+graph")
     if variant == "conveyor+tracer":
         from conveyor.observe.trace import Recorder
 
@@ -225,7 +243,7 @@ def torch_step(cfg: Config, schedule: str, stages: int) -> Step | None:
     if schedule not in TORCH_SCHEDULES:
         return None
     modules = stage_modules(cfg, stages)
-    device = torch.device("cpu")
+    device = torch.device(cfg.device)
     pipeline_stages = [pipelining.PipelineStage(modules[s], s, stages, device) for s in range(stages)]
     schedule_cls = getattr(pipelining, TORCH_SCHEDULES[schedule])
     single = issubclass(schedule_cls, pipelining.schedules.PipelineScheduleSingle)
@@ -257,6 +275,7 @@ def make_methods(cfg: Config, schedule: str, stages: int) -> dict[str, Step]:
         "by hand": by_hand_step(cfg, schedule, stages),
         "conveyor": conveyor_step(cfg, schedule, stages),
         "torch": torch_step(cfg, schedule, stages),
+        "conveyor+graph": conveyor_step(cfg, schedule, stages, "conveyor+graph") if cfg.device == "cuda" else None,
     }
     return {name: step for name, step in methods.items() if step is not None}
 
@@ -276,9 +295,15 @@ def measure(cfg: Config, methods: dict[str, Step]) -> dict[str, Any]:
             step = methods[name]
             cpu_times, wall_times = [], []
             for _ in range(cfg.steps):
+                if cfg.device == "cuda":
+                    torch.cuda.synchronize()
                 cpu0, wall0 = time.thread_time(), time.perf_counter()
                 step()
-                cpu_times.append(time.thread_time() - cpu0)
+                if cfg.device == "cuda":  # the GPU's time: the host's CPU clock would miss the kernels
+                    torch.cuda.synchronize()
+                    cpu_times.append(time.perf_counter() - wall0)
+                else:
+                    cpu_times.append(time.thread_time() - cpu0)
                 wall_times.append(time.perf_counter() - wall0)
             cpu[name].append(statistics.median(cpu_times))
             wall[name].append(statistics.median(wall_times))
@@ -453,6 +478,40 @@ def profile_case(cfg: Config, schedule: str, stages: int) -> dict[str, Any]:
     }
 
 
+def schedule_needs(program: Any, rank: int = 0) -> dict[int, int]:
+    """Per stage of `rank`: the most micro-batches its program holds at once (forward to backward, or to W)."""
+    split = {(a.stage, a.mb) for a in program.actions[rank] if a.kind is Kind.WEIGHT}
+    held = dict.fromkeys(program.stages_of(rank), 0)
+    most = dict(held)
+    for action in program.actions[rank]:
+        if action.kind is Kind.FORWARD:
+            held[action.stage] += 1
+            most[action.stage] = max(most[action.stage], held[action.stage])
+        elif action.kind is (Kind.WEIGHT if (action.stage, action.mb) in split else Kind.BACKWARD):
+            held[action.stage] -= 1
+    return most
+
+
+def activations_held(cfg: Config, schedule: str, stages: int) -> dict[str, Any]:
+    """Per stage: what the schedule needs and what conveyor held (track_memory), in micro-batches of that stage."""
+    pipe = conveyor_pipeline(cfg, schedule, stages)
+    pipe.track_memory = True
+    x, y = make_batch(cfg)
+    pipe.step(x, y)
+    held = {}
+    for s, stage in pipe.stages.items():
+        probe = type(stage)(stage.module, s, stage.num_stages, stage.loss_fn, track_memory=True)
+        mb_x, mb_y = x[: cfg.microbatch_size], y[: cfg.microbatch_size]
+        inputs = mb_x if s == 0 else [torch.randn(cfg.microbatch_size, cfg.seq, cfg.dim, requires_grad=True)]
+        probe.forward(0, inputs, mb_y)
+        held[s] = stage.peak_held_bytes / probe.held_bytes
+    return {
+        "needed": schedule_needs(pipe.program),
+        "held": held,
+        "peak_bytes": sum(stage.peak_held_bytes for stage in pipe.stages.values()),
+    }
+
+
 def run_case(cfg: Config, schedule: str, stages: int) -> dict[str, Any]:
     methods = make_methods(cfg, schedule, stages)
     timed = measure(cfg, methods)
@@ -473,6 +532,7 @@ def run_case(cfg: Config, schedule: str, stages: int) -> dict[str, Any]:
         * statistics.median(c - h for c, h in zip(cpu["conveyor"], cpu["by hand"], strict=True))
         / actions,
     }
+    result["memory"] = activations_held(cfg, schedule, stages)
     if cfg.profile:
         result["profile"] = profile_case(cfg, schedule, stages)
     return result
@@ -491,7 +551,7 @@ def format_report(summary: dict[str, Any]) -> str:
     lines = [
         f"one process, 1 thread; GPT {cfg['layers']} layers, dim {cfg['dim']}, {cfg['microbatches']} micro-batches of"
         f" {cfg['microbatch_size']}x{cfg['seq']} tokens, SGD; {cfg['rounds']} rounds x {cfg['steps']} steps per method",
-        f"clock: main thread CPU time (time.thread_time); load average {summary['load_before'][0]:.2f} before,"
+        f"clock ('cpu ms'): {CLOCKS[cfg['device']]}; load average {summary['load_before'][0]:.2f} before,"
         f" {summary['load_after'][0]:.2f} after",
     ]
     for case in summary["cases"]:
@@ -508,6 +568,13 @@ def format_report(summary: dict[str, Any]) -> str:
             )
         extra = case["conveyor_minus_by_hand_us_per_action"]
         lines.append(f"  conveyor over the same actions by hand: {extra:+.1f} us per action")
+        memory = case["memory"]
+        needed = ", ".join(str(n) for n in memory["needed"].values())
+        held = ", ".join(f"{h:.2f}" for h in memory["held"].values())
+        lines.append(
+            f"  micro-batches held per stage: the schedule needs {needed}; conveyor held {held}"
+            f" ({memory['peak_bytes'] / 2**20:.1f} MiB at the stages' peaks)"
+        )
         if "profile" in case:
             lines += _format_profile(case["profile"])
     spread = summary["loss_spread"]
@@ -556,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, as_json = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as scratch:
         out = os.path.join(scratch, "result.json")
-        spawn(run_all, 1, (cfg, out), timeout_s=3600)
+        spawn(run_all, 1, (cfg, out), backend="nccl" if cfg.device == "cuda" else "gloo", timeout_s=3600)
         with open(out) as f:
             result = json.load(f)
     losses = [loss for case in result["cases"] for loss in case["first_loss"].values()]

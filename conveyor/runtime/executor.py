@@ -91,8 +91,16 @@ class Executor:
         inference) needs no targets: then the last stage keeps its outputs. `options` is a flag every rank
         must agree on (see `StageIO.begin_step`).
         """
-        for _ in self.walk(inputs, targets, loss_weights, signature, program, keep_outputs, options=options):
-            pass
+        steps = self._begin(inputs, targets, loss_weights, signature, program, keep_outputs, False, options)
+        tracer = self.tracer
+        for action, do in steps:  # `walk`'s loop, without a generator to resume per action
+            if tracer is None:
+                do()
+            else:
+                tracer.action_started(action)
+                do()
+                tracer.action_ended(action)
+        self._end()
 
     def walk(
         self,
@@ -110,6 +118,30 @@ class Executor:
         `inputs` and `targets` are indexed by micro-batch in increasing order (a stream's can be lazy);
         `uniform` says every micro-batch has the same shapes (a stream's), so metadata travels once.
         """
+        steps = self._begin(inputs, targets, loss_weights, signature, program, keep_outputs, uniform, options)
+        tracer = self.tracer
+        for action, do in steps:
+            if tracer is None:
+                do()
+            else:
+                tracer.action_started(action)
+                do()
+                tracer.action_ended(action)
+            yield action
+        self._end()
+
+    def _begin(
+        self,
+        inputs: ByMicrobatch | None,
+        targets: ByMicrobatch | None,
+        loss_weights: ByMicrobatch | None,
+        signature: int | None,
+        program: Program | None,
+        keep_outputs: bool,
+        uniform: bool,
+        options: tuple[str, int],
+    ) -> list[tuple[Action, Callable[[], None]]]:
+        """Set up a run of `program` (the step's header exchanged); its actions, bound."""
         program = program or self.program
         steps = self._prepared(program)
         self._program = program
@@ -121,15 +153,9 @@ class Executor:
             if stage.versions is not None:
                 stage.versions.begin(program, program.actions.get(self.rank, []))
         self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING, uniform, options)
-        tracer = self.tracer
-        for action, do in steps:
-            if tracer is None:
-                do()
-            else:
-                tracer.action_started(action)
-                do()
-                tracer.action_ended(action)
-            yield action
+        return steps
+
+    def _end(self) -> None:
         self.io.end_step()
         assert not self._to_send and not self._handoff, "a result was produced but never used"
 

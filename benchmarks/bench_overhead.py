@@ -215,7 +215,8 @@ def conveyor_pipeline(
 ) -> Pipeline:
     spec = cfg.spec(schedule, stages)
     modules = stage_modules(cfg, stages)
-    return Pipeline(modules, spec, loss_fn=loss_fn, optimizer=_sgd, device=cfg.device, cuda_graph=cuda_graph)
+    captured = {"cuda_graph": True} if cuda_graph else {}  # as a keyword only when asked: older conveyors lack it
+    return Pipeline(modules, spec, loss_fn=loss_fn, optimizer=_sgd, device=cfg.device, **captured)
 
 
 def conveyor_step(cfg: Config, schedule: str, stages: int, variant: str = "conveyor") -> Step:

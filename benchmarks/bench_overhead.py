@@ -399,6 +399,7 @@ PROFILED = [
     ("update policy (the rest)", "runtime", "conveyor.runtime.update:UpdatePolicy.begin"),
     ("optimizer step", "model", "torch.optim:SGD.step"),
     ("zero_grad", "runtime", "torch.optim:Optimizer.zero_grad"),
+    ("zero_grad", "runtime", "conveyor.runtime.update:_zero_grad"),
     ("loss report", "runtime", "conveyor.runtime.loss_report:LossReport.report"),
     ("loss report", "runtime", "conveyor.runtime.stage:Stage.pop_results"),
 ]

@@ -467,6 +467,9 @@ def summarize(
     p, m = cfg.ranks, cfg.microbatches
     per_rank = [sum(stage_ms[s] for s in cfg.local_stages(rank)) for rank in range(p)]
     balance_bound = m * sum(per_rank) / ((m + p - 1) * max(per_rank))
+    # A schedule without a fill-and-drain bubble (zbv, dualpipev) is limited only by the busiest rank's share
+    # of the work: the one-process step over that share.
+    work_bound = sum(per_rank) / max(per_rank)
     return {
         "config": dataclasses.asdict(cfg),
         "machine": {
@@ -485,6 +488,12 @@ def summarize(
             "conveyor_fraction_of_ideal": speedup / cfg.ideal_speedup,
             "torch_fraction_of_ideal": single / torch_ms / cfg.ideal_speedup,
             "stage_balance_bound_speedup": balance_bound,
+            "conveyor_fraction_of_stage_balance_bound": speedup / balance_bound,
+            "torch_fraction_of_stage_balance_bound": single / torch_ms / balance_bound,
+            "busiest_rank_share": max(per_rank) / sum(per_rank),
+            "work_share_bound_speedup": work_bound,
+            "conveyor_fraction_of_work_share_bound": speedup / work_bound,
+            "torch_fraction_of_work_share_bound": single / torch_ms / work_bound,
             **(
                 {"conveyor_over_baseline": conveyor / float(methods["baseline"]["median_ms"])}
                 if "baseline" in methods
@@ -530,6 +539,12 @@ def format_table(summary: dict[str, Any]) -> str:
         f"  = {ratios['torch_fraction_of_ideal']:.3f} of ideal",
         f"best speedup the stage costs c allow: {ratios['stage_balance_bound_speedup']:.3f}x"
         "  (m*sum(c) / ((m+p-1)*max(c)))",
+        f"  conveyor reaches {ratios['conveyor_fraction_of_stage_balance_bound']:.3f} of it,"
+        f" torch {ratios['torch_fraction_of_stage_balance_bound']:.3f}",
+        f"busiest rank's share of the work: {ratios['busiest_rank_share']:.3f}; without a bubble the limit is"
+        f" {ratios['work_share_bound_speedup']:.3f}x (one process / that share)",
+        f"  conveyor reaches {ratios['conveyor_fraction_of_work_share_bound']:.3f} of it,"
+        f" torch {ratios['torch_fraction_of_work_share_bound']:.3f}",
         *(
             [f"conveyor {cfg['schedule']} / {cfg['baseline']}:  {ratios['conveyor_over_baseline']:.3f}"]
             if "conveyor_over_baseline" in ratios

@@ -11,6 +11,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .runtime.agreement import agree
+from .runtime.cuda_graph import CapturedSteps
+from .runtime.cuda_graph import refusal as cuda_graph_refusal
 from .runtime.executor import Executor, Tracer
 from .runtime.host_memory import keep_freed_host_memory
 from .runtime.loss_report import LossReport
@@ -69,6 +71,12 @@ class Pipeline:
     stopped or making other calls is reported as a TimeoutError naming this
     rank, the peer, the link and the micro-batch, and a peer that ended as a
     ConnectionError. None waits as long as the process group does.
+
+    `spec.cuda_graph` captures a training step's compute in a CUDA graph after
+    two eager steps of the same input shapes, and replays it after that: for
+    a rank that holds every stage of a synchronous fp32 schedule, with an
+    optimizer (`runtime/cuda_graph.py`: what it needs, each refused with what
+    to change).
     """
 
     def __init__(
@@ -144,6 +152,13 @@ class Pipeline:
         io = StageIO(self.transport, self.program, self.rank)
         self.executor = Executor(self.program, self.rank, self.stages, io, self.update, shared)
         self._losses = LossReport(self.transport, self.program, self.rank, ranks, self.device)
+        self.captured: CapturedSteps | None = None
+        """With `spec.cuda_graph`: the training steps captured in CUDA graphs (`runtime/cuda_graph.py`)."""
+        if spec.cuda_graph:
+            why = cuda_graph_refusal(spec, self.program, self.rank, self.device, optimizer is not None)
+            if why is not None:
+                raise ValueError(f"cuda_graph=True: {why}")
+            self.captured = CapturedSteps(self.executor)
         self._forward_program: Program | None = None
         self._streams: dict[int, Program] = {}
 
@@ -305,10 +320,14 @@ class Pipeline:
                 raise ValueError(f"rank {self.rank} runs the last stage: step() needs the targets")
             if targets is not None:
                 target_mbs = split_microbatches(targets, m)
-                weights = self.loss_weights(target_mbs)  # from the targets where they are: on the host, often
+                # From the targets where they are: on the host, often.
+                weights = self.loss_weights(target_mbs, batch=targets)
                 target_mbs = [map_tensors(t, lambda t: t.to(self.device)) for t in target_mbs]
         options = ("loss_on_all_ranks", int(loss_on_all_ranks))  # it decides who waits for the loss message
-        self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs, options)
+        if self.captured is not None and program is self.program:
+            self.captured.run(program, input_mbs, target_mbs, weights, signature, keep_outputs, options)
+        else:
+            self.executor.run(input_mbs, target_mbs, weights, signature, program, keep_outputs, options)
         return self.stages[last].pop_results() if last in self.stages else None
 
     def stream(

@@ -3,6 +3,8 @@
 #   bash scripts/gpu_check.sh
 # 1. tests/test_cuda.py: every schedule with all stages in one process (NCCL), two ranks sharing
 #    the GPU over gloo (tensors staged through host memory), weights equal on CPU and GPU;
+#    tests/test_cuda_graph.py: steps captured in a CUDA graph (PipelineSpec(cuda_graph=True)) train as eager
+#    steps do (losses and weights), for one stage and for looped placements of 2 and 4 stages;
 # 2. `conveyor train --device cuda` both ways, to compare with the same runs on CPU, and with bf16, fp16
 #    and --dp 2;
 # 3. the rest of the suite under that machine's torch (it may be older than the one CI uses),
@@ -20,6 +22,9 @@ status=0
 python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))" \
     | tee "$out/versions.txt" || status=1
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/cuda-tests.log" || status=1
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tee "$out/cuda-graph-tests.log" || status=1
+# The runtime's own cost on the GPU, eager and with the steps captured (a launch-bound model).
+python3 benchmarks/bench_overhead.py --device cuda --rounds 5 --steps 10 2>&1 | tee "$out/bench-overhead-cuda.txt" || status=1
 # Then mixed precision on the GPU (bf16, and fp16 with its loss scale), and pp x dp over gloo (2 x 2 ranks
 # staging through host memory: NCCL refuses two ranks on one GPU).
 for run in "--ranks 2 --schedule zbv" "--ranks 2 --schedule 1f1b" "--ranks 1 --schedule interleaved-1f1b --virtual 2" \
@@ -31,5 +36,5 @@ for run in "--ranks 2 --schedule zbv" "--ranks 2 --schedule 1f1b" "--ranks 1 --s
 done
 python3 benchmarks/memory_schedules.py --device cuda --rows 2048 --dim 256 --json "$out/memory-cuda.json" 2>&1 \
     | tee "$out/memory-cuda.log" || status=1
-python3 -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py tests 2>&1 | tee "$out/cpu-tests.log" || status=1
+python3 -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py --ignore tests/test_cuda_graph.py tests 2>&1 | tee "$out/cpu-tests.log" || status=1
 exit $status

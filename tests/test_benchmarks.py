@@ -109,6 +109,28 @@ def test_bench_schedules_json_for_a_v_schedule_with_a_baseline() -> None:
     assert summary["loss_spread"] < 1e-5
 
 
+@smoke("bench_overhead.py")
+@pytest.mark.timeout(300)
+def test_bench_overhead_compares_conveyor_with_the_plain_loop_and_profiles_it() -> None:
+    tiny = ["--dim", "16", "--layers", "2", "--seq", "8", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+    summary = json.loads(run("bench_overhead.py", *tiny, "--cases", "1f1b:1,looped-bfs:2", "--profile", "--json"))
+    assert [(c["schedule"], c["stages"]) for c in summary["cases"]] == [("1f1b", 1), ("looped-bfs", 2)]
+    for case in summary["cases"]:
+        assert set(case["over_plain"]) == {"plain", "by hand", "conveyor", "torch"}
+        assert case["over_plain"]["plain"] == 1.0 and case["cpu_ms"]["conveyor"] > 0
+        if case["schedule"] == "1f1b":  # one micro-batch at a time on one stage
+            assert list(case["memory"]["needed"].values()) == [1], case["memory"]
+        profile = case["profile"]
+        parts = {p["part"] for p in profile["parts"]}
+        assert {"module forward", "autograd backward", "executor: dispatch and routing"} <= parts, parts
+        assert profile["runtime_us_per_action"] > 0 and "tracer_us_per_action" in profile
+    # Every method trains the same model from the same weights on the same batch.
+    assert summary["loss_spread"] < 1e-5
+    out = run("bench_overhead.py", *tiny, "--cases", "interleaved-1f1b:2")
+    assert re.search(r"^  conveyor +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+", out, re.M), out
+    assert "micro-batches held per stage: the schedule needs 2, 1; conveyor held" in out, out
+
+
 @smoke("bench_async.py")
 @pytest.mark.timeout(300)
 def test_bench_async_reports_rates_and_weight_versions(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 
-from ..schedules import Action, Edge, Kind, Link, Program, offloaded, split_backwards
+from ..schedules import Action, Edge, Kind, Link, Program, offloaded
+from .routes import BackwardRoute, ForwardRoute, HandoffKey, backward_route, forward_route, split_here
 from .shared import SharedGradients
 from .stage import Stage
 from .stage_io import FORWARD_ONLY, TRAINING, StageIO
@@ -74,6 +76,7 @@ class Executor:
         self.peak_held_bytes = 0
         """With stages that track memory: the most bytes this rank's stages held for backward at once (after any
         action), the rank's peak; a sum of the stages' own peaks overstates it where they peak apart (a V)."""
+        self._programs: dict[int, tuple[Program, list[Action], list[tuple[Action, Callable[[], None]]]]] = {}
 
     def run(
         self,
@@ -91,8 +94,19 @@ class Executor:
         inference) needs no targets: then the last stage keeps its outputs. `options` is a flag every rank
         must agree on (see `StageIO.begin_step`).
         """
-        for _ in self.walk(inputs, targets, loss_weights, signature, program, keep_outputs, options=options):
-            pass
+        steps = self._begin(inputs, targets, loss_weights, signature, program, keep_outputs, False, options)
+        tracer = self.tracer
+        tracked = [stage for stage in self.stages.values() if stage.track_memory]
+        for action, do in steps:  # `walk`'s loop, without a generator to resume per action
+            if tracer is None:
+                do()
+            else:
+                tracer.action_started(action)
+                do()
+                tracer.action_ended(action)
+            if tracked:
+                self._note_held(tracked)
+        self._end()
 
     def walk(
         self,
@@ -110,145 +124,168 @@ class Executor:
         `inputs` and `targets` are indexed by micro-batch in increasing order (a stream's can be lazy);
         `uniform` says every micro-batch has the same shapes (a stream's), so metadata travels once.
         """
+        steps = self._begin(inputs, targets, loss_weights, signature, program, keep_outputs, uniform, options)
+        tracer = self.tracer
+        tracked = [stage for stage in self.stages.values() if stage.track_memory]
+        for action, do in steps:
+            if tracer is None:
+                do()
+            else:
+                tracer.action_started(action)
+                do()
+                tracer.action_ended(action)
+            if tracked:
+                self._note_held(tracked)
+            yield action
+        self._end()
+
+    def _note_held(self, tracked: list[Stage]) -> None:
+        self.peak_held_bytes = max(self.peak_held_bytes, sum(stage.held_bytes for stage in tracked))
+
+    def _begin(
+        self,
+        inputs: ByMicrobatch | None,
+        targets: ByMicrobatch | None,
+        loss_weights: ByMicrobatch | None,
+        signature: int | None,
+        program: Program | None,
+        keep_outputs: bool,
+        uniform: bool,
+        options: tuple[str, int],
+    ) -> list[tuple[Action, Callable[[], None]]]:
+        """Set up a run of `program` (the step's header exchanged); its actions, bound."""
         program = program or self.program
+        steps = self._prepared(program)
         self._program = program
         self._inputs, self._targets, self._weights = inputs, targets, loss_weights
         self._keep_outputs = keep_outputs
-        self._split = split_backwards(program)
-        self._offloaded = offloaded(program)
-        # Keys name the edge's two ends in forward order: ("act", src, dst, mb) travels src -> dst,
-        # ("grad", src, dst, mb) the gradient of dst's inputs back to src.
-        self._handoff: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
-        self._to_send: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
-        actions = program.actions.get(self.rank, [])
+        self._handoff: dict[HandoffKey, list[torch.Tensor]] = {}
+        self._to_send: dict[HandoffKey, list[torch.Tensor]] = {}
         for stage in self.stages.values():
             if stage.versions is not None:
-                stage.versions.begin(program, actions)
+                stage.versions.begin(program, program.actions.get(self.rank, []))
         self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING, uniform, options)
-        tracer = self.tracer
-        tracked = [stage for stage in self.stages.values() if stage.track_memory]
-        for action in actions:
-            if tracer is None:
-                self._do(action)
-            else:
-                tracer.action_started(action)
-                self._do(action)
-                tracer.action_ended(action)
-            if tracked:
-                self.peak_held_bytes = max(self.peak_held_bytes, sum(stage.held_bytes for stage in tracked))
-            yield action
+        return steps
+
+    def _end(self) -> None:
         self.io.end_step()
         assert not self._to_send and not self._handoff, "a result was produced but never used"
 
-    def _do(self, action: Action) -> None:
+    def _prepared(self, program: Program) -> list[tuple[Action, Callable[[], None]]]:
+        """This rank's actions of `program`, each bound to what it does (worked out on the program's first run)."""
+        actions = program.actions.get(self.rank, [])
+        cached = self._programs.get(id(program))
+        if cached is not None and cached[0] is program and cached[1] is actions and len(cached[2]) == len(actions):
+            return cached[2]
+        split = split_here(program, self.rank)
+        moved = offloaded(program)
+        steps = [(action, self._bind(program, action, split, moved)) for action in actions]
+        if len(self._programs) >= _PROGRAMS_KEPT:  # a profiler's programs come and go: keep the latest few
+            del self._programs[next(iter(self._programs))]
+        self._programs[id(program)] = (program, actions, steps)
+        return steps
+
+    def _bind(
+        self, program: Program, action: Action, split: set[tuple[int, int | None]], moved: set[tuple[int, int]]
+    ) -> Callable[[], None]:
+        """What `action` does, with everything that depends only on the program looked up now."""
         s, mb, kind = action.stage, action.mb, action.kind
         if kind is Kind.STEP:
-            self._step(action)
-            return
+            shares = self.shared is not None and program.shares_gradients(s)
+            return partial(self._step, action, shares)
         if kind is Kind.REDUCE:
             assert self.shared is not None
-            self.shared.offer(s, mb)
-            return
+            return partial(self.shared.offer, s, mb)
         assert mb is not None
         if kind is Kind.FORWARD:
-            self._forward(s, mb)
-        elif kind is Kind.BACKWARD:
-            self._backward(s, mb)
-        elif kind is Kind.WEIGHT:
-            self.stages[s].weight(mb)
-        elif kind is Kind.OFFLOAD:
-            self.stages[s].offload(mb)
-        elif kind is Kind.RELOAD:
-            self.stages[s].reload(mb)
-        elif kind.is_send:
-            self.io.send(action.link, mb, self._to_send.pop((*action.link, mb)))
-        elif kind is Kind.RECV_F:
-            self.io.post_activations(action.link, mb)
-        elif kind is Kind.RECV_B:
-            self.io.post_gradients(action.link, mb, self._gradient_metas(s, mb, action.link))
-        else:
-            raise NotImplementedError(f"rank {self.rank}: the executor has no rule for {kind.name}")
+            stage = self.stages[s]
+            # A micro-batch the program offloads keeps what its forward saved ready to move (`runtime/offload.py`).
+            run = stage.infer if program.forward_only else stage.forward
+            if (s, mb) in moved:
+                run = partial(stage.forward, offload=True)
+            return partial(self._forward, self.stages[s], run, mb, forward_route(program, s, mb), action)
+        if kind is Kind.BACKWARD:
+            route = backward_route(program, s, mb, (s, mb) in split)
+            return partial(self._backward, self.stages[s], mb, route, action)
+        if kind is Kind.WEIGHT:
+            return partial(self.stages[s].weight, mb)
+        if kind is Kind.OFFLOAD:
+            return partial(self.stages[s].offload, mb)
+        if kind is Kind.RELOAD:
+            return partial(self.stages[s].reload, mb)
+        if kind.is_send:
+            return partial(self._send, action.link, mb, (*action.link, mb))
+        if kind is Kind.RECV_F:
+            return partial(self.io.post_activations, action.link, mb)
+        if kind is Kind.RECV_B:
+            return partial(self._post_gradients, s, mb, action.link, program.graph.edge(*action.link[1:]))
+        raise NotImplementedError(f"rank {self.rank}: the executor has no rule for {kind.name}")
 
-    def _forward(self, s: int, mb: int) -> None:
-        stage = self.stages[s]
+    def _forward(
+        self, stage: Stage, run: Callable[..., list[torch.Tensor]], mb: int, route: ForwardRoute, action: Action
+    ) -> None:
         if stage.is_first:
             assert self._inputs is not None, "the first stage's rank must be given the inputs"
             inputs: Any = self._inputs[mb]
         else:
-            inputs = [t for edge in self._program.graph.in_edges(s) for t in self._arriving(s, mb, edge)]
+            inputs = []
+            for hop in route.inputs:
+                if hop.link is None:
+                    inputs += [_as_stage_input(t) for t in self._handoff.pop(hop.key)]
+                else:
+                    inputs += self._received(action, self.io.wait, hop.link, mb)
         target = weight = None
-        if stage.is_last and self._targets is not None:
-            assert self._weights is not None
-            target, weight = self._targets[mb], self._weights[mb]
-        elif stage.is_last and not self._program.forward_only:
-            raise AssertionError("the last stage's rank must be given targets")
+        if stage.is_last:
+            if self._targets is not None:
+                assert self._weights is not None
+                target, weight = self._targets[mb], self._weights[mb]
+            elif not self._program.forward_only:
+                raise AssertionError("the last stage's rank must be given targets")
         keep = self._keep_outputs or (self._program.forward_only and target is None)
-        loss_weight = 1.0 if weight is None else weight
-        if self._program.forward_only:
-            outputs = stage.infer(mb, inputs, target, loss_weight, keep)
-        else:
-            outputs = stage.forward(mb, inputs, target, loss_weight, keep, offload=(s, mb) in self._offloaded)
-        for edge in self._program.graph.out_edges(s):
-            values = outputs if edge.values is None else [outputs[v] for v in edge.values]
-            key = ("act", s, edge.dst, mb)
-            if self._program.same_rank(s, edge.dst, mb):
-                self._handoff[key] = values
-            else:
-                self._to_send[key] = values
+        outputs = run(mb, inputs, target, 1.0 if weight is None else weight, keep)
+        for hop in route.outputs:
+            values = outputs if hop.values is None else [outputs[v] for v in hop.values]
+            (self._handoff if hop.link is None else self._to_send)[hop.key] = values
 
-    def _arriving(self, s: int, mb: int, edge: Edge) -> list[torch.Tensor]:
-        """The values of `edge` for micro-batch `mb`, handed over in memory or received."""
-        if self._program.same_rank(edge.src, s, mb):
-            return [_as_stage_input(t) for t in self._handoff.pop(("act", edge.src, s, mb))]
-        return self._received(Action(s, Kind.FORWARD, mb), lambda: self.io.wait(("act", edge.src, s), mb))
-
-    def _backward(self, s: int, mb: int) -> None:
-        stage = self.stages[s]
-        graph = self._program.graph
+    def _backward(self, stage: Stage, mb: int, route: BackwardRoute, action: Action) -> None:
         output_grads: list[torch.Tensor | None] = []
-        if not stage.is_last:
-            metas = stage.output_metas(mb)
-            output_grads = [None] * len(metas)
-            for edge in graph.out_edges(s):
-                if not edge.grad:
-                    continue
-                grads = self._gradients_back(s, mb, edge)
-                carried = [v for v in _values(edge, len(metas)) if metas[v].requires_grad]
+        if route.output_grads:
+            wanted = stage.outputs_requiring_grad(mb)
+            output_grads = [None] * len(wanted)
+            for hop in route.output_grads:
+                if hop.link is None:
+                    grads = self._handoff.pop(hop.key)
+                else:
+                    grads = self._received(action, self.io.wait, hop.link, mb)
+                carried = [v for v in _values(hop.values, len(wanted)) if wanted[v]]
                 for index, grad in zip(carried, grads, strict=True):
                     # A value used by several stages gets the sum of their gradients.
                     earlier = output_grads[index]
                     output_grads[index] = grad if earlier is None else earlier + grad
-        input_grads = stage.backward(mb, output_grads, split=(s, mb) in self._split)
+        elif not stage.is_last:
+            output_grads = [None] * len(stage.outputs_requiring_grad(mb))
+        input_grads = stage.backward(mb, output_grads, split=route.split)
         at = 0
-        for edge in graph.in_edges(s):
-            width = len(edge.values) if edge.values is not None else len(input_grads) - at
-            grads = [g for g in input_grads[at : at + width] if g is not None]
+        for hop in route.input_grads:
+            width = len(hop.values) if hop.values is not None else len(input_grads) - at
+            if hop.grad:
+                grads = [g for g in input_grads[at : at + width] if g is not None]
+                (self._handoff if hop.link is None else self._to_send)[hop.key] = grads
             at += width
-            if not edge.grad:
-                continue
-            key = ("grad", edge.src, s, mb)
-            if self._program.same_rank(edge.src, s, mb):
-                self._handoff[key] = grads
-            else:
-                self._to_send[key] = grads
 
-    def _gradients_back(self, s: int, mb: int, edge: Edge) -> list[torch.Tensor]:
-        """The gradients of `edge`'s values for micro-batch `mb`, handed over in memory or received."""
-        if self._program.same_rank(s, edge.dst, mb):
-            return self._handoff.pop(("grad", s, edge.dst, mb))
-        link = ("grad", s, edge.dst)
-        return self._received(Action(s, Kind.BACKWARD, mb), lambda: self.io.wait(link, mb))
+    def _send(self, link: Link, mb: int, key: HandoffKey) -> None:
+        self.io.send(link, mb, self._to_send.pop(key))
 
-    def _gradient_metas(self, s: int, mb: int, link: Link) -> list[Any]:
-        """Shapes of the gradients coming back over `link`: those of its values that need one."""
+    def _post_gradients(self, s: int, mb: int, link: Link, edge: Edge) -> None:
+        """Post the receive of the gradients coming back over `link`: those of its values that need one."""
         metas = self.stages[s].output_metas(mb)
-        edge = self._program.graph.edge(link[1], link[2])
-        return [metas[v] for v in _values(edge, len(metas)) if metas[v].requires_grad]
+        self.io.post_gradients(link, mb, [metas[v] for v in _values(edge.values, len(metas)) if metas[v].requires_grad])
 
-    def _step(self, action: Action) -> None:
+    def _step(self, action: Action, shares: bool) -> None:
         s = action.stage
-        if self.shared is not None and self._program.shares_gradients(s):
-            self._received(action, lambda: self.shared.wait(s, action.mb))  # type: ignore[union-attr]
+        if shares:
+            assert self.shared is not None
+            self._received(action, self.shared.wait, s, action.mb)
         versions = self.stages[s].versions
         if versions is not None:
             versions.before_step()
@@ -257,17 +294,20 @@ class Executor:
         if versions is not None:
             versions.after_step()
 
-    def _received(self, action: Action, wait: Callable[[], Any]) -> Any:
+    def _received(self, action: Action, wait: Callable[..., Any], *args: Any) -> Any:
         if self.tracer is None:
-            return wait()
+            return wait(*args)
         start = time.perf_counter()
-        result = wait()
+        result = wait(*args)
         self.tracer.waited(action, start, time.perf_counter())
         return result
 
 
-def _values(edge: Edge, num_outputs: int) -> list[int]:
-    return list(range(num_outputs)) if edge.values is None else list(edge.values)
+_PROGRAMS_KEPT = 8
+
+
+def _values(values: tuple[int, ...] | None, num_outputs: int) -> Sequence[int]:
+    return range(num_outputs) if values is None else values
 
 
 def _as_stage_input(tensor: torch.Tensor) -> torch.Tensor:

@@ -35,13 +35,14 @@ class LossWeights:
         weigh = loss_weight if loss_weight is not None else getattr(loss_fn, "weight", None)
         return cls(weigh if callable(weigh) else None, getattr(loss_fn, "reduction", "mean"))
 
-    def __call__(self, targets: Sequence[Any], per_step: int | None = None) -> list[float]:
+    def __call__(self, targets: Sequence[Any], per_step: int | None = None, *, batch: Any = None) -> list[float]:
         """The weights of the micro-batches `targets` of a mini-batch; with `per_step`, normalized over each
-        `per_step` micro-batches (an asynchronous schedule's update) instead of all of them."""
+        `per_step` micro-batches (an asynchronous schedule's update) instead of all of them. `batch`, if given,
+        is the targets before they were split: checked for padding in one pass instead of one per micro-batch."""
         if self.reduction == "sum":
             return [1.0] * len(targets)
         if self.weigh is None:
-            self._warn_if_padded(targets)
+            self._warn_if_padded(targets if batch is None else [batch])
             counts = [float(batch_size(t)) for t in targets]
         else:
             found = [self.weigh(t) for t in targets]

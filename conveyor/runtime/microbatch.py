@@ -45,7 +45,7 @@ def split_microbatches(batch: Any, num_microbatches: int) -> list[Any]:
             f"cannot split a batch of {size} samples into {num_microbatches} micro-batches:"
             f" use at most {size} micro-batches or a larger batch"
         )
-    return [_select(batch, num_microbatches, index) for index in range(num_microbatches)]
+    return _split(batch, num_microbatches)
 
 
 def check_rows(inputs: Any, targets: Any, where: str = "") -> None:
@@ -65,9 +65,19 @@ def input_signature(microbatches: Sequence[Any]) -> int:
 
     The same on every process (replicas of the first stage compare theirs), so not Python's `hash`.
     """
-    described = tuple(tuple((tuple(t.shape), str(t.dtype)) for t in tensors_in(mb)) for mb in microbatches)
-    words = hashlib.blake2b(repr(described).encode(), digest_size=8).digest()
-    return int.from_bytes(words, "little") & (2**63 - 1)
+    shapes = tuple(tuple((t.shape, t.dtype) for t in tensors_in(mb)) for mb in microbatches)
+    signature = _signatures.get(shapes)
+    if signature is None:
+        described = tuple(tuple((tuple(shape), str(dtype)) for shape, dtype in mb) for mb in shapes)
+        words = hashlib.blake2b(repr(described).encode(), digest_size=8).digest()
+        signature = int.from_bytes(words, "little") & (2**63 - 1)
+        if len(_signatures) >= 64:  # batches of ever new shapes: keep the memo small
+            _signatures.clear()
+        _signatures[shapes] = signature
+    return signature
+
+
+_signatures: dict[tuple[tuple[tuple[torch.Size, torch.dtype], ...], ...], int] = {}
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -97,8 +107,17 @@ def concat_microbatches(parts: Sequence[Any]) -> Any:
     return first
 
 
-def _select(batch: Any, parts: int, index: int) -> Any:
-    return map_tensors(batch, lambda t: t.tensor_split(parts)[index] if t.dim() > 0 else t)
+def _split(batch: Any, parts: int) -> list[Any]:
+    """`batch` as `parts` micro-batches: each tensor cut once (not once per micro-batch), structures rebuilt."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.tensor_split(parts)) if batch.dim() > 0 else [batch] * parts
+    if isinstance(batch, Mapping):
+        columns = {key: _split(value, parts) for key, value in batch.items()}
+        return [type(batch)({key: column[i] for key, column in columns.items()}) for i in range(parts)]  # type: ignore[call-arg]
+    if isinstance(batch, (tuple, list)):
+        items = [_split(value, parts) for value in batch]
+        return [type(batch)(column[i] for column in items) for i in range(parts)]
+    return [batch] * parts
 
 
 def tensors_in(batch: Any) -> list[torch.Tensor]:

@@ -6,10 +6,12 @@ import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.variable import Variable
 from torch.utils.checkpoint import checkpoint
 
 from .microbatch import map_tensors, tensors_in
@@ -23,7 +25,10 @@ __all__ = ["LossFn", "MicrobatchResult", "Stage", "call_module"]
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
-@dataclass
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
+
+
+@dataclass(slots=True)
 class _Stash:
     """What one micro-batch's backward needs: the stage's inputs and outputs (or the loss)."""
 
@@ -93,15 +98,9 @@ class Stage:
         """Set for an asynchronous program: which weights each micro-batch runs with (weight stashing)."""
         self._gradient_checked = False
         self._offloads: ActivationOffload | None = None  # made by the first forward saved for offloading
-        _check_embedding_ids(module, index)
-
-    @property
-    def is_first(self) -> bool:
-        return self.index == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.index == self.num_stages - 1
+        self.is_first = index == 0
+        self.is_last = index == num_stages - 1
+        self._sequential = isinstance(module, nn.Sequential)
 
     def forward(
         self,
@@ -124,12 +123,12 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: forward of micro-batch {mb} ran twice before its backward")
         counter = _SavedBytes(self.module, tensors_in(inputs), tensors_in(target)) if self.track_memory else None
         weights = self.versions.forward_tensors(mb) if self.versions is not None else None
-        hooks: contextlib.AbstractContextManager[Any] = counter or contextlib.nullcontext()
+        hooks: contextlib.AbstractContextManager[Any] | None = counter
         if offload:  # one set of hooks runs at a time: the offload's, which shows the counter what it saves
             # Held anyway: the inputs (the first stage's and the target are views of the caller's batches), weights.
             kept = [*tensors_in(inputs), *tensors_in(target), *(weights or {}).values()]
             hooks = self._offload_store().saving(mb, kept, counter._pack if counter else None)
-        with torch.enable_grad(), hooks, self._autocast():
+        with self._forward_context(hooks):
             if self.recompute:  # the replay during backward runs with the same weights and autocast state
                 output = checkpoint(self._call, inputs, weights, use_reentrant=False)
             else:
@@ -145,7 +144,8 @@ class Stage:
             outputs = _flatten_output(output, self.index)
         if offload:
             self._offload_store().keep_on_device(mb, outputs)
-        self._check_gradient_flows(outputs)
+        if not self._gradient_checked:
+            self._check_gradient_flows(outputs)
         stash = _Stash([] if self.is_first else list(inputs), outputs)
         if counter is not None:
             stash.bytes = counter.total(outputs)
@@ -169,7 +169,7 @@ class Stage:
 
     def _check_gradient_flows(self, outputs: list[torch.Tensor]) -> None:
         """A stage whose outputs carry no gradient trains nothing before it, and none of its own weights."""
-        if self._gradient_checked or any(t.requires_grad for t in outputs):
+        if any(t.requires_grad for t in outputs):
             return
         self._gradient_checked = True
         if not any(p.requires_grad for p in self.module.parameters()):
@@ -188,6 +188,10 @@ class Stage:
     def output_metas(self, mb: int) -> list[TensorMeta]:
         """Shapes, dtypes and gradient flags of every output of micro-batch `mb`."""
         return [TensorMeta.of(t) for t in self._stash[mb].outputs]
+
+    def outputs_requiring_grad(self, mb: int) -> list[bool]:
+        """For each output of micro-batch `mb`, whether it carries a gradient (its backward needs one for it)."""
+        return [t.requires_grad for t in self._stash[mb].outputs]
 
     def backward(
         self, mb: int, output_grads: Sequence[torch.Tensor | None] = (), split: bool = False
@@ -210,17 +214,18 @@ class Stage:
                 raise RuntimeError(f"stage {self.index}: a split backward (W) cannot run on stashed weights")
             self.versions.before_backward(mb)
         if self.is_last:
-            pairs = [(stash.outputs[0], torch.ones_like(stash.outputs[0]))]
+            outputs, grads = stash.outputs, [torch.ones_like(stash.outputs[0])]
         else:
             if len(output_grads) != len(stash.outputs):
                 raise RuntimeError(
                     f"stage {self.index}, micro-batch {mb}: got {len(output_grads)} output gradients for"
                     f" {len(stash.outputs)} outputs"
                 )
-            pairs = [
-                (t, g) for t, g in zip(stash.outputs, output_grads, strict=True) if g is not None and t.requires_grad
-            ]
-        outputs, grads = [t for t, _ in pairs], [g for _, g in pairs]
+            outputs, grads = [], []
+            for t, g in zip(stash.outputs, output_grads, strict=True):
+                if g is not None and t.requires_grad:
+                    outputs.append(t)
+                    grads.append(g)
         leaves = [t for t in stash.inputs if t.requires_grad]
         if split:
             params = [p for p in self.module.parameters() if p.requires_grad]
@@ -229,10 +234,11 @@ class Stage:
             found = {id(t): g for t, g in zip(leaves, leaf_grads, strict=True)}
         else:
             if outputs:
-                torch.autograd.backward(outputs, grads)
+                run_backward(outputs, grads)
             if self.versions is not None:
                 self.versions.after_backward(mb)
-            self._hold(-stash.bytes)
+            if stash.bytes:
+                self._hold(-stash.bytes)
             if self._offloads is not None:
                 self._offloads.release(mb)
             found = {id(t): t.grad for t in leaves}
@@ -282,9 +288,23 @@ class Stage:
         """Micro-batches whose forward ran and whose backward (W, if split) has not."""
         return len(self._stash) + len(self._weight_work)
 
+    def _forward_context(
+        self, hooks: contextlib.AbstractContextManager[Any] | None
+    ) -> contextlib.AbstractContextManager[Any]:
+        """Gradients on, the saved-tensor hooks (the bytes counted, an offload's store), autocast: each entered only
+        where needed, since entering a context costs a few microseconds, more than some stages' own work."""
+        if hooks is None and self.autocast is None and torch.is_grad_enabled():
+            return _NOTHING
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.enable_grad())
+        if hooks is not None:
+            stack.enter_context(hooks)
+        stack.enter_context(self._autocast())
+        return stack
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast is None:
-            return contextlib.nullcontext()
+            return _NOTHING
         param = next(self.module.parameters(), None)
         return torch.autocast(param.device.type if param is not None else "cpu", dtype=self.autocast)
 
@@ -292,7 +312,7 @@ class Stage:
         """Call the module by the conventions above; with `weights`, on those tensors instead of its parameters."""
         if self.is_first:
             args, kwargs = call_arguments(inputs)
-        elif isinstance(self.module, nn.Sequential):
+        elif self._sequential:
             args, kwargs = (inputs[0] if len(inputs) == 1 else tuple(inputs),), {}
         else:
             args, kwargs = tuple(inputs), {}
@@ -300,6 +320,13 @@ class Stage:
             if weights is None:
                 return self.module(*args, **kwargs)
             return torch.func.functional_call(self.module, weights, args, kwargs)  # buffers stay the live ones
+        except IndexError as error:
+            if "index out of range" in str(error):
+                try:
+                    _name_bad_ids(self.module, self.index, args, kwargs)
+                except IndexError as named:
+                    raise named from error
+            raise
         except TypeError as error:
             if "'NoneType' object is not callable" not in str(error):
                 raise
@@ -323,7 +350,8 @@ class Stage:
                 f"stage {self.index}: the loss function must return a scalar tensor (the mean loss of micro-batch"
                 f" {mb}); got {got}"
             )
-        loss = loss.reshape(())
+        if loss.dim():
+            loss = loss.reshape(())
         kept = map_tensors(output, torch.Tensor.detach) if keep_output else None
         self.results[mb] = MicrobatchResult(loss.detach(), weight, kept)
         return loss
@@ -368,6 +396,19 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         return sum(self._counted.values())
 
 
+def run_backward(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """Accumulate into the leaves the gradients that flow back from `outputs`, given the gradients of `outputs`.
+
+    `torch.autograd.backward` without its Python layer: that layer checks and converts the gradients
+    (shapes, dtypes, scalars without one), which the engine checks again, and costs more than the engine's own
+    start on a small stage; every gradient here is one the runtime made for its own output.
+    """
+    _ENGINE.run_backward(tuple(outputs), tuple(grads), False, False, (), True, True)
+
+
+_ENGINE = Variable._execution_engine
+
+
 def call_arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """How a first stage is called with a micro-batch: a dict as keyword arguments, a tuple or list positionally."""
     if isinstance(inputs, Mapping):
@@ -383,27 +424,45 @@ def call_module(module: nn.Module, inputs: Any) -> Any:
     return module(*args, **kwargs)
 
 
-def _check_embedding_ids(module: nn.Module, index: int) -> None:
-    """Token ids out of range fail with the stage, the embedding and the ids, not `index out of range in self`.
+def _name_bad_ids(module: nn.Module, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """After a forward failed with `index out of range in self`: raise an IndexError naming the stage, the
+    embedding and the ids, if token ids out of an embedding's range were the cause (else return).
 
-    Checked on CPU tensors only, where a max costs nothing; on a GPU it would wait for the device.
+    The forward runs again with a check before each embedding, without gradients and in eval mode (no
+    running statistics updated, no dropout drawn), so that a forward that goes well pays nothing for the
+    check. Checked on CPU tensors only; on a GPU an id out of range is a device-side assert.
     """
-    for name, embedding in module.named_modules():
-        if not isinstance(embedding, nn.Embedding):
-            continue
 
-        def check(_: nn.Module, args: tuple[Any, ...], name: str = name, size: int = embedding.num_embeddings) -> None:
-            ids = args[0] if args else None
-            if not isinstance(ids, torch.Tensor) or ids.device.type != "cpu" or ids.numel() == 0:
-                return
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= size:
-                raise IndexError(
-                    f"stage {index}: embedding {name or 'module'} has {size} rows but got ids from {low} to {high}"
-                    f" (ids must be in 0..{size - 1})"
-                )
+    def check(_: nn.Module, args: tuple[Any, ...], name: str, size: int) -> None:
+        ids = args[0] if args else None
+        if not isinstance(ids, torch.Tensor) or ids.device.type != "cpu" or ids.numel() == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= size:
+            raise IndexError(
+                f"stage {index}: embedding {name or 'module'} has {size} rows but got ids from {low} to {high}"
+                f" (ids must be in 0..{size - 1})"
+            )
 
-        embedding.register_forward_pre_hook(check)
+    embeddings = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        return
+    handles = [m.register_forward_pre_hook(partial(check, name=name, size=m.num_embeddings)) for name, m in embeddings]
+    training = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(*args, **kwargs)
+    except IndexError as error:
+        if str(error).startswith(f"stage {index}: embedding "):
+            raise
+    except Exception:  # the diagnosis found nothing: the caller raises the original error
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in training.items():
+            m.training = mode
 
 
 def _flatten_output(output: Any, index: int) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ..schedules import Channel, Link, Program
 from .tensor_meta import HEADER_LENGTH, TensorMeta, decode_metas, encode_metas
@@ -71,6 +72,8 @@ class StageIO:
         self._next_header: dict[Channel, Incoming] = {}  # posted at the end of the previous step
         self._channels = program.channels()
         self._between_steps = False  # a step ended, and no other began or closed the pipeline
+        # Activations sent and not yet answered by their gradients, whose buffers the transport still holds.
+        self._unanswered: dict[tuple[Link, int], list[dist.Work]] = {}
 
     @property
     def receives_posted(self) -> int:
@@ -160,6 +163,7 @@ class StageIO:
     def end_step(self) -> None:
         assert not self._posted and not any(self._queues.values()), "a receive was posted but never used"
         self.transport.flush()
+        self._unanswered.clear()  # edges that carry no gradient, and forward-only runs: flushed above
         for channel in self._incoming_channels():
             try:
                 self._next_header[channel] = self.transport.recv((STEP_HEADER,), torch.int64, channel)
@@ -197,8 +201,9 @@ class StageIO:
         channel = self.program.channel(link, mb)
         if link[0] == "act":
             self._describe(channel, mb, tensors)
-        for tensor in tensors:
-            self.transport.send(tensor, channel)
+        sends = [self.transport.send(tensor, channel) for tensor in tensors]
+        if link[0] == "act" and self.run == TRAINING:
+            self._unanswered[(link, mb)] = sends
 
     def _describe(self, channel: Channel, mb: int, tensors: Sequence[torch.Tensor]) -> None:
         link = channel[:3]
@@ -249,6 +254,11 @@ class StageIO:
             last = "" if known is None else f"; rank {sender} last began run {known}, this rank is in run {self.runs}"
             raise type(error)(f"{error} [{what} of edge {link[1]}->{link[2]}, micro-batch {mb}{last}]") from None
         if link[0] == "grad":
+            # Their activations reached the receiver before it could answer: let the sent buffers go now,
+            # not at the end of the step, so a rank holds only the micro-batches its schedule keeps.
+            answered = self._unanswered.pop((("act", link[1], link[2]), mb), None)
+            if answered:
+                self.transport.settle(answered)
             return tensors
         return [
             t.requires_grad_(m.requires_grad and t.is_floating_point())

@@ -132,8 +132,9 @@ class Transport:
         """Gloo cannot move device memory, so CUDA tensors are copied to the host and back."""
         return self.device.type != "cpu" and dist.get_backend(self.group) == "gloo"
 
-    def send(self, tensor: torch.Tensor, channel: Channel) -> None:
-        """Start sending `tensor` over `channel`; the tensor is kept alive until the send completes."""
+    def send(self, tensor: torch.Tensor, channel: Channel) -> dist.Work:
+        """Start sending `tensor` over `channel`; the tensor is kept alive until the send completes (`settle`,
+        or `flush` at the end of the step)."""
         payload = tensor.detach()
         payload = payload.cpu() if self.stages_through_host else payload.to(self.device)
         payload = payload.contiguous()
@@ -150,6 +151,17 @@ class Transport:
         assert work is not None
         self._in_flight.append((work, payload))
         self._forget_finished()
+        return work
+
+    def settle(self, sends: list[dist.Work]) -> None:
+        """Let go of the buffers of `sends`, which the caller knows are done (their receiver answered).
+
+        Gloo tells a send is done only to a wait, so without this a sent buffer lives until the step's end.
+        """
+        for work in sends:
+            work.wait()
+        done = {id(work) for work in sends}
+        self._in_flight = [(w, t) for w, t in self._in_flight if id(w) not in done]
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, channel: Channel) -> Incoming:
         """Post a receive of a tensor of `shape` and `dtype` over `channel`."""

@@ -65,6 +65,10 @@ class PipelineSpec:
     weight_stashing: bool = True
     """pipedream, pipedream-2bw: each backward uses its forward's weights (False: the ablation that
     backpropagates with the latest weights)."""
+    cuda_graph: bool = False
+    """Capture a training step's compute in a CUDA graph and replay it (one rank holding every stage, a
+    synchronous fp32 schedule without recompute: `runtime/cuda_graph.py` refuses the rest, naming what to
+    change); on CPU it is refused."""
     nonfinite: str = "raise"
     """What an update whose gradients hold NaN or inf does: raise (naming the stage and the update), skip
     it with a warning, or allow it."""

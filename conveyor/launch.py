@@ -1,16 +1,23 @@
 """Starting ranks: under torchrun, or spawned by conveyor itself on one machine.
 
-A rank that raises stops the others: the launcher terminates them and raises
-the failing rank's error. A deadline turns a hang into a TimeoutError. However
-the launcher ends (a rank's error, the deadline, Ctrl-C, SIGTERM), it stops and
+A rank that raises (or dies) stops the others: the launcher terminates them and
+raises the first failure, not its consequences in other ranks. A watchdog names
+a rank that makes no progress (`conveyor.watchdog`); an optional deadline bounds
+the whole run. With restarts, a failure stops every rank and starts them all
+again, as torchrun's elastic agent does; each rank reads its attempt with
+`restart_count()` and resumes from its last checkpoint. However the launcher
+ends (a rank's error, the watchdog, the deadline, Ctrl-C, SIGTERM), it stops and
 reaps every rank and removes its rendezvous folder: nothing is left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
+import multiprocessing.connection
 import os
+import pickle
 import re
 import signal
 import sys
@@ -27,9 +34,41 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["default_backend", "exit_rank", "init_from_env", "run_ranks", "spawn", "under_torchrun"]
+from . import watchdog
+from .watchdog import heartbeat
+
+__all__ = [
+    "NoProgressError",
+    "default_backend",
+    "exit_rank",
+    "heartbeat",
+    "init_from_env",
+    "restart_count",
+    "run_ranks",
+    "spawn",
+    "under_torchrun",
+]
 
 RankFn = Callable[..., Any]
+
+log = logging.getLogger(__name__)
+
+# The attempt a spawned rank belongs to (0: the first start); torchrun's elastic agent sets its own.
+RESTART_COUNT = "CONVEYOR_RESTART_COUNT"
+TORCHRUN_RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+
+
+class NoProgressError(TimeoutError):
+    """A rank made no progress (no heartbeat) for longer than the watchdog's limit."""
+
+
+def restart_count() -> int:
+    """How many times the launcher (conveyor's, or torchrun's elastic agent) restarted this run's ranks before
+    this attempt: 0 on the first. A program resumes from its latest checkpoint when it is above 0."""
+    for name in (RESTART_COUNT, TORCHRUN_RESTART_COUNT):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
 
 
 def under_torchrun() -> bool:
@@ -61,18 +100,38 @@ def run_ranks(
     backend: str = "gloo",
     threads_per_rank: int | None = 1,
     timeout_s: float | None = None,
+    watchdog_s: float | None = None,
+    max_restarts: int = 0,
 ) -> None:
     """Run `fn(rank, world_size, *args)` on every rank: in this process under torchrun, else on spawned ranks.
 
-    Under torchrun (which sets the world size itself, so `world_size` is ignored there) the process joins
-    torchrun's group, runs `fn` and ends as a spawned rank does (`exit_rank`); otherwise this is `spawn`.
+    `timeout_s` bounds each wait for a peer (the process group's timeout; 300 s by default), not the run:
+    a run that makes progress is never stopped. A rank silent for `watchdog_s` (default
+    `watchdog.default_limit(timeout_s)`) is stopped and named. Under torchrun (which sets the world size
+    itself, so `world_size` is ignored there) the process joins torchrun's group, runs `fn` with the
+    watchdog on a thread of its own and ends as a spawned rank does (`exit_rank`); restarts are then
+    torchrun's (`torchrun --max-restarts`). Otherwise this is `spawn`, restarting up to `max_restarts` times.
     """
+    wait_s = timeout_s or 300
+    limit_s = watchdog_s or watchdog.default_limit(wait_s)
     if not under_torchrun():
-        spawn(fn, world_size, args, backend=backend, threads_per_rank=threads_per_rank, timeout_s=timeout_s)
+        spawn(
+            fn,
+            world_size,
+            args,
+            backend=backend,
+            threads_per_rank=threads_per_rank,
+            wait_timeout_s=wait_s,
+            watchdog_s=limit_s,
+            max_restarts=max_restarts,
+        )
         return
+    if max_restarts and not int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        log.warning("under torchrun, restarts are torchrun's: give torchrun --max-restarts %d", max_restarts)
     if threads_per_rank is not None:
         torch.set_num_threads(threads_per_rank)
-    rank, world = init_from_env(backend, timeout_s or 300)
+    rank, world = init_from_env(backend, wait_s)
+    watchdog.watch_this_rank(rank, limit_s)
     try:
         fn(rank, world, *args)
     finally:
@@ -88,48 +147,223 @@ def spawn(
     backend: str = "gloo",
     threads_per_rank: int | None = 1,
     timeout_s: float | None = None,
+    wait_timeout_s: float | None = None,
+    watchdog_s: float | None = None,
+    max_restarts: int = 0,
 ) -> None:
     """Run `fn(rank, world_size, *args)` in `world_size` new processes joined in a process group.
 
-    Returns when all ranks return. Raises the first failing rank's error
-    (with its traceback) after stopping the others, or TimeoutError naming the
-    ranks still running after `timeout_s` seconds. `fn` must be importable
-    (a module-level function) because ranks start as fresh interpreters.
+    Returns when all ranks return. Raises the first failing rank's error (with its traceback) after
+    stopping the others. `fn` must be importable (a module-level function): ranks start as fresh
+    interpreters.
+
+    - `timeout_s`: a deadline on the whole run, every restart included (for tests and benchmarks): then
+      every rank is stopped and TimeoutError names those still running. None: no deadline.
+    - `wait_timeout_s`: the process group's timeout, how long a collective waits for a peer (default
+      `timeout_s`, else 300 s).
+    - `watchdog_s`: a rank that makes no progress (`heartbeat()`) for this long is stopped, and
+      NoProgressError names it, how long it was silent, and whether a signal stopped it. None: no watchdog.
+    - `max_restarts`: when a rank fails (raises, dies, or makes no progress), every rank is stopped and all
+      are started again, at most this many times, each restart logged with its cause; a rank reads its
+      attempt with `restart_count()`. The deadline is never restarted.
     """
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be 0 or more; got {max_restarts}")
+    if watchdog_s is not None and not watchdog_s > 0:
+        raise ValueError(f"watchdog_s must be a positive number of seconds (or None: no watchdog); got {watchdog_s}")
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    attempt = _Attempt(fn, world_size, args, backend, threads_per_rank, timeout_s, wait_timeout_s, watchdog_s)
     with tempfile.TemporaryDirectory(prefix="conveyor-") as scratch, _terminate_raises():
-        rendezvous = os.path.join(scratch, "rendezvous")
+        beats = watchdog.Heartbeats(os.path.join(scratch, "heartbeats"), world_size) if watchdog_s else None
+        try:
+            for restarts in range(max_restarts + 1):
+                try:
+                    attempt.run(os.path.join(scratch, f"rendezvous-{restarts}"), restarts, beats, deadline)
+                    return
+                except (mp.ProcessRaisedException, mp.ProcessExitedException, NoProgressError) as error:
+                    if restarts == max_restarts:
+                        if max_restarts:
+                            log.error("the run failed after %d restarts, the most allowed", max_restarts)
+                        raise
+                    log.warning("restart %d of %d after %s", restarts + 1, max_restarts, describe_failure(error))
+        finally:
+            if beats is not None:
+                beats.close()
+
+
+class RankFailure(mp.ProcessRaisedException):
+    """The first failure of a spawned run: the rank, its traceback, and `cause`, the same in one line."""
+
+    def __init__(self, rank: int, pid: int, trace: str, cause: str, note: str = "") -> None:
+        super().__init__(f"\n\n-- Process {rank} terminated with the following error:\n{trace}{note}", rank, pid)
+        self.cause = cause
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line naming the rank that failed and how (for the log of a restart)."""
+    if isinstance(error, RankFailure):
+        return error.cause
+    if isinstance(error, mp.ProcessExitedException):
+        if error.signal_name:
+            return f"rank {error.error_index} was ended by signal {error.signal_name}"
+        return f"rank {error.error_index} exited with code {error.exit_code}"
+    return str(error)
+
+
+class _Attempt:
+    """One start of every rank, watched until all return or one fails."""
+
+    def __init__(
+        self,
+        fn: RankFn,
+        world_size: int,
+        args: tuple[Any, ...],
+        backend: str,
+        threads_per_rank: int | None,
+        timeout_s: float | None,
+        wait_timeout_s: float | None,
+        watchdog_s: float | None,
+    ) -> None:
+        self.fn, self.world_size, self.args = fn, world_size, args
+        self.backend, self.threads_per_rank = backend, threads_per_rank
+        self.timeout_s, self.watchdog_s = timeout_s, watchdog_s
+        self.wait_timeout_s = wait_timeout_s or timeout_s or 300
+
+    def run(self, rendezvous: str, restarts: int, beats: watchdog.Heartbeats | None, deadline: float | None) -> None:
         context = mp.start_processes(
             _rank_main,
-            args=(fn, world_size, rendezvous, backend, threads_per_rank, timeout_s, args),
-            nprocs=world_size,
+            args=(
+                self.fn,
+                self.world_size,
+                rendezvous,
+                self.backend,
+                self.threads_per_rank,
+                self.wait_timeout_s,
+                restarts,
+                None if beats is None else beats.path,
+                self.args,
+            ),
+            nprocs=self.world_size,
             join=False,
             start_method="spawn",
         )
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        processes = context.processes
+        if beats is not None:
+            beats.restart_clocks()
         try:
-            while not context.join(timeout=0.5, grace_period=1.0):  # a stopped rank ignores SIGTERM: kill it soon
+            while True:
+                failed = [rank for rank, p in enumerate(processes) if p.exitcode not in (None, 0)]
+                if failed:
+                    raise _first_cause(processes, failed, rendezvous, context.error_files)
+                running = [p.sentinel for p in processes if p.exitcode is None]
+                if not running:
+                    return
+                multiprocessing.connection.wait(running, timeout=0.5)
                 if deadline is not None and time.monotonic() > deadline:
-                    running = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-                    stopped = [rank for rank in running if _is_stopped(context.processes[rank].pid)]
-                    why = f"; rank(s) {stopped} stopped by a signal (SIGSTOP, or a debugger)" if stopped else ""
-                    raise TimeoutError(
-                        f"ranks {running} of {world_size} were still running after {timeout_s:.0f} s{why}"
-                    )
-        except mp.ProcessRaisedException as error:
-            # torch names the rank whose process ended first, which may be a peer that lost
-            # its link to the rank that really failed: name the rank that failed first.
-            first = _first_failure(rendezvous)
-            if first is None or first[0] == error.error_index:
-                raise
-            rank, trace = first
-            raise mp.ProcessRaisedException(
-                f"\n\n-- Process {rank} terminated with the following error:\n{trace}"
-                f"(process {error.error_index} failed after it)",
-                rank,
-                context.processes[rank].pid,
-            ) from None
+                    raise self._past_deadline(processes)
+                if beats is not None:
+                    self._check_progress(processes, beats)
         finally:
-            _stop(context.processes)
+            _stop(processes)
+            for path in context.error_files:  # torch's record of a failed rank's error (ours are in `rendezvous`)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+    def _past_deadline(self, processes: list[Any]) -> TimeoutError:
+        running = [rank for rank, p in enumerate(processes) if p.is_alive()]
+        stopped = [rank for rank in running if _is_stopped(processes[rank].pid)]
+        why = f"; rank(s) {stopped} stopped by a signal (SIGSTOP, or a debugger)" if stopped else ""
+        return TimeoutError(
+            f"ranks {running} of {self.world_size} were still running after {self.timeout_s:.0f} s{why}"
+        )
+
+    def _check_progress(self, processes: list[Any], beats: watchdog.Heartbeats) -> None:
+        assert self.watchdog_s is not None
+        for rank, process in enumerate(processes):
+            if process.exitcode is not None:
+                continue
+            silent_s, started = beats.silence(rank), beats.has_beaten(rank)
+            limit_s = self.watchdog_s if started else max(self.watchdog_s, watchdog.MIN_LIMIT_S)
+            if silent_s <= limit_s:
+                continue
+            since = "" if started else " since it started"
+            what = (
+                f"rank {rank} made no progress for {silent_s:.0f} s (the watchdog's limit is {limit_s:g} s: no"
+                f" action of its schedule begun, no wait for a peer begun or ended{since})"
+            )
+            if _is_stopped(process.pid):
+                raise NoProgressError(f"{what}; it is stopped by a signal (SIGSTOP, or a debugger)")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGUSR1)  # its threads' stacks (faulthandler, see _rank_main)
+                time.sleep(0.5)
+            raise NoProgressError(
+                f"{what}; it is running but stuck in one call (a kernel, a lock, I/O): its threads' stacks are"
+                " printed above"
+            )
+
+
+def _first_cause(
+    processes: list[Any], failed: list[int], rendezvous: str, error_files: list[str]
+) -> mp.ProcessRaisedException | mp.ProcessExitedException:
+    """The error that names the run's first failure, once rank(s) `failed` ended in error.
+
+    A rank a signal ended (SIGKILL, SIGSEGV: not SIGABRT, which gloo raises in a rank whose peer left) or
+    stopped (SIGSTOP) failed first: its peers only lost their link to it. Otherwise the first error a rank
+    noted, following a chain of timed-out waits to its end (`_first_failure`).
+    """
+    ended = {rank: p.exitcode for rank, p in enumerate(processes) if p.exitcode is not None}
+    killed = [rank for rank, code in ended.items() if code < 0 and code != -signal.SIGABRT]
+    stopped = [rank for rank, p in enumerate(processes) if rank not in ended and _is_stopped(p.pid)]
+    # The other ranks fail on their own within a moment; their notes may continue a chain of waits.
+    until = time.monotonic() + 1.0
+    for rank, process in enumerate(processes):
+        if rank not in ended and rank not in stopped:
+            process.join(max(0.0, until - time.monotonic()))
+    if killed:
+        return _exited(processes, killed[0])
+    first = _first_failure(rendezvous)
+    if first is None:
+        trace = _torch_error(error_files[failed[0]])
+        if trace is None:
+            return _exited(processes, failed[0])
+        first = (failed[0], trace)
+    rank, trace = first
+    lines = [line for line in trace.splitlines() if line and not line.startswith(" ")]
+    raised = f"rank {rank} raised {(lines[-1] if lines else 'an error')[:300]}"
+    if stopped:
+        note = f"(rank(s) {stopped} had been stopped by a signal (SIGSTOP, or a debugger) when rank {rank} failed)"
+        return RankFailure(
+            rank, processes[rank].pid, trace, f"rank(s) {stopped} stopped by a signal, then {raised}", note
+        )
+    return RankFailure(rank, processes[rank].pid, trace, raised)
+
+
+def _exited(processes: list[Any], rank: int) -> mp.ProcessExitedException:
+    code = processes[rank].exitcode
+    if code < 0:
+        name = signal.Signals(-code).name
+        return mp.ProcessExitedException(
+            f"process {rank} terminated with signal {name}",
+            error_index=rank,
+            error_pid=processes[rank].pid,
+            exit_code=code,
+            signal_name=name,
+        )
+    return mp.ProcessExitedException(
+        f"process {rank} terminated with exit code {code}",
+        error_index=rank,
+        error_pid=processes[rank].pid,
+        exit_code=code,
+    )
+
+
+def _torch_error(path: str) -> str | None:
+    """The traceback torch.multiprocessing recorded for a rank that raised before conveyor's note could."""
+    try:
+        with open(path, "rb") as file:
+            return str(pickle.load(file))
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
 
 
 def _is_stopped(pid: int) -> bool:
@@ -142,14 +376,18 @@ def _is_stopped(pid: int) -> bool:
 
 
 def _stop(processes: list[Any]) -> None:
-    """Terminate the ranks still running, kill those that do not stop (or are stopped), and reap them all."""
+    """End the ranks still running (SIGTERM; SIGKILL for a stopped rank, which ignores SIGTERM, and for one
+    that does not end within 5 s) and reap them all."""
     for process in processes:
         if process.is_alive():
-            process.terminate()
+            if _is_stopped(process.pid):
+                process.kill()
+            else:
+                process.terminate()
     for process in processes:
         process.join(5)
         if process.is_alive():
-            process.kill()  # SIGKILL also ends a rank stopped by SIGSTOP
+            process.kill()
             process.join()
 
 
@@ -177,9 +415,15 @@ def _rank_main(
     rendezvous: str,
     backend: str,
     threads_per_rank: int | None,
-    timeout_s: float | None,
+    wait_timeout_s: float,
+    restarts: int,
+    heartbeats: str | None,
     args: tuple[Any, ...],
 ) -> None:
+    os.environ[RESTART_COUNT] = str(restarts)
+    if heartbeats is not None:
+        watchdog.attach(heartbeats, rank)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the watchdog asks a stuck rank where it is
     if threads_per_rank is not None:
         torch.set_num_threads(threads_per_rank)
     dist.init_process_group(
@@ -187,11 +431,15 @@ def _rank_main(
         init_method=f"file://{rendezvous}",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=timeout_s or 300),
+        timeout=timedelta(seconds=wait_timeout_s),
     )
     try:
         fn(rank, world_size, *args)
-    except Exception:
+    except (KeyboardInterrupt, SystemExit):
+        raise  # the launcher stopping this rank, or the rank's own exit status
+    except BaseException:
+        # Any BaseException, not only an Exception (which is all torch.multiprocessing records):
+        # DCP's CheckpointException is one.
         _note_failure(rendezvous, rank, traceback.format_exc())
         raise
     finally:
@@ -242,6 +490,11 @@ def _first_failure(rendezvous: str) -> tuple[int, str] | None:
         if blamed in chain or not os.path.exists(f"{rendezvous}.failure-{blamed}"):
             break  # the blamed rank did not fail on its own: it is the one that stopped
         with open(f"{rendezvous}.failure-{blamed}") as file:
-            trace = file.read()
+            blamed_trace = file.read()
+        if _WAITED_FOR.search(blamed_trace) is None:
+            # The blamed rank failed after this wait gave up, and not in a wait of its own: a consequence
+            # of this rank leaving (gloo's "Connection closed by peer"), so this wait is the first cause.
+            break
+        trace = blamed_trace
         chain.append(blamed)
     return chain[-1], trace

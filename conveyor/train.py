@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from . import checkpoint
 from .data import TextBatches, stdlib_source_bytes
-from .launch import default_backend, init_from_env, spawn, under_torchrun
+from .launch import default_backend, init_from_env, restart_count, spawn, under_torchrun
 from .metrics import MetricsWriter, peak_memory_mib
 from .models import GPT, GPTConfig, lm_loss
 from .observe.timeline import Span, draw_timeline
@@ -29,6 +29,7 @@ from .pipeline import RECOMPUTE, Pipeline
 from .runtime.stage import LossFn
 from .schedules import SCHEDULES
 from .split import Split, manual_split, trace_split
+from .watchdog import default_limit, watch_this_rank
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -90,7 +91,20 @@ class TrainConfig:
     device: str = _option("cpu", "cpu or cuda (ranks on one GPU talk through host memory)")
     seed: int = _option(0, "seed of the weights and of the batches")
     threads: int = _option(1, "torch threads per rank; 1 keeps two ranks from fighting over two cores")
-    timeout_s: float = _option(600.0, "stop the run if it (or a rank waiting on another) takes longer")
+    timeout_s: float = _option(
+        600.0, "how long a rank waits for another (each message, each collective) before the run fails"
+    )
+    watchdog_s: float = _option(
+        0.0,
+        "stop the run when a rank makes no progress for this long (no action begun, no wait for a peer begun or"
+        " ended: a stopped process, a stuck kernel); 0: twice --timeout-s, at least 120 s",
+    )
+    max_restarts: int = _option(
+        0,
+        "when a rank fails (an error, a crash, no progress) stop every rank and start them all again from the"
+        " latest checkpoint in --checkpoint-dir (step 0 without one), at most this many times; under torchrun"
+        " give torchrun --max-restarts instead",
+    )
     trace: str = _option("", "folder for a Chrome trace (trace.json) and a timeline (timeline.png) of the last steps")
     trace_steps: int = _option(2, "how many of the last steps --trace records")
     progress: bool = _option(True, "a progress bar")
@@ -136,6 +150,7 @@ class TrainConfig:
             )
         if not self.timeout_s > 0:
             raise ValueError(f"--timeout-s must be a positive number of seconds; got {self.timeout_s}")
+        self._check_restarts()
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive; got {self.lr}")
         if self.trace_steps < 1:
@@ -210,6 +225,32 @@ class TrainConfig:
             raise ValueError("--checkpoint-every must be 0 or more and --keep-checkpoints at least 1")
         if self.resume and checkpoint.latest(self.checkpoint_dir) is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.checkpoint_dir}")
+
+    def _check_restarts(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be 0 or more; got {self.max_restarts}")
+        if self.watchdog_s < 0 or (self.watchdog_s and self.watchdog_s <= self.timeout_s):
+            raise ValueError(
+                f"--watchdog-s must be above --timeout-s ({self.timeout_s:g}): a rank waiting for a peer is silent"
+                f" until its wait ends; got {self.watchdog_s:g}"
+            )
+        if self.max_restarts and under_torchrun():
+            raise ValueError(
+                "under torchrun, restarts are torchrun's: give torchrun --max-restarts N instead of conveyor's"
+                " (conveyor train resumes from the latest checkpoint in --checkpoint-dir on each restart)"
+            )
+        restarts = self.max_restarts or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+        earlier = checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir else None
+        if restarts and earlier is not None and not self.resume and restart_count() == 0:
+            raise ValueError(
+                f"--checkpoint-dir {self.checkpoint_dir} holds checkpoints of an earlier run ({earlier.name}), which"
+                " a restart would resume from: give --resume to continue that run, or an empty folder"
+            )
+
+    @property
+    def watchdog_limit_s(self) -> float:
+        """How long a rank may make no progress: --watchdog-s, or its default from --timeout-s."""
+        return self.watchdog_s or default_limit(self.timeout_s)
 
     def _check_replicas(self) -> None:
         if not self.replicas:
@@ -369,6 +410,7 @@ def train(config: TrainConfig) -> None:
     if under_torchrun():
         backend = default_backend(config.device, int(os.environ["WORLD_SIZE"]))
         rank, world = init_from_env(backend, config.timeout_s)
+        watch_this_rank(rank, config.watchdog_limit_s)
         try:
             train_rank(rank, world, config)
         finally:
@@ -381,7 +423,9 @@ def train(config: TrainConfig) -> None:
         (config,),
         backend=backend,
         threads_per_rank=config.threads,
-        timeout_s=config.timeout_s,
+        wait_timeout_s=config.timeout_s,  # each wait, not the run: a run making progress goes on
+        watchdog_s=config.watchdog_limit_s,
+        max_restarts=config.max_restarts,
     )
 
 
@@ -413,10 +457,12 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     # Each rank's own random stream (dropout), the same in every run with this seed; a checkpoint keeps it.
     torch.manual_seed(config.seed * 1_000_003 + rank)
     data = TextBatches(stdlib_source_bytes(), config.context, config.batch_size, seed=config.seed)
-    first_step = _resume(pipe, data, config) if config.resume else 0
+    first_step = _resume(pipe, data, config) if _resuming(config) else 0
     reporting = rank == pipe.last_rank
     if reporting:
         print(f"conveyor train: {_describe(config)}", flush=True)
+        if restart_count():
+            print(f"conveyor train: restart {restart_count()}, from step {first_step}", flush=True)
     bar = _progress(config, reporting)
     losses: list[float] = []
     evaluations: list[tuple[int, float]] = []
@@ -424,7 +470,7 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     start = time.perf_counter()
     timed_from, timed_steps = start, 0
     recorder = Recorder(rank) if config.trace else None
-    metrics = _metrics_writer(config) if reporting else None
+    metrics = _metrics_writer(config, first_step) if reporting else None
     for log in _losses(pipe, data, config, recorder, first_step):
         if log.step == first_step:  # the first step learns shapes and warms up: keep it out of the throughput
             timed_from = time.perf_counter()
@@ -463,6 +509,9 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
         _report_versions(pipe, reporting)
     if not reporting:
         return None
+    if not losses:  # a restart after the last checkpoint
+        print(f"conveyor train: the checkpoint of step {first_step} is the last; nothing left to train", flush=True)
+        return TrainResult(losses, 0.0, seconds)
     rate = tokens * timed_steps / (time.perf_counter() - timed_from) if timed_steps else 0.0
     result = TrainResult(losses, rate, seconds)
     window = min(5, len(losses))
@@ -478,12 +527,13 @@ def train_rank(rank: int, world: int, config: TrainConfig) -> TrainResult | None
     return result
 
 
-def _metrics_writer(config: TrainConfig) -> MetricsWriter | None:
+def _metrics_writer(config: TrainConfig, first_step: int) -> MetricsWriter | None:
     if not (config.metrics or config.tensorboard):
         return None
     columns = ["step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_mib"]
     path = config.metrics or os.devnull
-    return MetricsWriter(path, columns, config.tensorboard)
+    # A resumed run keeps the rows up to its checkpoint (a restart's failed attempt may have written more).
+    return MetricsWriter(path, columns, config.tensorboard, keep_until=first_step if first_step else None)
 
 
 @dataclass(frozen=True)
@@ -636,6 +686,13 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
 def _loss_scale_state(pipe: Pipeline) -> dict[str, torch.Tensor]:
     """float16's loss scale, for a checkpoint (nothing without it)."""
     return {} if pipe.loss_scale is None else {"loss_scale": pipe.loss_scale.state()}
+
+
+def _resuming(config: TrainConfig) -> bool:
+    """--resume, or a restart (by conveyor's launcher or torchrun's) once a checkpoint exists to continue from."""
+    if config.resume:
+        return True
+    return restart_count() > 0 and bool(config.checkpoint_dir) and checkpoint.latest(config.checkpoint_dir) is not None
 
 
 def _resume(pipe: Pipeline, data: TextBatches, config: TrainConfig) -> int:

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from ..schedules import Action, Edge, Kind, Link, Program, split_backwards
+from ..watchdog import heartbeat
 from .shared import SharedGradients
 from .stage import Stage
 from .stage_io import FORWARD_ONLY, TRAINING, StageIO
@@ -116,6 +117,7 @@ class Executor:
         self.io.begin_step(signature, FORWARD_ONLY if program.forward_only else TRAINING, uniform, options)
         tracer = self.tracer
         for action in actions:
+            heartbeat()  # progress, for the launcher's watchdog
             if tracer is None:
                 self._do(action)
             else:

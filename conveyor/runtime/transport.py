@@ -37,6 +37,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..watchdog import heartbeat
+
 __all__ = ["Channel", "Incoming", "Transport"]
 
 # A channel's name: a channel of the program (`conveyor.schedules.Channel`) or one of the pipeline's
@@ -60,10 +62,12 @@ class Incoming:
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
+            heartbeat()  # a wait that can give up is progress (the watchdog's limit is above the wait's)
             if self.timeout_s is None:
                 self.work.wait()
             else:
                 self._wait_bounded(self.timeout_s)
+            heartbeat()
             self.work = None
         return self.buffer.to(self.device, non_blocking=False)
 

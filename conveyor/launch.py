@@ -17,8 +17,6 @@ import faulthandler
 import logging
 import multiprocessing.connection
 import os
-import pickle
-import re
 import signal
 import sys
 import tempfile
@@ -27,7 +25,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import watchdog
+from .failures import describe_failure, first_cause, is_stopped, note_failure
 from .watchdog import heartbeat
 
 __all__ = [
@@ -191,25 +189,6 @@ def spawn(
                 beats.close()
 
 
-class RankFailure(mp.ProcessRaisedException):
-    """The first failure of a spawned run: the rank, its traceback, and `cause`, the same in one line."""
-
-    def __init__(self, rank: int, pid: int, trace: str, cause: str, note: str = "") -> None:
-        super().__init__(f"\n\n-- Process {rank} terminated with the following error:\n{trace}{note}", rank, pid)
-        self.cause = cause
-
-
-def describe_failure(error: BaseException) -> str:
-    """One line naming the rank that failed and how (for the log of a restart)."""
-    if isinstance(error, RankFailure):
-        return error.cause
-    if isinstance(error, mp.ProcessExitedException):
-        if error.signal_name:
-            return f"rank {error.error_index} was ended by signal {error.signal_name}"
-        return f"rank {error.error_index} exited with code {error.exit_code}"
-    return str(error)
-
-
 class _Attempt:
     """One start of every rank, watched until all return or one fails."""
 
@@ -254,7 +233,7 @@ class _Attempt:
             while True:
                 failed = [rank for rank, p in enumerate(processes) if p.exitcode not in (None, 0)]
                 if failed:
-                    raise _first_cause(processes, failed, rendezvous, context.error_files)
+                    raise first_cause(processes, failed, rendezvous, context.error_files)
                 running = [p.sentinel for p in processes if p.exitcode is None]
                 if not running:
                     return
@@ -271,7 +250,7 @@ class _Attempt:
 
     def _past_deadline(self, processes: list[Any]) -> TimeoutError:
         running = [rank for rank, p in enumerate(processes) if p.is_alive()]
-        stopped = [rank for rank in running if _is_stopped(processes[rank].pid)]
+        stopped = [rank for rank in running if is_stopped(processes[rank].pid)]
         why = f"; rank(s) {stopped} stopped by a signal (SIGSTOP, or a debugger)" if stopped else ""
         return TimeoutError(
             f"ranks {running} of {self.world_size} were still running after {self.timeout_s:.0f} s{why}"
@@ -291,7 +270,7 @@ class _Attempt:
                 f"rank {rank} made no progress for {silent_s:.0f} s (the watchdog's limit is {limit_s:g} s: no"
                 f" action of its schedule begun, no wait for a peer begun or ended{since})"
             )
-            if _is_stopped(process.pid):
+            if is_stopped(process.pid):
                 raise NoProgressError(f"{what}; it is stopped by a signal (SIGSTOP, or a debugger)")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGUSR1)  # its threads' stacks (faulthandler, see _rank_main)
@@ -302,85 +281,12 @@ class _Attempt:
             )
 
 
-def _first_cause(
-    processes: list[Any], failed: list[int], rendezvous: str, error_files: list[str]
-) -> mp.ProcessRaisedException | mp.ProcessExitedException:
-    """The error that names the run's first failure, once rank(s) `failed` ended in error.
-
-    A rank a signal ended (SIGKILL, SIGSEGV: not SIGABRT, which gloo raises in a rank whose peer left) or
-    stopped (SIGSTOP) failed first: its peers only lost their link to it. Otherwise the first error a rank
-    noted, following a chain of timed-out waits to its end (`_first_failure`).
-    """
-    ended = {rank: p.exitcode for rank, p in enumerate(processes) if p.exitcode is not None}
-    killed = [rank for rank, code in ended.items() if code < 0 and code != -signal.SIGABRT]
-    stopped = [rank for rank, p in enumerate(processes) if rank not in ended and _is_stopped(p.pid)]
-    # The other ranks fail on their own within a moment; their notes may continue a chain of waits.
-    until = time.monotonic() + 1.0
-    for rank, process in enumerate(processes):
-        if rank not in ended and rank not in stopped:
-            process.join(max(0.0, until - time.monotonic()))
-    if killed:
-        return _exited(processes, killed[0])
-    first = _first_failure(rendezvous)
-    if first is None:
-        trace = _torch_error(error_files[failed[0]])
-        if trace is None:
-            return _exited(processes, failed[0])
-        first = (failed[0], trace)
-    rank, trace = first
-    lines = [line for line in trace.splitlines() if line and not line.startswith(" ")]
-    raised = f"rank {rank} raised {(lines[-1] if lines else 'an error')[:300]}"
-    if stopped:
-        note = f"(rank(s) {stopped} had been stopped by a signal (SIGSTOP, or a debugger) when rank {rank} failed)"
-        return RankFailure(
-            rank, processes[rank].pid, trace, f"rank(s) {stopped} stopped by a signal, then {raised}", note
-        )
-    return RankFailure(rank, processes[rank].pid, trace, raised)
-
-
-def _exited(processes: list[Any], rank: int) -> mp.ProcessExitedException:
-    code = processes[rank].exitcode
-    if code < 0:
-        name = signal.Signals(-code).name
-        return mp.ProcessExitedException(
-            f"process {rank} terminated with signal {name}",
-            error_index=rank,
-            error_pid=processes[rank].pid,
-            exit_code=code,
-            signal_name=name,
-        )
-    return mp.ProcessExitedException(
-        f"process {rank} terminated with exit code {code}",
-        error_index=rank,
-        error_pid=processes[rank].pid,
-        exit_code=code,
-    )
-
-
-def _torch_error(path: str) -> str | None:
-    """The traceback torch.multiprocessing recorded for a rank that raised before conveyor's note could."""
-    try:
-        with open(path, "rb") as file:
-            return str(pickle.load(file))
-    except (OSError, EOFError, pickle.UnpicklingError):
-        return None
-
-
-def _is_stopped(pid: int) -> bool:
-    """Whether process `pid` is stopped (state T or t in /proc, on Linux; False where /proc is absent)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] in ("T", "t")  # the state follows the command name's ")"
-
-
 def _stop(processes: list[Any]) -> None:
     """End the ranks still running (SIGTERM; SIGKILL for a stopped rank, which ignores SIGTERM, and for one
     that does not end within 5 s) and reap them all."""
     for process in processes:
         if process.is_alive():
-            if _is_stopped(process.pid):
+            if is_stopped(process.pid):
                 process.kill()
             else:
                 process.terminate()
@@ -440,7 +346,7 @@ def _rank_main(
     except BaseException:
         # Any BaseException, not only an Exception (which is all torch.multiprocessing records):
         # DCP's CheckpointException is one.
-        _note_failure(rendezvous, rank, traceback.format_exc())
+        note_failure(rendezvous, rank, traceback.format_exc())
         raise
     finally:
         dist.destroy_process_group()
@@ -460,41 +366,3 @@ def exit_rank() -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(0)
-
-
-def _note_failure(rendezvous: str, rank: int, trace: str) -> None:
-    """Record each rank's failure, and which came first (before its links close and its peers fail in turn)."""
-    with open(f"{rendezvous}.failure-{rank}", "w") as file:
-        file.write(trace)
-    try:
-        with open(f"{rendezvous}.first-failure", "x") as file:
-            file.write(f"{rank}\n{trace}")
-    except FileExistsError:
-        pass
-
-
-_WAITED_FOR = re.compile(r"the message from rank (\d+) over .* did not arrive within")
-
-
-def _first_failure(rendezvous: str) -> tuple[int, str] | None:
-    """The failure to report: the first, or, when that is a wait for a rank that was itself waiting, the wait
-    at the end of that chain, which names the rank that stopped (the others only waited on it)."""
-    try:
-        with open(f"{rendezvous}.first-failure") as file:
-            rank, trace = file.read().split("\n", 1)
-    except (FileNotFoundError, ValueError):
-        return None
-    chain = [int(rank)]
-    while (waited := _WAITED_FOR.search(trace)) is not None:
-        blamed = int(waited.group(1))
-        if blamed in chain or not os.path.exists(f"{rendezvous}.failure-{blamed}"):
-            break  # the blamed rank did not fail on its own: it is the one that stopped
-        with open(f"{rendezvous}.failure-{blamed}") as file:
-            blamed_trace = file.read()
-        if _WAITED_FOR.search(blamed_trace) is None:
-            # The blamed rank failed after this wait gave up, and not in a wait of its own: a consequence
-            # of this rank leaving (gloo's "Connection closed by peer"), so this wait is the first cause.
-            break
-        trace = blamed_trace
-        chain.append(blamed)
-    return chain[-1], trace

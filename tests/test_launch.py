@@ -143,7 +143,8 @@ def test_a_signalled_launcher_leaves_nothing_behind(tmp_path: Path, how: signal.
 
 
 def test_the_launcher_blames_the_rank_at_the_end_of_a_chain_of_waits(tmp_path: Path) -> None:
-    from conveyor.launch import _first_failure, _note_failure
+    from conveyor.failures import _first_failure
+    from conveyor.failures import note_failure as _note_failure
 
     rendezvous = str(tmp_path / "rendezvous")
     waited = "TimeoutError: rank {me}: the message from rank {peer} over ('act', 0, 1) did not arrive within 2 s"

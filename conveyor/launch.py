@@ -161,6 +161,9 @@ def spawn(
       `timeout_s`, else 300 s).
     - `watchdog_s`: a rank that makes no progress (`heartbeat()`) for this long is stopped, and
       NoProgressError names it, how long it was silent, and whether a signal stopped it. None: no watchdog.
+      Keep it above `wait_timeout_s`: a rank in a collective of its own (not conveyor's transport, whose
+      waits beat) is silent until the collective ends; before its first beat a rank is starting, and
+      has at least `watchdog.MIN_LIMIT_S`.
     - `max_restarts`: when a rank fails (raises, dies, or makes no progress), every rank is stopped and all
       are started again, at most this many times, each restart logged with its cause; a rank reads its
       attempt with `restart_count()`. The deadline is never restarted.
@@ -258,27 +261,33 @@ class _Attempt:
 
     def _check_progress(self, processes: list[Any], beats: watchdog.Heartbeats) -> None:
         assert self.watchdog_s is not None
+        silent: dict[int, tuple[float, float, bool]] = {}  # rank: its silence, its limit, whether it has beaten
         for rank, process in enumerate(processes):
-            if process.exitcode is not None:
-                continue
-            silent_s, started = beats.silence(rank), beats.has_beaten(rank)
-            limit_s = self.watchdog_s if started else max(self.watchdog_s, watchdog.MIN_LIMIT_S)
-            if silent_s <= limit_s:
-                continue
-            since = "" if started else " since it started"
-            what = (
-                f"rank {rank} made no progress for {silent_s:.0f} s (the watchdog's limit is {limit_s:g} s: no"
-                f" action of its schedule begun, no wait for a peer begun or ended{since})"
-            )
-            if is_stopped(process.pid):
-                raise NoProgressError(f"{what}; it is stopped by a signal (SIGSTOP, or a debugger)")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGUSR1)  # its threads' stacks (faulthandler, see _rank_main)
-                time.sleep(0.5)
-            raise NoProgressError(
-                f"{what}; it is running but stuck in one call (a kernel, a lock, I/O): its threads' stacks are"
-                " printed above"
-            )
+            if process.exitcode is None:
+                started = beats.has_beaten(rank)
+                limit_s = self.watchdog_s if started else max(self.watchdog_s, watchdog.MIN_LIMIT_S)
+                if (silent_s := beats.silence(rank)) > limit_s:
+                    silent[rank] = (silent_s, limit_s, started)
+        if not silent:
+            return
+        # Ranks waiting (without a beat) on a silent rank go silent too: blame a stopped one, else the longest.
+        stopped = [rank for rank in silent if is_stopped(processes[rank].pid)]
+        rank = stopped[0] if stopped else max(silent, key=lambda r: silent[r][0])
+        silent_s, limit_s, started = silent[rank]
+        since = "" if started else " since it started"
+        what = (
+            f"rank {rank} made no progress for {silent_s:.0f} s (the watchdog's limit is {limit_s:g} s: no"
+            f" action of its schedule begun, no wait for a peer begun or ended{since})"
+        )
+        if stopped:
+            raise NoProgressError(f"{what}; it is stopped by a signal (SIGSTOP, or a debugger)")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(processes[rank].pid, signal.SIGUSR1)  # its threads' stacks (faulthandler, see _rank_main)
+            time.sleep(0.5)
+        raise NoProgressError(
+            f"{what}; it is running but stuck in one call (a kernel, a lock, I/O): its threads' stacks are"
+            " printed above"
+        )
 
 
 def _stop(processes: list[Any]) -> None:

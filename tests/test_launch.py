@@ -237,6 +237,16 @@ def test_a_rank_that_keeps_making_progress_is_never_stopped() -> None:
     assert time.monotonic() - started > 6
 
 
+def _starts_slowly_then_beats(rank: int, world: int) -> None:
+    time.sleep(5)  # imports, building the stages, loading a checkpoint: no beat yet
+    _beats_for(rank, world, 1.0)
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_still_starting_is_given_time_before_its_first_beat() -> None:
+    spawn(_starts_slowly_then_beats, 2, watchdog_s=2, timeout_s=45)  # the limit is at least 120 s until then
+
+
 def _rank_one_goes_silent(rank: int, world: int, how: str) -> None:
     from conveyor.launch import heartbeat
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-__all__ = ["RankFailure", "describe_failure", "first_cause", "is_stopped", "note_failure"]
+__all__ = ["RankFailure", "describe_failure", "first_cause", "is_stopped", "note_failure", "noted_first"]
 
 
 class RankFailure(mp.ProcessRaisedException):
@@ -118,11 +118,25 @@ def note_failure(rendezvous: str, rank: int, trace: str) -> None:
     """Record each rank's failure, and which came first (before its links close and its peers fail in turn)."""
     with open(f"{rendezvous}.failure-{rank}", "w") as file:
         file.write(trace)
+    # Written whole, then linked into place: the launcher never reads half of it, and only the first link wins.
+    candidate = f"{rendezvous}.first-failure.{rank}"
+    with open(candidate, "w") as file:
+        file.write(f"{rank}\n{trace}")
     try:
-        with open(f"{rendezvous}.first-failure", "x") as file:
-            file.write(f"{rank}\n{trace}")
+        os.link(candidate, f"{rendezvous}.first-failure")
     except FileExistsError:
         pass
+    finally:
+        os.unlink(candidate)
+
+
+def noted_first(rendezvous: str) -> int | None:
+    """The rank whose failure was noted first, if one was."""
+    try:
+        with open(f"{rendezvous}.first-failure") as file:
+            return int(file.readline())
+    except (FileNotFoundError, ValueError):
+        return None  # none yet, or being written
 
 
 _WAITED_FOR = re.compile(r"the message from rank (\d+) over .* did not arrive within")

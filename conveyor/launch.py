@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import watchdog
-from .failures import describe_failure, first_cause, is_stopped, note_failure
+from .failures import describe_failure, first_cause, is_stopped, note_failure, noted_first
 from .watchdog import heartbeat
 
 __all__ = [
@@ -234,17 +234,20 @@ class _Attempt:
             beats.restart_clocks()
         try:
             while True:
+                # A rank that noted its failure has failed, though it may take a while to end (tearing
+                # down its process group, Python's shutdown): it is not one that makes no progress.
                 failed = [rank for rank, p in enumerate(processes) if p.exitcode not in (None, 0)]
+                failed += [rank for rank in [noted_first(rendezvous)] if rank is not None and rank not in failed]
                 if failed:
                     raise first_cause(processes, failed, rendezvous, context.error_files)
                 running = [p.sentinel for p in processes if p.exitcode is None]
                 if not running:
                     return
-                multiprocessing.connection.wait(running, timeout=0.5)
                 if deadline is not None and time.monotonic() > deadline:
                     raise self._past_deadline(processes)
                 if beats is not None:
                     self._check_progress(processes, beats)
+                multiprocessing.connection.wait(running, timeout=0.5)
         finally:
             _stop(processes)
             for path in context.error_files:  # torch's record of a failed rank's error (ours are in `rendezvous`)
@@ -350,6 +353,7 @@ def _rank_main(
     )
     try:
         fn(rank, world_size, *args)
+        heartbeat()  # done: what is left (the group's teardown) is no sign of a stuck rank
     except (KeyboardInterrupt, SystemExit):
         raise  # the launcher stopping this rank, or the rank's own exit status
     except BaseException:

@@ -289,6 +289,7 @@ def _fails_in_some_attempts(rank: int, world: int, out: str, failing: dict[int, 
     attempt = restart_count()
     Path(out, f"rank{rank}-attempt{attempt}").touch()
     heartbeat()
+    dist.barrier()  # every rank of this attempt has started
     how = failing.get(attempt, "") if rank == 1 else ""
     if how == "raise":
         raise ValueError(f"boom in attempt {attempt}")

@@ -50,14 +50,16 @@ def first_cause(
     stopped (SIGSTOP) failed first: its peers only lost their link to it. Otherwise the first error a rank
     noted, following a chain of timed-out waits to its end.
     """
-    ended = {rank: p.exitcode for rank, p in enumerate(processes) if p.exitcode is not None}
-    killed = [rank for rank, code in ended.items() if code < 0 and code != -signal.SIGABRT]
-    stopped = [rank for rank, p in enumerate(processes) if rank not in ended and is_stopped(p.pid)]
-    # The other ranks fail on their own within a moment; their notes may continue a chain of waits.
+    stopped = [rank for rank, p in enumerate(processes) if p.exitcode is None and is_stopped(p.pid)]
+    # The other ranks fail on their own within a moment; their notes may continue a chain of waits. And a
+    # rank a signal killed can close its links (which its peers see and note) before it can be reaped.
     until = time.monotonic() + 1.0
     for rank, process in enumerate(processes):
-        if rank not in ended and rank not in stopped:
+        if process.exitcode is None and rank not in stopped:
             process.join(max(0.0, until - time.monotonic()))
+    # No rank was stopped by the launcher yet: a signal that ended one came from outside, a first cause.
+    ended = {rank: p.exitcode for rank, p in enumerate(processes) if p.exitcode is not None}
+    killed = [rank for rank, code in ended.items() if code < 0 and code != -signal.SIGABRT]
     if killed:
         return _exited(processes, killed[0])
     first = _first_failure(rendezvous)

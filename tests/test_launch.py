@@ -332,3 +332,24 @@ def test_the_deadline_is_never_restarted(tmp_path: Path, caplog: pytest.LogCaptu
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 were still running after 10 s"):
         spawn(_fails_in_some_attempts, 2, (str(tmp_path), {0: "sleep"}), max_restarts=2, timeout_s=10)
     assert "restart" not in caplog.text, "the deadline bounds the whole run: no restart after it"
+
+
+class _Rank:
+    """A rank's process as the launcher sees it: `exitcode` None until `join` reaps it."""
+
+    def __init__(self, exitcode_once_reaped: int) -> None:
+        self.pid, self.exitcode, self._reaped = -1, None, exitcode_once_reaped
+
+    def join(self, timeout: float | None = None) -> None:
+        self.exitcode = self._reaped  # type: ignore[assignment]
+
+
+def test_a_rank_killed_by_a_signal_is_the_cause_even_when_a_peer_noted_its_failure_first(tmp_path: Path) -> None:
+    from conveyor.failures import first_cause, note_failure
+
+    rendezvous = str(tmp_path / "rendezvous")
+    # Rank 1 was SIGKILLed: its links closed before it could be reaped, and rank 0 noted the consequence.
+    note_failure(rendezvous, 0, "ConnectionError: rank 0: the message from rank 1 over ('act', 1, 0) never came")
+    error = first_cause([_Rank(1), _Rank(-signal.SIGKILL)], [0], rendezvous, ["", ""])  # type: ignore[list-item]
+    assert isinstance(error, mp.ProcessExitedException)
+    assert str(error) == "process 1 terminated with signal SIGKILL"

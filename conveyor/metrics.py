@@ -25,13 +25,21 @@ def peak_memory_mib(device: torch.device) -> float:
 
 class MetricsWriter:
     """Writes `columns` per step to `path` (CSV, flushed every row) and, if `tensorboard` names a folder and
-    the tensorboard package is installed, the same values as scalars there."""
+    the tensorboard package is installed, the same values as scalars there.
 
-    def __init__(self, path: str | Path, columns: Sequence[str], tensorboard: str | Path = "") -> None:
+    `keep_until`: a resumed run's step; the CSV's rows up to that step are kept (later ones were written by
+    the run that failed after its checkpoint, and are written again), the file is otherwise started afresh.
+    """
+
+    def __init__(
+        self, path: str | Path, columns: Sequence[str], tensorboard: str | Path = "", keep_until: int | None = None
+    ) -> None:
         self.columns = list(columns)
+        kept = _rows_until(Path(path), keep_until) if keep_until is not None else []
         self._file = Path(path).open("w", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=self.columns)
         self._csv.writeheader()
+        self._csv.writerows(kept)
         self._board: Any = None
         if tensorboard:
             if importlib.util.find_spec("tensorboard") is None:
@@ -54,3 +62,11 @@ class MetricsWriter:
         self._file.close()
         if self._board is not None:
             self._board.close()
+
+
+def _rows_until(path: Path, step: int) -> list[dict[str, str]]:
+    """The rows of the CSV at `path` (if it is a file) up to `step`."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        return [row for row in csv.DictReader(file) if row.get("step", "").isdigit() and int(row["step"]) <= step]

@@ -23,13 +23,14 @@ from torch.utils.data import default_collate
 from . import checkpoint, losses
 from .data.stdlib_text import stdlib_documents
 from .data.text_files import TokenSequences, check_data, read_documents, tokenize
-from .launch import default_backend, run_ranks
+from .launch import default_backend, restart_count, run_ranks, under_torchrun
 from .models.source import BUILT_IN, ModelSource
 from .plan import Plan, fingerprint, split_with_plan, traced_fingerprint
 from .runtime.stage import call_arguments
 from .schedules import PipelineSpec
 from .split import Split, manual_split, trace_split
 from .trainer import Trainer, TrainSettings
+from .watchdog import default_limit
 
 __all__ = ["TrainConfig", "read_config", "train"]
 
@@ -101,7 +102,20 @@ class TrainConfig:
     device: str = _option("cpu", "cpu or cuda (ranks on one GPU talk through host memory)")
     seed: int = _option(0, "seed of the weights and of the batches")
     threads: int = _option(1, "torch threads per rank; 1 keeps two ranks from fighting over two cores")
-    timeout_s: float = _option(600.0, "stop the run if it (or a rank waiting on another) takes longer")
+    timeout_s: float = _option(
+        600.0, "how long a rank waits for another (each message, each collective) before the run fails"
+    )
+    watchdog_s: float = _option(
+        0.0,
+        "stop the run when a rank makes no progress for this long (no action begun, no wait for a peer begun or"
+        " ended: a stopped process, a stuck kernel); 0: twice --timeout-s, at least 120 s",
+    )
+    max_restarts: int = _option(
+        0,
+        "when a rank fails (an error, a crash, no progress) stop every rank and start them all again from the"
+        " latest checkpoint in --checkpoint-dir (step 0 without one), at most this many times; under torchrun"
+        " give torchrun --max-restarts instead",
+    )
     trace: str = _option("", "folder for a Chrome trace (trace.json) and a timeline (timeline.png) of the last steps")
     trace_steps: int = _option(2, "how many of the last steps --trace records")
     progress: bool = _option(True, "a progress bar")
@@ -145,6 +159,7 @@ class TrainConfig:
             raise ValueError(f"--device must be cpu or cuda; got {self.device!r}")
         spec = self.spec  # the pipeline's own settings are checked there, once
         self._check_settings(spec)
+        self._check_restarts()
         self._check_model(spec)
         if self.data:
             try:
@@ -174,6 +189,32 @@ class TrainConfig:
             raise ValueError(_settings_as_flags(str(error))) from None
         if self.resume and checkpoint.latest(self.checkpoint_dir) is None:
             raise ValueError(f"--resume: no complete checkpoint in {self.checkpoint_dir}")
+
+    def _check_restarts(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be 0 or more; got {self.max_restarts}")
+        if self.watchdog_s < 0 or (self.watchdog_s and self.watchdog_s <= self.timeout_s):
+            raise ValueError(
+                f"--watchdog-s must be above --timeout-s ({self.timeout_s:g}): a rank waiting for a peer is silent"
+                f" until its wait ends; got {self.watchdog_s:g}"
+            )
+        if self.max_restarts and under_torchrun():
+            raise ValueError(
+                "under torchrun, restarts are torchrun's: give torchrun --max-restarts N instead of conveyor's"
+                " (conveyor train resumes from the latest checkpoint in --checkpoint-dir on each restart)"
+            )
+        restarts = self.max_restarts or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+        earlier = checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir else None
+        if restarts and earlier is not None and not self.resume and restart_count() == 0:
+            raise ValueError(
+                f"--checkpoint-dir {self.checkpoint_dir} holds checkpoints of an earlier run ({earlier.name}), which"
+                " a restart would resume from: give --resume to continue that run, or an empty folder"
+            )
+
+    @property
+    def watchdog_limit_s(self) -> float:
+        """How long a rank may make no progress: --watchdog-s, or its default from --timeout-s."""
+        return self.watchdog_s or default_limit(self.timeout_s)
 
     def _check_model(self, spec: PipelineSpec) -> None:
         source = self.source  # names what it tried when --model is none of the kinds
@@ -350,7 +391,9 @@ def train(config: TrainConfig) -> None:
         (config,),
         backend=default_backend(config.device, world),
         threads_per_rank=config.threads,
-        timeout_s=config.timeout_s,
+        timeout_s=config.timeout_s,  # each wait, not the run: a run making progress goes on
+        watchdog_s=config.watchdog_limit_s,
+        max_restarts=config.max_restarts,
     )
 
 

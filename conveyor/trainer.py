@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from . import checkpoint
 from .data.batches import Batches, decode_state, encode_state, fixed_batches
+from .launch import restart_count
 from .metrics import MetricsWriter, peak_memory_mib
 from .observe.timeline import draw_timeline
 from .observe.trace import Recorder, gather_spans, write_chrome_trace
@@ -208,7 +209,15 @@ class Trainer:
         )
         # Each rank's own random stream (dropout), the same in every run with this seed; a checkpoint keeps it.
         torch.manual_seed(settings.seed * 1_000_003 + self.rank)
-        self.first_step = self._resume() if settings.resume else 0
+        self.first_step = self._resume() if self._resuming() else 0
+
+    def _resuming(self) -> bool:
+        """`settings.resume`, or a restart (by conveyor's launcher or torchrun's) once a checkpoint exists to
+        continue from: a restarted run loses nothing (`launch.restart_count`)."""
+        if self.settings.resume:
+            return True
+        directory = self.settings.checkpoint_dir
+        return restart_count() > 0 and bool(directory) and checkpoint.latest(directory) is not None
 
     def _trace(self, model: nn.Module, inputs: Any, split_points: Mapping[str, str] | None) -> Split:
         """Trace `model` on one micro-batch of the first mini-batch (the shapes it will run at)."""
@@ -233,8 +242,10 @@ class Trainer:
     def fit(self) -> TrainSummary | None:
         """Train from `first_step` to `settings.steps`; the summary on the reporting rank, None elsewhere."""
         settings, pipe = self.settings, self.pipe
+        if self.reporting and restart_count():
+            print(f"conveyor train: restart {restart_count()}, from step {self.first_step}", flush=True)
         bar = _progress(settings, self.first_step) if self.reporting else None
-        metrics = _metrics_writer(settings) if self.reporting else None
+        metrics = _metrics_writer(settings, self.first_step) if self.reporting else None
         recorder = Recorder(self.rank) if settings.trace else None
         losses: list[float] = []
         evaluations: list[tuple[int, float]] = []
@@ -278,7 +289,7 @@ class Trainer:
             return None
         rate = self.tokens_per_batch * timed_steps / (time.perf_counter() - timed_from) if timed_steps else 0.0
         summary = TrainSummary(losses, evaluations, rate, seconds, peaks)
-        _print_summary(summary)
+        _print_summary(summary, self.first_step)
         return summary
 
     def _steps(self, recorder: Recorder | None) -> Iterator[StepLog]:
@@ -462,9 +473,11 @@ def _report_versions(pipe: Pipeline, reporting: bool) -> None:
         print(f"weight versions held at most: {shown}", flush=True)
 
 
-def _print_summary(summary: TrainSummary) -> None:
+def _print_summary(summary: TrainSummary, first_step: int) -> None:
     losses = summary.losses
-    if losses:
+    if not losses:  # a restart after the last checkpoint
+        print(f"conveyor train: the checkpoint of step {first_step} is the last; nothing left to train", flush=True)
+    else:
         window = min(5, len(losses))
         last_mean = sum(losses[-window:]) / window
         print(
@@ -478,11 +491,13 @@ def _print_summary(summary: TrainSummary) -> None:
     print("peak memory per rank " + ", ".join(f"{mib:,.0f} MiB" for mib in summary.peak_mib), flush=True)
 
 
-def _metrics_writer(settings: TrainSettings) -> MetricsWriter | None:
+def _metrics_writer(settings: TrainSettings, first_step: int) -> MetricsWriter | None:
     if not (settings.metrics or settings.tensorboard):
         return None
     columns = ["step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "peak_mib"]
-    return MetricsWriter(settings.metrics or os.devnull, columns, settings.tensorboard)
+    # A resumed run keeps the rows up to its checkpoint (a restart's failed attempt may have written more).
+    keep = first_step if first_step else None
+    return MetricsWriter(settings.metrics or os.devnull, columns, settings.tensorboard, keep_until=keep)
 
 
 def _device_for(rank: int, device: str) -> torch.device:

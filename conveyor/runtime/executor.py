@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from ..schedules import Action, Edge, Kind, Link, Program, offloaded
+from ..watchdog import heartbeat
 from .routes import BackwardRoute, ForwardRoute, HandoffKey, backward_route, forward_route, split_here
 from .shared import SharedGradients
 from .stage import Stage
@@ -98,6 +99,7 @@ class Executor:
         tracer = self.tracer
         tracked = [stage for stage in self.stages.values() if stage.track_memory]
         for action, do in steps:  # `walk`'s loop, without a generator to resume per action
+            heartbeat()  # progress, for the launcher's watchdog
             if tracer is None:
                 do()
             else:
@@ -128,6 +130,7 @@ class Executor:
         tracer = self.tracer
         tracked = [stage for stage in self.stages.values() if stage.track_memory]
         for action, do in steps:
+            heartbeat()  # progress, for the launcher's watchdog
             if tracer is None:
                 do()
             else:

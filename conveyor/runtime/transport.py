@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..schedules import Channel
+from ..watchdog import heartbeat
 
 __all__ = ["Incoming", "Transport"]
 
@@ -58,10 +59,12 @@ class Incoming:
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
+            heartbeat()  # a wait that can give up is progress (the watchdog's limit is above the wait's)
             if self.timeout_s is None:
                 self.work.wait()
             else:
                 self._wait_bounded(self.timeout_s)
+            heartbeat()
             self.work = None
         return self.buffer.to(self.device, non_blocking=False)
 

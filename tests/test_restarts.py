@@ -96,7 +96,7 @@ def _same_checkpoints(one: Path, other: Path) -> None:
 def test_a_run_that_makes_progress_outlives_its_wait_timeout(capfd: pytest.CaptureFixture[str]) -> None:
     """--timeout-s bounds each wait for a peer, not the run (it was a deadline on the whole run)."""
     started = time.monotonic()
-    assert main(["train", *MODEL, "--steps", "100", "--timeout-s", "4"]) == 0
+    assert main(["train", *MODEL, "--steps", "400", "--timeout-s", "4"]) == 0
     assert time.monotonic() - started > 4, "the run should last longer than --timeout-s for this test to mean much"
     assert "loss " in capfd.readouterr().out
 

@@ -86,8 +86,36 @@ def default_backend(device: str, world_size: int) -> str:
 
 def init_from_env(backend: str, timeout_s: float = 300) -> tuple[int, int]:
     """Join the process group torchrun describes; returns (rank, world size)."""
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    store = _attempt_store(timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """torchrun's shared store, seen through a prefix of this attempt's own; None when it shares none.
+
+    torchrun's elastic agent hosts the store its workers meet in and keeps it across restarts, with no
+    prefix per attempt: a restarted rank could read an address its dead predecessor published and fail
+    to connect ("Connection refused"), or not, depending on which rank gets there first (pytorch issue
+    135712). The restart count tells the attempts apart. It agrees on all ranks of one node; on several
+    nodes an agent counts a restart caused by another node as a membership change, so there set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun, which gives every attempt a store of its own.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"conveyor/attempt-{restart_count()}/", shared)
 
 
 def run_ranks(

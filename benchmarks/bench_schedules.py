@@ -11,7 +11,11 @@ cut into the same micro-batches:
      `ScheduleDualPipeV`; torch has no single-stage ZB-H1, so zb-h1 meets
      `Schedule1F1B`);
   C. one process: the full model, gradients accumulated over the micro-batches;
-  D. with --baseline NAME: conveyor again, with schedule NAME (zb-h1 against 1f1b, say).
+  D. with --baseline NAME: conveyor again, with schedule NAME (zb-h1 against 1f1b, say);
+  E. the work alone: every rank computes its own stages' forwards and backwards of the m micro-batches at
+     the same time as the others, with no transfers and no schedule. Its step is what this machine allows
+     a pipeline without a bubble (the cores slow each other down: caches, memory, the VM's neighbours),
+     measured in the same run; a 1F1B-like pipeline adds its fill and drain to it.
 
 A and B run one process per stage, started by `conveyor.spawn` (gloo); C runs
 one process. Every process uses one torch thread and keeps the host memory a step frees, as conveyor's
@@ -56,10 +60,11 @@ from torch import nn
 
 from conveyor import Pipeline, spawn, split_model
 from conveyor.models.gpt import GPT, GPTConfig, lm_loss
+from conveyor.observe.simulate import CostModel, StageCosts, simulate
 from conveyor.runtime.host_memory import keep_freed_host_memory
 from conveyor.schedules import SCHEDULES, PipelineSpec, build_schedule
 
-METHODS = ("conveyor", "torch", "single", "baseline")
+METHODS = ("conveyor", "torch", "single", "work", "baseline")
 QUIET_CORES = 0.1  # CPU (in cores) other processes may use around a run before its steps are checked one by one
 DISTURBED = 0.10  # a step whose main thread queued for a CPU longer than this fraction of it is set aside
 TORCH_SCHEDULES = {
@@ -292,6 +297,44 @@ def run_single(rank: int, world: int, cfg: Config, out: str) -> None:
     _write(out, rank, _measure(cfg, step, synced=False))
 
 
+def run_work(rank: int, world: int, cfg: Config, out: str) -> None:
+    """Method E: this rank's share of the work (its stages' forward and backward of every micro-batch, and
+    their SGD step), with every rank computing at once and nothing sent."""
+    torch.set_num_threads(1)
+    keep_freed_host_memory()
+    model = build_model(cfg)
+    x, y = make_batch(cfg)
+    inputs, targets = x.tensor_split(cfg.microbatches), y.tensor_split(cfg.microbatches)
+    local = cfg.local_stages(rank)
+    modules = {s: split_model(model, s, cfg.num_stages) for s in range(max(local) + 1)}
+    # Each local stage's input of each micro-batch, as the stages before it would hand it on (untimed).
+    stage_inputs: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        hidden = list(inputs)
+        for s in range(max(local) + 1):
+            stage_inputs[s] = hidden
+            if s < max(local):
+                hidden = [modules[s](h) for h in hidden]
+    last = cfg.num_stages - 1
+    optimizer_step = _sgd([p for s in local for p in modules[s].parameters()])
+
+    def step() -> float | None:
+        loss = None
+        for s in local:
+            for mb, h in enumerate(stage_inputs[s]):
+                output = modules[s](h.detach().requires_grad_(h.is_floating_point()))
+                if s == last:
+                    mb_loss = loss_fn(output, targets[mb]) / cfg.microbatches
+                    mb_loss.backward()
+                    loss = mb_loss.item() + (loss or 0.0)
+                else:
+                    output.backward(torch.ones_like(output))
+        optimizer_step()
+        return loss
+
+    _write(out, rank, _measure(cfg, step, synced=True))
+
+
 def run_stage_costs(rank: int, world: int, cfg: Config, out: str) -> None:
     """One thread, no pipeline: each stage's forward + backward of one micro-batch, in milliseconds (median of 5)."""
     torch.set_num_threads(1)
@@ -321,6 +364,7 @@ RUNNERS: dict[str, Callable[..., None]] = {
     "conveyor": run_conveyor,
     "torch": run_torch,
     "single": run_single,
+    "work": run_work,
     "baseline": run_baseline,
 }
 
@@ -330,7 +374,7 @@ def torch_num_stages(cfg: Config) -> int:
 
 
 def methods_of(cfg: Config) -> tuple[str, ...]:
-    return METHODS if cfg.baseline else METHODS[:3]
+    return METHODS if cfg.baseline else METHODS[:4]
 
 
 # The parent: interleave the runs, merge the ranks, summarize.
@@ -438,6 +482,13 @@ class Run:
         return [t for t, q in zip(self.times, self.queued, strict=True) if q <= DISTURBED * t]
 
 
+def schedule_span_factor(schedule: str, ranks: int, microbatches: int) -> float:
+    """The schedule's simulated step over its busiest rank's busy time, with every stage's F, B and W equal."""
+    costs = CostModel((StageCosts(forward=1.0, backward=1.0, weight=1.0, whole=2.0),))
+    sim = simulate(build_schedule(PipelineSpec(schedule, ranks, microbatches)), costs)
+    return sim.step_time / max(sim.busy)
+
+
 def summarize(
     cfg: Config, runs: dict[str, list[Run]], first_loss: dict[str, float], stage_ms: list[float]
 ) -> dict[str, Any]:
@@ -470,6 +521,11 @@ def summarize(
     # A schedule without a fill-and-drain bubble (zbv, dualpipev) is limited only by the busiest rank's share
     # of the work: the one-process step over that share.
     work_bound = sum(per_rank) / max(per_rank)
+    # What this machine allows: the ranks' work computed at once (method E), stretched by the schedule's own
+    # idle time (its simulated step over its busiest rank's work, at equal stage costs; 9/8 for 1F1B on 2
+    # ranks and 8 micro-batches).
+    work = float(methods["work"]["median_ms"])
+    span = schedule_span_factor(cfg.schedule, p, m)
     return {
         "config": dataclasses.asdict(cfg),
         "machine": {
@@ -494,6 +550,10 @@ def summarize(
             "work_share_bound_speedup": work_bound,
             "conveyor_fraction_of_work_share_bound": speedup / work_bound,
             "torch_fraction_of_work_share_bound": single / torch_ms / work_bound,
+            "schedule_span_factor": span,
+            "machine_limit_ms": work * span,
+            "conveyor_fraction_of_machine_limit": work * span / conveyor,
+            "torch_fraction_of_machine_limit": work * span / torch_ms,
             **(
                 {"conveyor_over_baseline": conveyor / float(methods["baseline"]["median_ms"])}
                 if "baseline" in methods
@@ -510,6 +570,7 @@ def format_table(summary: dict[str, Any]) -> str:
         "conveyor": f"A conveyor {cfg['schedule']}",
         "torch": f"B torch {TORCH_SCHEDULES[cfg['schedule']]}",
         "single": "C one process",
+        "work": "E the work alone, ranks at once",
         "baseline": f"D conveyor {cfg['baseline']}",
     }
     lines = [
@@ -545,6 +606,10 @@ def format_table(summary: dict[str, Any]) -> str:
         f" {ratios['work_share_bound_speedup']:.3f}x (one process / that share)",
         f"  conveyor reaches {ratios['conveyor_fraction_of_work_share_bound']:.3f} of it,"
         f" torch {ratios['torch_fraction_of_work_share_bound']:.3f}",
+        f"what this machine allows: E's step x {ratios['schedule_span_factor']:.4f} (the schedule's simulated"
+        f" idle time) = {ratios['machine_limit_ms']:.1f} ms",
+        f"  conveyor reaches {ratios['conveyor_fraction_of_machine_limit']:.3f} of it,"
+        f" torch {ratios['torch_fraction_of_machine_limit']:.3f}",
         *(
             [f"conveyor {cfg['schedule']} / {cfg['baseline']}:  {ratios['conveyor_over_baseline']:.3f}"]
             if "conveyor_over_baseline" in ratios

@@ -87,10 +87,11 @@ def test_bench_schedules_prints_its_table() -> None:
     assert "2 ranks x 1 thread, 4 micro-batches of 2x16 tokens, schedule 1f1b, GPT 2 layers, dim 32" in out
     header = next(line for line in out.splitlines() if line.startswith("method"))
     assert header.split()[:4] == ["method", "median", "ms", "min"] and "1st loss" in header
-    for row in ("A conveyor 1f1b", "B torch Schedule1F1B", "C one process"):
+    for row in ("A conveyor 1f1b", "B torch Schedule1F1B", "C one process", "E the work alone, ranks at once"):
         assert any(line.startswith(row) for line in out.splitlines()), f"no row {row!r} in:\n{out}"
     assert "conveyor / torch step time:" in out and "conveyor speedup over one process:" in out
-    # conveyor, torch's pipelining and one process train the same model from the same weights on the same batch.
+    assert "what this machine allows: E's step x 1.2500" in out  # 1F1B's idle time, 2 ranks, 4 micro-batches
+    # conveyor, torch's pipelining, one process and the work alone: the same model, weights and batch.
     spread = float(re.search(r"first-step loss spread across methods: (\S+)", out).group(1))  # type: ignore[union-attr]
     assert spread < 1e-5, out
 
@@ -101,11 +102,15 @@ def test_bench_schedules_json_for_a_v_schedule_with_a_baseline() -> None:
     """Two stages per rank (torch's multi-stage schedule class) and method D, as JSON."""
     args = [*SCHEDULES_TINY, "--layers", "4", "--microbatches", "4", "--retries", "0", *NO_WAIT]
     summary = json.loads(run("bench_schedules.py", *args, "--schedule", "zbv", "--baseline", "1f1b", "--json"))
-    assert set(summary["methods"]) == {"conveyor", "torch", "single", "baseline"}
+    assert set(summary["methods"]) == {"conveyor", "torch", "single", "work", "baseline"}
     assert summary["config"]["schedule"] == "zbv" and len(summary["stage_ms"]) == 4
     for method in summary["methods"].values():  # a step another process disturbed is set aside
         assert 1 <= method["steps"] <= 2 and method["median_ms"] > 0
     assert {"conveyor_over_torch", "conveyor_over_baseline", "conveyor_fraction_of_ideal"} <= set(summary["ratios"])
+    ratios = summary["ratios"]
+    assert 1 < ratios["schedule_span_factor"] < 1.25  # zbv idles a little, less than 1F1B's fill and drain
+    work = summary["methods"]["work"]["median_ms"]
+    assert ratios["machine_limit_ms"] == pytest.approx(work * ratios["schedule_span_factor"])
     assert summary["loss_spread"] < 1e-5
 
 

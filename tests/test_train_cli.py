@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -312,3 +313,21 @@ def test_train_checks_dp_and_precision_before_starting(capsys: pytest.CaptureFix
         with pytest.raises(SystemExit):
             main(["train", *argv])
         assert error in capsys.readouterr().err, argv
+
+
+# The command line a user's scripts call: a flag renamed or dropped must be a decision, made here too.
+TRAIN_FLAGS = """
+--config --model --data --model-config --ranks --schedule --virtual --replicas --dp --recompute --offload
+--precision --vertical-sync --no-weight-stashing --microbatches --steps --batch-size --context --dim --layers
+--heads --lr --warmup-steps --lr-decay --min-lr --clip-grad-norm --eval-every --eval-batches --metrics
+--tensorboard --device --seed --threads --timeout-s --watchdog-s --max-restarts --trace --trace-steps
+--no-progress --checkpoint-dir --checkpoint-every --keep-checkpoints --async-checkpoints --resume --plan
+""".split()
+
+
+def test_the_train_command_line_is_the_one_users_know(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    listed = re.findall(r"^  (--[a-z0-9-]+)", capsys.readouterr().out, flags=re.MULTILINE)
+    assert [flag for flag in listed if flag != "--help"] == TRAIN_FLAGS

@@ -7,8 +7,9 @@
 #    steps do (losses and weights), for one stage and for looped placements of 2 and 4 stages;
 # 2. `conveyor train --device cuda` both ways, to compare with the same runs on CPU, and with bf16, fp16
 #    and --dp 2;
-# 3. the rest of the suite under that machine's torch (it may be older than the one CI uses),
-#    with the CUDA cases other files hold (dropout replayed by recompute on the GPU);
+# 3. the CUDA cases other test files hold (split backward and dropout replayed by recompute on the GPU, the
+#    launcher's backend choice), under that machine's torch (it may be older than the one CI uses); with
+#    GPU_CHECK_FULL_SUITE=1, the whole suite (longer than a 15-minute lease of the device allows);
 # 4. activation offload on the GPU (pinned host memory, a side stream): tests/test_cuda.py checks it trains like
 #    the unsplit model and comes back bit for bit; benchmarks/memory_schedules.py --device cuda measures the bytes
 #    held, torch's own peak allocation and the step time with and without it (2 ranks sharing the GPU over gloo;
@@ -36,5 +37,11 @@ for run in "--ranks 2 --schedule zbv" "--ranks 2 --schedule 1f1b" "--ranks 1 --s
 done
 python3 benchmarks/memory_schedules.py --device cuda --rows 2048 --dim 256 --json "$out/memory-cuda.json" 2>&1 \
     | tee "$out/memory-cuda.log" || status=1
-python3 -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py --ignore tests/test_cuda_graph.py tests 2>&1 | tee "$out/cpu-tests.log" || status=1
+if [ "${GPU_CHECK_FULL_SUITE:-0}" = 1 ]; then
+    python3 -m pytest -q -p no:cacheprovider --ignore tests/test_cuda.py --ignore tests/test_cuda_graph.py tests 2>&1 \
+        | tee "$out/cpu-tests.log" || status=1
+else
+    python3 -m pytest -q -p no:cacheprovider tests/test_split_backward.py \
+        tests/test_launch.py::test_default_backend_on_cpu_is_gloo 2>&1 | tee "$out/cuda-cases.log" || status=1
+fi
 exit $status

@@ -142,6 +142,11 @@ def noted_first(rendezvous: str) -> int | None:
 
 
 _WAITED_FOR = re.compile(r"the message from rank (\d+) over .* did not arrive within")
+# A link that closed: a consequence of its other end leaving (gloo's errors, and the transport's own), never a
+# cause on its own.
+_LINK_LOST = re.compile(
+    r"Connection closed by peer|Connection reset by peer|that rank ended \(returned, exited or crashed\)"
+)
 
 
 def _first_failure(rendezvous: str) -> tuple[int, str] | None:
@@ -152,6 +157,10 @@ def _first_failure(rendezvous: str) -> tuple[int, str] | None:
             rank, trace = file.read().split("\n", 1)
     except (FileNotFoundError, ValueError):
         return None
+    if _LINK_LOST.search(trace):
+        # A rank whose peer left can note its lost link before that peer notes why it left (a wait that timed
+        # out closes the link before its error reaches the note): report the peer's own failure if one came.
+        rank, trace = _own_failure(rendezvous) or (rank, trace)
     chain = [int(rank)]
     while (waited := _WAITED_FOR.search(trace)) is not None:
         blamed = int(waited.group(1))
@@ -166,3 +175,13 @@ def _first_failure(rendezvous: str) -> tuple[int, str] | None:
         trace = blamed_trace
         chain.append(blamed)
     return chain[-1], trace
+
+
+def _own_failure(rendezvous: str) -> tuple[str, str] | None:
+    """The first noted failure (by time) that is not a lost link, if any rank noted one."""
+    noted = sorted(Path(rendezvous).parent.glob(Path(rendezvous).name + ".failure-*"), key=lambda f: f.stat().st_mtime)
+    for path in noted:
+        trace = path.read_text()
+        if not _LINK_LOST.search(trace):
+            return path.name.rpartition("-")[2], trace
+    return None

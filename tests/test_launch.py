@@ -170,6 +170,22 @@ def test_the_launcher_reports_a_timed_out_wait_not_the_error_it_caused_in_the_bl
     assert _first_failure(rendezvous) == (0, waited)
 
 
+def test_a_lost_link_noted_before_the_failure_that_closed_it_is_not_reported(tmp_path: Path) -> None:
+    """Rank 1 can note the link rank 0 closed before rank 0's timed-out wait reaches its note (seen under load)."""
+    from conveyor.failures import _first_failure
+    from conveyor.failures import note_failure as _note_failure
+
+    rendezvous = str(tmp_path / "rendezvous")
+    waited = "TimeoutError: rank 0: the message from rank 1 over ('act', 1, 0) did not arrive within 2 s"
+    _note_failure(rendezvous, 1, "RuntimeError: Connection closed by peer [127.0.0.1]:1234")
+    _note_failure(rendezvous, 0, waited)
+    assert _first_failure(rendezvous) == (0, waited)
+    # A lost link alone is still reported: nothing else was noted.
+    alone = str(tmp_path / "alone")
+    _note_failure(alone, 1, "RuntimeError: Connection closed by peer [127.0.0.1]:1234")
+    assert _first_failure(alone) == (1, "RuntimeError: Connection closed by peer [127.0.0.1]:1234")
+
+
 # A bounded wait (conveyor's transport) on rank 0 for a message rank 1 never sends: rank 1 waits in a
 # collective for rank 0 instead, and fails with gloo's "Connection closed by peer" once rank 0 gives up.
 def _rank_waits_on_a_rank_in_a_collective(rank: int, world: int) -> None:

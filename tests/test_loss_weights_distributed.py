@@ -122,6 +122,48 @@ def test_data_parallel_and_replicated_stages_give_the_token_mean() -> None:
     spawn(_data_parallel_and_replicas, 4, timeout_s=180)
 
 
+def _fp16_update(rank: int, world: int) -> None:
+    """float16 with its loss scale: the weighted micro-batch losses are scaled, and unscaled before the update,
+    so one SGD step moves the weights as the unsplit model's token mean does under autocast and GradScaler."""
+    scale, lr = 2.0**10, 0.1
+    tokens, targets = padded_batch()
+    reference = transformer()
+    before = {name: p.detach().clone() for name, p in reference.named_parameters()}
+    optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = token_mean(reference(tokens), targets)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    expected = {name: p.detach() - before[name] for name, p in reference.named_parameters()}
+    spec = PipelineSpec("1f1b", world, M, precision="fp16")
+    for weight, close in ((by_tokens, True), (None, False)):
+        pipe = Pipeline.from_model(
+            transformer(), spec, loss_fn=token_mean, loss_weight=weight, optimizer=lambda ps: torch.optim.SGD(ps, lr=lr)
+        )
+        assert pipe.update.loss_scale is not None
+        pipe.update.loss_scale.scale = scale
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # without the weights it warns (checked above)
+            mine = pipe.step(tokens, targets, loss_on_all_ranks=True)
+        assert mine is not None and pipe.update.loss_scale.skipped == 0
+        errors = [
+            relative_error(p.detach() - before[name], expected[name]) for name, p in pipe.named_parameters()
+        ]
+        where = f"fp16, {'weighted by tokens' if close else 'by samples'}, rank {rank}"
+        if close:
+            assert relative_error(mine, loss.detach()) <= 1e-2, f"{where}: loss {mine} against {loss}"
+            assert max(errors) <= 1e-2, f"{where}: updates off by up to {max(errors):.2e}"
+        else:  # the test can tell: weighing by samples moves the weights elsewhere
+            assert max(errors) > 5e-2, f"{where}: the test cannot tell ({max(errors):.2e})"
+        pipe.close()
+
+
+@pytest.mark.timeout(200)
+def test_float16_loss_scaling_keeps_the_token_mean_exact() -> None:
+    spawn(_fp16_update, 2, timeout_s=180)
+
+
 def _streams(rank: int, world: int) -> None:
     """pipedream-2bw applies one update per mini-batch: its weights come from the mini-batch's token mean.
     pipedream updates after every micro-batch: each update's loss is that micro-batch's token mean."""

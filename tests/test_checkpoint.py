@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
+from faults import checkpoint_tensors
 
 from conveyor import checkpoint
 from conveyor.cli import main
@@ -28,16 +27,6 @@ def _train(capfd: pytest.CaptureFixture[str], *argv: str) -> list[float]:
     return [float(word) for word in line.split()[1:4:2]]
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor a checkpoint holds."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in metadata.items() if hasattr(m, "size")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return state
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("schedule", ["1f1b", "pipedream", "1f1b fp16"])
 def test_resuming_continues_exactly(tmp_path: Path, capfd: pytest.CaptureFixture[str], schedule: str) -> None:
@@ -50,7 +39,7 @@ def test_resuming_continues_exactly(tmp_path: Path, capfd: pytest.CaptureFixture
     _train(capfd, "--steps", "3", "--checkpoint-dir", str(halves), *plan)
     _, last_resumed = _train(capfd, "--steps", "6", "--checkpoint-dir", str(halves), "--resume", *plan)
     assert last_resumed == last_whole
-    one, other = _tensors(whole / "step-6"), _tensors(halves / "step-6")
+    one, other = checkpoint_tensors(whole / "step-6"), checkpoint_tensors(halves / "step-6")
     assert one.keys() == other.keys()
     assert any(k.startswith("optim.") for k in one) and any(k.startswith("model.") for k in one)
     for key in one:
@@ -67,7 +56,7 @@ def test_asynchronous_checkpoints_equal_synchronous_ones(tmp_path: Path, capfd: 
     names = [p.name for p in checkpoint.checkpoints(tmp_path / "async")]
     assert names == ["step-2", "step-4", "step-6"] and not list((tmp_path / "async").glob("*.partial"))
     for name in names:
-        one, other = _tensors(tmp_path / "sync" / name), _tensors(tmp_path / "async" / name)
+        one, other = checkpoint_tensors(tmp_path / "sync" / name), checkpoint_tensors(tmp_path / "async" / name)
         assert one.keys() == other.keys()
         for key in one:
             assert torch.equal(one[key], other[key]), f"{name}: {key} differs when written asynchronously"

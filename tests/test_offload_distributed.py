@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_schedules_distributed import LR, build
+from test_schedules_distributed import LR, assert_trains_like_one_process, build, reference_trajectory
 
 from conveyor import Pipeline, spawn
 from conveyor.schedules import SCHEDULES, Kind, PipelineSpec
@@ -30,14 +30,7 @@ CASES = [
 def _one_process(stages: int, x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The losses of STEPS steps of the unsplit model, and its parameters after them."""
     model = build(stages)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = reference_trajectory(model, x, y, STEPS)
     return losses, {name: param.detach() for name, param in model.named_parameters()}
 
 
@@ -55,15 +48,7 @@ def _train_with_offload(rank: int, world: int) -> None:
         case = f"{name}, {world} ranks, recompute={recompute}, offload={offload}"
         kinds = {a.kind for acts in pipe.program.actions.values() for a in acts}
         assert {Kind.OFFLOAD, Kind.RELOAD} <= kinds, f"{case}: the program offloads nothing"
-        for step in range(STEPS):
-            loss = pipe.step(x, y, loss_on_all_ranks=True)
-            assert loss is not None
-            assert abs(loss.item() - expected[step]) <= 1e-5 * abs(expected[step]), (
-                f"{case}: step {step} loss {loss.item()} != {expected[step]}"
-            )
-        for param_name, param in pipe.named_parameters():
-            error = ((param - final[param_name]).norm() / final[param_name].norm()).item()
-            assert error <= 1e-5, f"{case}: parameter {param_name} differs by {error:.2e} after {STEPS} steps"
+        assert_trains_like_one_process(pipe, x, y, expected, final, case)
         pipe.close()
 
 

@@ -36,16 +36,36 @@ def micro_batch_counts(name: str, ranks: int) -> list[int]:
     return [3, 2 * ranks]
 
 
-def reference_trajectory(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+def reference_trajectory(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, steps: int = STEPS) -> list[float]:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = F.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_trains_like_one_process(
+    pipe: Pipeline,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    expected: list[float],
+    final: dict[str, torch.Tensor],
+    case: str,
+) -> None:
+    """One step of `pipe` per loss in `expected`: each loss, then every parameter, within 1e-5 of one process's."""
+    for step in range(len(expected)):
+        loss = pipe.step(x, y, loss_on_all_ranks=True)
+        assert loss is not None
+        assert abs(loss.item() - expected[step]) <= 1e-5 * abs(expected[step]), (
+            f"{case}: step {step} loss {loss.item()} != {expected[step]}"
+        )
+    for param_name, param in pipe.named_parameters():
+        error = ((param - final[param_name]).norm() / final[param_name].norm()).item()
+        assert error <= 1e-5, f"{case}: parameter {param_name} differs by {error:.2e} after {len(expected)} steps"
 
 
 def _train_every_schedule(rank: int, world: int) -> None:
@@ -67,15 +87,7 @@ def _train_every_schedule(rank: int, world: int) -> None:
                     optimizer=lambda params: torch.optim.SGD(params, lr=LR),
                 )
                 case = f"{name}, {world} ranks, m={m}, recompute={recompute}"
-                for step in range(STEPS):
-                    loss = pipe.step(x, y, loss_on_all_ranks=True)
-                    assert loss is not None
-                    assert abs(loss.item() - expected[step]) <= 1e-5 * abs(expected[step]), (
-                        f"{case}: step {step} loss {loss.item()} != {expected[step]}"
-                    )
-                for param_name, param in pipe.named_parameters():
-                    error = ((param - final[param_name]).norm() / final[param_name].norm()).item()
-                    assert error <= 1e-5, f"{case}: parameter {param_name} differs by {error:.2e} after {STEPS} steps"
+                assert_trains_like_one_process(pipe, x, y, expected, final, case)
 
 
 @pytest.mark.timeout(400)

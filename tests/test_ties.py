@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from faults import checkpoint_tensors
 from tiny_models import assert_close
 from torch import nn
 
@@ -88,15 +89,6 @@ def trained_reference(steps: int) -> tuple[TiedThrice, list[float]]:
         optimizer.step()
         losses.append(loss.item())
     return reference, losses
-
-
-def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in metadata.items() if hasattr(m, "size")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return state
 
 
 def test_the_split_ties_all_three_names(one_rank: None) -> None:

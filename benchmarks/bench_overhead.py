@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from bench_schedules import cpu_model  # benchmarks/ is on the path of a script run from it
 from torch import nn
 
 from conveyor import Pipeline, PipelineSpec, spawn, split_model
@@ -633,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "config": dataclasses.asdict(cfg),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -642,17 +643,6 @@ def main(argv: list[str] | None = None) -> None:
         "loss_spread": max(losses) - min(losses),
     }
     print(json.dumps(summary, indent=2) if as_json else format_report(summary))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

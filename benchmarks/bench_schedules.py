@@ -19,8 +19,8 @@ cut into the same micro-batches:
 
 A and B run one process per stage, started by `conveyor.spawn` (gloo); C runs
 one process. Every process uses one torch thread and keeps the host memory a step frees, as conveyor's
-`Pipeline` makes its processes do (`conveyor/runtime/host_memory.py`). Runs are interleaved
-(A, B, C, A, B, C, ...) so that drift of the machine hits all three alike; each
+`Pipeline` makes its processes do (`conveyor/runtime/host_memory.py`). Runs are interleaved,
+in an order shuffled from round to round (`round_order`), so that drift of the machine hits all alike; each
 run's warm-up steps are dropped. A step is a barrier, the pipeline step (or the
 accumulation loop) and an SGD step; its time is the slowest rank's. When other
 processes used the CPU during a run, its steps in which they held up a rank
@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -91,7 +92,7 @@ class Config:
     baseline: str = ""
     """A second conveyor schedule to run side by side (method D), or none."""
     rounds: int = 5
-    """Times each method is run, interleaved A, B, C, A, B, C, ..."""
+    """Times each method is run, interleaved: every method once per round, in an order shuffled by round."""
     steps: int = 8
     """Measured steps per run."""
     warmup: int = 2
@@ -184,25 +185,29 @@ def _measure(cfg: Config, step: Callable[[], float | None], synced: bool) -> dic
     """Run warm-up and measured steps.
 
     Returns the measured step times (s), how long the main thread (which does
-    all compute, with one torch thread) queued for a CPU during each, and the
-    first step's loss.
+    all compute, with one torch thread) queued for a CPU during each, how long
+    it was idle (the step less its CPU time: waiting for peers, or queued), and
+    the first step's loss.
     """
     times: list[float] = []
     queued: list[float] = []
+    idle: list[float] = []
     first_loss = None
     for index in range(cfg.warmup + cfg.steps):
         if synced:
             dist.barrier()
         delay = run_delay()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         loss = step()
         elapsed = time.perf_counter() - start
+        cpu = time.thread_time() - cpu
         if index == 0:
             first_loss = loss
         if index >= cfg.warmup:
             times.append(elapsed)
             queued.append(run_delay() - delay)
-    return {"times": times, "queued": queued, "loss": first_loss}
+            idle.append(max(0.0, elapsed - cpu))  # the two clocks can differ by a microsecond
+    return {"times": times, "queued": queued, "idle": idle, "loss": first_loss}
 
 
 def _write(out: str, rank: int, result: dict[str, Any]) -> None:
@@ -427,7 +432,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     runs: dict[str, list[Run]] = {name: [] for name in methods_of(cfg)}
     first_loss: dict[str, float] = {}
     for round_index in range(cfg.rounds):
-        for name in methods_of(cfg):
+        for name in round_order(methods_of(cfg), round_index):
             world = 1 if name == "single" else cfg.ranks
             for attempt in range(1 + cfg.retries):
                 _wait_until_quiet(log, cfg.quiet_wait_s)
@@ -441,6 +446,7 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
                     times=[max(per_rank) for per_rank in zip(*(r["times"] for r in ranks), strict=True)],
                     queued=[max(per_rank) for per_rank in zip(*(r["queued"] for r in ranks), strict=True)],
                     foreign_cores=max(0.0, machine1 - machine0 - (own1 - own0)) / wall,
+                    rank_idle=[r["idle"] for r in ranks],
                 )
                 log(
                     f"round {round_index + 1}/{cfg.rounds} {name:8s}: median {1e3 * statistics.median(run.times):7.1f}"
@@ -458,6 +464,15 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     return summarize(cfg, runs, first_loss, stage_ms)
 
 
+def round_order(names: tuple[str, ...], round_index: int) -> list[str]:
+    """The order of the methods in a round: shuffled from round to round (seeded by the round, so a run can be
+    repeated), so that no method always runs first, or always right after the same other method. On these VMs
+    a run is slower after some runs than after others (after the work alone, which loads both cores, than
+    after a quiet wait), and a fixed order, rotated or not, would give one method the same neighbour in every
+    round."""
+    return random.Random(round_index).sample(names, len(names))
+
+
 @dataclass
 class Run:
     """One run of one method: per measured step, its time and the longest any rank's main thread queued for a CPU."""
@@ -466,6 +481,8 @@ class Run:
     queued: list[float]
     foreign_cores: float
     """CPU used by processes outside the benchmark during the run, in cores."""
+    rank_idle: list[list[float]]
+    """Per rank, per measured step: how long its main thread was idle (waiting for peers, or queued)."""
 
     @property
     def clean_times(self) -> list[float]:
@@ -504,6 +521,11 @@ def summarize(
             "disturbed_steps": sum(len(run.times) for run in method_runs) - len(clean),
             "all_disturbed": not clean,
             "run_medians_ms": [1e3 * statistics.median(run.clean_times or run.times) for run in method_runs],
+            # What a runtime controls on a machine whose compute speed drifts: how long each rank waits.
+            "rank_idle_ms": [
+                1e3 * statistics.median(t for run in method_runs for t in run.rank_idle[rank])
+                for rank in range(len(method_runs[0].rank_idle))
+            ],
             "first_loss": first_loss[name],
             "foreign_cores": [run.foreign_cores for run in method_runs],
             "runs": [
@@ -529,7 +551,7 @@ def summarize(
     return {
         "config": dataclasses.asdict(cfg),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -538,6 +560,11 @@ def summarize(
         "methods": methods,
         "ratios": {
             "conveyor_over_torch": conveyor / torch_ms,
+            # Paired by round (the median of each round's ratio), which the machine's drift between rounds moves less.
+            "conveyor_over_torch_by_round": statistics.median(
+                c / t
+                for c, t in zip(methods["conveyor"]["run_medians_ms"], methods["torch"]["run_medians_ms"], strict=True)
+            ),
             "conveyor_speedup": speedup,
             "torch_speedup": single / torch_ms,
             "ideal_speedup": cfg.ideal_speedup,
@@ -594,6 +621,9 @@ def format_table(summary: dict[str, Any]) -> str:
     lines += [
         "",
         f"conveyor / torch step time:         {ratios['conveyor_over_torch']:.3f}   (target <= 1.0, aim 0.85)",
+        f"  the same, paired by round:         {ratios['conveyor_over_torch_by_round']:.3f}",
+        "idle per rank, median ms per step (waiting for peers, or queued): "
+        + "; ".join(f"{n} {', '.join(f'{t:.1f}' for t in methods[n]['rank_idle_ms'])}" for n in ("conveyor", "torch")),
         f"conveyor speedup over one process:  {ratios['conveyor_speedup']:.3f}x"
         f"  = {ratios['conveyor_fraction_of_ideal']:.3f} of ideal {ratios['ideal_speedup']:.3f}x  (target >= 0.8)",
         f"torch speedup over one process:     {ratios['torch_speedup']:.3f}x"
@@ -622,7 +652,8 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

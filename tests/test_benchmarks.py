@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -107,6 +108,10 @@ def test_bench_schedules_json_for_a_v_schedule_with_a_baseline() -> None:
     for method in summary["methods"].values():  # a step another process disturbed is set aside
         assert 1 <= method["steps"] <= 2 and method["median_ms"] > 0
     assert {"conveyor_over_torch", "conveyor_over_baseline", "conveyor_fraction_of_ideal"} <= set(summary["ratios"])
+    assert summary["ratios"]["conveyor_over_torch_by_round"] > 0
+    for name, method in summary["methods"].items():  # per rank, the step less its main thread's CPU time
+        assert len(method["rank_idle_ms"]) == (1 if name == "single" else 2), method
+        assert all(0 <= t < method["max_ms"] for t in method["rank_idle_ms"]), method
     ratios = summary["ratios"]
     assert 1 < ratios["schedule_span_factor"] < 1.25  # zbv idles a little, less than 1F1B's fill and drain
     work = summary["methods"]["work"]["median_ms"]
@@ -134,6 +139,26 @@ def test_bench_overhead_compares_conveyor_with_the_plain_loop_and_profiles_it() 
     out = run("bench_overhead.py", *tiny, "--cases", "interleaved-1f1b:2")
     assert re.search(r"^  conveyor +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+", out, re.M), out
     assert "micro-batches held per stage: the schedule needs 2, 1; conveyor held" in out, out
+
+
+@smoke("count_overhead.py")
+@pytest.mark.timeout(300)
+def test_count_overhead_counts_each_method_under_callgrind() -> None:
+    tiny = ["--dim", "16", "--layers", "2", "--seq", "8", "--steps", "1", "--warmup", "1", "--cases", "looped-bfs:2"]
+    # The counted process itself, without valgrind: it builds the method and runs its steps.
+    assert run("count_overhead.py", *tiny, "--child", "conveyor", "--no-toggle").strip() == (
+        "conveyor: counted 1 steps of looped-bfs:2"
+    )
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed: the counts themselves are not checked")
+    # Under callgrind (about a minute: importing torch under valgrind).
+    summary = json.loads(run("count_overhead.py", *tiny, "--methods", "plain,conveyor", "--cache-sim", "--json"))
+    [case] = summary["cases"]
+    plain, conveyor = case["per_step"]["plain"], case["per_step"]["conveyor"]
+    # One step of the tiny model is tens of millions of instructions; two stages cost more than none.
+    assert 1e7 < plain["Ir"] < conveyor["Ir"] < 2 * plain["Ir"], case
+    assert {"I1mr", "D1mr", "DLmr", "DLmw"} <= set(conveyor), conveyor
+    assert case["instructions_over_plain"]["plain"] == 1.0
 
 
 @smoke("bench_async.py")

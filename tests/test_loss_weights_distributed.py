@@ -147,9 +147,7 @@ def _fp16_update(rank: int, world: int) -> None:
             warnings.simplefilter("ignore")  # without the weights it warns (checked above)
             mine = pipe.step(tokens, targets, loss_on_all_ranks=True)
         assert mine is not None and pipe.update.loss_scale.skipped == 0
-        errors = [
-            relative_error(p.detach() - before[name], expected[name]) for name, p in pipe.named_parameters()
-        ]
+        errors = [relative_error(p.detach() - before[name], expected[name]) for name, p in pipe.named_parameters()]
         where = f"fp16, {'weighted by tokens' if close else 'by samples'}, rank {rank}"
         if close:
             assert relative_error(mine, loss.detach()) <= 1e-2, f"{where}: loss {mine} against {loss}"

@@ -466,10 +466,9 @@ def run_benchmark(cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
 
 def round_order(names: tuple[str, ...], round_index: int) -> list[str]:
     """The order of the methods in a round: shuffled from round to round (seeded by the round, so a run can be
-    repeated), so that no method always runs first, or always right after the same other method. On these VMs
-    a run is slower after some runs than after others (after the work alone, which loads both cores, than
-    after a quiet wait), and a fixed order, rotated or not, would give one method the same neighbour in every
-    round."""
+    repeated), so that no method always runs first, or always right after the same other method: a fixed
+    order, rotated or not, gives each method the same neighbour in every round, and on these VMs a run may
+    be slower after one that loaded both cores (the work alone) than after a quiet wait."""
     return random.Random(round_index).sample(names, len(names))
 
 

@@ -47,6 +47,7 @@ from conveyor.schedules import build_schedule
 METHODS = ("plain", "by hand", "conveyor", "torch")
 FIELDS = ("dim", "layers", "heads", "seq", "vocab", "microbatches", "microbatch_size", "cases", "steps", "warmup")
 """The fields of bench_overhead's Config this script takes as flags (and hands to its child processes)."""
+CHILD_TIMEOUT_S = 3600
 SIMULATED = {"I1mr": "I1 misses", "D1mr": "D1 read misses", "D1mw": "D1 write misses", "DLmr": "LL read misses",
              "DLmw": "LL write misses", "ILmr": "LL instruction misses"}  # fmt: skip
 
@@ -122,7 +123,10 @@ def count(cfg: Config, method: str, schedule: str, stages: int, cache_sim: bool,
     if cache_sim:
         command.append("--cache-sim=yes")
     command += [sys.executable, __file__, *config_flags(cfg), "--child", method, "--cases", f"{schedule}:{stages}"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:  # a few minutes is usual (importing torch under valgrind); an hour means the child is stuck
+        done = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"{method} on {schedule}:{stages} ran over {CHILD_TIMEOUT_S} s under valgrind") from None
     if done.returncode:
         raise RuntimeError(f"{method} on {schedule}:{stages} failed under valgrind:\n{done.stderr[-3000:]}")
     if "counted" not in done.stdout:
